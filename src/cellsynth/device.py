@@ -1,0 +1,279 @@
+"""Compute device choice, dtype policy and out-of-memory handling.
+
+torch is imported inside the functions, so importing this module stays cheap.
+
+Examples
+--------
+>>> resolve_device("cpu")
+device(type='cpu')
+>>> default_dtype("cpu")
+torch.float32
+>>> available_devices()[:2]
+['auto', 'cpu']
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    import torch
+
+    DeviceLike = Union[str, torch.device]
+
+__all__ = [
+    "DeviceOutOfMemoryError",
+    "available_devices",
+    "default_dtype",
+    "describe_device",
+    "oom_guard",
+    "resolve_device",
+]
+
+_DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """A device ran out of memory; the message says what ran out and what to try."""
+
+
+def _mps_available() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
+def available_devices() -> list[str]:
+    """Device names this machine can use, for a GUI choice box.
+
+    Returns
+    -------
+    list of str
+        ``"auto"`` and ``"cpu"``, then ``"cuda"`` and ``"cuda:N"`` for each GPU,
+        then ``"mps"`` on Apple silicon.
+
+    Examples
+    --------
+    >>> "cpu" in available_devices()
+    True
+    """
+    import torch
+
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names.append("cuda")
+        names.extend(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    if _mps_available():
+        names.append("mps")
+    return names
+
+
+def resolve_device(device: DeviceLike = "auto") -> torch.device:
+    """Turn a device name into a usable :class:`torch.device`.
+
+    Parameters
+    ----------
+    device : str or torch.device, optional
+        ``"auto"`` (CUDA if present, else Apple MPS, else CPU), ``"cpu"``,
+        ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ValueError
+        If the name is not a device name, or names a device this machine lacks.
+    TypeError
+        If `device` is neither a string nor a torch.device.
+
+    Examples
+    --------
+    >>> resolve_device("auto").type in {"cuda", "mps", "cpu"}
+    True
+    >>> resolve_device("tpu")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown device 'tpu'; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
+    """
+    import torch
+
+    if isinstance(device, str):
+        name = device.strip().lower()
+        if name == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            return torch.device("mps" if _mps_available() else "cpu")
+        try:
+            parsed = torch.device(name)
+        except RuntimeError:
+            parsed = None
+    elif isinstance(device, torch.device):
+        parsed = device
+    else:
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+
+    if parsed is None or parsed.type not in {"cpu", "cuda", "mps"}:
+        raise ValueError(
+            f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        )
+    if parsed.type == "cpu":
+        return torch.device("cpu")
+    usable = (
+        torch.cuda.is_available()
+        and (parsed.index is None or parsed.index < torch.cuda.device_count())
+        if parsed.type == "cuda"
+        else _mps_available()
+    )
+    if not usable:
+        raise ValueError(
+            f"device {str(device)!r} is not available on this machine; "
+            f"available: {', '.join(available_devices())}"
+        )
+    return parsed
+
+
+def default_dtype(device: DeviceLike, *, prefer: str = "auto") -> torch.dtype:
+    """The floating-point dtype to run models in on `device`.
+
+    The policy: float16 on CUDA (half the memory, tensor cores), float32 on
+    CPU and MPS, where half precision is slow or numerically fragile.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        A device name or device; ``"auto"`` is resolved first. Other names are
+        parsed but not checked for availability, so the policy can be queried anywhere.
+    prefer : {"auto", "float32", "float16", "bfloat16"}, optional
+        ``"auto"`` applies the policy; any other value is returned as is.
+
+    Returns
+    -------
+    torch.dtype
+
+    Raises
+    ------
+    ValueError
+        If `prefer` is not one of the names above, or `device` is not a device name.
+
+    Examples
+    --------
+    >>> default_dtype("cuda:0")
+    torch.float16
+    >>> default_dtype("mps")
+    torch.float32
+    >>> default_dtype("cpu", prefer="bfloat16")
+    torch.bfloat16
+    """
+    import torch
+
+    if prefer not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {prefer!r}; expected one of {', '.join(_DTYPE_NAMES)}")
+    if prefer != "auto":
+        return getattr(torch, prefer)
+    if isinstance(device, str):
+        device = device.strip().lower()
+        if device == "auto":
+            device = resolve_device("auto")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}") from err
+    return torch.float16 if kind == "cuda" else torch.float32
+
+
+def describe_device(device: DeviceLike = "auto") -> str:
+    """A short human description of a device, for a GUI label.
+
+    Parameters
+    ----------
+    device : str or torch.device, optional
+        Resolved with :func:`resolve_device` first.
+
+    Returns
+    -------
+    str
+        For example ``"CUDA 0: NVIDIA H100 (79.1 GiB)"``, ``"Apple MPS"`` or
+        ``"CPU (8 threads)"``.
+
+    Examples
+    --------
+    >>> describe_device("cpu").startswith("CPU (")
+    True
+    """
+    import torch
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        props = torch.cuda.get_device_properties(index)
+        return f"CUDA {index}: {props.name} ({props.total_memory / 2**30:.1f} GiB)"
+    if dev.type == "mps":
+        return "Apple MPS"
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+@contextlib.contextmanager
+def oom_guard(what: str, *, device: DeviceLike | None = None) -> Iterator[None]:
+    """Turn an out-of-memory error raised in the block into :class:`DeviceOutOfMemoryError`.
+
+    Catches ``torch.cuda.OutOfMemoryError`` and any ``RuntimeError`` whose
+    message says "out of memory" (MPS, CPU allocators). The CUDA cache is
+    emptied so that a retry with smaller settings can succeed. The original
+    error is chained as ``__cause__``; other errors pass through unchanged.
+
+    Parameters
+    ----------
+    what : str
+        What was running, as a noun phrase (``"denoising"``, ``"tile 3 of 8"``).
+    device : str or torch.device, optional
+        The device the block runs on, named in the message. When omitted it is
+        guessed from the error (CUDA or MPS).
+
+    Raises
+    ------
+    DeviceOutOfMemoryError
+        When the block ran out of memory.
+
+    Examples
+    --------
+    >>> try:
+    ...     with oom_guard("denoising", device="cpu"):
+    ...         raise RuntimeError("DefaultCPUAllocator: out of memory")
+    ... except DeviceOutOfMemoryError as err:
+    ...     print(err)  # doctest: +ELLIPSIS
+    Out of memory during denoising on cpu. Try a smaller tile or batch size, ...
+    """
+    import torch
+
+    try:
+        yield
+    except RuntimeError as err:
+        if isinstance(err, DeviceOutOfMemoryError) or not _is_oom(err):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if device is not None:
+            where = str(device)
+        elif isinstance(err, torch.cuda.OutOfMemoryError) or "cuda" in str(err).lower():
+            where = "cuda"
+        elif "mps" in str(err).lower():
+            where = "mps"
+        else:
+            where = "the device"
+        raise DeviceOutOfMemoryError(
+            f"Out of memory during {what} on {where}. Try a smaller tile or batch size, "
+            "fewer steps or a smaller image, or run on device 'cpu' (slower, but limited "
+            "only by system memory)."
+        ) from err

@@ -1,0 +1,332 @@
+"""Reading and writing images, point tables and JSON manifests.
+
+All writes are atomic (a temporary file in the same folder, then a rename), so a
+crash or a cancel never leaves a half-written file behind, and no write replaces
+an existing file unless ``overwrite=True`` is given.
+
+Examples
+--------
+>>> import numpy as np, tempfile, pathlib
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> write_points_csv(d / "p.csv", np.array([[1.5, 2.0]]), features={"score": [0.9]})
+PosixPath('...p.csv')
+>>> pts, feats = read_points_csv(d / "p.csv")
+>>> pts.tolist(), feats["score"].tolist()
+([[1.5, 2.0]], [0.9])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+__all__ = [
+    "atomic_path",
+    "read_tiff",
+    "write_tiff",
+    "read_points_csv",
+    "write_points_csv",
+    "read_json",
+    "write_json",
+]
+
+
+@contextlib.contextmanager
+def atomic_path(path: os.PathLike | str, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path that is renamed to ``path`` when the block succeeds.
+
+    Parameters
+    ----------
+    path : path-like
+        Final destination.
+    overwrite : bool
+        Replace an existing file. Default False.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        if not overwrite and path.exists():
+            raise FileExistsError(f"{path} appeared while writing; not replaced")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ----------------------------------------------------------------------------- TIFF
+
+def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
+    """Read a TIFF / OME-TIFF / ImageJ TIFF.
+
+    Returns
+    -------
+    data : ndarray
+        The image as stored (all pages stacked).
+    meta : dict
+        ``pixel_size`` (float, micrometres per pixel, or None when the file does
+        not say), ``unit`` (str or None) and ``axes`` (tifffile's axes string).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Missing file, or a file that is not a readable TIFF.
+    """
+    import tifffile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such image file: {path}")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            data = tif.asarray()
+            series = tif.series[0]
+            meta = {"axes": series.axes, "pixel_size": None, "unit": None}
+            if tif.ome_metadata:
+                m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+                if m:
+                    meta["pixel_size"] = float(m.group(1))
+                    u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+                    meta["unit"] = u.group(1) if u else "µm"
+            if meta["pixel_size"] is None:
+                page = tif.pages[0]
+                tag = page.tags.get("XResolution")
+                ij = tif.imagej_metadata or {}
+                if tag is not None:
+                    num, den = tag.value
+                    unit = ij.get("unit")
+                    if num and den and (unit or page.tags.get("ResolutionUnit")):
+                        size = den / num
+                        res_unit = page.tags.get("ResolutionUnit")
+                        code = int(res_unit.value) if res_unit is not None else 1
+                        if unit in ("micron", "um", "µm", "\\u00B5m"):
+                            meta["pixel_size"], meta["unit"] = size, "µm"
+                        elif code == 3:  # centimetre
+                            meta["pixel_size"], meta["unit"] = size * 1e4, "µm"
+                        elif code == 2:  # inch
+                            meta["pixel_size"], meta["unit"] = size * 25400.0, "µm"
+    except (tifffile.TiffFileError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable TIFF file: {exc}") from exc
+    return data, meta
+
+
+def write_tiff(
+    path: os.PathLike | str,
+    data: np.ndarray,
+    *,
+    pixel_size: Optional[float] = None,
+    overwrite: bool = False,
+    compression: Optional[str] = "zlib",
+) -> Path:
+    """Write an array as an ImageJ-compatible TIFF, atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination (``.tif``/``.tiff``).
+    data : ndarray of shape (M, N) or (P, M, N)
+        uint8, uint16 or float32 data (other dtypes are refused).
+    pixel_size : float, optional
+        Micrometres per pixel, stored as resolution so that ImageJ/Fiji and
+        :func:`read_tiff` see it.
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+        The written path.
+    """
+    import tifffile
+
+    data = np.asarray(data)
+    if data.dtype not in (np.uint8, np.uint16, np.float32, np.int32, np.uint32):
+        raise TypeError(
+            f"cannot write dtype {data.dtype} to TIFF; expected uint8, uint16, float32, int32 or uint32"
+        )
+    if data.ndim not in (2, 3):
+        raise ValueError(f"expected a 2D or 3D array, got shape {data.shape}")
+    kwargs: dict[str, Any] = {"compression": compression}
+    imagej = data.dtype in (np.uint8, np.uint16, np.float32)
+    if imagej:
+        kwargs["imagej"] = True
+        kwargs["metadata"] = {"axes": "YX" if data.ndim == 2 else "ZYX"}
+    if pixel_size is not None:
+        if not pixel_size > 0:
+            raise ValueError(f"pixel_size must be positive, got {pixel_size}")
+        kwargs["resolution"] = (1.0 / pixel_size, 1.0 / pixel_size)
+        if imagej:
+            kwargs["metadata"]["unit"] = "um"
+        else:
+            kwargs["resolutionunit"] = "CENTIMETER"
+            kwargs["resolution"] = (1e4 / pixel_size, 1e4 / pixel_size)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, "wb") as fh:
+            tifffile.imwrite(fh, data, **kwargs)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- points
+
+_COORDS = ("row", "col", "plane")
+_ALIASES = {"y": "row", "x": "col", "z": "plane", "axis-0": None}
+
+
+def write_points_csv(
+    path: os.PathLike | str,
+    points: np.ndarray,
+    *,
+    features: Optional[Mapping[str, Any]] = None,
+    scale: Optional[tuple[float, ...]] = None,
+    translate: Optional[tuple[float, ...]] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write points as CSV: ``row, col [, plane]``, world coordinates, features.
+
+    Parameters
+    ----------
+    points : ndarray of shape (N, 2) or (N, 3)
+        Pixel coordinates ``(row, col)`` or ``(plane, row, col)`` (napari's order).
+    features : mapping of str to sequence, optional
+        Extra columns, each of length N.
+    scale, translate : tuple of float, optional
+        When given, columns ``row_world``, ``col_world`` (``plane_world``) hold
+        ``points * scale + translate``.
+    """
+    pts = np.asarray(points, dtype=float).reshape(-1, np.asarray(points).shape[-1] if np.size(points) else 2)
+    if pts.ndim != 2 or pts.shape[1] not in (2, 3):
+        raise ValueError(f"points must have shape (N, 2) or (N, 3), got {np.shape(points)}")
+    n, d = pts.shape
+    names = ["row", "col"] if d == 2 else ["plane", "row", "col"]
+    columns: dict[str, np.ndarray] = {name: pts[:, i] for i, name in enumerate(names)}
+    if scale is not None or translate is not None:
+        s = np.ones(d) if scale is None else np.asarray(scale, float)[-d:]
+        t = np.zeros(d) if translate is None else np.asarray(translate, float)[-d:]
+        world = pts * s + t
+        for i, name in enumerate(names):
+            columns[f"{name}_world"] = world[:, i]
+    for key, values in (features or {}).items():
+        values = np.asarray(values)
+        if len(values) != n:
+            raise ValueError(f"feature {key!r} has {len(values)} values for {n} points")
+        if key in columns:
+            raise ValueError(f"feature name {key!r} clashes with a coordinate column")
+        columns[key] = values
+    order = [c for c in ("row", "col", "plane") if c in columns] + [
+        c for c in columns if c not in ("row", "col", "plane")
+    ]
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(order)
+            for i in range(n):
+                w.writerow([_fmt(columns[c][i]) for c in order])
+    return Path(path)
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def read_points_csv(path: os.PathLike | str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Read a points CSV written by :func:`write_points_csv` (or with x/y columns).
+
+    Columns ``row``/``col``/``plane`` (or ``y``/``x``/``z``, any case) give the
+    pixel coordinates; world-coordinate columns are skipped; every other column
+    becomes a feature (numeric where all its values parse as numbers).
+
+    Returns
+    -------
+    points : ndarray of shape (N, 2) or (N, 3)
+        ``(row, col)`` or ``(plane, row, col)``.
+    features : dict of str to ndarray
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such points file: {path}")
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        raise ValueError(f"{path} is empty; expected a header with row,col columns")
+    header = [h.strip() for h in rows[0]]
+    body = [r for r in rows[1:] if any(cell.strip() for cell in r)]
+    coord_idx: dict[str, int] = {}
+    feature_idx: dict[str, int] = {}
+    for i, h in enumerate(header):
+        key = h.lower()
+        key = _ALIASES.get(key, key)
+        if key in _COORDS and key not in coord_idx:
+            coord_idx[key] = i
+        elif key and not key.endswith("_world") and key not in ("index", "", None) and not h.startswith("Unnamed"):
+            feature_idx[h] = i
+    if "row" not in coord_idx or "col" not in coord_idx:
+        raise ValueError(
+            f"{path}: header {header} has no coordinate columns; expected 'row' and 'col' "
+            "(or 'y' and 'x'), optionally 'plane'"
+        )
+    names = (["plane"] if "plane" in coord_idx else []) + ["row", "col"]
+    try:
+        pts = np.array([[float(r[coord_idx[c]]) for c in names] for r in body], dtype=float)
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"{path}: a coordinate value is not a number ({exc})") from exc
+    pts = pts.reshape(len(body), len(names))
+    feats: dict[str, np.ndarray] = {}
+    for name, i in feature_idx.items():
+        raw = [r[i] if i < len(r) else "" for r in body]
+        try:
+            feats[name] = np.array([float(v) for v in raw])
+        except ValueError:
+            feats[name] = np.array(raw, dtype=object)
+    return pts, feats
+
+
+# ----------------------------------------------------------------------------- JSON
+
+def write_json(path: os.PathLike | str, obj: Any, *, overwrite: bool = False) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, default=_json_default)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_text(text + "\n")
+    return Path(path)
+
+
+def read_json(path: os.PathLike | str) -> Any:
+    """Read a JSON file, with an error naming the file when it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot store {type(o).__name__} in JSON")
