@@ -93,7 +93,8 @@ def test_folder_named_like_a_model_must_hold_its_files(tmp_path, online):
     folder = tmp_path / "dinov2-small"
     folder.mkdir()
     (folder / "config.json").write_bytes(b"{}")
-    with pytest.raises(WeightsNotFoundError, match="lacks model.safetensors, preprocessor_config.json"):
+    missing = "lacks model.safetensors, preprocessor_config.json"
+    with pytest.raises(WeightsNotFoundError, match=missing):
         resolve(folder)
     for rel, data in FILES.items():
         (folder / rel).write_bytes(data)

@@ -123,12 +123,12 @@ def resolve_device(device: DeviceLike = "auto") -> torch.device:
         )
     if parsed.type == "cpu":
         return torch.device("cpu")
-    usable = (
-        torch.cuda.is_available()
-        and (parsed.index is None or parsed.index < torch.cuda.device_count())
-        if parsed.type == "cuda"
-        else _mps_available()
-    )
+    if parsed.type == "cuda":
+        usable = torch.cuda.is_available() and (
+            parsed.index is None or parsed.index < torch.cuda.device_count()
+        )
+    else:
+        usable = _mps_available()
     if not usable:
         raise ValueError(
             f"device {str(device)!r} is not available on this machine; "

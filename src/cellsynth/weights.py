@@ -30,12 +30,7 @@ from typing import Optional
 from cellsynth.progress import Cancelled, ProgressCallback, report
 
 __all__ = [
-    "REGISTRY",
-    "ModelSpec",
-    "WeightsNotFoundError",
-    "file_sha256",
-    "resolve",
-    "resources_dir",
+    "REGISTRY", "ModelSpec", "WeightsNotFoundError", "file_sha256", "resolve", "resources_dir"
 ]
 
 _TRUE_VALUES = {"1", "on", "yes", "true"}
@@ -84,7 +79,7 @@ class ModelSpec:
         if not self.name:
             raise ValueError("ModelSpec.name must not be empty")
         if isinstance(self.files, str) or not self.files:
-            raise ValueError(f"ModelSpec.files must be a non-empty tuple of names, got {self.files!r}")
+            raise ValueError(f"ModelSpec.files must be a non-empty tuple, got {self.files!r}")
         object.__setattr__(self, "files", tuple(self.files))
         if self.bundled is None and ("/" not in self.repo_id or not self.revision):
             raise ValueError(
@@ -103,33 +98,23 @@ REGISTRY: dict[str, ModelSpec] = {
             repo_id="CompVis/stable-diffusion-v1-4",
             revision="133a221b8aa7292a167afc5127cb63fb5005638b",
             files=(
-                "model_index.json",
-                "scheduler/*",
-                "text_encoder/config.json",
-                "text_encoder/model.safetensors",
-                "tokenizer/*",
-                "unet/config.json",
-                "unet/diffusion_pytorch_model.safetensors",
-                "vae/config.json",
-                "vae/diffusion_pytorch_model.safetensors",
+                "model_index.json", "scheduler/*", "tokenizer/*",
+                "text_encoder/config.json", "text_encoder/model.safetensors",
+                "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
             ),
             licence="creativeml-openrail-m",
             size_mb=4270,
-            description="Stable Diffusion v1.4 (diffusers layout, float32 safetensors), used by InST",
+            description="Stable Diffusion v1.4 (diffusers layout, float32) for InST",
         ),
         ModelSpec(
             name="clip-vit-large-patch14",
             repo_id="openai/clip-vit-large-patch14",
             revision="32bd64288804d66eefd0ccbe215aa642df71cc41",
             files=(
-                "config.json",
-                "model.safetensors",
-                "preprocessor_config.json",
-                "merges.txt",
-                "special_tokens_map.json",
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "vocab.json",
+                "config.json", "model.safetensors", "preprocessor_config.json",
+                "merges.txt", "special_tokens_map.json", "tokenizer.json",
+                "tokenizer_config.json", "vocab.json",
             ),
             licence="mit",
             size_mb=1710,
@@ -199,16 +184,16 @@ def _missing_files(folder: Path, patterns: Iterable[str]) -> list[str]:
 
 
 def _not_found(spec: ModelSpec, reason: str) -> WeightsNotFoundError:
-    include = " ".join(f'"{pattern}"' for pattern in spec.files)
+    include = " ".join(f'--include "{pattern}"' for pattern in spec.files)
     return WeightsNotFoundError(
         f"Weights for model {spec.name!r} ({spec.repo_id} at revision {spec.revision}, "
         f"about {spec.size_mb:g} MB) are not available: {reason}\n"
         f"Expected files: {', '.join(spec.files)}\n"
         "Ways to provide them:\n"
-        f"  - pass the path of a local folder holding these files instead of the name {spec.name!r};\n"
-        f"  - on a machine with network, run `hf download {spec.repo_id} --revision {spec.revision} "
-        f"--include {include} --local-dir DIR` (older huggingface_hub: `huggingface-cli download`, "
-        "same arguments), copy DIR here and pass its path;\n"
+        f"  - pass the path of a local folder holding these files instead of {spec.name!r};\n"
+        f"  - on a machine with network, run `hf download {spec.repo_id} "
+        f"--revision {spec.revision} {include} --local-dir DIR` (the `hf` command comes "
+        "with huggingface_hub), copy DIR here and pass its path;\n"
         "  - or allow downloads: unset HF_HUB_OFFLINE and call with offline=False."
     )
 
@@ -324,9 +309,7 @@ def resolve(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    hub_args = dict(
-        revision=spec.revision, allow_patterns=list(spec.files), cache_dir=cache_dir
-    )
+    hub_args = dict(revision=spec.revision, allow_patterns=list(spec.files), cache_dir=cache_dir)
     try:
         cached = Path(snapshot_download(spec.repo_id, local_files_only=True, **hub_args))
     except LocalEntryNotFoundError:
@@ -334,7 +317,9 @@ def resolve(
     if cached is not None and not _missing_files(cached, spec.files):
         return cached
 
-    if offline if offline is not None else _offline_from_env():
+    if offline is None:
+        offline = _offline_from_env()
+    if offline:
         raise _not_found(spec, "offline mode is on and the hub cache does not hold them.")
 
     tqdm_class = None if progress is None else _progress_tqdm(progress, f"download {spec.name}")

@@ -1,0 +1,66 @@
+"""Adding or updating result layers in place, with provenance."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+__all__ = ["upsert_layer", "provenance"]
+
+
+def provenance(operation: str, **fields: Any) -> dict:
+    """The ``metadata["cellsynth"]`` record of a result layer."""
+    from .. import __version__
+
+    return {"cellsynth": {"operation": operation, "version": __version__, **fields}}
+
+
+def upsert_layer(viewer, name: str, layer_type: str, data: Any, *, metadata: Optional[dict] = None,
+                 features: Any = None, like=None, **kwargs: Any):
+    """Update the layer called ``name`` if it has this type, else add a new one.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    name : str
+        Layer name; re-running an operation finds its layer by name.
+    layer_type : {"image", "labels", "points"}
+    data : array-like
+    metadata : dict, optional
+        Merged into the layer's metadata.
+    features : dict or DataFrame, optional
+        Points features (set after the data).
+    like : napari layer, optional
+        Input layer whose ``scale`` and ``translate`` are copied.
+    **kwargs
+        Passed to ``viewer.add_<layer_type>`` when the layer is created.
+    """
+    if like is not None:
+        ndim = np.shape(data)[-1] if layer_type == "points" else np.ndim(data)
+        kwargs.setdefault("scale", tuple(like.scale[-ndim:]))
+        kwargs.setdefault("translate", tuple(like.translate[-ndim:]))
+    layer = viewer.layers[name] if name in viewer.layers else None
+    if layer is not None and layer._type_string != layer_type:
+        layer = None
+        name = _free_name(viewer, name)
+    if layer is None:
+        add = getattr(viewer, f"add_{layer_type}")
+        extra = {"features": features} if features is not None else {}
+        layer = add(data, name=name, metadata=dict(metadata or {}), **extra, **kwargs)
+        return layer
+    layer.data = data
+    if features is not None:
+        layer.features = features
+    for key in ("scale", "translate"):
+        if key in kwargs:
+            setattr(layer, key, kwargs[key])
+    layer.metadata = {**layer.metadata, **(metadata or {})}
+    return layer
+
+
+def _free_name(viewer, name: str) -> str:
+    i = 1
+    while f"{name} [{i}]" in viewer.layers:
+        i += 1
+    return f"{name} [{i}]"

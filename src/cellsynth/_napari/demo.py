@@ -1,0 +1,55 @@
+"""``cellsynth demo``: napari with every CellSynth widget and the sample layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+PLUGIN = "napari-cellsynth"
+
+
+def open_viewer(*, seed: int = 0, show: bool = True):
+    """A napari viewer with the sample layout loaded and every plugin widget docked."""
+    import napari
+    from npe2 import PluginManager
+
+    from .sample import sample_layout
+
+    viewer = napari.Viewer(title="CellSynth", show=show)
+    for data, kwargs, kind in sample_layout(seed):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    manifest = PluginManager.instance().get_manifest(PLUGIN)
+    for widget in manifest.contributions.widgets or []:
+        viewer.window.add_plugin_dock_widget(PLUGIN, widget.display_name, tabify=True)
+    return viewer
+
+
+def run_demo(*, screenshot: Optional[str] = None, seed: int = 0) -> int:
+    """Open the demo window; with ``screenshot``, save the drawn window to that PNG and exit."""
+    import napari
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    viewer = open_viewer(seed=seed, show=True)
+    if screenshot is None:
+        napari.run()
+        return 0
+    out = Path(screenshot)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another screenshot path")
+    viewer.window.resize(1400, 900)
+    app = QApplication.instance()
+
+    def shoot() -> None:
+        for _ in range(20):
+            app.processEvents()
+        viewer.screenshot(str(out), canvas_only=False)
+        viewer.close()
+        app.quit()
+
+    QTimer.singleShot(1500, shoot)
+    napari.run()
+    if not out.is_file():
+        raise RuntimeError(f"no screenshot was written to {out}")
+    print(f"screenshot saved to {out}")
+    return 0

@@ -1,0 +1,186 @@
+"""Dock widget "Cell layouts": generate, draw by hand, export datasets."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from magicgui.widgets import CheckBox, Container, FileEdit, PushButton, SpinBox
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from superqt import QCollapsible
+
+from ..layouts import CELL_COLUMNS, LayoutParams, export_dataset, generate_layout, render_layout
+from ._layers import provenance, upsert_layer
+from ._params import ParamsForm
+from ._tasks import TaskRunner
+
+__all__ = ["LayoutsWidget", "IMAGE", "LABELS", "CENTRES"]
+
+IMAGE, LABELS, CENTRES = "layout", "layout cells", "layout centres"
+_FEATURES = [c for c in CELL_COLUMNS if c not in ("label", "row", "col")]
+
+
+class LayoutsWidget(QWidget):
+    """Generate Syn-HC layouts, edit them by hand, export datasets.
+
+    Generate adds (or updates) the Image "layout", the Labels "layout cells"
+    and the Points "layout centres" (features: per-cell axes, angle,
+    intensity). In draw mode, adding, moving or deleting centre points
+    re-renders image and labels (debounced) with the same appearance settings.
+    """
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.form = ParamsForm(LayoutParams, key="layouts")
+        self.seed = SpinBox(value=0, min=0, max=2**31 - 1, label="seed")
+        self.generate_button = PushButton(text="Generate")
+        self.next_button = PushButton(text="Next seed")
+        self.draw = CheckBox(value=False, text="Draw mode (click to add cells, select + Delete to remove)")
+        self.folder = FileEdit(mode="d", label="export folder")
+        self.n_export = SpinBox(value=100, min=1, max=1_000_000, label="number of layouts")
+        self.overwrite = CheckBox(value=False, text="replace a different dataset in that folder")
+        self.export_button = PushButton(text="Export dataset")
+        self.count_label = QLabel("No layout yet")
+        self.runner = TaskRunner()
+        self._render_timer = QTimer(self)
+        self._render_timer.setSingleShot(True)
+        self._render_timer.setInterval(150)
+        self._render_timer.timeout.connect(self.render_from_points)
+        self._updating = False
+        self._watched = None
+
+        params_box = QCollapsible("Parameters")
+        params_box.addWidget(self.form.native)
+        controls = Container(widgets=[self.seed, self.generate_button, self.next_button, self.draw])
+        export = Container(widgets=[self.folder, self.n_export, self.overwrite, self.export_button])
+        layout = QVBoxLayout(self)
+        layout.addWidget(params_box)
+        layout.addWidget(controls.native)
+        layout.addWidget(self.count_label)
+        layout.addWidget(QLabel("<b>Dataset</b>"))
+        layout.addWidget(export.native)
+        layout.addWidget(self.runner)
+        layout.addStretch(1)
+
+        self.generate_button.changed.connect(self.generate)
+        self.next_button.changed.connect(self._next_seed)
+        self.export_button.changed.connect(self.export)
+        self.draw.changed.connect(self._on_draw_toggled)
+        self.runner.busy.connect(self._set_busy)
+
+    # -- actions -----------------------------------------------------------------
+
+    def _params(self) -> Optional[LayoutParams]:
+        try:
+            return self.form.params()
+        except ValueError as exc:
+            show_error(f"Layout parameters: {exc}")
+            self.runner.status.setText(f"Error: {exc}")
+            return None
+
+    def generate(self) -> None:
+        """Generate one layout with the form's parameters and seed."""
+        params = self._params()
+        if params is None or self.runner.running:
+            return
+        seed = int(self.seed.value)
+        self.form.save()
+        self.runner.start(
+            lambda progress: generate_layout(params, rng=seed),
+            on_done=lambda lay: self._show(lay, params, seed, "layouts.generate"),
+            label="Generating layout",
+        )
+
+    def _next_seed(self) -> None:
+        self.seed.value = int(self.seed.value) + 1
+        self.generate()
+
+    def export(self) -> None:
+        """Write a dataset of N layouts to the chosen folder, with progress and Cancel."""
+        params = self._params()
+        if params is None or self.runner.running:
+            return
+        folder = self.folder.value
+        if not str(folder) or str(folder) == ".":
+            show_error("Choose an export folder first")
+            return
+        n, seed, overwrite = int(self.n_export.value), int(self.seed.value), bool(self.overwrite.value)
+        self.form.save()
+        self.runner.start(
+            lambda progress: export_dataset(folder, n, params=params, seed=seed, overwrite=overwrite, progress=progress),
+            on_done=lambda path: show_info(f"Wrote {n} layouts to {path.parent}"),
+            label=f"Exporting {n} layouts",
+        )
+
+    def render_from_points(self) -> None:
+        """Re-render image and labels from the centre points and their features."""
+        if CENTRES not in self.viewer.layers:
+            return
+        params = self._params()
+        if params is None:
+            return
+        pts = self.viewer.layers[CENTRES]
+        data = np.asarray(pts.data, dtype=float).reshape(-1, 2)
+        cells = {"row": data[:, 0], "col": data[:, 1]}
+        feats = pts.features
+        for col in _FEATURES:
+            if col in feats and len(feats) == len(data):
+                cells[col] = np.nan_to_num(feats[col].to_numpy(dtype=float), nan=_default(col, params))
+        lay = render_layout(cells, params=params, rng=int(self.seed.value))
+        self._show(lay, params, int(self.seed.value), "layouts.draw", points=False)
+
+    # -- layers ------------------------------------------------------------------
+
+    def _show(self, lay, params: LayoutParams, seed: int, operation: str, points: bool = True) -> None:
+        meta = provenance(operation, params=params.to_dict(), seed=seed, n_cells=lay.n_cells)
+        self._updating = True
+        try:
+            upsert_layer(self.viewer, IMAGE, "image", lay.image, metadata=meta, colormap="gray",
+                         contrast_limits=(0, 255))
+            upsert_layer(self.viewer, LABELS, "labels", lay.labels, metadata=meta, opacity=0.7, contour=1)
+            if points:
+                feats = {c: lay.cells[c] for c in _FEATURES}
+                layer = upsert_layer(self.viewer, CENTRES, "points", lay.centres, metadata=meta, features=feats,
+                                     size=max(3.0, params.cell_size / 3), face_color="yellow", border_width=0)
+                layer.feature_defaults = {c: _default(c, params) for c in _FEATURES}
+                self._watch(layer)
+        finally:
+            self._updating = False
+        self.count_label.setText(f"Cells: {lay.n_cells}")
+
+    def _watch(self, layer) -> None:
+        if self._watched is not layer:
+            layer.events.data.connect(self._on_points_edited)
+            self._watched = layer
+        if self.draw.value:
+            layer.mode = "add"
+
+    def _on_points_edited(self, event=None) -> None:
+        if self._updating or not self.draw.value:
+            return
+        action = getattr(event, "action", None)
+        if str(getattr(action, "value", action)) in ("adding", "removing", "changing"):
+            return  # these precede the change itself
+        self._render_timer.start()
+
+    def _on_draw_toggled(self, on: bool) -> None:
+        if on and CENTRES not in self.viewer.layers:
+            params = self._params() or LayoutParams()
+            empty = render_layout({"row": [], "col": []}, params=params, rng=int(self.seed.value))
+            self._show(empty, params, int(self.seed.value), "layouts.draw")
+        if CENTRES in self.viewer.layers:
+            layer = self.viewer.layers[CENTRES]
+            self.viewer.layers.selection.active = layer
+            layer.mode = "add" if on else "pan_zoom"
+
+    def _set_busy(self, busy: bool) -> None:
+        for w in (self.generate_button, self.next_button, self.export_button):
+            w.enabled = not busy
+
+
+def _default(col: str, params: LayoutParams) -> float:
+    return {"radius_row": params.cell_size / 2, "radius_col": params.cell_size / 2, "angle": 0.0,
+            "intensity": float(np.mean(params.intensity))}[col]

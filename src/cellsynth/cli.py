@@ -1,0 +1,70 @@
+"""The ``cellsynth`` command line: subcommands over the same functions the widgets call.
+
+Each domain package registers its subcommands; heavy imports happen only when a
+subcommand runs. Errors a person can fix (bad values, missing or existing
+files) are printed as one ``error:`` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+
+# Modules that provide ``register(subparsers)``; those not present are skipped.
+_COMMAND_MODULES = (
+    "cellsynth.layouts._cli",
+    "cellsynth.count._cli",
+    "cellsynth.stylize._cli",
+    "cellsynth.stain._cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellsynth",
+        description="Synthetic cell layouts, stylization, virtual staining and cell counting.",
+    )
+    parser.add_argument("--version", action="version", version=f"cellsynth {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue
+            raise
+        module.register(sub)
+    demo = sub.add_parser("demo", help="open napari with the plugin's widgets and sample data",
+                          description="Open napari with the CellSynth widgets docked and the sample layout loaded.")
+    demo.add_argument("--screenshot", metavar="PNG", help="save a screenshot of the window once drawn, then exit")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the sample layout")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def _demo(args) -> int:
+    from ._napari.demo import run_demo
+
+    return run_demo(screenshot=args.screenshot, seed=args.seed)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
