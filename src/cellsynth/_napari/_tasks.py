@@ -108,7 +108,7 @@ class TaskRunner(QWidget):
         self.bar.setRange(0, 0)  # busy until the first progress event
         self.cancel_button.setEnabled(True)
         self.busy.emit(True)
-        worker = create_worker(work, _start_thread=False)
+        worker = create_worker(work, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(lambda result: self._finish("done", result, on_done))
         worker.errored.connect(self._on_error)
         self.worker = worker

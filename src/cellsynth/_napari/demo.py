@@ -30,13 +30,13 @@ def run_demo(*, screenshot: Optional[str] = None, seed: int = 0) -> int:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
+    out = Path(screenshot) if screenshot is not None else None
+    if out is not None and out.exists():
+        raise FileExistsError(f"{out} already exists; choose another screenshot path")
     viewer = open_viewer(seed=seed, show=True)
-    if screenshot is None:
+    if out is None:
         napari.run()
         return 0
-    out = Path(screenshot)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose another screenshot path")
     viewer.window.resize(1400, 900)
     app = QApplication.instance()
 

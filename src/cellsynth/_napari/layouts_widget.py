@@ -140,7 +140,8 @@ class LayoutsWidget(QWidget):
         try:
             upsert_layer(self.viewer, IMAGE, "image", lay.image, metadata=meta, colormap="gray",
                          contrast_limits=(0, 255))
-            upsert_layer(self.viewer, LABELS, "labels", lay.labels, metadata=meta, opacity=0.7, contour=1)
+            labels = upsert_layer(self.viewer, LABELS, "labels", lay.labels, metadata=meta, opacity=0.7)
+            labels.contour = 1  # outlines, so the image stays visible
             if points:
                 feats = {c: lay.cells[c] for c in _FEATURES}
                 layer = upsert_layer(self.viewer, CENTRES, "points", lay.centres, metadata=meta, features=feats,

@@ -1,0 +1,133 @@
+"""The counter networks (torch modules). Imported only by functions that need torch.
+
+Two heads on a timm EfficientNet backbone created with ``pretrained=False``:
+
+* :class:`DensityNet` keeps only the first ``blocks`` blocks of the backbone
+  (for ``efficientnet_b0`` and ``blocks=4``: stem and stages 1-4, strides 2 to 16,
+  about 0.3 M parameters instead of 4 M) and adds a light top-down decoder that
+  predicts a non-negative cell-density map at the input resolution. The count of a
+  region is the sum of the map over it (divided by ``density_scale``). Cells of
+  nuclear size need little context, and the early stages cost most of the
+  compute anyway, so the deep low-resolution stages add weight and time but
+  little accuracy for counting.
+* :class:`RegressionNet` is the InST-Microscopy paper's counter: the whole
+  backbone, global pooling and a ``Linear(num_features, 1)`` count head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DensityNet", "RegressionNet", "build_net", "density_loss"]
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class DensityNet(nn.Module):
+    """Truncated EfficientNet encoder + top-down decoder -> density map.
+
+    Parameters
+    ----------
+    backbone : str
+        timm model name of the EfficientNet family (``"efficientnet_b0"``, ``"test_efficientnet"``).
+    blocks : int
+        Number of backbone blocks (stages) kept after the stem.
+    in_chans : int
+        Input channels.
+
+    The input height and width must be multiples of :attr:`stride`.
+    """
+
+    def __init__(self, backbone: str = "efficientnet_b0", *, blocks: int = 4, in_chans: int = 1) -> None:
+        super().__init__()
+        import timm
+
+        full = timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=0)
+        if not hasattr(full, "blocks") or not hasattr(full, "conv_stem"):
+            raise ValueError(f"backbone {backbone!r} is not an EfficientNet-style timm model")
+        if not 1 <= blocks <= len(full.blocks):
+            raise ValueError(f"blocks must be in [1, {len(full.blocks)}] for {backbone}, got {blocks}")
+        self.stem = nn.Sequential(full.conv_stem, full.bn1)
+        self.blocks = nn.ModuleList(full.blocks[:blocks])
+        # Find the output stride and width of each kept block with a dummy pass.
+        with torch.no_grad():
+            x = self.stem(torch.zeros(1, in_chans, 64, 64))
+            strides, widths = [], []
+            for b in self.blocks:
+                x = b(x)
+                strides.append(64 // x.shape[-1])
+                widths.append(x.shape[1])
+        # Skip taps: the last block of each stride.
+        self.taps = [i for i in range(len(strides)) if i == len(strides) - 1 or strides[i + 1] != strides[i]]
+        tap_strides = [strides[i] for i in self.taps]
+        tap_widths = [widths[i] for i in self.taps]
+        self.stride = tap_strides[-1]
+        dec = [max(16, min(64, w)) for w in tap_widths]
+        self.top = _conv_bn_relu(tap_widths[-1], dec[-1])
+        self.merge = nn.ModuleList(
+            _conv_bn_relu(dec[i + 1] + tap_widths[i], dec[i]) for i in range(len(self.taps) - 1)
+        )
+        self.head = nn.Conv2d(dec[0], 1, 1)
+        nn.init.constant_(self.head.bias, 0.05)
+        self.out_stride = tap_strides[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Density of shape (B, 1, H, W) for input (B, C, H, W); H, W multiples of ``stride``."""
+        size = x.shape[-2:]
+        x = self.stem(x)
+        feats = []
+        for i, b in enumerate(self.blocks):
+            x = b(x)
+            if i in self.taps:
+                feats.append(x)
+        y = self.top(feats[-1])
+        for i in range(len(feats) - 2, -1, -1):
+            y = F.interpolate(y, size=feats[i].shape[-2:], mode="bilinear", align_corners=False)
+            y = self.merge[i](torch.cat([y, feats[i]], dim=1))
+        y = F.relu(self.head(y))
+        if y.shape[-2:] != size:
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return y
+
+
+class RegressionNet(nn.Module):
+    """The paper's scalar counter: EfficientNet backbone + ``Linear(num_features, 1)``."""
+
+    def __init__(self, backbone: str = "efficientnet_b0", *, in_chans: int = 1) -> None:
+        super().__init__()
+        import timm
+
+        self.net = timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=1)
+        self.stride = 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Counts of shape (B,) for input (B, C, H, W)."""
+        return self.net(x)[:, 0]
+
+
+def build_net(config: dict) -> nn.Module:
+    """Build an untrained network from a counter config (``kind``, ``backbone``, ...)."""
+    kind = config.get("kind")
+    if kind == "density":
+        return DensityNet(config["backbone"], blocks=int(config["blocks"]), in_chans=int(config["in_chans"]))
+    if kind == "regression":
+        return RegressionNet(config["backbone"], in_chans=int(config["in_chans"]))
+    raise ValueError(f"unknown counter kind {kind!r}; expected 'density' or 'regression'")
+
+
+def density_loss(pred: torch.Tensor, target: torch.Tensor, *, scale: float, count_weight: float = 0.01) -> torch.Tensor:
+    """Pixel MSE on the scaled density plus a relative L1 term on the counts.
+
+    ``pred`` and ``target`` are (B, 1, H, W) densities already multiplied by ``scale``.
+    """
+    mse = F.mse_loss(pred, target)
+    n_pred = pred.sum(dim=(1, 2, 3)) / scale
+    n_true = target.sum(dim=(1, 2, 3)) / scale
+    count = ((n_pred - n_true).abs() / torch.sqrt(n_true + 1.0)).mean()
+    return mse + count_weight * count

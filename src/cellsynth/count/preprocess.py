@@ -1,0 +1,150 @@
+"""Input handling shared by counting and training: planes, channels, normalisation, rescaling.
+
+numpy/scipy/scikit-image only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["normalize_image", "split_planes", "rescale_plane"]
+
+
+def normalize_image(image: np.ndarray, *, low: float = 1.0, high: float = 99.8, clip: float = 5.0) -> np.ndarray:
+    """Robust percentile normalisation of one plane to float32.
+
+    ``(image - p_low) / (p_high - p_low)``, where the range is at least a fifth of
+    ``p99.99 - p_low`` (so that a sparse image, whose ``p_high`` is background,
+    is not blown up) and the result is clipped to ``[-clip / 5, clip]``.
+
+    Parameters
+    ----------
+    image : ndarray of shape (M, N)
+        Any real dtype (uint8, uint16, float).
+    low, high : float
+        Percentiles mapped to 0 and 1.
+    clip : float
+        Upper clip of the result.
+
+    Returns
+    -------
+    ndarray of shape (M, N), float32
+
+    Raises
+    ------
+    ValueError
+        Non-finite values, or percentiles out of order.
+
+    Examples
+    --------
+    >>> img = np.zeros((10, 10), np.uint16); img[2:5, 2:5] = 1000
+    >>> out = normalize_image(img)
+    >>> float(out.min()), float(out.max())
+    (0.0, 1.0)
+    >>> float(normalize_image(np.full((4, 4), 7.0)).max())  # a flat image stays flat
+    0.0
+    """
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got low={low}, high={high}")
+    x = np.asarray(image)
+    if x.dtype == bool:
+        x = x.astype(np.uint8)
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise TypeError(f"image must hold real numbers, got dtype {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("image contains NaN or infinite values; replace them before counting")
+    step = max(1, int(np.sqrt(x.size / 1_000_000)))
+    sample = x[::step, ::step] if x.ndim == 2 else x.ravel()[:: step * step]
+    lo, hi, top = np.percentile(sample, [low, high, 99.99])
+    hi = max(hi, lo + 0.2 * (top - lo))
+    if hi - lo <= 1e-12:
+        return np.zeros(x.shape, np.float32)
+    out = (x - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    return np.clip(out, -clip / 5.0, clip, out=out)
+
+
+def split_planes(
+    image: np.ndarray, *, channel: Optional[int] = None, channel_axis: Optional[int] = None
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Reduce an image to a stack of 2D planes.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(M, N)``; ``(M, N, C)`` with ``C <= 4`` (RGB/RGBA or a few channels, the
+        channel axis being the last one when ``channel_axis`` is None); or a stack
+        ``(..., M, N)`` of planes (3D, time), optionally with a channel axis.
+    channel : int, optional
+        Channel to count. None: the maximum over the channels (fluorescence
+        composites) when there is a channel axis.
+    channel_axis : int, optional
+        Axis holding channels. None: the last axis when its length is <= 4 and
+        the image has at least 3 dimensions, else no channel axis.
+
+    Returns
+    -------
+    planes : ndarray of shape (P, M, N)
+    lead_shape : tuple of int
+        Shape of the stack axes (``()`` for a single 2D image).
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 spatial dimensions, an empty image, or a bad channel.
+
+    Examples
+    --------
+    >>> split_planes(np.zeros((5, 6)))[0].shape
+    (1, 5, 6)
+    >>> planes, lead = split_planes(np.zeros((3, 5, 6)))
+    >>> planes.shape, lead
+    ((3, 5, 6), (3,))
+    >>> split_planes(np.zeros((5, 6, 3)), channel=2)[0].shape
+    (1, 5, 6)
+    """
+    x = np.asarray(image)
+    if x.ndim < 2:
+        raise ValueError(f"image must have at least 2 dimensions (rows, cols), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"image is empty (shape {x.shape})")
+    if channel_axis is None and x.ndim >= 3 and x.shape[-1] <= 4 and min(x.shape[-3:-1]) > 4:
+        channel_axis = x.ndim - 1
+    if channel_axis is not None:
+        if not -x.ndim <= channel_axis < x.ndim:
+            raise ValueError(f"channel_axis {channel_axis} is out of range for an image of shape {x.shape}")
+        x = np.moveaxis(x, channel_axis, -1)
+        n_chan = x.shape[-1]
+        if channel is None:
+            x = x.max(axis=-1)
+        else:
+            if not -n_chan <= int(channel) < n_chan:
+                raise ValueError(f"channel {channel} does not exist; the image has {n_chan} channels (0..{n_chan - 1})")
+            x = x[..., int(channel)]
+    elif channel not in (None, 0):
+        raise ValueError(
+            f"channel {channel} was given but image of shape {image.shape} has no channel axis; "
+            "pass channel_axis to say which axis holds channels"
+        )
+    if x.ndim < 2:
+        raise ValueError(f"image of shape {image.shape} has no 2D plane left after removing the channel axis")
+    lead = tuple(x.shape[:-2])
+    return x.reshape((-1,) + x.shape[-2:]), lead
+
+
+def rescale_plane(plane: np.ndarray, factor: float) -> np.ndarray:
+    """Resize a float plane by ``factor`` (anti-aliased when shrinking); identity for 1.
+
+    Examples
+    --------
+    >>> rescale_plane(np.ones((10, 20), np.float32), 0.5).shape
+    (5, 10)
+    """
+    if abs(factor - 1.0) < 1e-3:
+        return plane
+    from skimage.transform import resize
+
+    shape = (max(1, int(round(plane.shape[0] * factor))), max(1, int(round(plane.shape[1] * factor))))
+    return resize(plane, shape, order=1, anti_aliasing=factor < 1, preserve_range=True).astype(np.float32)

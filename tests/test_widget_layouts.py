@@ -1,0 +1,137 @@
+"""The Cell layouts widget driven as a person would."""
+
+import numpy as np
+import pytest
+
+from cellsynth import io
+from cellsynth._napari.layouts_widget import CENTRES, IMAGE, LABELS, LayoutsWidget
+
+
+def _small(widget, shape=(64, 80)):
+    widget.form.shape.value = shape
+    widget.form.count_mean.value = 15
+    widget.form.count_std.value = 0
+
+
+def _click(qtbot, widget, button):
+    with qtbot.waitSignal(widget.runner.finished, timeout=30000) as blocker:
+        button.native.click()
+    return blocker.args[0]
+
+
+def test_generate_adds_then_updates_three_layers(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    w = LayoutsWidget(viewer)
+    _small(w)
+    w.seed.value = 4
+    assert _click(qtbot, w, w.generate_button) == "done"
+    assert [l.name for l in viewer.layers] == [IMAGE, LABELS, CENTRES]
+    img, lab, pts = (viewer.layers[n] for n in (IMAGE, LABELS, CENTRES))
+    assert img.data.shape == (64, 80) and img.data.dtype == np.uint8
+    n = int(lab.data.max())
+    assert len(pts.data) == n and list(pts.features.columns) == ["radius_row", "radius_col", "angle", "intensity"]
+    assert w.count_label.text() == f"Cells: {n}"
+    meta = img.metadata["cellsynth"]
+    assert meta["operation"] == "layouts.generate" and meta["seed"] == 4 and meta["n_cells"] == n
+    first = img.data.copy()
+    # Next seed re-uses the same layers
+    assert _click(qtbot, w, w.next_button) == "done"
+    assert len(viewer.layers) == 3 and w.seed.value == 5
+    assert viewer.layers[IMAGE] is img and not np.array_equal(img.data, first)
+    assert viewer.layers[IMAGE].metadata["cellsynth"]["seed"] == 5
+
+
+def test_parameters_persist_between_sessions(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    w = LayoutsWidget(viewer)
+    _small(w, (48, 48))
+    w.form.cell_size.value = 9.0
+    _click(qtbot, w, w.generate_button)
+    w2 = LayoutsWidget(viewer)
+    assert w2.form.cell_size.value == 9.0 and tuple(w2.form.shape.value) == (48, 48)
+
+
+def test_bad_parameters_show_an_error_and_change_nothing(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    w = LayoutsWidget(viewer)
+    w.form.count_min.value = 500
+    w.form.count_max.value = 10
+    w.generate_button.native.click()
+    assert "count_min" in w.runner.status.text()
+    assert len(viewer.layers) == 0 and not w.runner.running
+
+
+def test_draw_mode_edits_rerender_image_and_labels(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    w = LayoutsWidget(viewer)
+    _small(w)
+    w.draw.value = True  # no layout yet: an empty canvas to draw on
+    pts = viewer.layers[CENTRES]
+    assert pts.mode == "add" and len(pts.data) == 0
+    assert viewer.layers[LABELS].data.max() == 0
+    pts.add([[20.0, 30.0]])
+    pts.add([[45.0, 60.0]])
+    qtbot.waitUntil(lambda: viewer.layers[LABELS].data.max() == 2, timeout=5000)
+    labels = viewer.layers[LABELS].data
+    assert labels[20, 30] == 1 and labels[45, 60] == 2
+    assert viewer.layers[IMAGE].data[20, 30] > viewer.layers[IMAGE].data[2, 2] + 50
+    assert w.count_label.text() == "Cells: 2"
+    # move the first cell, then delete the second
+    pts.data = np.array([[30.0, 10.0], [45.0, 60.0]])
+    qtbot.waitUntil(lambda: viewer.layers[LABELS].data[30, 10] == 1, timeout=5000)
+    assert viewer.layers[LABELS].data[20, 30] == 0
+    pts.selected_data = {1}
+    pts.remove_selected()
+    qtbot.waitUntil(lambda: viewer.layers[LABELS].data.max() == 1, timeout=5000)
+    assert w.count_label.text() == "Cells: 1"
+    assert viewer.layers[IMAGE].metadata["cellsynth"]["operation"] == "layouts.draw"
+
+
+def test_export_with_progress_then_cancel_and_resume(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    w = LayoutsWidget(viewer)
+    _small(w, (40, 40))
+    w.folder.value = tmp_path / "ds"
+    w.n_export.value = 6
+    assert _click(qtbot, w, w.export_button) == "done"
+    doc = io.read_json(tmp_path / "ds" / "manifest.json")
+    assert doc["complete"] and len(doc["items"]) == 6
+    assert w.runner.bar.value() == w.runner.bar.maximum()
+    assert len(viewer.layers) == 0  # exporting adds no layers
+
+    # a long export cancelled part-way leaves a resumable folder and an unchanged viewer
+    w.folder.value = tmp_path / "big"
+    w.n_export.value = 400
+    with qtbot.waitSignal(w.runner.finished, timeout=60000) as blocker:
+        w.export_button.native.click()
+        qtbot.waitUntil(lambda: w.runner.bar.value() >= 2, timeout=30000)
+        w.runner.cancel_button.click()
+    assert blocker.args[0] == "cancelled"
+    assert "Cancelled" in w.runner.status.text()
+    done = len(io.read_json(tmp_path / "big" / "manifest.json")["items"])
+    assert 2 <= done < 400
+    assert len(viewer.layers) == 0
+
+
+def test_export_into_a_foreign_folder_is_refused(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    w = LayoutsWidget(viewer)
+    _small(w, (40, 40))
+    (tmp_path / "notes.txt").write_text("mine")
+    w.folder.value = tmp_path
+    assert _click(qtbot, w, w.export_button) == "error"
+    assert "not empty" in w.runner.status.text()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_sample_data_contribution(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-cellsynth", "layout")
+    assert [l.name for l in viewer.layers] == [IMAGE, LABELS, CENTRES]
+    assert len(viewer.layers[CENTRES].data) == viewer.layers[LABELS].data.max() > 0
+
+
+def test_plugin_widget_docks_from_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-cellsynth", "Cell layouts")
+    assert isinstance(widget, LayoutsWidget)
