@@ -1,0 +1,322 @@
+"""Counter objects: build, save and load counters (density, regression, classic).
+
+A trained counter is a folder with ``model.safetensors`` (the state dict) and
+``config.json`` (what to build and how to run it). :func:`load_counter` turns
+``"default"`` (the model shipped in ``resources/models/counter-default``),
+``"classic"`` (no weights, Laplacian-of-Gaussian peaks), a folder, a
+``.safetensors`` file or a foreign ``.pt``/``.pth`` state dict (read with
+``torch.load(weights_only=True)``, never unpickling code) into a :class:`Counter`.
+
+torch is imported inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import io
+
+__all__ = ["Counter", "load_counter", "save_counter", "counter_config", "COUNTER_FORMAT", "KINDS"]
+
+COUNTER_FORMAT = "cellsynth-counter"
+KINDS = ("density", "regression", "classic")
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def counter_config(kind: str = "density", *, backbone: str = "efficientnet_b0", **overrides: Any) -> dict:
+    """The config of a new counter, with defaults for ``kind``.
+
+    Keys: ``format``, ``version``, ``kind``, ``backbone``, ``blocks`` (density:
+    backbone blocks kept), ``in_chans``, ``diameter`` (cell diameter in pixels at
+    the training scale), ``sigma`` and ``density_scale`` (density targets: Gaussian
+    width in pixels and mass per cell), ``peak_threshold`` (minimum peak height
+    as a fraction of a lone cell's peak), ``window`` (regression: window side),
+    ``normalize`` (percentiles).
+
+    Examples
+    --------
+    >>> c = counter_config("density", backbone="test_efficientnet", blocks=3)
+    >>> c["kind"], c["blocks"], c["diameter"]
+    ('density', 3, 15.0)
+    >>> counter_config("magic")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown counter kind 'magic'; expected one of ('density', 'regression', 'classic')
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown counter kind {kind!r}; expected one of {KINDS}")
+    cfg: dict[str, Any] = {
+        "format": COUNTER_FORMAT,
+        "version": 1,
+        "kind": kind,
+        "backbone": backbone,
+        "in_chans": 1,
+        "diameter": 15.0,
+        "normalize": {"low": 1.0, "high": 99.8},
+    }
+    if kind == "density":
+        cfg.update(blocks=4, sigma=2.5, density_scale=100.0, peak_threshold=0.3)
+    elif kind == "regression":
+        cfg.update(window=256)
+    else:
+        cfg.pop("backbone")
+        cfg.pop("in_chans")
+    unknown = set(overrides) - set(cfg) - {"training", "name", "description"}
+    if unknown:
+        raise ValueError(f"unknown counter config keys {sorted(unknown)}; expected some of {sorted(cfg)}")
+    cfg.update(overrides)
+    return cfg
+
+
+@dataclass
+class Counter:
+    """A counter ready to run.
+
+    Attributes
+    ----------
+    kind : {"density", "regression", "classic"}
+        ``density`` gives a density map and points, ``regression`` one count per
+        window (no positions), ``classic`` points from Laplacian-of-Gaussian peaks.
+    name : str
+        ``"default"``, ``"classic"`` or the model path.
+    config : dict
+        See :func:`counter_config`.
+    net : torch.nn.Module or None
+        The network in eval mode on ``device`` (None for ``classic``).
+    device : torch.device or None
+    dtype : torch.dtype or None
+    sha256 : str or None
+        Hash of the weights file, for provenance.
+    path : Path or None
+        Where it was loaded from.
+    """
+
+    kind: str
+    name: str
+    config: dict
+    net: Any = None
+    device: Any = None
+    dtype: Any = None
+    sha256: Optional[str] = None
+    path: Optional[Path] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def diameter(self) -> float:
+        """Cell diameter in pixels at the scale the model was trained on."""
+        return float(self.config.get("diameter", 15.0))
+
+    def describe(self) -> dict:
+        """Provenance record: name, kind, file hash, path, training scale."""
+        return {
+            "model": self.name,
+            "kind": self.kind,
+            "sha256": self.sha256,
+            "path": str(self.path) if self.path else None,
+            "diameter": self.diameter,
+        }
+
+    def __repr__(self) -> str:
+        return f"Counter(kind={self.kind!r}, name={self.name!r}, diameter={self.diameter:g})"
+
+
+def _state_dict_from_file(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle refusal and corrupt files alike
+        raise ValueError(
+            f"{path} could not be read as plain tensors (weights_only=True refused it or it is corrupt): {exc}"
+        ) from exc
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def _guess_config(state: dict, path: Path) -> dict:
+    """Config for a foreign state dict: the paper's EfficientNet-B0 regressor."""
+    keys = {k.removeprefix("module.") for k in state}
+    if any(k.startswith("stem.") or k.startswith("top.") for k in keys):
+        raise ValueError(f"{path} looks like a density counter but has no config.json beside it")
+    stem = next((v for k, v in state.items() if k.endswith("conv_stem.weight")), None)
+    if stem is None:
+        raise ValueError(f"{path} is not an EfficientNet state dict (no conv_stem.weight) and has no config.json")
+    return counter_config("regression", in_chans=int(stem.shape[1]))
+
+
+def _adapt_keys(state: dict, kind: str) -> dict:
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if kind == "regression" and not any(k.startswith("net.") for k in state):
+        state = {f"net.{k}": v for k, v in state.items()}
+        # timm's classifier is "classifier"; the paper's code may use "_fc" or "fc".
+        for old in ("net._fc.", "net.fc."):
+            state = {k.replace(old, "net.classifier."): v for k, v in state.items()}
+    return state
+
+
+def _resolve_path(model: str | os.PathLike) -> tuple[str, Path]:
+    if isinstance(model, str) and model == "default":
+        from ..weights import resources_dir
+
+        return "default", resources_dir() / "models" / "counter-default"
+    p = Path(model).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"no counter model at {str(model)!r}; expected 'default', 'classic', a folder with "
+            f"{WEIGHTS_FILE} and {CONFIG_FILE}, or a .safetensors/.pt file"
+        )
+    return str(model), p
+
+
+def load_counter(model: str | os.PathLike | Counter = "default", *, device: Any = "auto") -> Counter:
+    """Load a counter by name or path.
+
+    Parameters
+    ----------
+    model : str, path-like or Counter
+        ``"default"`` (shipped density counter), ``"classic"`` (no weights), a
+        folder holding ``model.safetensors`` + ``config.json`` (as written by
+        training), a ``.safetensors`` file with ``config.json`` beside it, or a
+        ``.pt``/``.pth`` state dict (loaded with ``weights_only=True``; without a
+        config it is taken as the paper's EfficientNet-B0 regressor). A Counter
+        is returned as is.
+    device : str or torch.device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``. float16 on CUDA.
+
+    Returns
+    -------
+    Counter
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing at that path, or a folder without weights.
+    ValueError
+        A config that is not a counter config, weights that do not fit it, or a
+        pickle that ``weights_only`` refuses.
+
+    Examples
+    --------
+    >>> c = load_counter("classic")
+    >>> c.kind, c.name, c.net is None
+    ('classic', 'classic', True)
+    """
+    if isinstance(model, Counter):
+        return model
+    if isinstance(model, str) and model == "classic":
+        from .classic import ClassicParams
+
+        cfg = counter_config("classic")
+        cfg["classic"] = ClassicParams(diameter=cfg["diameter"]).to_dict()
+        return Counter(kind="classic", name="classic", config=cfg)
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a name, a path or a Counter, got {type(model).__name__}")
+    name, p = _resolve_path(model)
+    if p.is_dir():
+        weights, cfg_path = p / WEIGHTS_FILE, p / CONFIG_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{p} holds no {WEIGHTS_FILE}; expected a counter folder written by training")
+    else:
+        weights, cfg_path = p, p.with_name(CONFIG_FILE)
+    state = _state_dict_from_file(weights)
+    if cfg_path.is_file():
+        cfg = io.read_json(cfg_path)
+        if cfg.get("format") != COUNTER_FORMAT or cfg.get("kind") not in KINDS:
+            raise ValueError(f"{cfg_path} is not a counter config (format {COUNTER_FORMAT!r}, kind in {KINDS})")
+    else:
+        cfg = _guess_config(state, weights)
+    if cfg["kind"] == "classic":
+        return Counter(kind="classic", name=name, config=cfg, path=p)
+    from ..weights import file_sha256
+
+    net = _build_loaded(cfg, _adapt_keys(state, cfg["kind"]), weights)
+    counter = Counter(kind=cfg["kind"], name=name, config=cfg, net=net, sha256=file_sha256(weights), path=p)
+    return to_device(counter, device)
+
+
+def _build_loaded(cfg: dict, state: dict, where: Path):
+    from ._nets import build_net
+
+    net = build_net(cfg)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"weights in {where} do not fit the {cfg['kind']} counter config: {exc}") from exc
+    return net.float().eval()
+
+
+def to_device(counter: Counter, device: Any = "auto") -> Counter:
+    """Move a counter's network to ``device`` in the device's default dtype (in place)."""
+    if counter.net is None:
+        return counter
+    import torch
+
+    from ..device import default_dtype, resolve_device
+
+    dev = resolve_device(device)
+    dtype = default_dtype(dev)
+    counter.net = counter.net.to(device=dev, dtype=dtype)
+    if dev.type == "cpu":
+        counter.net = counter.net.to(memory_format=torch.channels_last)
+    counter.device, counter.dtype = dev, dtype
+    return counter
+
+
+def save_counter(
+    net: Any, config: dict, out_dir: str | os.PathLike, *, half: bool = False, overwrite: bool = False
+) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` to ``out_dir`` atomically.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+    config : dict
+        See :func:`counter_config`.
+    out_dir : path-like
+    half : bool
+        Store floating-point tensors as float16 (halves the file).
+    overwrite : bool
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    state = {}
+    for k, v in net.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if half and v.is_floating_point():
+            v = v.half()
+        state[k] = v
+    cfg = copy.deepcopy(config)
+    cfg["dtype"] = "float16" if half else "float32"
+    with io.atomic_path(out / WEIGHTS_FILE, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp))
+    io.write_json(out / CONFIG_FILE, cfg, overwrite=overwrite)
+    return out
+
+
+def new_counter(config: dict, *, device: Any = "cpu", name: str = "untrained") -> Counter:
+    """An untrained counter built from ``config`` (random initialisation)."""
+    from ._nets import build_net
+
+    if config.get("kind") == "classic":
+        return Counter(kind="classic", name=name, config=config)
+    net = build_net(config).float().eval()
+    return to_device(Counter(kind=config["kind"], name=name, config=config, net=net), device)
