@@ -134,7 +134,8 @@ class CountWidget(QWidget):
         layer = args["layer"]
         params = {"model": args["model"], "diameter": args["diameter"], "channel": args["channel"],
                   "device": args["device"]}
-        meta = provenance("count", input=layer.name, **result.meta, parameters=params)
+        meta = provenance("count", input=layer.name, parameters=params,
+                          **{k: v for k, v in result.meta.items() if k != "operation"})
         name = result_name(layer.name)
         if counter.kind == "regression":
             self._show_windows(layer, result, meta)

@@ -1,0 +1,90 @@
+"""The Count cells widget driven as a person would, and the points CSV reader/writer."""
+
+import numpy as np
+import pytest
+
+from cellsynth._napari.count_widget import CountWidget, result_name
+from cellsynth._napari.points_io import get_points_reader, write_points
+from cellsynth.layouts import LayoutParams, generate_layout
+
+
+def _layout():
+    return generate_layout(LayoutParams(shape=(96, 128), count_mean=25, count_std=0, max_overlap=0.0,
+                                        noise_std=2.0), rng=3)
+
+
+def _run(qtbot, w):
+    with qtbot.waitSignal(w.runner.finished, timeout=120000) as blocker:
+        w.run_button.native.click()
+    return blocker.args[0]
+
+
+def test_classic_count_gives_points_and_clicks_change_the_count(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    lay = _layout()
+    img = viewer.add_image(lay.image, name="nuclei", scale=(0.5, 0.5), translate=(3.0, 4.0))
+    w = CountWidget(viewer)
+    assert w.image.value is img
+    w.model.value = "classic"
+    w.diameter.value = 15.0
+    assert _run(qtbot, w) == "done"
+    pts = viewer.layers[result_name("nuclei")]
+    n = len(pts.data)
+    assert abs(n - lay.n_cells) <= max(2, 0.15 * lay.n_cells)
+    assert set(pts.features["source"]) == {"model"} and np.all(np.isfinite(pts.features["score"]))
+    assert tuple(pts.scale) == (0.5, 0.5) and tuple(pts.translate) == (3.0, 4.0)
+    assert w.count_label.text().startswith(f"Count: {n} ")
+    assert pts.metadata["cellsynth"]["operation"] == "count" and pts.metadata["count"] == n
+    # a click adds a manual cell, deleting selected points removes them: the count follows at once
+    pts.add([[10.0, 10.0]])
+    assert pts.features["source"].iloc[-1] == "manual"
+    assert w.count_label.text() == f"Count: {n + 1} ({n} from the model, 1 added by hand)"
+    pts.selected_data = {0, 1}
+    pts.remove_selected()
+    assert w.count_label.text() == f"Count: {n - 1} ({n - 2} from the model, 1 added by hand)"
+    assert pts.metadata["count"] == n - 1
+    # re-running updates the same layer instead of stacking copies
+    assert _run(qtbot, w) == "done"
+    assert [l.name for l in viewer.layers] == ["nuclei", result_name("nuclei")]
+    assert viewer.layers[result_name("nuclei")] is pts and len(pts.data) == n
+
+
+def test_bad_model_file_reports_an_error_and_adds_nothing(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(_layout().image, name="nuclei")
+    w = CountWidget(viewer)
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not weights")
+    w.model.value = "file"
+    w.model_file.value = bad
+    assert _run(qtbot, w) == "error"
+    assert w.runner.last_error is not None and "model.safetensors" in str(w.runner.last_error)
+    assert len(viewer.layers) == 1
+
+
+def test_estimate_diameter_fills_the_field(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(_layout().image, name="nuclei")
+    w = CountWidget(viewer)
+    with qtbot.waitSignal(w.runner.finished, timeout=60000):
+        w.estimate_button.native.click()
+    assert 9.0 <= w.diameter.value <= 22.0  # cells of the layout are ~15 px across
+
+
+def test_points_csv_writer_and_reader_round_trip(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    pts = viewer.add_points(np.array([[1.0, 2.0], [3.5, 4.5]]), name="cells", scale=(2.0, 2.0),
+                            features={"score": [0.5, 1.0], "source": ["model", "manual"]})
+    path = tmp_path / "cells.csv"
+    viewer.layers.save(str(path), selected=False, plugin="napari-cellsynth")
+    text = path.read_text().splitlines()
+    assert text[0] == "row,col,row_world,col_world,score,source"
+    assert text[2].split(",")[2:4] == ["7.0", "9.0"]
+    reader = get_points_reader(str(path))
+    assert reader is not None and get_points_reader(str(tmp_path / "other.txt")) is None
+    viewer.open(str(path), plugin="napari-cellsynth")
+    back = viewer.layers[-1]
+    np.testing.assert_allclose(back.data, pts.data)
+    assert back.features["source"].tolist() == ["model", "manual"]
+    np.testing.assert_allclose(back.features["score"], [0.5, 1.0])
+    assert write_points(str(tmp_path / "d.csv"), pts.data, {"features": pts.features}) == [str(tmp_path / "d.csv")]
