@@ -96,3 +96,14 @@ def test_points_csv_errors_name_the_problem(tmp_path):
         io.write_points_csv(tmp_path / "w.csv", np.zeros((3, 2)), features={"score": [1, 2]})
     empty, _ = io.read_points_csv(io.write_points_csv(tmp_path / "e.csv", np.zeros((0, 2))))
     assert empty.shape == (0, 2)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    p = io.write_json(tmp_path / "m.json", {"a": 1})
+    mode = stat.S_IMODE(os.stat(p).st_mode)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask

@@ -67,10 +67,17 @@ def atomic_path(path: os.PathLike | str, *, overwrite: bool = False) -> Iterator
         yield tmp
         if not overwrite and path.exists():
             raise FileExistsError(f"{path} appeared while writing; not replaced")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------- TIFF
