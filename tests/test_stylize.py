@@ -170,9 +170,19 @@ def test_progress_every_step_and_cancel_between_steps(pipe, images):
 
 
 def test_no_guidance_runs_the_conditional_branch_only(pipe, images, monkeypatch):
-    seen = _spy_timesteps(pipe, monkeypatch)
+    batches = []
+    forward = pipe.unet.forward
+
+    def spy(sample, *args, **kwargs):
+        batches.append(sample.shape[0])
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", spy)
     out = pipe(*images, tiny_token(0), strength=0.5, num_inference_steps=4, guidance_scale=1.0, size=32)
-    assert len(seen) == 3 and np.isfinite(out.image.astype(float)).all()
+    assert batches == [1, 1, 1] and np.isfinite(out.image.astype(float)).all()
+    batches.clear()
+    pipe(*images, tiny_token(0), strength=0.5, num_inference_steps=4, guidance_scale=5.0, size=32)
+    assert batches == [1, 2, 2]  # inversion: conditional only; DDIM: unconditional + conditional
 
 
 def test_the_longest_allowed_run_stays_inside_the_schedule(pipe, images):
@@ -180,3 +190,48 @@ def test_the_longest_allowed_run_stays_inside_the_schedule(pipe, images):
     assert out.metadata["t_start"] == 999 and out.metadata["t_inversion"] == 999
     with pytest.raises(ValueError, match="num_inference_steps"):
         StylizeParams(num_inference_steps=1000)
+
+
+def test_inversion_noises_adain_latent_and_uses_the_conditional_eps(pipe, images, monkeypatch):
+    from cellsynth.stylize._image import to_unit_rgb, to_working
+
+    content, style = images
+    calls = []
+    forward = pipe.unet.forward
+
+    def spy(sample, timestep, *args, encoder_hidden_states=None, **kwargs):
+        out = forward(sample, timestep, *args, encoder_hidden_states=encoder_hidden_states, **kwargs)
+        calls.append((sample.clone(), int(torch.as_tensor(timestep).reshape(-1)[0]), encoder_hidden_states.clone(),
+                      out.sample.clone()))
+        return out
+
+    monkeypatch.setattr(pipe.unet, "forward", spy)
+    pipe(content, style, tiny_token(0), strength=0.7, num_inference_steps=10, guidance_scale=7.0, size=32, seed=3)
+    with torch.no_grad():
+        lat = [pipe._encode(to_working(to_unit_rgb(x)[0], size=32)[0], "cpu") for x in (content, style)]
+    latent0 = latent_adain(*lat)
+    noise = torch.randn(latent0.shape, generator=torch.Generator("cpu").manual_seed(3))
+    abar = pipe.scheduler.alphas_cumprod
+    (x_inv, t_inv, cond_inv, eps_hat), (x_first, t_first, cfg_embeds, _) = calls[:2]
+    assert (t_inv, t_first) == (700, 601) and len(calls) == 8
+    # 1. the AdaIN latent noised to t = 700 with the seeded noise
+    torch.testing.assert_close(x_inv, abar[700].sqrt() * latent0 + (1 - abar[700]).sqrt() * noise)
+    # 2. eps predicted with the conditional prompt only (the second half of the guidance batch)
+    assert x_inv.shape[0] == 1 and cfg_embeds.shape[0] == 2
+    assert torch.equal(cond_inv, cfg_embeds[1:]) and not torch.equal(cond_inv, cfg_embeds[:1])
+    # 3. DDIM starts from sqrt(abar) x0 + sqrt(1 - abar) eps_hat at its first timestep
+    z = abar[601].sqrt() * latent0 + (1 - abar[601]).sqrt() * eps_hat
+    torch.testing.assert_close(x_first, torch.cat([z, z]))
+
+
+def test_the_scheduler_is_ddim_as_inst_configures_it():
+    from diffusers import DDIMScheduler
+
+    from cellsynth.stylize import inst_scheduler
+
+    s = inst_scheduler()
+    assert isinstance(s, DDIMScheduler) and s.config.prediction_type == "epsilon"
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    torch.testing.assert_close(s.alphas_cumprod.double(), torch.cumprod(1 - betas, 0), rtol=1e-5, atol=1e-7)
+    assert s.config.steps_offset == 1 and s.config.set_alpha_to_one is False and not s.config.clip_sample
+    assert s.final_alpha_cumprod == s.alphas_cumprod[0]  # set_alpha_to_one False

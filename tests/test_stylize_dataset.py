@@ -35,7 +35,7 @@ def test_stylized_dataset_keeps_labels_and_records_qc(setup, tmp_path):
         assert image.shape == image0.shape and image.dtype == np.uint8 and not np.array_equal(image, image0)
         assert np.array_equal(labels, labels0) and np.allclose(centres, centres0)
         qc = out.items[i]["qc"]
-        assert qc["counter"].startswith("count:") or qc["counter"] == "log"
+        assert qc["counter"] == "count:classic"
         assert qc["drift"] == pytest.approx((qc["count"] - out.items[i]["n_cells"]) / out.items[i]["n_cells"])
         assert qc["keep"] is True  # tolerance 10: everything kept
     assert out.manifest["qc"]["kept"] == 3 and out.manifest["stylize"]["params"]["strength"] == 0.5

@@ -20,7 +20,7 @@ OFFICIAL_KEYS = [
 ]
 
 
-def _official_file(path, monkeypatch, dim=32, inner=16, extra=None):
+def _official_file(path, monkeypatch, dim=32, inner=16, extra=None, prepare=None):
     """Write a file as the official code does, with stand-ins under the ldm.modules names."""
     attention_mod = types.ModuleType("ldm.modules.attention")
     manager_mod = types.ModuleType("ldm.modules.embedding_manager")
@@ -49,13 +49,15 @@ def _official_file(path, monkeypatch, dim=32, inner=16, extra=None):
         monkeypatch.setitem(sys.modules, name, mod)
     torch.manual_seed(3)
     module = Attentions()
+    if prepare is not None:
+        prepare(module)
     doc = {"string_to_token": {"*": torch.tensor(265)}, "attention": module}
     if extra:
         doc.update(extra)
     torch.save(doc, path)
     for name in ("ldm.modules.embedding_manager", "ldm.modules.attention", "ldm.modules", "ldm"):
         monkeypatch.delitem(sys.modules, name)  # importing must not need the ldm package
-    return module.state_dict()
+    return {k: v for k, v in module.named_parameters()}
 
 
 def test_mapper_uses_the_official_parameter_names():
@@ -94,10 +96,18 @@ def test_official_file_imports_without_ldm_and_keeps_the_weights(tmp_path, monke
     back = load_token(save_token(token, tmp_path / "tok"))
     x = torch.randn(1, 32)
     assert back.clip_input == "official-quirk" and torch.allclose(back.mapper.eval()(x), token.mapper.eval()(x))
-    # the imported token drives the pipeline
-    out = tiny_pipeline(0)(np.zeros((16, 16), np.uint8), np.full((16, 16), 90, np.uint8), back,
+    # the imported token drives the pipeline; CLIP sees the style as the official code shows it (512x512, cast)
+    import cellsynth.stylize.pipeline_inst as pipeline_inst
+
+    seen = []
+    embed = pipeline_inst.clip_image_embeds
+    monkeypatch.setattr(pipeline_inst, "clip_image_embeds",
+                        lambda enc, proc, images, clip_input: seen.append((images.shape, clip_input))
+                        or embed(enc, proc, images, clip_input=clip_input))
+    out = tiny_pipeline(0)(np.zeros((16, 16), np.uint8), np.full((16, 24), 90, np.uint8), back,
                            num_inference_steps=2, size=16)
     assert out.metadata["token"]["clip_input"] == "official-quirk"
+    assert seen == [((1, 512, 512, 3), "official-quirk")]
 
 
 def test_malicious_file_is_refused_and_runs_nothing(tmp_path, monkeypatch):
@@ -137,3 +147,30 @@ def test_quirk_mode_changes_what_clip_sees():
     assert torch.allclose(proper.norm(dim=-1), torch.ones(1)) and not torch.allclose(proper, quirk, atol=1e-3)
     with pytest.raises(ValueError, match="clip_input"):
         StyleToken(tiny_token(0).mapper, clip_input="raw")
+
+
+def test_official_import_runs_no_code_of_the_pickled_modules(tmp_path, monkeypatch):
+    path = tmp_path / "embeddings.pt"
+
+    def mark_hook(module):  # a hook recorded in the file, naming an allowed class as the callable
+        module._state_dict_hooks[0] = nn.Linear
+        module.attn1._forward_pre_hooks[0] = nn.Sequential
+
+    state = _official_file(path, monkeypatch, prepare=mark_hook)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("code of a pickled module ran")
+
+    with monkeypatch.context() as m:
+        m.setattr(nn.Module, "__setstate__", forbidden)
+        m.setattr(nn.Module, "state_dict", forbidden)
+        token = import_official_token(path)
+    ours = token.mapper.state_dict()
+    assert all(torch.equal(ours[k], state[k]) for k in OFFICIAL_KEYS)
+
+
+def test_a_cyclic_module_tree_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "embeddings.pt"
+    _official_file(path, monkeypatch, prepare=lambda module: module.attn1._modules.__setitem__("loop", module))
+    with pytest.raises(ValueError, match="too deep"):
+        import_official_token(path)

@@ -11,8 +11,15 @@ from cellsynth.stylize.tiny import tiny_pipeline, tiny_token
 
 @pytest.fixture(scope="module")
 def pipe():
+    """The tiny pipeline with its cross-attention outputs amplified, so that the prompt (and so the token)
+    has a measurable effect on the random UNet's noise prediction."""
     torch.set_num_threads(1)
-    return tiny_pipeline(0)
+    pipe = tiny_pipeline(0)
+    with torch.no_grad():
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_out[0].weight.mul_(20.0)
+    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +33,7 @@ def test_training_lowers_the_loss_and_trains_only_the_mapper(pipe, style):
     result = train_token([style], pipe, token=tiny_token(1),
                          params=TrainParams(steps=120, size=32, learning_rate=3e-3, flip=False, checkpoint_every=0))
     after = token_loss(pipe, result.token, [style], size=32, n=96)  # same timesteps and noises: paired
-    assert after < before - 5e-4
+    assert after < before - 5e-3  # about 0.02 on this model, for any evaluation seed
     assert len(result.losses) == 120 and np.isfinite(result.losses).all()
     assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in frozen.items())
     assert result.token.source == "trained" and result.token.clip_input == "proper"

@@ -67,6 +67,27 @@ def test_cancel_leaves_the_viewer_unchanged(make_napari_viewer, qtbot, model):
         w.runner.cancel_button.click()
     assert blocker.args[0] == "cancelled"
     assert [l.name for l in viewer.layers] == ["layout", "real"]
+    # with a result present, a cancelled re-run leaves it as it was
+    w.form.num_inference_steps.value, w.form.strength.value = 4, 0.7
+    assert _click(qtbot, w, w.run_button) == "done"
+    layer = viewer.layers[result_name("layout")]
+    data, meta = layer.data.copy(), dict(layer.metadata["cellsynth"])
+    w.form.num_inference_steps.value, w.form.strength.value, w.form.seed.value = 500, 1.0, 9
+    with qtbot.waitSignal(w.runner.finished, timeout=60000) as blocker:
+        w.run_button.native.click()
+        qtbot.waitUntil(lambda: w.runner.bar.value() >= 3, timeout=30000)
+        w.runner.cancel_button.click()
+    assert blocker.args[0] == "cancelled" and len(viewer.layers) == 3
+    assert np.array_equal(layer.data, data) and layer.metadata["cellsynth"] == meta
+
+
+def test_a_failing_run_shows_the_error_and_changes_nothing(make_napari_viewer, qtbot, model, tmp_path):
+    viewer = make_napari_viewer()
+    w = _widget(viewer, *model)
+    w.model.value = str(tmp_path)  # an empty folder: not a Stable Diffusion model
+    assert _click(qtbot, w, w.run_button) == "error"
+    assert "model_index.json" in w.runner.status.text() and isinstance(w.runner.last_error, ValueError)
+    assert [l.name for l in viewer.layers] == ["layout", "real"]
 
 
 def test_missing_token_is_an_error_and_changes_nothing(make_napari_viewer, qtbot, model):

@@ -65,7 +65,9 @@ class LossCurve(QWidget):
 
 
 class _LossBridge(QObject):
-    loss = Signal(int, float)
+    """Carries losses from the training worker to the GUI thread (queued to the curve's thread)."""
+
+    loss = Signal(float)
 
 
 class StylizeWidget(QWidget):
@@ -111,7 +113,7 @@ class StylizeWidget(QWidget):
         self.batch_label = QLabel("")
         self.runner = TaskRunner()
         self._bridge = _LossBridge()
-        self._bridge.loss.connect(lambda step, loss: self.loss_curve.add(loss))
+        self._bridge.loss.connect(self.loss_curve.add)  # a QObject's method: runs on the GUI thread
 
         top = Container(widgets=[self.content, self.style, self.token_source, self.token_file, self.model,
                                  self.image_encoder, self.device])
@@ -181,8 +183,9 @@ class StylizeWidget(QWidget):
 
         def work(progress):
             from ..stylize.loading import load_pipeline
+            from ..stylize.official import read_token
 
-            token = token_spec if not isinstance(token_spec, Path) else _read_token(token_spec)
+            token = token_spec if not isinstance(token_spec, Path) else read_token(token_spec)
             pipe = load_pipeline(s["model"], image_encoder=s["image_encoder"], device=s["device"], progress=progress)
             return pipe(content, style, token, params=s["params"], progress=progress)
 
@@ -231,8 +234,9 @@ class StylizeWidget(QWidget):
             from ..io import read_json
             from ..stylize.dataset import stylize_dataset
             from ..stylize.loading import load_pipeline
+            from ..stylize.official import read_token
 
-            token = token_spec if not isinstance(token_spec, Path) else _read_token(token_spec)
+            token = token_spec if not isinstance(token_spec, Path) else read_token(token_spec)
             pipe = load_pipeline(s["model"], image_encoder=s["image_encoder"], device=s["device"], progress=progress)
             manifest = stylize_dataset(src, dst, pipe=pipe, token=token, style=style, params=s["params"],
                                        tolerance=tolerance, qc_model=qc_model, overwrite=overwrite, progress=progress)
@@ -275,7 +279,7 @@ class StylizeWidget(QWidget):
             pipe = load_pipeline(model, image_encoder=encoder, device=device, progress=progress)
             result = train_token([style], pipe, params=params, encoder=encoder, progress=progress,
                                  checkpoint_dir=None if out_dir is None else out_dir / "checkpoint",
-                                 on_step=lambda step, loss: bridge.loss.emit(step, loss))
+                                 on_step=lambda step, loss: bridge.loss.emit(loss))
             if out_dir is not None:
                 save_token(result.token, out_dir, overwrite=True)
             return result
@@ -299,15 +303,6 @@ class StylizeWidget(QWidget):
     def _set_busy(self, busy: bool) -> None:
         for w in (self.run_button, self.train_button, self.batch_button):
             w.enabled = not busy
-
-
-def _read_token(path: Path):
-    from ..stylize.official import import_official_token
-    from ..stylize.tokens import load_token
-
-    if path.suffix in (".pt", ".ckpt", ".bin"):
-        return import_official_token(path)
-    return load_token(path)
 
 
 def _limits(image: np.ndarray) -> tuple:

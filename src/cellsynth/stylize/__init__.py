@@ -23,6 +23,7 @@ _LAZY = {
     "load_token": "tokens",
     "inject_token": "tokens",
     "import_official_token": "official",
+    "read_token": "official",
     "train_token": "train",
     "TrainResult": "train",
     "token_loss": "train",

@@ -119,16 +119,6 @@ def _params(args):
                          size=args.size, resize=args.resize, adain=not args.no_adain, seed=args.seed)
 
 
-def _token(path):
-    from .official import import_official_token
-    from .tokens import load_token
-
-    p = Path(path)
-    if p.is_file() and p.suffix in (".pt", ".ckpt", ".bin"):
-        return import_official_token(p)
-    return load_token(p)
-
-
 def _pipeline(args, callback):
     from .loading import load_pipeline
 
@@ -139,11 +129,12 @@ def _pipeline(args, callback):
 def _stylize(args) -> int:
     from .. import io
     from ..progress import tqdm_callback
+    from .official import read_token
 
     params = _params(args)
     content, meta = read_image(args.content)
     style, _ = read_image(args.style)
-    token = _token(args.token)
+    token = read_token(args.token)
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
     callback, close = tqdm_callback()
@@ -168,10 +159,11 @@ def _stylize_dataset(args) -> int:
     from ..io import read_json
     from ..progress import tqdm_callback
     from .dataset import stylize_dataset
+    from .official import read_token
 
     params = _params(args)
     style, _ = read_image(args.style)
-    token = _token(args.token)
+    token = read_token(args.token)
     callback, close = tqdm_callback()
     try:
         pipe = _pipeline(args, callback)

@@ -19,50 +19,51 @@ from .. import io
 from ..progress import ProgressCallback, report
 from .params import StylizeParams
 
-__all__ = ["stylize_dataset", "count_drift", "qc_count", "FORMAT"]
-
-FORMAT = "cellsynth-layouts"
-VERSION = 1
+__all__ = ["stylize_dataset", "count_drift", "qc_counter", "qc_count"]
 
 
-def _log_count(image: np.ndarray, diameter: float) -> int:
-    """Classic Laplacian-of-Gaussian blob count (fallback when the counting module is absent)."""
-    from skimage.feature import blob_log
+def qc_counter(model="default"):
+    """The QC counter, loaded once: `model`, or the classic counter when that cannot be loaded.
 
-    img = np.asarray(image, dtype=np.float64)
-    if img.ndim == 3:
-        img = img.mean(axis=-1)
-    span = img.max() - img.min()
-    img = (img - img.min()) / span if span > 0 else np.zeros_like(img)
-    sigma = max(diameter, 2.0) / (2 * np.sqrt(2))
-    return int(len(blob_log(img, min_sigma=sigma * 0.6, max_sigma=sigma * 1.6, num_sigma=5, threshold=0.1)))
+    Examples
+    --------
+    >>> qc_counter("no-such-model").name
+    'classic'
+    """
+    from ..count import load_counter
+
+    try:
+        return load_counter(model)
+    except (FileNotFoundError, ValueError, OSError):
+        if model == "classic":
+            raise
+        return load_counter("classic")
 
 
-def qc_count(image: np.ndarray, *, diameter: float, model: str = "default") -> tuple[float, str]:
+def qc_count(image: np.ndarray, *, diameter: float, counter="default") -> tuple[float, str]:
     """Count cells in `image` for QC; returns ``(count, counter used)``.
 
-    Uses :func:`cellsynth.count.count_cells` with `model` (falling back to its
-    classic counter when that model cannot be loaded), or a LoG blob count from
-    scikit-image when the counting module is not installed.
+    Parameters
+    ----------
+    image : ndarray of shape (M, N) or (M, N, 3)
+    diameter : float
+        Typical cell diameter in pixels.
+    counter : str, path-like or cellsynth.count.Counter
+        A counter from :func:`qc_counter`, or a model name for it.
 
     Examples
     --------
     >>> from skimage.draw import disk
     >>> img = np.zeros((64, 64), np.uint8)
     >>> img[disk((20, 20), 6)] = img[disk((44, 40), 6)] = 180
-    >>> qc_count(img, diameter=12, model="classic")
+    >>> qc_count(img, diameter=12, counter="classic")
     (2.0, 'count:classic')
     """
-    try:
-        from ..count import count_cells
-    except ImportError:
-        return float(_log_count(image, diameter)), "log"
-    try:
-        return float(count_cells(image, model=model, diameter=diameter).count), f"count:{model}"
-    except (FileNotFoundError, ValueError, OSError):
-        if model == "classic":
-            raise
-        return float(count_cells(image, model="classic", diameter=diameter).count), "count:classic"
+    from ..count import Counter, count_cells
+
+    if not isinstance(counter, Counter):
+        counter = qc_counter(counter)
+    return float(count_cells(image, counter=counter, diameter=diameter).count), f"count:{counter.name}"
 
 
 def count_drift(counted: float, true: int) -> float:
@@ -107,7 +108,7 @@ def stylize_dataset(
     tolerance : float
         Items whose ``|drift| <= tolerance`` are flagged ``keep``.
     qc_model : str
-        Counter for QC (see :func:`qc_count`).
+        Counter for QC (see :func:`qc_counter`).
     limit : int, optional
         Stylize only the first `limit` items.
     overwrite : bool
@@ -127,7 +128,7 @@ def stylize_dataset(
     ValueError
         Bad tolerance or limit, or `out_dir` equal to `in_dir`.
     """
-    from ..layouts.dataset import item_seed, read_dataset
+    from ..layouts.dataset import FORMAT, VERSION, item_seed, read_dataset
     from ..weights import file_sha256
     from .tokens import image_sha256
 
@@ -166,6 +167,7 @@ def stylize_dataset(
     elif root.exists() and any(root.iterdir()) and not overwrite:
         raise FileExistsError(f"{root} is not empty and holds no stylized dataset; choose an empty or new folder")
     diameter = float(source.manifest.get("params", {}).get("cell_size", 15.0))
+    counter = qc_counter(qc_model)
     doc = {"format": FORMAT, "version": VERSION, "params": source.manifest.get("params", {}),
            "seed": source.manifest.get("seed"), "n": n, "complete": False, "stylize": settings, "items": items}
     io.write_json(manifest_path, doc, overwrite=True)
@@ -186,7 +188,7 @@ def stylize_dataset(
                 shutil.copyfile(source.root / src[key], root / names[key])
             else:
                 names[key] = None
-        counted, used = qc_count(out.image, diameter=diameter, model=qc_model)
+        counted, used = qc_count(out.image, diameter=diameter, counter=counter)
         drift = count_drift(counted, src["n_cells"])
         items.append({**names, "seed": seed, "n_cells": int(src["n_cells"]), "source_image": src["image"],
                       "qc": {"count": counted, "counter": used, "drift": drift, "keep": abs(drift) <= tolerance}})

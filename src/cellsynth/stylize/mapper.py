@@ -1,48 +1,18 @@
 """The InST style mapper: CLIP image embedding -> one text-token embedding.
 
-Rebuilt with the official module and parameter names (``attn1``/``attn2`` with
-``to_q``/``to_k``/``to_v``/``to_out.0`` and ``net.1``) so that the state dict of
-an official ``embeddings.pt`` loads into it unchanged. This module imports torch.
+Built from diffusers' ``Attention`` blocks with the official module and
+parameter names (``attn1``/``attn2`` with ``to_q``/``to_k``/``to_v``/``to_out.0``
+and ``net.1``) so that the state dict of an official ``embeddings.pt`` loads into
+it unchanged. This module imports torch and diffusers.
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
-__all__ = ["StyleMapper", "MapperAttention"]
-
-
-class MapperAttention(nn.Module):
-    """Multi-head attention with bias-free q/k/v projections and an output projection.
-
-    Parameters
-    ----------
-    query_dim : int
-        Width of queries, keys' context and the output.
-    heads, dim_head : int
-        Number of heads and width per head (inner width ``heads * dim_head``).
-    dropout : float
-        Dropout after the output projection.
-    """
-
-    def __init__(self, query_dim: int, *, heads: int = 8, dim_head: int = 64, dropout: float = 0.0) -> None:
-        super().__init__()
-        inner = heads * dim_head
-        self.heads = heads
-        self.scale = dim_head ** -0.5
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(query_dim, inner, bias=False)
-        self.to_v = nn.Linear(query_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        b, n, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        split = lambda t: t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
-        out = nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), scale=self.scale)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+__all__ = ["StyleMapper"]
 
 
 class StyleMapper(nn.Module):
@@ -50,6 +20,8 @@ class StyleMapper(nn.Module):
 
     ``attn1`` is self-attention on the embedding, ``attn2`` attends from its output
     to the embedding, then ``net`` = Dropout + Linear. No residual, no LayerNorm.
+    Both attentions have bias-free q/k/v projections and an output projection
+    with bias followed by dropout, as the official ``CrossAttention``.
 
     Parameters
     ----------
@@ -78,8 +50,9 @@ class StyleMapper(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.config = {"dim": dim, "heads": heads, "dim_head": dim_head, "dropout": float(dropout)}
-        self.attn1 = MapperAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
-        self.attn2 = MapperAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        attention = dict(heads=heads, dim_head=dim_head, dropout=dropout, bias=False, out_bias=True)
+        self.attn1 = Attention(dim, **attention)
+        self.attn2 = Attention(dim, cross_attention_dim=dim, **attention)
         self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, dim))
 
     @classmethod
@@ -93,7 +66,10 @@ class StyleMapper(nn.Module):
         if inner % heads:
             raise ValueError(f"inner width {inner} is not divisible by heads={heads}")
         mapper = cls(dim, heads=heads, dim_head=inner // heads, dropout=dropout)
-        missing, unexpected = mapper.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = mapper.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"style-mapper weights do not match: {err}") from None
         if missing or unexpected:
             raise ValueError(f"style-mapper weights do not match: missing {missing}, unexpected {unexpected}")
         return mapper.eval()
@@ -106,5 +82,5 @@ class StyleMapper(nn.Module):
             )
         x = image_embeds[:, None, :]
         x1 = self.attn1(x)
-        x2 = self.attn2(x1, x)
+        x2 = self.attn2(x1, encoder_hidden_states=x)
         return self.net(x2)[:, 0, :]

@@ -3,9 +3,11 @@
 The official file is ``torch.save({"string_to_token": {"*": tensor}, "attention":
 <Attentions module>})``; unpickling it normally would import and run classes from
 ``ldm.modules...``. Here torch's restricted (``weights_only``) unpickler reads it,
-with the two known ``ldm.modules`` classes mapped to inert local stand-ins and
-only plain torch layers allowed; a file naming any other global is refused
-before anything is unpickled.
+with the two known ``ldm.modules`` classes and the three plain torch layers they
+hold all read as inert stand-ins that only keep their pickled attributes; the
+weights are then collected from those attributes, so no code of the file's
+classes runs. A file naming any other global is refused before anything is
+unpickled.
 """
 
 from __future__ import annotations
@@ -14,37 +16,71 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..weights import file_sha256
 from .mapper import StyleMapper
-from .tokens import StyleToken
+from .tokens import StyleToken, load_token
 
-__all__ = ["import_official_token", "OFFICIAL_GLOBALS"]
-
-
-class _OfficialAttentions(nn.Module):
-    """Stand-in for ``ldm.modules.embedding_manager.Attentions``: holds weights, runs nothing."""
-
-    def forward(self, *args, **kwargs):  # pragma: no cover - never called
-        raise RuntimeError("stand-in module; load its state dict into a StyleMapper")
+__all__ = ["import_official_token", "read_token", "OFFICIAL_GLOBALS", "OFFICIAL_SUFFIXES"]
 
 
-class _OfficialCrossAttention(nn.Module):
-    """Stand-in for ``ldm.modules.attention.CrossAttention``."""
+class _StandIn:
+    """Inert stand-in for every class an official file may name.
 
-    def forward(self, *args, **kwargs):  # pragma: no cover - never called
-        raise RuntimeError("stand-in module; load its state dict into a StyleMapper")
+    The restricted unpickler creates it without calling any constructor and
+    hands it the pickled attribute dict, which it only stores: no method of the
+    original classes (and no hook recorded in the file) ever runs.
+    """
+
+    state: dict = {}
+
+    def __setstate__(self, state) -> None:
+        self.state = state if isinstance(state, dict) else {}
 
 
-OFFICIAL_GLOBALS = {
-    "ldm.modules.embedding_manager.Attentions": _OfficialAttentions,
-    "ldm.modules.attention.CrossAttention": _OfficialCrossAttention,
-    "torch.nn.modules.linear.Linear": nn.Linear,
-    "torch.nn.modules.dropout.Dropout": nn.Dropout,
-    "torch.nn.modules.container.Sequential": nn.Sequential,
-}
-"""The globals an official file may name besides tensors and containers, and their stand-ins."""
+OFFICIAL_GLOBALS = (
+    "ldm.modules.embedding_manager.Attentions",
+    "ldm.modules.attention.CrossAttention",
+    "torch.nn.modules.linear.Linear",
+    "torch.nn.modules.dropout.Dropout",
+    "torch.nn.modules.container.Sequential",
+)
+"""The globals an official file may name besides tensors and containers (all read as inert stand-ins)."""
+
+OFFICIAL_SUFFIXES = (".pt", ".ckpt", ".bin")
+"""File suffixes read as official checkpoints by :func:`read_token`."""
+
+
+def read_token(path: os.PathLike | str) -> StyleToken:
+    """A style token from our token folder (or its ``token.json``) or an official ``embeddings.pt``.
+
+    Official files are imported with :func:`import_official_token` (quirk mode on).
+    """
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() in OFFICIAL_SUFFIXES:
+        return import_official_token(p)
+    return load_token(p)
+
+
+def _module_tensors(obj, prefix: str = "", depth: int = 0) -> dict:
+    """The parameters and buffers of a pickled module tree, by state-dict name, read from its attributes."""
+    if not isinstance(obj, _StandIn):
+        raise ValueError(f"expected a pickled module at {prefix or 'attention'!r}, got {type(obj).__name__}")
+    if depth > 8:  # the official tree is 3 deep; deeper (or cyclic) trees are not InST files
+        raise ValueError(f"module tree too deep at {prefix!r}")
+    tensors = {}
+    for group in ("_parameters", "_buffers"):
+        for name, value in (obj.state.get(group) or {}).items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{prefix}{name} is not a tensor ({type(value).__name__})")
+            if name not in (obj.state.get("_non_persistent_buffers_set") or ()):
+                tensors[f"{prefix}{name}"] = value.detach()
+    for name, child in (obj.state.get("_modules") or {}).items():
+        if child is not None:
+            tensors.update(_module_tensors(child, f"{prefix}{name}.", depth + 1))
+    return tensors
 
 
 def import_official_token(
@@ -101,12 +137,13 @@ def import_official_token(
             f"refusing to load {path}: it names globals other than the known InST classes: "
             f"{', '.join(refused)}. It may run code when unpickled; it was not loaded."
         )
-    allowed = [(cls, name) for name, cls in OFFICIAL_GLOBALS.items()]
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals([(_StandIn, name) for name in OFFICIAL_GLOBALS]):
             doc = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(f"refusing to load {path}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # anything else a crafted file can provoke is a bad file, not a crash
+        raise ValueError(f"{path} is not a readable InST embeddings file ({type(err).__name__}: {err})") from err
     if not isinstance(doc, dict) or "string_to_token" not in doc or "attention" not in doc:
         keys = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
         raise ValueError(f"{path} is not an InST embeddings file: expected keys 'string_to_token' and "
@@ -115,9 +152,12 @@ def import_official_token(
     if not isinstance(strings, dict) or len(strings) != 1:
         raise ValueError(f"{path}: expected one placeholder in string_to_token, got {strings!r}")
     attention = doc["attention"]
-    if isinstance(attention, nn.Module):
-        state = attention.state_dict()
-    elif isinstance(attention, dict):
+    if isinstance(attention, _StandIn):
+        try:
+            state = _module_tensors(attention)
+        except (AttributeError, TypeError) as err:
+            raise ValueError(f"{path}: 'attention' is not a readable module ({err})") from None
+    elif isinstance(attention, dict) and all(isinstance(v, torch.Tensor) for v in attention.values()):
         state = attention
     else:
         raise ValueError(f"{path}: 'attention' is neither a module nor a state dict ({type(attention).__name__})")

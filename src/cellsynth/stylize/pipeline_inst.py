@@ -145,6 +145,9 @@ class InSTPipeline(StableDiffusionImg2ImgPipeline):
                                    guidance_scale=guidance_scale, size=size, resize=resize, adain=adain, seed=seed)
         if not isinstance(token, StyleToken):
             raise TypeError(f"token must be a StyleToken, got {type(token).__name__}")
+        if not isinstance(self.scheduler, DDIMScheduler):
+            raise TypeError(f"InSTPipeline runs DDIM; got a {type(self.scheduler).__name__} scheduler "
+                            "(use inst_scheduler() or load_pipeline)")
         if self.image_encoder is None or self.feature_extractor is None:
             raise ValueError("InSTPipeline needs an image_encoder and a feature_extractor for the style image")
         width = self.text_encoder.config.hidden_size
@@ -175,7 +178,10 @@ class InSTPipeline(StableDiffusionImg2ImgPipeline):
             report(progress, "stylize", 1, total, "encoded")
 
             # 3. Conditioning: the style token injected for the placeholder
-            image_embeds = clip_image_embeds(self.image_encoder, self.feature_extractor, style_rgb[None],
+            clip_style = style_rgb  # official tokens were fit to CLIP seeing the 512x512 squash, uint8-cast
+            if token.clip_input == "official-quirk":
+                clip_style, _ = to_working(style_rgb, size=512, resize="squash")
+            image_embeds = clip_image_embeds(self.image_encoder, self.feature_extractor, clip_style[None],
                                              clip_input=token.clip_input)
             mapper = token.mapper.to(device=device, dtype=torch.float32).eval()
             vector = mapper(image_embeds.to(device))[0]
@@ -183,7 +189,10 @@ class InSTPipeline(StableDiffusionImg2ImgPipeline):
                 cond, uncond = self.encode_prompt(token.placeholder, device, 1, do_cfg, negative_prompt="")
             embeds = torch.cat([uncond, cond]) if do_cfg else cond
 
-            # 4. Stochastic inversion at t = int(1000 * strength) with the conditional prediction
+            # 4. Stochastic inversion: noise the latent to t = int(1000 * strength), predict eps there with
+            #    the conditional prompt, and form z = sqrt(abar) x0 + sqrt(1 - abar) eps_hat. abar is taken at
+            #    the first DDIM timestep (681 for 0.7 x 50), where DDIM picks z up; the official code takes it
+            #    at t = 700 and so starts DDIM from a latent slightly noisier than the schedule expects.
             t_train = self.scheduler.config.num_train_timesteps
             t_inv = min(int(t_train * params.strength), t_train - 1)
             generator = torch.Generator("cpu").manual_seed(params.seed)
@@ -208,7 +217,7 @@ class InSTPipeline(StableDiffusionImg2ImgPipeline):
 
             # 6. Decode and return in the input's value range
             decoded = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-            rgb = (decoded[0].float().permute(1, 2, 0).cpu().numpy() / 2 + 0.5).clip(0, 1)
+            rgb = self.image_processor.postprocess(decoded.float(), output_type="np")[0]
             image = from_unit_rgb(from_working(rgb, inner, content_rgb.shape), value_range)
             report(progress, "stylize", total, total, "decoded")
             metadata = {
@@ -226,8 +235,11 @@ class InSTPipeline(StableDiffusionImg2ImgPipeline):
             }
             return InSTOutput(image=image, metadata=metadata, latents=latents if return_latents else None)
 
-    def _encode(self, rgb: np.ndarray, device) -> torch.Tensor:
-        """VAE posterior mean of a float RGB image in [0, 1], times the latent scale."""
+    def _posterior(self, rgb: np.ndarray, device):
+        """VAE posterior (diffusers' DiagonalGaussianDistribution) of a float RGB image in [0, 1]."""
         x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None] * 2.0 - 1.0
-        x = x.to(device=device, dtype=self.vae.dtype)
-        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        return self.vae.encode(x.to(device=device, dtype=self.vae.dtype)).latent_dist
+
+    def _encode(self, rgb: np.ndarray, device) -> torch.Tensor:
+        """VAE posterior mean of a float RGB image in [0, 1], times the latent scale (deterministic)."""
+        return self._posterior(rgb, device).mean * self.vae.config.scaling_factor

@@ -78,8 +78,7 @@ class _Data:
     @torch.no_grad()
     def _encode(self, i: int):
         pipe, img = self.pipe, self.images[i]
-        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None] * 2.0 - 1.0
-        dist = pipe.vae.encode(x.to(self.device, pipe.vae.dtype)).latent_dist
+        dist = pipe._posterior(img, self.device)
         sf = pipe.vae.config.scaling_factor
         embeds = clip_image_embeds(pipe.image_encoder, pipe.feature_extractor, img[None],
                                    clip_input=self.params.clip_input)
@@ -91,9 +90,9 @@ class _Data:
         return mean + std * eps, embeds
 
 
-def _step_loss(pipe, mapper, token_id, ids, latent, embeds, t, noise, autocast):
+def _step_loss(pipe, mapper, token_id, ids, latent, embeds, t, noise, amp_dtype=None):
     noisy = pipe.scheduler.add_noise(latent, noise, t)
-    with autocast():
+    with torch.autocast(latent.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         vector = mapper(embeds.float())
         with inject_token(pipe.text_encoder, token_id, vector):
             cond = pipe.text_encoder(ids)[0]
@@ -118,18 +117,11 @@ def token_loss(pipe, token: StyleToken, styles: Sequence[np.ndarray], *, size: i
     losses = []
     with torch.no_grad():
         for k in range(n):
-            latent, embeds = data.sample(k % len(data), g)
-            latent = data.cached[k % len(data)][0]  # the posterior mean: fixed
+            latent, _, embeds = data.cached[k % len(data)]  # the posterior mean: fixed
             t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (1,), generator=g).to(device)
             noise = torch.randn(latent.shape, generator=g).to(device, latent.dtype)
-            losses.append(float(_step_loss(pipe, mapper, token_id, ids, latent, embeds, t, noise, _null)))
+            losses.append(float(_step_loss(pipe, mapper, token_id, ids, latent, embeds, t, noise)))
     return float(np.mean(losses))
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _prompt_ids(pipe, placeholder: str, device) -> torch.Tensor:
@@ -215,8 +207,8 @@ def train_token(
             mapper.load_state_dict(restored.mapper.state_dict())
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
             losses, start = list(state["losses"]), int(state["step"])
-    autocast = _autocast(device, params.mixed_precision)
-    scaler = torch.amp.GradScaler("cuda") if autocast.dtype == torch.float16 else None
+    amp_dtype = _amp_dtype(device, params.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     # 3. Loop with progress
     rng = np.random.default_rng([params.seed, 1])
@@ -230,7 +222,7 @@ def train_token(
         noise = torch.randn(latent.shape, generator=g).to(device, latent.dtype)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(params.seed * 1_000_003 + step)  # dropout masks: resumable runs repeat exactly
-            loss = _step_loss(pipe, mapper, token_id, ids, latent, embeds, t, noise, autocast)
+            loss = _step_loss(pipe, mapper, token_id, ids, latent, embeds, t, noise, amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -260,20 +252,11 @@ def train_token(
     return TrainResult(token=token, losses=losses, seconds_per_step=seconds, resumed_from=start)
 
 
-class _Autocast:
-    def __init__(self, device, dtype) -> None:
-        self.device, self.dtype = device, dtype
-
-    def __call__(self):
-        if self.dtype is None:
-            return _null()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-
-def _autocast(device, enabled: bool) -> _Autocast:
+def _amp_dtype(device, enabled: bool):
+    """bf16 (or fp16 where bf16 is unsupported) autocast on CUDA; None (full precision) elsewhere."""
     if not enabled or device.type != "cuda":
-        return _Autocast(device, None)
-    return _Autocast(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _checkpoint(folder: Path, token: StyleToken, optimizer, step: int, losses: list, settings: dict) -> None:
