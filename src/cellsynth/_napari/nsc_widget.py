@@ -1,0 +1,127 @@
+"""Dock widget "NSC masks": neural spectral clustering masks of any image layer."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, PushButton, SpinBox
+from napari.utils.notifications import show_error
+from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from superqt import QCollapsible
+
+from ..stain.params import BACKBONES, FOREGROUND_MODES, NSCParams
+from ._layers import provenance, upsert_layer
+from ._params import ParamsForm
+from ._tasks import TaskRunner
+
+__all__ = ["NSCWidget", "mask_layer_name"]
+
+
+def mask_layer_name(image_name: str, channel: Optional[int] = None) -> str:
+    """Name of the Labels layer holding the NSC mask of a layer (and channel)."""
+    return f"{image_name} NSC" if channel is None else f"{image_name} NSC [{channel}]"
+
+
+def image_layers(viewer) -> list:
+    import napari
+
+    return [layer for layer in viewer.layers if isinstance(layer, napari.layers.Image)]
+
+
+class NSCWidget(QWidget):
+    """NSC masks of an image layer, one Labels layer per channel, with progress and Cancel.
+
+    A 2-D layer gives one mask; a (C, M, N) layer gives one mask per channel, or
+    only the chosen channel. The status line and the layer metadata name the
+    backbone that produced the features.
+    """
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.layer = ComboBox(label="image", choices=self._layer_choices)
+        self.channel = SpinBox(value=-1, min=-1, max=1024, label="channel (-1: all)")
+        self.backbone = ComboBox(value="filters", choices=list(BACKBONES), label="backbone")
+        self.foreground = ComboBox(value="auto", choices=list(FOREGROUND_MODES), label="foreground")
+        from ..device import available_devices
+
+        self.device = ComboBox(value="auto", choices=available_devices(), label="device")
+        self.form = ParamsForm(NSCParams, key="nsc", exclude=("backbone", "foreground"))
+        self.run_button = PushButton(text="Compute masks")
+        self.runner = TaskRunner()
+        self.info = QLabel("")
+        self.info.setWordWrap(True)
+        box = QCollapsible("Parameters")
+        box.addWidget(self.form.native)
+        controls = Container(widgets=[self.layer, self.channel, self.backbone, self.foreground, self.device,
+                                      self.run_button])
+        layout = QVBoxLayout(self)
+        layout.addWidget(controls.native)
+        layout.addWidget(box)
+        layout.addWidget(self.info)
+        layout.addWidget(self.runner)
+        layout.addStretch(1)
+        self.run_button.changed.connect(self.run)
+        self.runner.busy.connect(lambda busy: setattr(self.run_button, "enabled", not busy))
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+
+    def _layer_choices(self, _widget=None) -> list:
+        return [(layer.name, layer) for layer in image_layers(self.viewer)]
+
+    def _refresh(self, event=None) -> None:
+        self.layer.reset_choices()
+
+    def run(self) -> None:
+        """Compute masks of the chosen layer in a worker thread."""
+        self._refresh()
+        layer = self.layer.value
+        if layer is None or self.runner.running:
+            if layer is None:
+                show_error("Choose an image layer first")
+            return
+        try:
+            params = self.form.params(backbone=self.backbone.value, foreground=self.foreground.value)
+        except ValueError as exc:
+            self.runner.status.setText(f"Error: {exc}")
+            show_error(f"NSC parameters: {exc}")
+            return
+        data = np.asarray(layer.data)
+        if data.ndim == 3 and data.shape[-1] in (3, 4) and layer.rgb:
+            data = data[..., :3].mean(axis=-1)
+        channel = int(self.channel.value)
+        if data.ndim == 2:
+            planes, channels = data[None], [None]
+        elif data.ndim == 3:
+            if channel >= data.shape[0]:
+                self.runner.status.setText(f"Error: channel {channel} does not exist; the layer has {data.shape[0]}")
+                return
+            idx = range(data.shape[0]) if channel < 0 else [channel]
+            planes, channels = data[list(idx)], list(idx)
+        else:
+            self.runner.status.setText(f"Error: expected a 2-D or (C, M, N) layer, got shape {data.shape}")
+            return
+        device = self.device.value
+        self.form.save()
+        if params.backbone != "filters":  # first torch/transformers import must not happen in a worker thread
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+
+        def work(progress):
+            from ..stain.features import make_backbone
+            from ..stain.nsc import nsc_channels
+
+            backbone = make_backbone(params.backbone, device=device, progress=progress)
+            return backbone.name, nsc_channels(planes, params=params, backbone=backbone, progress=progress)
+
+        self.runner.start(work, on_done=lambda res: self._show(layer, channels, params, *res),
+                          label=f"NSC masks of {layer.name}")
+
+    def _show(self, layer, channels, params: NSCParams, backbone: str, results) -> None:
+        for ch, res in zip(channels, results):
+            meta = provenance("stain.nsc", backbone=backbone, params=params.to_dict(), source=layer.name,
+                              channel=ch, cluster_means=[round(float(m), 4) for m in res.cluster_means])
+            upsert_layer(self.viewer, mask_layer_name(layer.name, ch), "labels", res.mask, metadata=meta,
+                         like=layer, opacity=0.5)
+        self.info.setText(f"Masks from {backbone} features (k={params.k}, r={params.r}, {params.foreground})")

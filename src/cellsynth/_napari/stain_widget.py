@@ -1,0 +1,202 @@
+"""Dock widget "Virtual staining": brightfield planes -> fluorescence channels (DiffStain)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, PushButton, SpinBox
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from superqt import QCollapsible
+
+from ..stain.params import SCHEDULERS, NSCParams, StainParams
+from ._layers import provenance, upsert_layer
+from ._params import ParamsForm
+from ._tasks import TaskRunner
+from .nsc_widget import image_layers
+
+__all__ = ["StainWidget", "stain_layer_name", "round_mask_name"]
+
+
+def stain_layer_name(channel: str) -> str:
+    """Name of the Image layer of a virtual channel."""
+    return f"virtual {channel}"
+
+
+def round_mask_name(channel: str, round_i: int) -> str:
+    """Name of the Labels layer of the guidance mask of a channel in a round (1-based)."""
+    return f"virtual {channel} mask (round {round_i})"
+
+
+def preload_torch_stack() -> None:
+    """Import torch and diffusers on the GUI thread.
+
+    Their first import pulls in torch._dynamo and triton, whose extension modules
+    crash when first loaded inside a Qt worker thread; importing them here, once,
+    before a worker starts avoids that.
+    """
+    import diffusers  # noqa: F401
+    import torch  # noqa: F401
+
+
+class StainWidget(QWidget):
+    """Virtual fluorescence channels from a brightfield layer with a staining model.
+
+    The input layer holds the brightfield planes as (B, M, N) (B as the model
+    expects; a 2-D layer is repeated into every plane). The model is the shipped
+    demo model unless a model folder is chosen. Output: one Image layer per
+    channel (names and colormaps from the model config, additive blending), and
+    optionally each guided round's NSC masks as Labels layers.
+    """
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.layer = ComboBox(label="brightfield", choices=self._layer_choices)
+        self.model = FileEdit(mode="d", label="model folder (empty: default demo)", value="")
+        self.scheduler = ComboBox(value="ddim", choices=list(SCHEDULERS), label="sampler")
+        from ..device import available_devices
+
+        self.device = ComboBox(value="auto", choices=available_devices(), label="device")
+        self.show_masks = CheckBox(value=False, text="show each round's masks")
+        self.form = ParamsForm(StainParams, key="stain", exclude=("scheduler",))
+        self.run_button = PushButton(text="Stain")
+        # training
+        self.train_data = FileEdit(mode="d", label="paired data folder")
+        self.train_out = FileEdit(mode="d", label="new model folder")
+        self.train_epochs = SpinBox(value=100, min=1, max=100000, label="epochs")
+        self.train_crop = SpinBox(value=64, min=16, max=1024, step=16, label="crop")
+        self.train_minutes = FloatSpinBox(value=0.0, min=0.0, max=1e6, label="time budget (min, 0: none)")
+        self.train_small = CheckBox(value=True, text="small model (as the demo model; fast on CPU)")
+        self.train_resume = CheckBox(value=False, text="resume the model folder's training")
+        self.train_button = PushButton(text="Train")
+        self.runner = TaskRunner()
+        self.info = QLabel("")
+        self.info.setWordWrap(True)
+        self._cache: dict = {}
+        box = QCollapsible("Sampling")
+        box.addWidget(self.form.native)
+        controls = Container(widgets=[self.layer, self.model, self.scheduler, self.device, self.show_masks,
+                                      self.run_button])
+        train_box = QCollapsible("Train a model")
+        train_box.addWidget(Container(widgets=[self.train_data, self.train_out, self.train_epochs, self.train_crop,
+                                               self.train_minutes, self.train_small, self.train_resume,
+                                               self.train_button]).native)
+        layout = QVBoxLayout(self)
+        layout.addWidget(controls.native)
+        layout.addWidget(box)
+        layout.addWidget(train_box)
+        layout.addWidget(self.info)
+        layout.addWidget(self.runner)
+        layout.addStretch(1)
+        self.run_button.changed.connect(self.run)
+        self.train_button.changed.connect(self.train)
+        self.runner.busy.connect(self._set_busy)
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+
+    def _layer_choices(self, _widget=None) -> list:
+        return [(layer.name, layer) for layer in image_layers(self.viewer)
+                if not layer.name.startswith("virtual ")]
+
+    def _refresh(self, event=None) -> None:
+        self.layer.reset_choices()
+
+    def model_path(self) -> str:
+        value = str(self.model.value or "").strip()
+        return "default" if value in ("", ".") else value
+
+    def _pipeline(self, path: str, device: str):
+        from ..stain.model import load_stain_model
+
+        key = (str(Path(path).resolve()) if path != "default" else path, device)
+        if key not in self._cache:
+            self._cache = {key: load_stain_model(path, device=device)}
+        return self._cache[key]
+
+    def run(self) -> None:
+        """Stain the chosen layer in a worker thread."""
+        self._refresh()
+        layer = self.layer.value
+        if layer is None or self.runner.running:
+            if layer is None:
+                show_error("Choose a brightfield image layer first")
+            return
+        try:
+            params = self.form.params(scheduler=self.scheduler.value)
+        except ValueError as exc:
+            self.runner.status.setText(f"Error: {exc}")
+            show_error(f"Staining parameters: {exc}")
+            return
+        data = np.asarray(layer.data, dtype=np.float32)
+        path, device = self.model_path(), self.device.value
+        self.form.save()
+        preload_torch_stack()
+
+        def work(progress):
+            pipe = self._pipeline(path, device)
+            planes = data
+            if planes.ndim == 2:
+                planes = np.repeat(planes[None], pipe.config.n_condition, axis=0)
+            return pipe, pipe(planes, params=params, nsc_params=NSCParams(), progress=progress)
+
+        self.runner.start(work, on_done=lambda res: self._show(layer, params, *res), label=f"Staining {layer.name}")
+
+    def _set_busy(self, busy: bool) -> None:
+        self.run_button.enabled = not busy
+        self.train_button.enabled = not busy
+
+    def train(self, steps_per_epoch: int = 0) -> None:
+        """Train a model on a paired-data folder in a worker thread; it becomes the widget's model."""
+        from ..stain.train import TrainConfig
+        from ..stain.train_demo import DEMO_MODEL
+
+        data, out = str(self.train_data.value or ""), str(self.train_out.value or "")
+        if data in ("", ".") or out in ("", "."):
+            show_error("Choose the paired data folder and a new model folder first")
+            return
+        if self.runner.running:
+            return
+        try:
+            cfg = TrainConfig(epochs=int(self.train_epochs.value), crop=int(self.train_crop.value),
+                              minutes=float(self.train_minutes.value), steps_per_epoch=steps_per_epoch,
+                              device=self.device.value, lr=3e-4 if self.train_small.value else 8e-5,
+                              model=dict(DEMO_MODEL) if self.train_small.value else {})
+        except ValueError as exc:
+            self.runner.status.setText(f"Error: {exc}")
+            return
+        resume = bool(self.train_resume.value)
+        preload_torch_stack()
+
+        def work(progress):
+            from ..stain.train import train_stain
+
+            return train_stain(data, out, config=cfg, resume=resume, progress=progress)
+
+        def done(res) -> None:
+            self.model.value = str(res.out)
+            self._cache = {}
+            self.info.setText(f"Trained {res.steps} steps ({len(res.losses)} epochs); last loss {res.losses[-1]:.4f}. "
+                              "The new model is selected.")
+            show_info(f"Model saved in {res.out}")
+
+        self.runner.start(work, on_done=done, label="Training")
+
+    def _show(self, layer, params: StainParams, pipe, out) -> None:
+        meta = provenance("stain.virtual", model=pipe.source, params=params.to_dict(), seed=params.seed,
+                          source=layer.name)
+        for i, (name, cmap) in enumerate(zip(out.channel_names, out.colormaps)):
+            upsert_layer(self.viewer, stain_layer_name(name), "image", out.images[i], metadata=meta, like=layer,
+                         colormap=cmap, blending="additive", contrast_limits=(0.0, 1.0))
+        if self.show_masks.value:
+            for r, masks in enumerate(out.masks, start=1):
+                for i, name in enumerate(out.channel_names):
+                    upsert_layer(self.viewer, round_mask_name(name, r), "labels", masks[i],
+                                 metadata=provenance("stain.guidance_mask", round=r, channel=name, source=layer.name),
+                                 like=layer, opacity=0.4, visible=False)
+        self.info.setText(f"{len(out.channel_names)} channels from model {pipe.source.get('name')} "
+                          f"({params.scheduler}, {out.model_evaluations} model steps"
+                          f"{', mask guidance' if params.guidance else ''})")
+
+

@@ -1,0 +1,152 @@
+"""Paired brightfield / fluorescence data in folders of TIFFs.
+
+Layout (one folder per field of view; order within a folder from the sorted file
+names; a leading ``<digits>_`` is dropped from a file name to give the channel
+name, so ``0_DNA.tif`` is channel "DNA" and comes before ``1_ER.tif``)::
+
+    DATA_DIR/
+      stain_pairs.json            optional: how the pairs were made
+      fov_0000/
+        brightfield/0_z-2.tif 1_z0.tif 2_z+2.tif     condition planes, each (M, N)
+        fluorescence/0_DNA.tif 1_ER.tif ...           target channels, each (M, N)
+      fov_0001/
+        ...
+
+Every field of view must hold the same plane and channel names and one image
+size per folder (sizes may differ between folders).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .. import io
+
+__all__ = ["StainDataset", "read_stain_dataset", "write_stain_pair", "channel_name"]
+
+_TIFF = (".tif", ".tiff")
+_PREFIX = re.compile(r"^\d+_")
+
+
+def channel_name(path: os.PathLike | str) -> str:
+    """Channel name of a file: its stem without a leading ``<digits>_``.
+
+    Examples
+    --------
+    >>> channel_name("fov_0000/fluorescence/3_AGP.tif"), channel_name("Mito.tiff")
+    ('AGP', 'Mito')
+    """
+    stem = Path(path).name
+    for ext in _TIFF:
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+    return _PREFIX.sub("", stem)
+
+
+def _tiffs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _TIFF)
+
+
+@dataclass(frozen=True)
+class StainDataset:
+    """A folder of paired fields of view.
+
+    Attributes
+    ----------
+    root : Path
+    fovs : list of Path
+        Field-of-view folders, sorted by name.
+    brightfield : tuple of str
+        Condition plane names, in order.
+    channels : tuple of str
+        Target channel names, in order.
+    """
+
+    root: Path
+    fovs: list
+    brightfield: tuple
+    channels: tuple
+
+    def __len__(self) -> int:
+        return len(self.fovs)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(brightfield (B, M, N), fluorescence (C, M, N))`` of field of view ``i``, float32."""
+        fov = self.fovs[i]
+        bf = [io.read_tiff(p)[0] for p in _tiffs(fov / "brightfield")]
+        fl = [io.read_tiff(p)[0] for p in _tiffs(fov / "fluorescence")]
+        shapes = {a.shape for a in bf + fl}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"{fov}: every plane and channel must be one 2-D image of one size, got {sorted(shapes)}")
+        return np.stack(bf).astype(np.float32), np.stack(fl).astype(np.float32)
+
+
+def read_stain_dataset(path: os.PathLike | str) -> StainDataset:
+    """Open a paired-data folder and check that its fields of view agree.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder does not exist.
+    ValueError
+        If it holds no field of view, or fields of view disagree on names.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such paired-data folder: {root}")
+    fovs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "brightfield").is_dir()
+                  and (p / "fluorescence").is_dir())
+    if not fovs:
+        raise ValueError(
+            f"{root} holds no field of view; expected sub-folders with 'brightfield/' and 'fluorescence/' "
+            "folders of TIFF files (see cellsynth.stain.data)"
+        )
+    names = None
+    for fov in fovs:
+        bf = tuple(channel_name(p) for p in _tiffs(fov / "brightfield"))
+        fl = tuple(channel_name(p) for p in _tiffs(fov / "fluorescence"))
+        if not bf or not fl:
+            raise ValueError(f"{fov}: 'brightfield/' and 'fluorescence/' must each hold at least one TIFF")
+        if names is None:
+            names = (bf, fl)
+        elif (bf, fl) != names:
+            raise ValueError(f"{fov} has planes {bf} and channels {fl}; {fovs[0].name} has {names[0]} and {names[1]}")
+    return StainDataset(root=root, fovs=fovs, brightfield=names[0], channels=names[1])
+
+
+def write_stain_pair(
+    folder: os.PathLike | str,
+    brightfield: np.ndarray,
+    fluorescence: np.ndarray,
+    *,
+    brightfield_names: Sequence[str],
+    channel_names: Sequence[str],
+    overwrite: bool = False,
+    pixel_size: Optional[float] = None,
+) -> Path:
+    """Write one field of view in the paired-data layout (``<i>_<name>.tif`` files).
+
+    Parameters
+    ----------
+    folder : path-like
+        The field-of-view folder to create.
+    brightfield : ndarray of shape (B, M, N)
+    fluorescence : ndarray of shape (C, M, N)
+        uint8, uint16 or float32.
+    """
+    folder = Path(folder)
+    bf, fl = np.asarray(brightfield), np.asarray(fluorescence)
+    if bf.ndim != 3 or fl.ndim != 3 or bf.shape[1:] != fl.shape[1:]:
+        raise ValueError(f"expected (B, M, N) and (C, M, N) of one size, got {bf.shape} and {fl.shape}")
+    if len(brightfield_names) != len(bf) or len(channel_names) != len(fl):
+        raise ValueError("one name per plane and per channel is needed")
+    for sub, data, names in (("brightfield", bf, brightfield_names), ("fluorescence", fl, channel_names)):
+        for i, (plane, name) in enumerate(zip(data, names)):
+            io.write_tiff(folder / sub / f"{i}_{name}.tif", plane, overwrite=overwrite, pixel_size=pixel_size)
+    return folder

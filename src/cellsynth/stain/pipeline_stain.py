@@ -1,0 +1,250 @@
+"""Virtual staining pipeline: brightfield -> fluorescence channels, with NSC mask guidance.
+
+Conditional pixel-space diffusion (DiffStain / Palette): at every step the UNet
+sees the brightfield planes concatenated with the current noisy channels. The
+whole image is denoised at once in overlapping tiles: at each step the model's
+output on every tile is blended (linear ramps over the overlaps) into one
+full-size prediction and the scheduler steps the full image, so tiles never
+disagree at a seam, and any image size works.
+
+Mask guidance (DiffStain eq. 2): the sampler starts at ``guidance_strength`` of
+the schedule from ``sqrt(abar_t) z + sqrt(1 - abar_t) eps``, where ``z`` is the
+NSC mask of each channel scaled into the model's target space (background and
+foreground levels from the model config, not 0/255). Without given masks, a
+first unguided pass produces channels whose NSC masks start the guided rounds;
+each further ``refine`` round recomputes the masks on the previous result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..progress import ProgressCallback, report
+from .params import NSCParams, StainParams
+from .tiling import blend_window, tile_origins
+
+__all__ = ["StainPipeline", "StainOutput"]
+
+
+@dataclass
+class StainOutput:
+    """Result of :class:`StainPipeline`.
+
+    Attributes
+    ----------
+    images : ndarray of shape (C, M, N), float32
+        Virtual channels as normalised intensity in [0, 1] (the model's 2-98
+        percentile scale).
+    channel_names, colormaps : list of str
+    masks : list of ndarray of shape (C, M, N), uint8
+        The masks that started each guided round (empty without guidance).
+    model_evaluations : int
+        UNet calls per tile, over all rounds.
+    """
+
+    images: np.ndarray
+    channel_names: list
+    colormaps: list
+    masks: list = field(default_factory=list)
+    model_evaluations: int = 0
+
+
+class StainPipeline:
+    """Brightfield planes -> fluorescence channels with a conditional ``UNet2DModel``.
+
+    Parameters
+    ----------
+    unet : diffusers.UNet2DModel
+        Input channels: condition planes then target channels.
+    config : StainModelConfig
+    source : dict, optional
+        Where the weights came from (provenance).
+    """
+
+    def __init__(self, unet, config, *, source: Optional[dict] = None, training: Optional[dict] = None) -> None:
+        self.unet = unet
+        self.config = config
+        self.source = dict(source or {"name": "in-memory"})
+        self.training = training
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.unet.parameters()).dtype
+
+    def make_scheduler(self, params: StainParams):
+        """A diffusers scheduler for ``params`` with its timesteps set."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        cfg = self.config.scheduler_config()
+        if params.scheduler == "ddim":
+            sched = DDIMScheduler(**cfg, set_alpha_to_one=False, timestep_spacing="trailing")
+            sched.set_timesteps(min(params.steps, self.config.num_train_timesteps))
+        else:
+            sched = DDPMScheduler(**cfg, variance_type="fixed_small")
+            sched.set_timesteps(self.config.num_train_timesteps)
+        return sched
+
+    def _check(self, brightfield) -> np.ndarray:
+        x = np.asarray(brightfield)
+        if x.ndim == 2 and self.config.n_condition == 1:
+            x = x[None]
+        if x.ndim != 3 or x.shape[0] != self.config.n_condition:
+            raise ValueError(
+                f"brightfield must have shape ({self.config.n_condition}, M, N) for planes "
+                f"{self.config.brightfield_names}, got {x.shape}"
+            )
+        if min(x.shape[1:]) < 1 or not np.issubdtype(x.dtype, np.number):
+            raise ValueError(f"brightfield must be a non-empty numeric array, got dtype {x.dtype}, shape {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("brightfield holds NaN or infinite values")
+        return x
+
+    def _mask_to_target(self, masks: np.ndarray):
+        import torch
+
+        levels = np.asarray(self.config.mask_levels, np.float32)
+        z = levels[:, 0, None, None] + masks.astype(np.float32) * (levels[:, 1] - levels[:, 0])[:, None, None]
+        return torch.from_numpy(z)
+
+    def _denoise(self, cond, start, t_start_index: int, sched, params: StainParams, generator, progress, round_i,
+                 rounds) -> "object":
+        """Run the scheduler from ``start`` (full padded image) with tiled model calls."""
+        import torch
+
+        tile = self.tile_size(params, cond.shape[-2:])
+        overlap = min(params.overlap, tile // 2)
+        origins = tile_origins(tuple(cond.shape[-2:]), tile, overlap)
+        window = torch.from_numpy(blend_window(tile, overlap if len(origins) > 1 else 0))
+        weight = torch.zeros(cond.shape[-2:])
+        for r, c in origins:
+            weight[r:r + tile, c:c + tile] += window
+        timesteps = sched.timesteps[t_start_index:]
+        y = start
+        dev, dt = self.device, self.dtype
+        for i, t in enumerate(timesteps):
+            out = torch.zeros_like(y)
+            for b in range(0, len(origins), params.batch_size):
+                chunk = origins[b:b + params.batch_size]
+                xin = torch.stack([torch.cat([cond[:, r:r + tile, c:c + tile], y[:, r:r + tile, c:c + tile]])
+                                   for r, c in chunk])
+                with torch.inference_mode():
+                    pred = self.unet(xin.to(dev, dt), t.to(dev)).sample.float().cpu()
+                for (r, c), p in zip(chunk, pred):
+                    out[:, r:r + tile, c:c + tile] += p * window
+            out /= weight
+            y = sched.step(out, t, y, generator=generator, **({"eta": params.eta} if params.scheduler == "ddim" else {})
+                           ).prev_sample
+            report(progress, "denoise", i + 1, len(timesteps), f"round {round_i + 1}/{rounds}: step {i + 1}/{len(timesteps)}")
+        return y, len(timesteps)
+
+    def tile_size(self, params: StainParams, shape) -> int:
+        tile = params.tile or self.config.sample_size
+        f = self.config.factor
+        tile = max(f, tile // f * f)
+        return min(tile, min(shape))
+
+    def __call__(
+        self,
+        brightfield: np.ndarray,
+        *,
+        params: Optional[StainParams] = None,
+        masks: Optional[np.ndarray] = None,
+        nsc_params: Optional[NSCParams] = None,
+        backbone=None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> StainOutput:
+        """Stain one field of view.
+
+        Parameters
+        ----------
+        brightfield : ndarray of shape (B, M, N)
+            Raw condition planes (B as in the model config; (M, N) for one plane).
+        params : StainParams, optional
+        masks : ndarray of shape (C, M, N), optional
+            Masks (0/1) that start the first guided round; by default NSC masks of
+            an unguided first pass.
+        nsc_params : NSCParams, optional
+            NSC settings for masks computed here (default: filter bank, k = 5).
+        backbone : optional
+            NSC backbone (default from ``nsc_params.backbone``).
+        progress : ProgressCallback, optional
+            One event per denoising step (stage ``"denoise"``) and per NSC field of
+            view (stage ``"nsc"``); may raise Cancelled.
+
+        Returns
+        -------
+        StainOutput
+        """
+        import torch
+
+        from .model import denormalise, normalise
+        from .nsc import nsc_channels
+
+        # 1. check inputs
+        params = params or StainParams()
+        if not isinstance(params, StainParams):
+            raise TypeError(f"params must be a StainParams, got {type(params).__name__}")
+        x = self._check(brightfield)
+        m, n = x.shape[1:]
+        cfg = self.config
+        if masks is not None:
+            masks = np.asarray(masks)
+            if masks.shape != (cfg.n_target, m, n):
+                raise ValueError(f"masks must have shape {(cfg.n_target, m, n)}, got {masks.shape}")
+            masks = (masks > 0).astype(np.uint8)
+
+        # 2. prepare: normalise, pad to a multiple of the UNet factor and at least one tile
+        cond = normalise(x, cfg.condition_norm)
+        f = cfg.factor
+        pm, pn = max(-m % f, f - m if m < f else 0), max(-n % f, f - n if n < f else 0)
+        if pm or pn:
+            mode = "reflect" if pm < m and pn < n else "edge"
+            cond = np.pad(cond, ((0, 0), (0, pm), (0, pn)), mode=mode)
+        cond_t = torch.from_numpy(np.ascontiguousarray(cond))
+        shape = (cfg.n_target,) + cond.shape[1:]
+        generator = torch.Generator().manual_seed(params.seed)
+        noise = torch.randn(shape, generator=generator)
+
+        def pad(a):
+            return np.pad(a, ((0, 0), (0, pm), (0, pn)), mode="edge") if (pm or pn) else a
+
+        # 3. set timesteps
+        sched = self.make_scheduler(params)
+        n_steps = len(sched.timesteps)
+        t_index = min(n_steps - 1, int(round(n_steps * (1.0 - params.guidance_strength))))
+
+        # 4. denoising rounds
+        rounds = (params.refine + (masks is None)) if params.guidance else 1
+        used_masks, evaluations, y = [], 0, None
+        nsc_params = nsc_params or NSCParams()
+        for round_i in range(rounds):
+            guided = params.guidance and (round_i > 0 or masks is not None)
+            if guided:
+                if round_i > 0 or masks is None:
+                    unit = denormalise(y[:, :m, :n].numpy(), cfg.target_norm)
+                    masks = np.stack([r.foreground for r in nsc_channels(
+                        unit, params=nsc_params, backbone=backbone, progress=progress)]).astype(np.uint8)
+                used_masks.append(masks)
+                z = self._mask_to_target(pad(masks))
+                t0 = sched.timesteps[t_index]
+                eps = torch.randn(shape, generator=generator)
+                start = sched.add_noise(z[None], eps[None], t0[None])[0]
+                sched = self.make_scheduler(params)
+                y, k = self._denoise(cond_t, start, t_index, sched, params, generator, progress, round_i, rounds)
+            else:
+                y, k = self._denoise(cond_t, noise * sched.init_noise_sigma, 0, sched, params, generator, progress,
+                                     round_i, rounds)
+                sched = self.make_scheduler(params)
+            evaluations += k
+
+        # 5. decode: model space -> [0, 1]
+        images = denormalise(y[:, :m, :n].numpy(), cfg.target_norm)
+        return StainOutput(images=images, channel_names=list(cfg.channel_names), colormaps=list(cfg.colormaps),
+                           masks=used_masks, model_evaluations=evaluations)

@@ -1,0 +1,158 @@
+"""The "Virtual staining" and "NSC masks" widgets driven as a person would."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+# torch._dynamo (imported by diffusers) loads triton's bundled LLVM; loading it after a viewer has made a
+# software OpenGL context (Mesa llvmpipe, as in headless test runs) crashes, so import it first.
+import diffusers  # noqa: E402, F401
+
+from cellsynth._napari.nsc_widget import NSCWidget, mask_layer_name  # noqa: E402
+from cellsynth._napari.stain_widget import StainWidget, round_mask_name, stain_layer_name  # noqa: E402
+from cellsynth.stain.model import StainModelConfig, build_unet, save_stain_model  # noqa: E402
+
+CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = StainModelConfig(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8, sample_size=16,
+                           num_train_timesteps=20, attention_head_dim=4, dropout=0.0,
+                           condition_norm={"low": [0.0] * 3, "high": [255.0] * 3, "mean": [0.5] * 3, "std": [0.3] * 3})
+    out = tmp_path_factory.mktemp("model")
+    save_stain_model(build_unet(cfg), cfg, out)
+    return out
+
+
+def _click(qtbot, widget, button, timeout=60000):
+    with qtbot.waitSignal(widget.runner.finished, timeout=timeout) as blocker:
+        button.native.click()
+    return blocker.args[0]
+
+
+def _brightfield(seed=0, shape=(32, 40)):
+    return np.random.default_rng(seed).integers(0, 255, (3,) + shape).astype(np.uint8)
+
+
+def test_stain_adds_one_layer_per_channel_then_updates_in_place(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    src = viewer.add_image(_brightfield(), name="bf", scale=(1, 0.5, 0.5), translate=(0, 3, 4))
+    w = StainWidget(viewer)
+    w.model.value = tiny_model
+    w.form.steps.value = 2
+    w.form.guidance.value = False
+    assert w.layer.value is src
+    assert _click(qtbot, w, w.run_button) == "done", w.runner.last_error
+    names = [stain_layer_name(c) for c in CHANNELS]
+    assert [l.name for l in viewer.layers] == ["bf"] + names
+    dna = viewer.layers[names[0]]
+    assert dna.data.shape == (32, 40) and dna.blending == "additive" and dna.colormap.name == "blue"
+    assert tuple(dna.scale) == (0.5, 0.5) and tuple(dna.translate) == (3, 4)
+    meta = dna.metadata["cellsynth"]
+    assert meta["operation"] == "stain.virtual" and meta["params"]["steps"] == 2 and "sha256" in meta["model"]
+    first = dna.data.copy()
+    w.form.seed.value = 5
+    assert _click(qtbot, w, w.run_button) == "done"
+    assert len(viewer.layers) == 6 and viewer.layers[names[0]] is dna
+    assert not np.array_equal(dna.data, first) and dna.metadata["cellsynth"]["seed"] == 5
+
+
+def test_stain_with_guidance_shows_round_masks(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    viewer.add_image(_brightfield(shape=(24, 24)), name="bf")
+    w = StainWidget(viewer)
+    w.model.value = tiny_model
+    w.form.steps.value = 2
+    w.form.guidance.value = True
+    w.form.guidance_strength.value = 0.5
+    w.show_masks.value = True
+    assert _click(qtbot, w, w.run_button) == "done", w.runner.last_error
+    mask = viewer.layers[round_mask_name("DNA", 1)]
+    assert mask.data.shape == (24, 24) and mask.metadata["cellsynth"]["round"] == 1
+    assert "mask guidance" in w.info.text()
+
+
+def test_stain_cancel_leaves_viewer_unchanged(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    viewer.add_image(_brightfield(shape=(64, 64)), name="bf")
+    w = StainWidget(viewer)
+    w.model.value = tiny_model
+    w.form.steps.value = 200
+    w.form.guidance.value = False
+    with qtbot.waitSignal(w.runner.finished, timeout=60000) as blocker:
+        w.run_button.native.click()
+        qtbot.waitUntil(lambda: w.runner.bar.value() >= 1, timeout=30000)
+        w.runner.cancel_button.click()
+    assert blocker.args[0] == "cancelled"
+    assert [l.name for l in viewer.layers] == ["bf"]
+
+
+def test_stain_errors_are_shown(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((2, 16, 16), np.float32), name="two planes")
+    w = StainWidget(viewer)
+    w.model.value = tiny_model
+    w.form.steps.value = 2
+    assert _click(qtbot, w, w.run_button) == "error"
+    assert "(3, M, N)" in w.runner.status.text() and len(viewer.layers) == 1
+
+
+def test_nsc_masks_per_channel_with_provenance(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    stack = np.full((2, 64, 64), 10.0, np.float32)
+    stack[0, 10:40, 10:40] = 200
+    stack[1, 30:60, 30:60] = 200
+    src = viewer.add_image(stack, name="cells", scale=(1, 2, 2))
+    w = NSCWidget(viewer)
+    w.form.k.value, w.form.r.value, w.form.fov.value = 2, 1, 64
+    assert w.layer.value is src
+    assert _click(qtbot, w, w.run_button) == "done", w.runner.last_error
+    m0, m1 = viewer.layers[mask_layer_name("cells", 0)], viewer.layers[mask_layer_name("cells", 1)]
+    assert m0.data[20, 20] == 1 and m0.data[50, 50] == 0 and m1.data[50, 50] == 1 and m1.data[20, 20] == 0
+    assert tuple(m0.scale) == (2, 2)
+    assert m0.metadata["cellsynth"]["backbone"] == "filters" and "filters" in w.info.text()
+    # one channel only, re-run updates in place
+    w.channel.value = 1
+    assert _click(qtbot, w, w.run_button) == "done"
+    assert viewer.layers[mask_layer_name("cells", 1)] is m1 and len(viewer.layers) == 3
+
+
+def test_nsc_bad_parameters_and_channel(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="img")
+    w = NSCWidget(viewer)
+    w.form.input_size.value = 100  # not a multiple of the patch size
+    w.run_button.native.click()
+    assert "multiple of patch" in w.runner.status.text() and len(viewer.layers) == 1
+    viewer.add_image(np.zeros((2, 32, 32), np.float32), name="stack")
+    w2 = NSCWidget(viewer)
+    w2.layer.value = viewer.layers["stack"]
+    w2.channel.value = 4
+    w2.run_button.native.click()
+    assert "channel 4" in w2.runner.status.text() and len(viewer.layers) == 2
+
+
+def test_train_from_the_widget_then_stain_with_it(make_napari_viewer, qtbot, tmp_path):
+    from cellsynth.stain.simulate import simulate_stain_pairs
+
+    data = simulate_stain_pairs(tmp_path / "pairs", 2, shape=(32, 32))
+    viewer = make_napari_viewer()
+    viewer.add_image(_brightfield(shape=(32, 32)), name="bf")
+    w = StainWidget(viewer)
+    w.train_data.value, w.train_out.value = data, tmp_path / "model"
+    w.train_epochs.value, w.train_crop.value = 1, 16
+    with qtbot.waitSignal(w.runner.finished, timeout=120000) as blocker:
+        w.train(steps_per_epoch=1)
+    assert blocker.args[0] == "done", w.runner.last_error
+    assert (tmp_path / "model" / "model.safetensors").is_file() and w.model_path() == str(tmp_path / "model")
+    assert "Trained 1 steps" in w.info.text()
