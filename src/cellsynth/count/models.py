@@ -127,9 +127,13 @@ class Counter:
 
 def _state_dict_from_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path} is not a readable safetensors weights file: {exc}") from exc
     import torch
 
     try:

@@ -149,8 +149,8 @@ def _render(layout, d: float, rng: np.random.Generator) -> np.ndarray:
     img *= np.clip(illum, 0.3, None)
     bg = rng.uniform(0.0, 0.35) * (1 + rng.uniform(-0.3, 0.3) * yy + rng.uniform(-0.3, 0.3) * xx)
     img += bg.astype(np.float32)
-    if rng.random() < 0.5:
-        img += rng.uniform(0.0, 0.08) * np.abs(_smooth_noise(rng, shape, rng.uniform(4, 32)))
+    if rng.random() < 0.5:  # faint, smooth background texture (uneven mounting medium, autofluorescence)
+        img += rng.uniform(0.0, 0.04) * (_smooth_noise(rng, shape, rng.uniform(8, 48)) + 2.0)
     # Noise: shot noise at a random photon budget + Gaussian read noise.
     photons = float(np.exp(rng.uniform(np.log(4), np.log(400))))
     img = rng.poisson(np.clip(img, 0, None) * photons).astype(np.float32) / photons

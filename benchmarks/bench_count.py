@@ -1,0 +1,69 @@
+"""Counting speed: a 2048x2048 image with the shipped default counter, batched tiles vs a per-tile loop.
+
+Prints
+- the time to count one 2048x2048 image (uint16, ~4000 cells) with
+  ``count_cells(image)`` at the default settings (256 px tiles, 32 px overlap,
+  batches of 8 tiles), best of ``--repeat`` runs (goal <= 5 s on 2 CPU cores);
+- the same with ``batch_size=1`` (one forward pass per tile) and the ratio
+  per-tile / batched, both measured in this run (alternating runs, best of each);
+- the count against the true number of cells.
+
+Run: ``python benchmarks/bench_count.py [--device cpu] [--size 2048] [--repeat 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from cellsynth.count import count_cells, load_counter
+from cellsynth.layouts import LayoutParams, generate_layout
+
+
+def _interleaved(fns, repeat: int):
+    """Best time of each function over ``repeat`` rounds, run alternately (fair on a busy machine)."""
+    best, outs = [float("inf")] * len(fns), [None] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best, outs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--model", default="default")
+    a = ap.parse_args()
+
+    import torch
+
+    n = a.size
+    params = LayoutParams(shape=(n, n), count_mean=4000 * (n / 2048) ** 2, count_std=0, count_max=100000,
+                          clusters=(20, 20), cluster_spread=0.25)
+    lay = generate_layout(params, rng=0)
+    image = (lay.image.astype(np.uint16) * 16)  # a 12-bit-like camera image
+    counter = load_counter(a.model, device=a.device)
+    count_cells(image[:512, :512], counter=counter)  # warm-up
+
+    (t_batched, t_loop), (res, res1) = _interleaved(
+        [lambda: count_cells(image, counter=counter), lambda: count_cells(image, counter=counter, batch_size=1)],
+        a.repeat,
+    )
+    print(f"device: {counter.device} ({torch.get_num_threads()} threads), model: {counter.name} ({counter.kind})")
+    print(f"image: {n}x{n} uint16, true cells: {lay.n_cells}")
+    print(f"count (batched): {res.count:.1f}  points: {len(res.points)}  "
+          f"relative error: {100 * (res.count - lay.n_cells) / lay.n_cells:+.2f}%")
+    print(f"time to count {n}x{n}, batched tiles (batch 8): {t_batched:.2f} s  (goal <= 5 s on 2 cores)")
+    print(f"time with a per-tile loop (batch 1):          {t_loop:.2f} s")
+    print(f"ratio per-tile loop / batched: {t_loop / t_batched:.2f}x")
+    assert abs(res.count - res1.count) < 1e-3 * max(1.0, res.count), "batching changed the result"
+
+
+if __name__ == "__main__":
+    main()

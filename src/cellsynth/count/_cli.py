@@ -1,0 +1,198 @@
+"""``cellsynth count``, ``cellsynth train-counter`` and ``cellsynth evaluate-counter``.
+
+:func:`register` adds the three subcommands to an argparse subparsers object;
+each sets ``func`` to a callable ``(args) -> int``. Results go to stdout
+(one JSON object with ``--json``), progress bars to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["register"]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _diameter(text: str):
+    return "auto" if text == "auto" else _positive_float(text)
+
+
+def register(subparsers) -> None:
+    """Add ``count``, ``train-counter`` and ``evaluate-counter`` to ``subparsers``."""
+    p = subparsers.add_parser("count", help="count cells in an image", description="Count cells in an image and print the count.")
+    p.add_argument("image", help="image file (TIFF, PNG, JPEG); stacks are counted plane by plane")
+    p.add_argument("--model", default="default", help="'default', 'classic' or a model folder/file (default: default)")
+    p.add_argument("--diameter", type=_diameter, default=None,
+                   help="cell diameter in pixels, or 'auto' to estimate it (default: the model's training scale)")
+    p.add_argument("--channel", type=int, default=None, help="channel of a multichannel image (default: max over channels)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default tile/8; 0: non-overlapping windows)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="write the points to this CSV (row, col[, plane], score)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--json", action="store_true", help="print one JSON object with count and points")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_count)
+
+    t = subparsers.add_parser("train-counter", help="train a cell counter",
+                              description="Train a density or regression counter with one of the paper's strategies.")
+    t.add_argument("train", nargs="?", default=None,
+                   help="labelled images: dataset folder (manifest.json) or folder of images with points CSVs / label images")
+    t.add_argument("--out", required=True, help="output folder (model.safetensors, config.json, checkpoint/)")
+    t.add_argument("--synthetic", default=None, help="labelled synthetic dataset (finetune, dual, cutmix, dacs)")
+    t.add_argument("--unlabelled", default=None, help="folder of unlabelled real images (dacs)")
+    t.add_argument("--val", default=None, help="validation set (default: --val-fraction of the training images)")
+    t.add_argument("--strategy", default="supervised", choices=["supervised", "finetune", "dual", "cutmix", "dacs"])
+    t.add_argument("--kind", default="density", choices=["density", "regression"])
+    t.add_argument("--init", default=None, help="start from this counter ('default' or a model path)")
+    t.add_argument("--backbone", default="efficientnet_b0")
+    t.add_argument("--epochs", type=int, default=50)
+    t.add_argument("--pretrain-epochs", type=int, default=0, help="finetune: epochs on --synthetic first")
+    t.add_argument("--steps-per-epoch", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--crop", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--lr-step", type=int, default=10, help="decay the learning rate x0.1 every N epochs (0: never)")
+    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--cutmix-p", type=float, default=0.5)
+    t.add_argument("--cutmix-alpha", type=float, default=1.0)
+    t.add_argument("--diameter", type=_positive_float, default=None, help="cell diameter of the training images in pixels")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    t.add_argument("--json", action="store_true", help="print the history and best epoch as JSON")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_train)
+
+    e = subparsers.add_parser("evaluate-counter", help="evaluate a counter on annotated images",
+                              description="Count annotated images and print MAE, RMSE, ACP@5%% and ACP@10%%.")
+    e.add_argument("dataset", help="dataset folder (manifest.json) or folder of annotated images")
+    e.add_argument("--model", default="default", help="'default', 'classic' or a model path")
+    e.add_argument("--diameter", type=_diameter, default=None, help="cell diameter of the images in pixels")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--tile", type=int, default=256)
+    e.add_argument("--overlap", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="print one JSON object (metrics and per-image counts)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_evaluate)
+
+
+def _progress(args):
+    from ..progress import tqdm_callback
+
+    return tqdm_callback(disable=bool(getattr(args, "quiet", False)))
+
+
+def _count(args) -> int:
+    from .. import io
+    from . import count_cells
+    from .data import read_image
+
+    image = read_image(args.image)
+    cb, close = _progress(args)
+    try:
+        res = count_cells(image, model=args.model, diameter=args.diameter, channel=args.channel, device=args.device,
+                          tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, progress=cb)
+    finally:
+        close()
+    if args.out:
+        io.write_points_csv(args.out, res.points, features={"score": res.scores}, overwrite=args.overwrite)
+    if args.json:
+        doc = {
+            "count": res.count,
+            "points": np.round(res.points, 3).tolist(),
+            "scores": np.round(res.scores, 4).tolist(),
+            "per_plane": res.per_plane.ravel().tolist(),
+            "kind": res.meta.get("kind"),
+            "model": res.meta.get("model"),
+            "meta": res.meta,
+        }
+        if res.windows:
+            doc["windows"] = [list(w) for w in res.windows]
+        print(json.dumps(doc, default=_jsonable))
+    else:
+        label = " (sum of window counts, no positions)" if res.meta.get("kind") == "regression" else ""
+        print(f"{res.count:.2f}{label}" if res.meta.get("kind") != "classic" else f"{int(res.count)}")
+    return 0
+
+
+def _train(args) -> int:
+    from . import TrainConfig, train_counter
+
+    cfg = TrainConfig(
+        kind=args.kind, strategy=args.strategy, backbone=args.backbone, epochs=args.epochs,
+        pretrain_epochs=args.pretrain_epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        crop=args.crop, lr=args.lr, lr_step=args.lr_step, val_fraction=args.val_fraction,
+        cutmix_p=args.cutmix_p, cutmix_alpha=args.cutmix_alpha, seed=args.seed,
+    )
+    if args.train is None and args.synthetic is None:
+        raise ValueError("give labelled training images (TRAIN) and/or --synthetic")
+    for name in ("train", "synthetic", "unlabelled", "val"):
+        v = getattr(args, name)
+        if v is not None and not Path(v).exists():
+            raise FileNotFoundError(f"--{name} path does not exist: {v}" if name != "train" else f"no such training data: {v}")
+    cb, close = _progress(args)
+    try:
+        res = train_counter(args.train, synthetic=args.synthetic, unlabelled=args.unlabelled, val=args.val,
+                            out=args.out, config=cfg, init=args.init, data_diameter=args.diameter,
+                            device=args.device, resume=args.resume, progress=cb)
+    finally:
+        close()
+    if args.json:
+        print(json.dumps({"out": str(args.out), "best": res.best, "history": res.history}, default=_jsonable))
+    else:
+        for r in res.history:
+            line = f"epoch {r['epoch']}: loss {r['loss']:.4f}"
+            if "val_mae" in r:
+                line += (f"  val MAE {r['val_mae']:.2f}  RMSE {r['val_rmse']:.2f}  "
+                         f"ACP@5% {100 * r['val_acp5']:.1f}  ACP@10% {100 * r['val_acp10']:.1f}")
+            print(line)
+        print(f"saved to {args.out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from . import evaluate_counter
+
+    cb, close = _progress(args)
+    try:
+        m = evaluate_counter(args.dataset, model=args.model, device=args.device,
+                             diameter=args.diameter,
+                             tile=args.tile, overlap=args.overlap, progress=cb)
+    finally:
+        close()
+    if args.json:
+        print(json.dumps(m, default=_jsonable))
+    else:
+        print(f"images {m['n']}")
+        print(f"MAE {m['mae']:.3f}")
+        print(f"RMSE {m['rmse']:.3f}")
+        print(f"ACP@5% {100 * m['acp5']:.1f}")
+        print(f"ACP@10% {100 * m['acp10']:.1f}")
+    return 0
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+

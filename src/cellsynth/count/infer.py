@@ -1,0 +1,460 @@
+"""Counting cells in images of any size: tiling, blending, peaks -> points, stacks.
+
+Density counters run on overlapping tiles whose predictions are blended with
+weights that fall off quadratically towards each tile's edge, where the network
+lacks context (normalised by the summed weights), so a cell on a seam is predicted by every tile that sees it and its
+mass is averaged, never added twice. The image is mirrored by ``overlap``
+pixels on every side first, so cells at the image border get full context too.
+With ``overlap=0`` (and always for regression counters) the image is cut into
+non-overlapping windows, the last ones padded with background, and the window
+counts are summed: the InST-Microscopy paper's evaluation.
+
+torch is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from ..progress import ProgressCallback, report
+from .classic import ClassicParams, classic_peaks, estimate_diameter
+from .models import Counter, load_counter
+from .preprocess import normalize_image, rescale_plane, split_planes
+
+__all__ = ["CountResult", "count_cells", "density_peaks", "tile_starts"]
+
+
+@dataclass
+class CountResult:
+    """What :func:`count_cells` returns.
+
+    Attributes
+    ----------
+    count : float
+        Total count: the density sum (density), the number of points (classic) or
+        the sum of window counts (regression), over all planes.
+    points : ndarray of shape (K, 2) or (K, 2 + S)
+        Cell positions ``(row, col)``, with the stack coordinates first for stacks
+        (``(plane, row, col)`` for a 3D stack). Empty for regression counters.
+    scores : ndarray of shape (K,)
+        Confidence per point: the peak height relative to a lone cell's (density),
+        the LoG response (classic).
+    density : ndarray or None
+        Density map (cells per pixel) of the input's planes, shape ``stack + (M, N)``;
+        None for classic and regression counters.
+    windows : list of tuple
+        Regression only: ``(row0, col0, rows, cols, count)`` per window in input
+        pixels, prefixed by the plane index for stacks.
+    per_plane : ndarray of shape stack (``(1,)`` for a 2D image)
+        Count of each plane.
+    meta : dict
+        Provenance: operation, model name, kind, weights hash, parameters, version.
+    """
+
+    count: float
+    points: np.ndarray
+    scores: np.ndarray
+    density: Optional[np.ndarray]
+    windows: list = field(default_factory=list)
+    per_plane: np.ndarray = field(default_factory=lambda: np.zeros(1))
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_points(self) -> int:
+        return int(len(self.points))
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap`` shared pixels.
+
+    The last tile ends exactly at ``length``; ``length <= tile`` gives one tile.
+
+    Examples
+    --------
+    >>> tile_starts(600, 256, 32)
+    [0, 224, 344]
+    >>> tile_starts(100, 256, 32)
+    [0]
+    """
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    n = int(np.ceil((length - tile) / step)) + 1
+    starts = [i * step for i in range(n - 1)] + [length - tile]
+    return sorted(set(starts))
+
+
+def _blend_window(tile: int, overlap: int) -> np.ndarray:
+    if overlap <= 0:
+        return np.ones((tile, tile), np.float32)
+    i = np.arange(tile, dtype=np.float32) + 0.5
+    ramp = np.clip(np.minimum(i, tile - i) / overlap, 1e-3, 1.0) ** 2
+    return np.outer(ramp, ramp).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _lone_peak(sigma: float) -> float:
+    from .targets import density_target
+
+    c = int(np.ceil(4 * sigma)) + 2
+    return float(density_target([[c, c]], (2 * c + 1, 2 * c + 1), sigma=sigma).max())
+
+
+def density_peaks(
+    density: np.ndarray, *, min_distance: float, sigma: float = 2.5, threshold: float = 0.3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cell positions as local maxima of a density map, refined to sub-pixel.
+
+    Parameters
+    ----------
+    density : ndarray of shape (M, N)
+        Cells per pixel.
+    min_distance : float
+        Minimum distance between two peaks in pixels.
+    sigma : float
+        Width of one cell's density in pixels (sets a lone cell's peak height).
+    threshold : float
+        Minimum peak height as a fraction of a lone cell's peak height.
+
+    Returns
+    -------
+    points : ndarray of shape (K, 2)
+        ``(row, col)``, refined by the intensity centroid of the 3x3 neighbourhood.
+    scores : ndarray of shape (K,)
+        Peak heights relative to a lone cell's.
+
+    Examples
+    --------
+    >>> from cellsynth.count.targets import density_target
+    >>> d = density_target([[10, 12], [30, 40]], (48, 64), sigma=2.5)
+    >>> pts, scores = density_peaks(d, min_distance=4)
+    >>> np.round(pts, 2).tolist(), np.round(scores, 2).tolist()
+    ([[10.0, 12.0], [30.0, 40.0]], [1.0, 1.0])
+    """
+    from skimage.feature import peak_local_max
+
+    d = np.asarray(density, np.float32)
+    lone = _lone_peak(float(sigma))
+    pts = peak_local_max(
+        d, min_distance=max(1, int(round(min_distance))), threshold_abs=threshold * lone, exclude_border=False
+    ).reshape(-1, 2)
+    if len(pts) == 0:
+        return np.zeros((0, 2)), np.zeros(0)
+    scores = d[pts[:, 0], pts[:, 1]] / lone
+    pad = np.pad(d, 1, mode="constant")
+    off = np.arange(-1, 2)
+    win = np.stack([pad[pts[:, 0] + 1 + dr, pts[:, 1] + 1 + dc] for dr in off for dc in off], axis=1)
+    win = np.clip(win, 0, None)
+    w = win.sum(axis=1, keepdims=True)
+    w[w == 0] = 1
+    dr = (win * np.repeat(off, 3)[None]).sum(axis=1) / w[:, 0]
+    dc = (win * np.tile(off, 3)[None]).sum(axis=1) / w[:, 0]
+    refined = np.stack([pts[:, 0] + dr, pts[:, 1] + dc], axis=1)
+    return refined.astype(float), scores.astype(float)
+
+
+def _run_batches(counter: Counter, tiles: list[np.ndarray], batch_size: int, progress, done: list, total: int):
+    import torch
+
+    net = counter.net
+    outs = []
+    for i in range(0, len(tiles), batch_size):
+        batch = np.stack(tiles[i:i + batch_size])[:, None]
+        x = torch.from_numpy(batch).to(device=counter.device, dtype=counter.dtype)
+        if counter.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = net(x)
+        outs.append(y.float().cpu().numpy())
+        done[0] += len(batch)
+        report(progress, "tiles", done[0], total)
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0,))
+
+
+def _pad_to(x: np.ndarray, rows: int, cols: int, value: float = 0.0) -> np.ndarray:
+    return np.pad(x, ((0, rows - x.shape[0]), (0, cols - x.shape[1])), mode="constant", constant_values=value)
+
+
+def _plane_tiles(plane: np.ndarray, tile: int, overlap: int, multiple: int):
+    """Tiles of one (normalised, rescaled) plane and where they go."""
+    if overlap > 0:
+        m = overlap
+        padded = np.pad(plane, m, mode="symmetric")
+    else:
+        m = 0
+        padded = plane
+    rows, cols = padded.shape
+    t_r = tile if rows >= tile else int(np.ceil(rows / multiple) * multiple)
+    t_c = tile if cols >= tile else int(np.ceil(cols / multiple) * multiple)
+    if overlap > 0:
+        rs, cs = tile_starts(rows, t_r, overlap), tile_starts(cols, t_c, overlap)
+        padded = _pad_to(padded, max(rows, t_r), max(cols, t_c))
+    else:
+        rs = list(range(0, rows, t_r))
+        cs = list(range(0, cols, t_c))
+        padded = _pad_to(padded, rs[-1] + t_r, cs[-1] + t_c)
+    boxes = [(r, c) for r in rs for c in cs]
+    tiles = [padded[r:r + t_r, c:c + t_c] for r, c in boxes]
+    return tiles, boxes, (t_r, t_c), m, padded.shape
+
+
+def _density_plane(counter, plane, *, tile, overlap, batch_size, progress, done, total):
+    stride = int(getattr(counter.net, "stride", 16))
+    tiles, boxes, (t_r, t_c), m, pshape = _plane_tiles(plane, tile, overlap, stride)
+    preds = _run_batches(counter, tiles, batch_size, progress, done, total)[:, 0]
+    scale = float(counter.config.get("density_scale", 1.0))
+    acc = np.zeros(pshape, np.float32)
+    wsum = np.zeros(pshape, np.float32)
+    win = _blend_window(t_r, overlap) if t_r == t_c else np.outer(
+        _blend_window(t_r, overlap)[:, t_r // 2], _blend_window(t_c, overlap)[t_c // 2]
+    )
+    for (r, c), p in zip(boxes, preds):
+        acc[r:r + t_r, c:c + t_c] += p * win
+        wsum[r:r + t_r, c:c + t_c] += win
+    dens = acc / np.maximum(wsum, 1e-12) / scale
+    return dens[m:m + plane.shape[0], m:m + plane.shape[1]]
+
+
+def _regression_plane(counter, plane, *, window, batch_size, progress, done, total):
+    tiles, boxes, (t_r, t_c), _, _ = _plane_tiles(plane, window, 0, 32)
+    preds = _run_batches(counter, tiles, batch_size, progress, done, total)
+    out = []
+    for (r, c), p in zip(boxes, preds):
+        rows = min(t_r, plane.shape[0] - r)
+        cols = min(t_c, plane.shape[1] - c)
+        out.append((r, c, rows, cols, float(p)))
+    return out
+
+
+def _n_tiles(shape, kind, tile, overlap) -> int:
+    rows, cols = shape
+    if kind == "density" and overlap > 0:
+        rows, cols = rows + 2 * overlap, cols + 2 * overlap
+        return len(tile_starts(rows, min(tile, rows), overlap)) * len(tile_starts(cols, min(tile, cols), overlap))
+    return int(np.ceil(rows / tile) * np.ceil(cols / tile))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(model: str, device: str, stamp: tuple) -> Counter:
+    return load_counter(model, device=device)
+
+
+def _cached_counter(model: str, device: str) -> Counter:
+    """Load a counter once per (name, device, weights file state): retraining in place reloads."""
+    from pathlib import Path
+
+    from ..weights import resources_dir
+
+    p = resources_dir() / "models" / "counter-default" if model == "default" else Path(model)
+    w = p / "model.safetensors" if p.is_dir() else p
+    stamp = (w.stat().st_mtime_ns, w.stat().st_size) if w.is_file() else ()
+    return _cached(model, device, stamp)
+
+
+def count_cells(
+    image: np.ndarray,
+    *,
+    counter: Optional[Counter] = None,
+    model: Union[str, Any] = "default",
+    diameter: Union[float, str, None] = None,
+    channel: Optional[int] = None,
+    channel_axis: Optional[int] = None,
+    device: Any = "auto",
+    tile: int = 256,
+    overlap: Optional[int] = None,
+    batch_size: int = 8,
+    progress: Optional[ProgressCallback] = None,
+) -> CountResult:
+    """Count cells in a 2D image, a multichannel image or a stack of planes.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(M, N)`` of any size (also smaller than a tile), uint8/uint16/float;
+        ``(M, N, C)`` with ``C <= 4``; or a stack ``(..., M, N)`` (3D, time),
+        counted plane by plane. See :func:`~cellsynth.count.preprocess.split_planes`.
+    counter : Counter, optional
+        A loaded counter (see :func:`load_counter`); overrides ``model``.
+    model : str or path
+        ``"default"``, ``"classic"`` or a model path, used when ``counter`` is None.
+    diameter : float, "auto" or None
+        Typical cell diameter in pixels. The image is rescaled so that cells
+        match the counter's training scale (:attr:`Counter.diameter`); points and
+        density are mapped back. ``"auto"`` estimates it with
+        :func:`estimate_diameter`. None: no rescaling (the classic counter then
+        estimates the diameter).
+    channel, channel_axis : int, optional
+        Channel to count in a multichannel image (default: max over channels).
+    device : str or torch.device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``; used when ``counter`` is None.
+    tile : int
+        Tile (window) side in pixels at the model scale; a multiple of 32, >= 64.
+    overlap : int, optional
+        Density counters: overlap of neighbouring tiles and mirrored margin in
+        pixels (default ``tile // 8``); 0 gives non-overlapping windows summed.
+        Ignored by regression (always non-overlapping windows) and classic counters.
+    batch_size : int
+        Tiles per forward pass.
+    progress : ProgressCallback, optional
+        Called once per batch of tiles (stage ``"tiles"``), or per plane for the
+        classic counter (stage ``"planes"``); may raise ``Cancelled``.
+
+    Returns
+    -------
+    CountResult
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad image shape or dtype, bad channel, bad tile/overlap/diameter.
+
+    Examples
+    --------
+    >>> from skimage.draw import disk
+    >>> img = np.zeros((60, 90), np.uint8)
+    >>> for c in (15, 45, 75):
+    ...     img[disk((30, c), 6)] = 200
+    >>> res = count_cells(img, model="classic", diameter=12)
+    >>> res.count, res.points.shape
+    (3.0, (3, 2))
+    >>> count_cells(np.zeros((8, 9)), model="classic", tile=100)
+    Traceback (most recent call last):
+    ...
+    ValueError: tile must be a multiple of 32 and at least 64, got 100
+    """
+    from .. import __version__
+
+    # 1. check inputs
+    arr = np.asarray(image)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(f"image must be a numeric array, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise TypeError("image must be real-valued, got a complex array")
+    if arr.ndim > 5:
+        raise ValueError(f"image has {arr.ndim} dimensions (shape {arr.shape}); expected 2 to 5")
+    if int(tile) != tile or tile < 64 or tile % 32:
+        raise ValueError(f"tile must be a multiple of 32 and at least 64, got {tile!r}")
+    tile = int(tile)
+    if overlap is None:
+        overlap = tile // 8
+    if int(overlap) != overlap or not 0 <= overlap <= tile // 2:
+        raise ValueError(f"overlap must be an integer in [0, tile/2 = {tile // 2}], got {overlap!r}")
+    overlap = int(overlap)
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    planes, lead = split_planes(arr, channel=channel, channel_axis=channel_axis)
+    if min(planes.shape[1:]) < 2:
+        raise ValueError(f"image planes must be at least 2x2 pixels, got {planes.shape[1:]}")
+    if isinstance(diameter, str):
+        if diameter != "auto":
+            raise ValueError(f"diameter must be a number of pixels, 'auto' or None, got {diameter!r}")
+        diameter = estimate_diameter(arr, channel=channel, channel_axis=channel_axis)
+    elif diameter is not None:
+        if not (np.isscalar(diameter) and np.isfinite(diameter) and diameter > 0):
+            raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
+        diameter = float(diameter)
+
+    # 2. prepare the counter
+    if counter is None:
+        counter = _cached_counter(str(model), str(device)) if isinstance(model, str) else load_counter(model, device=device)
+    elif not isinstance(counter, Counter):
+        raise TypeError(f"counter must be a Counter from load_counter, got {type(counter).__name__}")
+    kind = counter.kind
+    norm = counter.config.get("normalize", {})
+    factor = 1.0 if (diameter is None or kind == "classic") else counter.diameter / diameter
+
+    # 3. count plane by plane
+    all_pts, all_scores, dens_out, windows, per_plane = [], [], [], [], []
+    n_planes = len(planes)
+    total = 0
+    if kind != "classic":
+        work_shape = [max(1, int(round(s * factor))) for s in planes.shape[1:]]
+        t_eff = counter.config.get("window", tile) if kind == "regression" else tile
+        total = n_planes * _n_tiles(work_shape, kind, int(t_eff), overlap)
+    done = [0]
+    for p, raw in enumerate(planes):
+        plane = normalize_image(raw, low=norm.get("low", 1.0), high=norm.get("high", 99.8))
+        if kind == "classic":
+            d_used = diameter if diameter is not None else _safe_estimate(plane, counter.diameter)
+            cp = dict(counter.config.get("classic", {}))
+            cp["diameter"] = d_used
+            pts, sc = classic_peaks(plane, ClassicParams(**cp))
+            per_plane.append(float(len(pts)))
+            report(progress, "planes", p + 1, n_planes)
+        else:
+            import torch
+
+            work = rescale_plane(plane, factor)
+            with torch.inference_mode():
+                if kind == "density":
+                    dens = _density_plane(counter, work, tile=tile, overlap=overlap, batch_size=batch_size,
+                                          progress=progress, done=done, total=total)
+                else:
+                    wins = _regression_plane(counter, work, window=int(counter.config.get("window", tile)),
+                                             batch_size=batch_size, progress=progress, done=done, total=total)
+            if kind == "density":
+                # At the model scale cells are about counter.diameter wide.
+                pts, sc = density_peaks(dens, min_distance=0.3 * counter.diameter,
+                                        sigma=float(counter.config.get("sigma", 2.5)),
+                                        threshold=float(counter.config.get("peak_threshold", 0.3)))
+                total_p = float(dens.sum(dtype=np.float64))
+                per_plane.append(total_p)
+                if factor != 1.0:
+                    pts = (pts + 0.5) / factor - 0.5
+                    back = rescale_plane(dens, 1.0 / factor)
+                    back = _pad_to(back[: raw.shape[0], : raw.shape[1]], raw.shape[0], raw.shape[1])
+                    s = float(back.sum(dtype=np.float64))
+                    dens = back * (total_p / s) if s > 0 else back
+                dens_out.append(dens.astype(np.float32))
+            else:
+                pts, sc = np.zeros((0, 2)), np.zeros(0)
+                per_plane.append(float(sum(w[-1] for w in wins)))
+                for r0, c0, nr, nc, v in wins:
+                    box = (int(round(r0 / factor)), int(round(c0 / factor)),
+                           int(round(nr / factor)), int(round(nc / factor)), v)
+                    windows.append(box if not lead else (p,) + box)
+        if lead:
+            coords = np.array(np.unravel_index(p, lead), dtype=float)
+            pts = np.concatenate([np.broadcast_to(coords, (len(pts), len(lead))), pts.reshape(-1, 2)], axis=1)
+        all_pts.append(pts.reshape(-1, 2 + len(lead)))
+        all_scores.append(np.asarray(sc, float))
+
+    # 4. assemble
+    points = np.concatenate(all_pts, axis=0)
+    per = np.array(per_plane, dtype=float).reshape(lead if lead else (1,))
+    density = None
+    if dens_out:
+        density = np.stack(dens_out).reshape(lead + dens_out[0].shape) if lead else dens_out[0]
+    meta = {
+        "operation": "count",
+        **counter.describe(),
+        "diameter_used": diameter,
+        "scale_factor": factor,
+        "tile": tile,
+        "overlap": overlap if kind == "density" else 0,
+        "channel": channel,
+        "device": str(counter.device) if counter.device is not None else "cpu",
+        "n_planes": n_planes,
+        "cellsynth_version": __version__,
+    }
+    if kind == "regression":
+        meta["note"] = "regression counter: counts per window, no cell positions"
+    return CountResult(
+        count=float(per.sum()),
+        points=points,
+        scores=np.concatenate(all_scores) if all_scores else np.zeros(0),
+        density=density,
+        windows=windows,
+        per_plane=per,
+        meta=meta,
+    )
+
+
+def _safe_estimate(plane: np.ndarray, fallback: float) -> float:
+    try:
+        return estimate_diameter(plane)
+    except ValueError:
+        return float(fallback)

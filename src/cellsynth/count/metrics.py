@@ -1,0 +1,99 @@
+"""Counting metrics and evaluation of a counter on annotated images."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from ..progress import ProgressCallback, report
+from .data import CountItem, load_count_data
+from .models import Counter, load_counter
+
+__all__ = ["count_metrics", "evaluate_counter"]
+
+
+def count_metrics(predicted, true) -> dict:
+    """MAE, RMSE and ACP@5% / ACP@10% of predicted against true counts.
+
+    ACP@p is the share of images whose rounded predicted count is within
+    ``p * true`` of the true count.
+
+    Examples
+    --------
+    >>> m = count_metrics([10.2, 19.0, 33.0], [10, 20, 30])
+    >>> round(m["mae"], 3), m["acp5"], round(m["acp10"], 3)
+    (1.4, 0.6666666666666666, 1.0)
+    """
+    p = np.asarray(predicted, dtype=float).ravel()
+    t = np.asarray(true, dtype=float).ravel()
+    if p.shape != t.shape or p.size == 0:
+        raise ValueError(f"need the same non-zero number of predicted and true counts, got {p.size} and {t.size}")
+    err = p - t
+    rel = np.abs(np.round(p) - t)
+    return {
+        "mae": float(np.abs(err).mean()),
+        "rmse": float(np.sqrt((err ** 2).mean())),
+        "acp5": float((rel <= 0.05 * t).mean()),
+        "acp10": float((rel <= 0.10 * t).mean()),
+        "mean_rel_error": float((np.abs(err) / np.maximum(t, 1)).mean()),
+        "n": int(p.size),
+    }
+
+
+def _as_items(source, *, factor=1.0, unlabelled=False) -> list[CountItem]:
+    if source is None:
+        return []
+    if isinstance(source, list) and source and all(isinstance(x, CountItem) for x in source):
+        return source
+    return load_count_data(source, factor=factor, unlabelled=unlabelled)
+
+
+def evaluate_counter(
+    dataset: Any,
+    *,
+    model: Any = "default",
+    device: Any = "auto",
+    diameter: Any = None,
+    tile: int = 256,
+    overlap: Optional[int] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> dict:
+    """Count every annotated image of a dataset and compare with the annotations.
+
+    Parameters
+    ----------
+    dataset : path or sequence
+        Anything :func:`~cellsynth.count.data.load_count_data` reads.
+    model : str, path or Counter
+        Counter to evaluate (see :func:`load_counter`).
+    device : str
+    diameter : float or "auto", optional
+        Cell diameter of the dataset's images in pixels (rescales them to the
+        counter's scale); ``"auto"`` estimates it per image.
+    tile, overlap : int
+        Tiling (see :func:`count_cells`).
+    progress : ProgressCallback, optional
+        Called once per image (stage ``"evaluate"``); may raise ``Cancelled``.
+
+    Returns
+    -------
+    dict
+        :func:`count_metrics` plus ``predicted`` and ``true`` lists.
+    """
+    from .infer import count_cells
+
+    counter = load_counter(model, device=device) if not isinstance(model, Counter) else model
+    items = _as_items(dataset)
+    items = [it for it in items if it.centres is not None]
+    if not items:
+        raise ValueError("the evaluation set holds no annotated images")
+    pred, true = [], []
+    for i, it in enumerate(items):
+        res = count_cells(it.image, counter=counter, diameter=diameter, tile=tile, overlap=overlap)
+        pred.append(res.count)
+        true.append(len(it.centres))
+        report(progress, "evaluate", i + 1, len(items))
+    out = count_metrics(pred, true)
+    out.update(predicted=[float(v) for v in pred], true=[int(v) for v in true])
+    return out

@@ -1,0 +1,469 @@
+"""Training and evaluating counters: the paper's strategies, metrics, checkpoints, resume.
+
+Strategies (from the InST-Microscopy paper's counting experiments):
+
+``supervised``
+    Batches from the labelled training images only.
+``finetune``
+    ``pretrain_epochs`` epochs on the synthetic images, then all layers on the
+    labelled (real) images. Starting from a trained counter (``init``) with
+    ``pretrain_epochs=0`` fine-tunes that counter.
+``dual``
+    Each batch is half labelled real images, half synthetic images.
+``cutmix``
+    Dual batches in which each sample, with probability ``cutmix_p``, gets a box
+    of area fraction ~ Beta(alpha, alpha) pasted from a sample of the other
+    domain; the target is recomputed by applying the same cut to both sets of
+    cell centres (:func:`cellsynth.count.targets.cutmix`).
+``dacs``
+    Domain adaptation: a supervised loss on labelled (synthetic and real) crops,
+    plus a loss on unlabelled real crops mixed by CutMix with labelled crops,
+    whose real part is labelled by an EMA teacher's density peaks (pseudo-labels,
+    weighted by the share of confident peaks). Density counters only.
+
+torch is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import io
+from ..progress import ProgressCallback, report
+from .data import sample_crop, split_items
+from .metrics import _as_items, evaluate_counter
+from .models import Counter, counter_config, load_counter, save_counter, to_device
+from .targets import cutmix, density_target
+
+__all__ = ["TrainConfig", "TrainResult", "train_counter", "STRATEGIES"]
+
+STRATEGIES = ("supervised", "finetune", "dual", "cutmix", "dacs")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a counter training run needs, validated once.
+
+    Parameters
+    ----------
+    kind : {"density", "regression"}
+        Density map (points) or the paper's scalar count head.
+    strategy : {"supervised", "finetune", "dual", "cutmix", "dacs"}
+    backbone : str
+        timm EfficientNet name (``pretrained=False``).
+    blocks : int
+        Backbone blocks kept by density counters.
+    epochs : int
+        Epochs in total (including ``pretrain_epochs``).
+    pretrain_epochs : int
+        ``finetune``: epochs on synthetic data first.
+    steps_per_epoch : int or None
+        Batches per epoch; None: enough to see each labelled image about once.
+    batch_size : int
+    crop : int
+        Training crop side, a multiple of 32.
+    lr : float
+        Adam learning rate (paper: 1e-4).
+    lr_step, lr_gamma : int, float
+        Step decay (paper: x0.1 every 10 epochs); ``lr_step=0`` disables it.
+    weight_decay : float
+    val_fraction : float
+        Share of the labelled images held out for validation when no validation set is given.
+    cutmix_p, cutmix_alpha : float
+        CutMix probability and Beta parameter.
+    ema : float
+        ``dacs``: teacher EMA decay.
+    diameter : float
+        Cell diameter in pixels at the training scale (stored with the model).
+    sigma, density_scale : float
+        Density targets: Gaussian width and mass per cell.
+    seed : int
+
+    Examples
+    --------
+    >>> TrainConfig(strategy="dual").batch_size
+    16
+    >>> TrainConfig(strategy="mixup")
+    Traceback (most recent call last):
+    ...
+    ValueError: strategy must be one of ('supervised', 'finetune', 'dual', 'cutmix', 'dacs'), got 'mixup'
+    """
+
+    kind: str = "density"
+    strategy: str = "supervised"
+    backbone: str = "efficientnet_b0"
+    blocks: int = 4
+    epochs: int = 50
+    pretrain_epochs: int = 0
+    steps_per_epoch: Optional[int] = None
+    batch_size: int = 16
+    crop: int = 256
+    lr: float = 1e-4
+    lr_step: int = 10
+    lr_gamma: float = 0.1
+    weight_decay: float = 0.0
+    val_fraction: float = 0.2
+    cutmix_p: float = 0.5
+    cutmix_alpha: float = 1.0
+    ema: float = 0.99
+    diameter: float = 15.0
+    sigma: float = 2.5
+    density_scale: float = 100.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("density", "regression"):
+            raise ValueError(f"kind must be 'density' or 'regression', got {self.kind!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy == "dacs" and self.kind != "density":
+            raise ValueError("strategy 'dacs' needs a density counter (pseudo-labels are cell positions)")
+        for name in ("epochs", "batch_size", "blocks"):
+            v = getattr(self, name)
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if int(self.pretrain_epochs) != self.pretrain_epochs or not 0 <= self.pretrain_epochs < self.epochs:
+            raise ValueError(f"pretrain_epochs must be an integer in [0, epochs), got {self.pretrain_epochs!r}")
+        if self.steps_per_epoch is not None and (int(self.steps_per_epoch) != self.steps_per_epoch or self.steps_per_epoch < 1):
+            raise ValueError(f"steps_per_epoch must be a positive integer or None, got {self.steps_per_epoch!r}")
+        if int(self.crop) != self.crop or self.crop < 32 or self.crop % 32:
+            raise ValueError(f"crop must be a positive multiple of 32, got {self.crop!r}")
+        if self.strategy in ("dual", "cutmix") and self.batch_size < 2:
+            raise ValueError(f"strategy {self.strategy!r} needs batch_size >= 2, got {self.batch_size}")
+        for name in ("lr", "diameter", "sigma", "density_scale", "cutmix_alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("cutmix_p", "lr_gamma"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.lr_step < 0 or self.weight_decay < 0:
+            raise ValueError(f"lr_step and weight_decay must be >= 0, got {self.lr_step!r}, {self.weight_decay!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_counter` returns: the best counter, the history and where it was saved."""
+
+    counter: Counter
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=dict)
+    path: Optional[Path] = None
+
+
+# ----------------------------------------------------------------------------- batches
+
+class _Batcher:
+    """Draws training batches for one strategy; targets are built from exact centres."""
+
+    def __init__(self, cfg: TrainConfig, real, synthetic, unlabelled, rng: np.random.Generator):
+        self.cfg, self.real, self.syn, self.unl, self.rng = cfg, real, synthetic, unlabelled, rng
+
+    def _crop(self, items):
+        it = items[int(self.rng.integers(0, len(items)))]
+        return sample_crop(it, self.cfg.crop, self.rng)
+
+    def _target(self, centres):
+        if self.cfg.kind == "regression":
+            return np.float32(len(centres))
+        return density_target(centres, (self.cfg.crop, self.cfg.crop), sigma=self.cfg.sigma, scale=self.cfg.density_scale)
+
+    def labelled(self, epoch: int):
+        cfg, b = self.cfg, self.cfg.batch_size
+        if cfg.strategy == "finetune":
+            sources = [self.syn if epoch <= cfg.pretrain_epochs and self.syn else self.real] * b
+        elif cfg.strategy in ("dual", "cutmix") and self.syn:
+            sources = [self.real if i % 2 == 0 else self.syn for i in range(b)]
+        elif cfg.strategy == "dacs":
+            pool = (self.real or []) + (self.syn or [])
+            sources = [pool] * b
+        else:
+            sources = [self.real] * b
+        xs, ys = [], []
+        for i, src in enumerate(sources):
+            img, cen = self._crop(src)
+            if cfg.strategy == "cutmix":
+                other = self.syn if src is self.real and self.syn else self.real
+                img_b, cen_b = self._crop(other)
+                img, cen, _ = cutmix(img, cen, img_b, cen_b, alpha=cfg.cutmix_alpha, p=cfg.cutmix_p, rng=self.rng)
+            xs.append(img)
+            ys.append(self._target(cen))
+        return np.stack(xs)[:, None], np.stack(ys)[:, None] if cfg.kind == "density" else np.array(ys)
+
+
+def _lr_at(cfg: TrainConfig, epoch: int) -> float:
+    if cfg.lr_step <= 0:
+        return cfg.lr
+    return cfg.lr * cfg.lr_gamma ** ((epoch - 1) // cfg.lr_step)
+
+
+def _loss(net, x, y, cfg: TrainConfig, weight=None):
+    import torch.nn.functional as F
+
+    from ._nets import density_loss
+
+    pred = net(x)
+    if cfg.kind == "regression":
+        return F.mse_loss(pred, y)
+    if weight is None:
+        return density_loss(pred, y, scale=cfg.density_scale)
+    per = ((pred - y) ** 2).mean(dim=(1, 2, 3))
+    return (per * weight).mean()
+
+
+def _dacs_batch(batcher: _Batcher, teacher, counter_cfg: dict, device, dtype):
+    """Mixed batch: labelled crops with unlabelled crops pasted in, labelled by the teacher."""
+    import torch
+
+    from .infer import density_peaks
+
+    cfg, rng = batcher.cfg, batcher.rng
+    xs_t = [batcher._crop(batcher.unl)[0] for _ in range(cfg.batch_size)]
+    with torch.no_grad():
+        t = torch.from_numpy(np.stack(xs_t)[:, None]).to(device=device, dtype=dtype)
+        dens = teacher(t).float().cpu().numpy()[:, 0] / cfg.density_scale
+    xs, ys, ws = [], [], []
+    pool = (batcher.real or []) + (batcher.syn or [])
+    for img_t, d in zip(xs_t, dens):
+        pts, scores = density_peaks(d, min_distance=0.3 * cfg.diameter, sigma=cfg.sigma, threshold=0.3)
+        conf = float((scores > 0.6).mean()) if len(scores) else 1.0
+        img_s, cen_s = sample_crop(pool[int(rng.integers(0, len(pool)))], cfg.crop, rng)
+        img, cen, _ = cutmix(img_s, cen_s, img_t, pts, alpha=cfg.cutmix_alpha, p=1.0, rng=rng)
+        xs.append(img)
+        ys.append(density_target(cen, (cfg.crop, cfg.crop), sigma=cfg.sigma, scale=cfg.density_scale))
+        ws.append(conf)
+    return np.stack(xs)[:, None], np.stack(ys)[:, None], np.array(ws, np.float32)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_counter(
+    train: Any = None,
+    *,
+    synthetic: Any = None,
+    unlabelled: Any = None,
+    val: Any = None,
+    out: Optional[str | Path] = None,
+    config: Optional[TrainConfig] = None,
+    init: Any = None,
+    data_diameter: Optional[float] = None,
+    device: Any = "auto",
+    resume: bool = False,
+    progress: Optional[ProgressCallback] = None,
+) -> TrainResult:
+    """Train a counter with one of the paper's strategies.
+
+    Parameters
+    ----------
+    train : path or sequence, optional
+        Labelled (usually real) images: a dataset folder, a folder of annotated
+        images or ``(image, centres)`` pairs (see :func:`~cellsynth.count.data.load_count_data`).
+    synthetic : path or sequence, optional
+        Labelled synthetic images (layout or stylized datasets) for ``finetune``,
+        ``dual``, ``cutmix`` and ``dacs``.
+    unlabelled : path or sequence, optional
+        Unlabelled real images for ``dacs``.
+    val : path or sequence, optional
+        Validation images; default: ``config.val_fraction`` of ``train``
+        (of ``synthetic`` when there is no ``train``).
+    out : path, optional
+        Output folder: the best model (``model.safetensors`` + ``config.json``) and
+        ``checkpoint/`` (last epoch, optimizer, history) for ``resume``.
+    config : TrainConfig, optional
+    init : str, path or Counter, optional
+        Start from this counter's weights (e.g. ``"default"``); its kind and
+        architecture replace those of ``config``.
+    data_diameter : float, optional
+        Cell diameter of the training images in pixels; images are rescaled to
+        ``config.diameter`` (the counter's scale).
+    device : str
+    resume : bool
+        Continue from ``out/checkpoint``.
+    progress : ProgressCallback, optional
+        Called after every batch (stage ``"train"``, total = all batches of the
+        run, message with the epoch, loss and validation MAE); may raise ``Cancelled``.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    ValueError
+        Missing data for the strategy, or bad settings.
+    """
+    import torch
+
+    from ..device import resolve_device
+    from ._nets import build_net
+
+    cfg = config or TrainConfig()
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
+    # 1. model config and initial weights
+    start_counter = None
+    if init is not None:
+        start_counter = load_counter(init, device="cpu")
+        if start_counter.kind == "classic":
+            raise ValueError("cannot train from the classic counter; give a trained model or none")
+        if start_counter.kind != cfg.kind:
+            cfg = dataclasses.replace(cfg, kind=start_counter.kind)
+        mcfg = copy.deepcopy(start_counter.config)
+        mcfg.pop("training", None)
+        cfg = dataclasses.replace(cfg, diameter=float(mcfg.get("diameter", cfg.diameter)),
+                                  sigma=float(mcfg.get("sigma", cfg.sigma)),
+                                  density_scale=float(mcfg.get("density_scale", cfg.density_scale)))
+    else:
+        extra = {"blocks": cfg.blocks, "sigma": cfg.sigma, "density_scale": cfg.density_scale} if cfg.kind == "density" else {}
+        mcfg = counter_config(cfg.kind, backbone=cfg.backbone, diameter=cfg.diameter, **extra)
+    if cfg.kind == "regression":
+        mcfg["window"] = cfg.crop
+
+    # 2. data
+    factor = 1.0 if data_diameter is None else cfg.diameter / float(data_diameter)
+    real = _as_items(train, factor=factor)
+    syn = _as_items(synthetic, factor=factor)
+    unl = [it for it in _as_items(unlabelled, factor=factor, unlabelled=True)]
+    real = [it for it in real if it.centres is not None]
+    need = {"supervised": real, "finetune": real, "dual": real, "cutmix": real}
+    if cfg.strategy in need and not real:
+        if cfg.strategy == "supervised" and syn:
+            real, syn = syn, []
+        else:
+            raise ValueError(f"strategy {cfg.strategy!r} needs labelled training images (train=...)")
+    if cfg.strategy in ("dual", "finetune") and not syn:
+        raise ValueError(f"strategy {cfg.strategy!r} needs synthetic images (synthetic=...)")
+    if cfg.strategy == "dacs":
+        if not unl:
+            raise ValueError("strategy 'dacs' needs unlabelled real images (unlabelled=...)")
+        if not (real or syn):
+            raise ValueError("strategy 'dacs' needs labelled images (synthetic=... or train=...)")
+    rng = np.random.default_rng(cfg.seed)
+    if val is not None:
+        val_items = [it for it in _as_items(val, factor=factor) if it.centres is not None]
+    elif cfg.val_fraction > 0:
+        if len(real) > 1:
+            real, val_items = split_items(real, cfg.val_fraction, rng=rng)
+        elif len(syn) > 1:
+            syn, val_items = split_items(syn, cfg.val_fraction, rng=rng)
+        else:
+            val_items = []
+    else:
+        val_items = []
+    n_lab = len(real) + len(syn)
+    steps = cfg.steps_per_epoch or max(1, int(math.ceil(n_lab / cfg.batch_size)))
+
+    # 3. network, optimiser, checkpoint
+    dev = resolve_device(device)
+    torch.manual_seed(cfg.seed)
+    net = build_net(mcfg).float()
+    if start_counter is not None:
+        net.load_state_dict(start_counter.net.state_dict())
+    net = net.to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    teacher = None
+    if cfg.strategy == "dacs":
+        teacher = copy.deepcopy(net).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    mcfg["training"] = {"config": cfg.to_dict(), "data_diameter": data_diameter,
+                        "n_train": len(real), "n_synthetic": len(syn), "n_unlabelled": len(unl), "n_val": len(val_items)}
+    out = Path(out) if out is not None else None
+    ckpt = out / "checkpoint" if out is not None else None
+    state = {"epoch": 0, "history": [], "best": None}
+    if resume:
+        if ckpt is None or not (ckpt / "state.json").is_file():
+            raise FileNotFoundError(f"nothing to resume: no checkpoint in {ckpt}")
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        opt.load_state_dict(torch.load(str(ckpt / "optimizer.pt"), map_location=dev, weights_only=True))
+        if teacher is not None and (ckpt / "teacher.safetensors").is_file():
+            teacher.load_state_dict(load_file(str(ckpt / "teacher.safetensors")))
+        state = io.read_json(ckpt / "state.json")
+    best_net = copy.deepcopy(net).cpu() if state["epoch"] else None
+
+    # 4. epochs
+    total = cfg.epochs * steps
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        erng = np.random.default_rng([cfg.seed, epoch])
+        batcher = _Batcher(cfg, real, syn, unl, erng)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, epoch)
+        net.train()
+        losses = []
+        t0 = time.time()
+        for step in range(1, steps + 1):
+            x, y = batcher.labelled(epoch)
+            xt = torch.from_numpy(x).to(dev)
+            yt = torch.from_numpy(y).to(dev)
+            loss = _loss(net, xt, yt, cfg)
+            if teacher is not None:
+                mx, my, mw = _dacs_batch(batcher, teacher, mcfg, dev, torch.float32)
+                loss = loss + _loss(net, torch.from_numpy(mx).to(dev), torch.from_numpy(my).to(dev), cfg,
+                                    weight=torch.from_numpy(mw).to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if teacher is not None:
+                with torch.no_grad():
+                    for pt, ps in zip(teacher.state_dict().values(), net.state_dict().values()):
+                        if pt.dtype.is_floating_point:
+                            pt.mul_(cfg.ema).add_(ps.detach(), alpha=1 - cfg.ema)
+                        else:
+                            pt.copy_(ps)
+            losses.append(float(loss.detach()))
+            last = state["history"][-1] if state["history"] else {}
+            msg = f"epoch {epoch}/{cfg.epochs} loss {np.mean(losses):.4f}"
+            if last.get("val_mae") is not None:
+                msg += f" val MAE {last['val_mae']:.2f}"
+            report(progress, "train", (epoch - 1) * steps + step, total, msg)
+        record = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": _lr_at(cfg, epoch),
+                  "seconds": round(time.time() - t0, 2)}
+        net.eval()
+        if val_items:
+            counter = Counter(kind=mcfg["kind"], name="training", config=mcfg, net=net, device=dev, dtype=torch.float32)
+            m = evaluate_counter(val_items, model=counter)
+            record.update({f"val_{k}": m[k] for k in ("mae", "rmse", "acp5", "acp10", "mean_rel_error")})
+        state["history"].append(record)
+        score = record.get("val_mae", record["loss"])
+        if state["best"] is None or score <= state["best"]["score"]:
+            state["best"] = {"score": score, **record}
+            best_net = copy.deepcopy(net).cpu()
+            if out is not None:
+                final = copy.deepcopy(mcfg)
+                final["training"]["best"] = record
+                save_counter(best_net, final, out, overwrite=True)
+        if ckpt is not None:
+            save_counter(net, mcfg, ckpt, overwrite=True)
+            with io.atomic_path(ckpt / "optimizer.pt", overwrite=True) as tmp:
+                torch.save(opt.state_dict(), str(tmp))
+            if teacher is not None:
+                from safetensors.torch import save_file
+
+                with io.atomic_path(ckpt / "teacher.safetensors", overwrite=True) as tmp:
+                    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp))
+            state["epoch"] = epoch
+            io.write_json(ckpt / "state.json", state, overwrite=True)
+        state["epoch"] = epoch
+    final_cfg = copy.deepcopy(mcfg)
+    if state["best"] is not None:
+        final_cfg["training"]["best"] = {k: v for k, v in state["best"].items() if k != "score"}
+    best = best_net if best_net is not None else net
+    counter = Counter(kind=mcfg["kind"], name=str(out) if out else "trained", config=final_cfg, net=best.float().eval())
+    counter = to_device(counter, device)
+    return TrainResult(counter=counter, history=state["history"], best=state["best"] or {}, path=out)
