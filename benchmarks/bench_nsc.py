@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_nsc.py [--nodes-grid 64] [--size 512] [--threads 1]
+    python benchmarks/bench_nsc.py [--grid 64] [--size 512] [--threads 1] [--skip-dense]
 
 The joint graph of one field of view and the anchor at a 64x64 patch grid has
 2 x 4096 = 8192 nodes (the paper's n_p = 4096). One run each (the dense

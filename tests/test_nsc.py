@@ -87,6 +87,29 @@ def test_sparse_solver_agrees_with_dense():
     np.testing.assert_allclose(sv, 1.0, atol=1e-6)
 
 
+def test_masks_use_the_sparse_solver_only(monkeypatch):
+    import numpy.linalg
+    import scipy.linalg
+    import scipy.sparse.linalg
+
+    calls = []
+    eigsh = scipy.sparse.linalg.eigsh
+
+    def counting_eigsh(*args, **kwargs):
+        calls.append(kwargs.get("k"))
+        return eigsh(*args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("dense eigendecomposition in the NSC path")
+
+    monkeypatch.setattr(scipy.sparse.linalg, "eigsh", counting_eigsh)
+    for mod, name in ((scipy.linalg, "eigh"), (numpy.linalg, "eigh"), (scipy.linalg, "eig"), (numpy.linalg, "eig")):
+        monkeypatch.setattr(mod, name, forbidden)
+    img, _ = regions(size=112)
+    nsc_masks(img, params=NSCParams(k=3, r=2, fov=56))
+    assert calls == [3] * 4  # one joint (anchor + field of view) solve per field of view, r + 1 eigenpairs
+
+
 def test_progress_per_field_of_view_and_cancel():
     img, _ = regions(size=160, step=40)
     events = []

@@ -68,6 +68,20 @@ def test_step_counts_and_progress(pipe):
     assert len(sched.timesteps) == 5 and int(sched.timesteps[0]) == 19
 
 
+def test_default_schedule_is_the_papers():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    paper = StainPipeline(None, StainModelConfig())  # default configuration: no network needed for schedules
+    ddpm = paper.make_scheduler(StainParams(scheduler="ddpm"))
+    assert isinstance(ddpm, DDPMScheduler) and len(ddpm.timesteps) == 2000 and int(ddpm.timesteps[0]) == 1999
+    np.testing.assert_allclose(ddpm.betas.numpy(), np.linspace(1e-6, 0.01, 2000), rtol=1e-5, atol=1e-9)
+    assert not ddpm.config.clip_sample  # targets are z-scored: no clamping of x0 to [-1, 1]
+    ddim = paper.make_scheduler(StainParams())
+    assert isinstance(ddim, DDIMScheduler) and len(ddim.timesteps) == 50
+    assert int(ddim.timesteps[0]) == 1999 and not ddim.config.clip_sample
+    np.testing.assert_allclose(ddim.alphas_cumprod.numpy(), ddpm.alphas_cumprod.numpy())
+
+
 def test_shapes_range_names_and_any_size(pipe):
     for shape in ((24, 28), (9, 50), (45, 37)):
         out = pipe(bf(shape), params=StainParams(steps=2, guidance=False, overlap=4))

@@ -78,3 +78,13 @@ def test_reader_checks_names_and_sizes(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_stain_dataset(tmp_path / "missing")
     assert channel_name("12_Mito.tiff") == "Mito" and channel_name("ER.tif") == "ER"
+
+
+def test_written_order_survives_ten_or_more_channels(tmp_path):
+    names = [f"ch{chr(ord('a') + i)}" for i in range(12)]
+    fl = np.arange(12, dtype=np.uint16)[:, None, None] * np.ones((1, 4, 4), np.uint16)
+    write_stain_pair(tmp_path / "f0", np.zeros((1, 4, 4), np.uint16), fl, brightfield_names=["z0"],
+                     channel_names=names)
+    ds = read_stain_dataset(tmp_path)
+    assert list(ds.channels) == names  # "2_chc" before "10_chk", as written
+    assert ds.load(0)[1][:, 0, 0].tolist() == list(range(12))

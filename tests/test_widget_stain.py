@@ -1,5 +1,6 @@
 """The "Virtual staining" and "NSC masks" widgets driven as a person would."""
 
+import napari
 import numpy as np
 import pytest
 
@@ -58,6 +59,9 @@ def test_stain_adds_one_layer_per_channel_then_updates_in_place(make_napari_view
     dna = viewer.layers[names[0]]
     assert dna.data.shape == (32, 40) and dna.blending == "additive" and dna.colormap.name == "blue"
     assert tuple(dna.scale) == (0.5, 0.5) and tuple(dna.translate) == (3, 4)
+    assert all(isinstance(viewer.layers[n], napari.layers.Image) and viewer.layers[n].blending == "additive"
+               for n in names)
+    assert [viewer.layers[n].colormap.name for n in names] == ["blue", "green", "cyan", "red", "magenta"]
     meta = dna.metadata["cellsynth"]
     assert meta["operation"] == "stain.virtual" and meta["params"]["steps"] == 2 and "sha256" in meta["model"]
     first = dna.data.copy()
@@ -78,7 +82,10 @@ def test_stain_with_guidance_shows_round_masks(make_napari_viewer, qtbot, tiny_m
     w.show_masks.value = True
     assert _click(qtbot, w, w.run_button) == "done", w.runner.last_error
     mask = viewer.layers[round_mask_name("DNA", 1)]
-    assert mask.data.shape == (24, 24) and mask.metadata["cellsynth"]["round"] == 1
+    assert isinstance(mask, napari.layers.Labels) and mask.data.shape == (24, 24)
+    assert mask.metadata["cellsynth"]["round"] == 1 and mask.metadata["cellsynth"]["backbone"] == "filters"
+    assert set(np.unique(mask.data)) <= {0, 1}
+    assert viewer.layers[stain_layer_name("DNA")].metadata["cellsynth"]["nsc"]["k"] == 5
     assert "mask guidance" in w.info.text()
 
 
@@ -118,6 +125,7 @@ def test_nsc_masks_per_channel_with_provenance(make_napari_viewer, qtbot):
     assert w.layer.value is src
     assert _click(qtbot, w, w.run_button) == "done", w.runner.last_error
     m0, m1 = viewer.layers[mask_layer_name("cells", 0)], viewer.layers[mask_layer_name("cells", 1)]
+    assert isinstance(m0, napari.layers.Labels) and isinstance(m1, napari.layers.Labels)
     assert m0.data[20, 20] == 1 and m0.data[50, 50] == 0 and m1.data[50, 50] == 1 and m1.data[20, 20] == 0
     assert tuple(m0.scale) == (2, 2)
     assert m0.metadata["cellsynth"]["backbone"] == "filters" and "filters" in w.info.text()
@@ -125,6 +133,19 @@ def test_nsc_masks_per_channel_with_provenance(make_napari_viewer, qtbot):
     w.channel.value = 1
     assert _click(qtbot, w, w.run_button) == "done"
     assert viewer.layers[mask_layer_name("cells", 1)] is m1 and len(viewer.layers) == 3
+
+
+def test_nsc_cancel_leaves_viewer_unchanged(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    img = np.random.default_rng(0).random((768, 768)).astype(np.float32)  # 49 fields of view
+    viewer.add_image(img, name="img")
+    w = NSCWidget(viewer)
+    with qtbot.waitSignal(w.runner.finished, timeout=60000) as blocker:
+        w.run_button.native.click()
+        qtbot.waitUntil(lambda: w.runner.bar.value() >= 1, timeout=30000)
+        w.runner.cancel_button.click()
+    assert blocker.args[0] == "cancelled"
+    assert [l.name for l in viewer.layers] == ["img"]
 
 
 def test_nsc_bad_parameters_and_channel(make_napari_viewer, qtbot):
@@ -151,8 +172,7 @@ def test_train_from_the_widget_then_stain_with_it(make_napari_viewer, qtbot, tmp
     w = StainWidget(viewer)
     w.train_data.value, w.train_out.value = data, tmp_path / "model"
     w.train_epochs.value, w.train_crop.value = 1, 16
-    with qtbot.waitSignal(w.runner.finished, timeout=120000) as blocker:
-        w.train(steps_per_epoch=1)
-    assert blocker.args[0] == "done", w.runner.last_error
+    # the Train button itself (one step per epoch: 2 fields of view fit in one batch)
+    assert _click(qtbot, w, w.train_button, timeout=120000) == "done", w.runner.last_error
     assert (tmp_path / "model" / "model.safetensors").is_file() and w.model_path() == str(tmp_path / "model")
     assert "Trained 1 steps" in w.info.text()

@@ -104,9 +104,6 @@ class NSCWidget(QWidget):
             return
         device = self.device.value
         self.form.save()
-        if params.backbone != "filters":  # first torch/transformers import must not happen in a worker thread
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
 
         def work(progress):
             from ..stain.features import make_backbone

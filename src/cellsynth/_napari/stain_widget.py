@@ -29,17 +29,6 @@ def round_mask_name(channel: str, round_i: int) -> str:
     return f"virtual {channel} mask (round {round_i})"
 
 
-def preload_torch_stack() -> None:
-    """Import torch and diffusers on the GUI thread.
-
-    Their first import pulls in torch._dynamo and triton, whose extension modules
-    crash when first loaded inside a Qt worker thread; importing them here, once,
-    before a worker starts avoids that.
-    """
-    import diffusers  # noqa: F401
-    import torch  # noqa: F401
-
-
 class StainWidget(QWidget):
     """Virtual fluorescence channels from a brightfield layer with a staining model.
 
@@ -91,7 +80,7 @@ class StainWidget(QWidget):
         layout.addWidget(self.runner)
         layout.addStretch(1)
         self.run_button.changed.connect(self.run)
-        self.train_button.changed.connect(self.train)
+        self.train_button.changed.connect(lambda _value=None: self.train())
         self.runner.busy.connect(self._set_busy)
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
@@ -132,22 +121,23 @@ class StainWidget(QWidget):
         data = np.asarray(layer.data, dtype=np.float32)
         path, device = self.model_path(), self.device.value
         self.form.save()
-        preload_torch_stack()
+        nsc_params = NSCParams()
 
         def work(progress):
             pipe = self._pipeline(path, device)
             planes = data
             if planes.ndim == 2:
                 planes = np.repeat(planes[None], pipe.config.n_condition, axis=0)
-            return pipe, pipe(planes, params=params, nsc_params=NSCParams(), progress=progress)
+            return pipe, pipe(planes, params=params, nsc_params=nsc_params, progress=progress)
 
-        self.runner.start(work, on_done=lambda res: self._show(layer, params, *res), label=f"Staining {layer.name}")
+        self.runner.start(work, on_done=lambda res: self._show(layer, params, nsc_params, *res),
+                          label=f"Staining {layer.name}")
 
     def _set_busy(self, busy: bool) -> None:
         self.run_button.enabled = not busy
         self.train_button.enabled = not busy
 
-    def train(self, steps_per_epoch: int = 0) -> None:
+    def train(self, *, steps_per_epoch: int = 0) -> None:
         """Train a model on a paired-data folder in a worker thread; it becomes the widget's model."""
         from ..stain.train import TrainConfig
         from ..stain.train_demo import DEMO_MODEL
@@ -167,7 +157,6 @@ class StainWidget(QWidget):
             self.runner.status.setText(f"Error: {exc}")
             return
         resume = bool(self.train_resume.value)
-        preload_torch_stack()
 
         def work(progress):
             from ..stain.train import train_stain
@@ -183,9 +172,10 @@ class StainWidget(QWidget):
 
         self.runner.start(work, on_done=done, label="Training")
 
-    def _show(self, layer, params: StainParams, pipe, out) -> None:
+    def _show(self, layer, params: StainParams, nsc_params: NSCParams, pipe, out) -> None:
+        guidance = {"nsc": nsc_params.to_dict()} if params.guidance else {}
         meta = provenance("stain.virtual", model=pipe.source, params=params.to_dict(), seed=params.seed,
-                          source=layer.name)
+                          source=layer.name, **guidance)
         for i, (name, cmap) in enumerate(zip(out.channel_names, out.colormaps)):
             upsert_layer(self.viewer, stain_layer_name(name), "image", out.images[i], metadata=meta, like=layer,
                          colormap=cmap, blending="additive", contrast_limits=(0.0, 1.0))
@@ -193,7 +183,8 @@ class StainWidget(QWidget):
             for r, masks in enumerate(out.masks, start=1):
                 for i, name in enumerate(out.channel_names):
                     upsert_layer(self.viewer, round_mask_name(name, r), "labels", masks[i],
-                                 metadata=provenance("stain.guidance_mask", round=r, channel=name, source=layer.name),
+                                 metadata=provenance("stain.guidance_mask", round=r, channel=name, source=layer.name,
+                                                     backbone=nsc_params.backbone),
                                  like=layer, opacity=0.4, visible=False)
         self.info.setText(f"{len(out.channel_names)} channels from model {pipe.source.get('name')} "
                           f"({params.scheduler}, {out.model_evaluations} model steps"

@@ -1,8 +1,9 @@
 """Paired brightfield / fluorescence data in folders of TIFFs.
 
 Layout (one folder per field of view; order within a folder from the sorted file
-names; a leading ``<digits>_`` is dropped from a file name to give the channel
-name, so ``0_DNA.tif`` is channel "DNA" and comes before ``1_ER.tif``)::
+names, a leading ``<digits>_`` sorting as a number; that prefix is dropped from a
+file name to give the channel name, so ``0_DNA.tif`` is channel "DNA" and comes
+before ``1_ER.tif``, and ``2_x.tif`` before ``10_y.tif``)::
 
     DATA_DIR/
       stain_pairs.json            optional: how the pairs were made
@@ -49,8 +50,14 @@ def channel_name(path: os.PathLike | str) -> str:
     return _PREFIX.sub("", stem)
 
 
+def _order(path: Path) -> tuple:
+    """Sort key: a leading ``<digits>_`` counts as a number (``2_ER`` before ``10_AGP``), then the name."""
+    match = _PREFIX.match(path.name)
+    return (int(match.group()[:-1]) if match else -1, path.name)
+
+
 def _tiffs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _TIFF)
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _TIFF), key=_order)
 
 
 @dataclass(frozen=True)

@@ -164,16 +164,17 @@ def spectral_embedding(affinity: np.ndarray, r: int, *, seed: int = 0, solver: s
         raise ValueError(f"r must be in [1, {n - 2}] for {n} nodes, got {r}")
     d = a.sum(axis=1)
     s = 1.0 / np.sqrt(np.maximum(d, 1e-12))
-    m = a * s[:, None] * s[None, :]
     if solver == "sparse":
-        from scipy.sparse.linalg import eigsh
+        from scipy.sparse.linalg import LinearOperator, eigsh
 
+        # D^-1/2 A D^-1/2 as an operator: products only, no scaled copy of A
+        m = LinearOperator((n, n), matvec=lambda x: s * (a @ (s * np.ravel(x))), dtype=np.float64)
         v0 = np.random.default_rng(seed).random(n) + 0.5
         vals, vecs = eigsh(m, k=r + 1, which="LA", v0=v0, tol=1e-8)
     elif solver == "dense":
         from scipy.linalg import eigh
 
-        vals, vecs = eigh(m, subset_by_index=[n - r - 1, n - 1])
+        vals, vecs = eigh(a * s[:, None] * s[None, :], subset_by_index=[n - r - 1, n - 1])
     else:
         raise ValueError(f"solver must be 'sparse' or 'dense', got {solver!r}")
     order = np.argsort(vals)[::-1]
@@ -233,21 +234,16 @@ def _features(backbone, fovs: list, grid: int, batch: int = 8) -> np.ndarray:
     return np.concatenate(out).reshape(len(fovs), grid * grid, -1).astype(np.float64)
 
 
-def _kmeans(emb: np.ndarray, k: int, params: NSCParams) -> tuple[np.ndarray, np.ndarray]:
+def _cluster_joint(fa: np.ndarray, fs: np.ndarray, params: NSCParams) -> np.ndarray:
+    """Joint spectral clustering of anchor and FOV patch features; k-means labels of all 2n nodes."""
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="openmp"):  # tiny problem: threads only add overhead
-        km = KMeans(n_clusters=k, n_init=params.n_init, random_state=params.seed).fit(emb)
-    return km.labels_.astype(np.int64), km.cluster_centers_
-
-
-def _cluster_joint(fa: np.ndarray, fs: np.ndarray, params: NSCParams) -> np.ndarray:
-    """Joint spectral clustering of anchor and FOV patch features; labels of all 2n nodes."""
     a = cosine_affinity(np.concatenate([fa, fs]))
     _, vecs = spectral_embedding(a, params.r, seed=params.seed)
-    labels, _ = _kmeans(vecs, params.k, params)
-    return labels
+    with threadpool_limits(limits=1, user_api="openmp"):  # tiny problem: threads only add overhead
+        km = KMeans(n_clusters=params.k, n_init=params.n_init, random_state=params.seed).fit(vecs)
+    return km.labels_.astype(np.int64)
 
 
 def _refine(raw: np.ndarray, votes: np.ndarray, norm: np.ndarray, means: np.ndarray) -> np.ndarray:
@@ -287,8 +283,9 @@ def nsc_masks(
         A ready backbone; by default built from ``params.backbone`` (the filter
         bank needs no weights; DINO models are resolved through ``cellsynth.weights``).
     anchor : ndarray of shape (P, Q), optional
-        The shared anchor image. By default the FOV of this image with the widest
-        intensity spread.
+        The shared anchor image, resized to the backbone input like a field of
+        view (so give it at the scale of one, about ``params.fov`` pixels). By
+        default the FOV of this image with the widest intensity spread.
     progress : ProgressCallback, optional
         One event per field of view (stage ``"nsc"``); may raise Cancelled.
 

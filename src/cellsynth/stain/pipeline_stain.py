@@ -203,7 +203,7 @@ class StainPipeline:
         # 2. prepare: normalise, pad to a multiple of the UNet factor and at least one tile
         cond = normalise(x, cfg.condition_norm)
         f = cfg.factor
-        pm, pn = max(-m % f, f - m if m < f else 0), max(-n % f, f - n if n < f else 0)
+        pm, pn = -m % f, -n % f  # also lifts a side shorter than f to f
         if pm or pn:
             mode = "reflect" if pm < m and pn < n else "edge"
             cond = np.pad(cond, ((0, 0), (0, pm), (0, pn)), mode=mode)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import io
 from ..progress import ProgressCallback, report
-from .params import _f
+from .params import _f, _validate
 
 __all__ = ["TrainConfig", "TrainResult", "train_stain", "dataset_statistics"]
 
@@ -45,28 +45,15 @@ class TrainConfig:
     ema_decay: float = _f(0.999, "EMA decay of the saved weights (0: no EMA)", low=0.0, high=1.0)
     seed: int = _f(0, "seed of initialisation, crops, augmentation and noise", low=0)
     minutes: float = _f(0.0, "stop after this much wall-clock time (0: no limit)", low=0.0)
-    device: str = _f("auto", "device", choices=None)
+    device: str = _f("auto", "device: 'auto', 'cpu', 'cuda', 'mps'")
     save_dtype: str = _f("float32", "precision of the saved weights ('float32' or 'float16')",
                          choices=("float32", "float16"))
     model: dict = field(default_factory=dict, metadata={"help": "StainModelConfig fields (architecture, schedule)"})
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if f.name in ("device", "model"):
-                continue
-            value = getattr(self, f.name)
-            choices = f.metadata.get("choices")
-            if choices is not None:
-                if value not in choices:
-                    raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{f.name} must be a number, got {value!r}")
-            low, high = f.metadata.get("low"), f.metadata.get("high")
-            if (low is not None and value < low) or (high is not None and value > high):
-                raise ValueError(f"{f.name} must be in [{low}, {high}], got {value!r}")
-            if isinstance(f.default, int) and int(value) != value:
-                raise ValueError(f"{f.name} must be an integer, got {value!r}")
+        _validate(self, skip=("device", "model"))
+        if not isinstance(self.device, str):
+            raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if not isinstance(self.model, dict):
             raise TypeError(f"model must be a dict of StainModelConfig fields, got {type(self.model).__name__}")
 
