@@ -224,6 +224,20 @@ def test_cancel_during_download_propagates(tmp_path, monkeypatch):
     with pytest.raises(Cancelled):
         resolve("dinov2-small", cache_dir=tmp_path, progress=cancel)
 
+    # tqdm's process-wide lock must be free again: a bar made in another thread
+    # (as a later napari worker would) must not wait for it
+    import io
+    import threading
+
+    from tqdm.std import tqdm
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(tqdm(total=1, file=io.StringIO()).close() is None),
+                         daemon=True)
+    t.start()
+    t.join(10)
+    assert got == [True], "tqdm's lock is still held after a cancelled download"
+
 
 def test_file_sha256_streams(tmp_path):
     data = os.urandom(10_000)

@@ -211,17 +211,33 @@ def _progress_tqdm(progress: ProgressCallback, stage: str) -> type:
     forwarded: list = []
 
     class _ProgressTqdm(tqdm):
+        # tqdm calls display() while holding its global lock, and refresh() does not
+        # release that lock if display() raises. So display() only records a
+        # Cancelled (or any error) from the callback; refresh() re-raises it once
+        # the lock is released. Otherwise every later progress bar of the process,
+        # in any thread, would wait forever.
         def __init__(self, *args, **kwargs):
+            self._pending = None
             kwargs.update(disable=False, file=io.StringIO())
             super().__init__(*args, **kwargs)
 
         def display(self, msg=None, pos=None):
             if self.unit == "B" and not forwarded:
                 forwarded.append(self)
-            if forwarded and forwarded[0] is self:
+            if forwarded and forwarded[0] is self and self._pending is None:
                 total = int(self.total) if self.total else None
-                report(progress, stage, int(self.n), total, self.desc)
+                try:
+                    report(progress, stage, int(self.n), total, self.desc)
+                except BaseException as exc:  # re-raised by refresh(), outside the lock
+                    self._pending = exc
             return True
+
+        def refresh(self, nolock=False, lock_args=None):
+            out = super().refresh(nolock=nolock, lock_args=lock_args)
+            if self._pending is not None:
+                exc, self._pending = self._pending, None
+                raise exc
+            return out
 
     return _ProgressTqdm
 

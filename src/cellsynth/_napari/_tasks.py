@@ -11,6 +11,7 @@ leaves the viewer as it was.
 
 from __future__ import annotations
 
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -23,7 +24,29 @@ from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBox
 
 from ..progress import Cancelled, Progress
 
-__all__ = ["TaskRunner"]
+__all__ = ["TaskRunner", "avoid_llvm_clash"]
+
+
+def avoid_llvm_clash() -> bool:
+    """Keep triton from loading next to Mesa's software OpenGL; return True when it was blocked.
+
+    torch's compiler stack imports triton, whose bundled LLVM crashes the process
+    when Mesa's llvmpipe (software OpenGL, as on remote desktops and under Xvfb)
+    is already loaded. Nothing in cellsynth uses triton, so before the first heavy
+    import it is marked as absent, which torch, diffusers, transformers and timm
+    all handle as "triton not installed".
+    """
+    if "triton" in sys.modules:
+        return False
+    try:
+        with open("/proc/self/maps") as fh:
+            maps = fh.read()
+    except OSError:
+        return False
+    if "libLLVM" not in maps:
+        return False
+    sys.modules["triton"] = None  # type: ignore[assignment]
+    return True
 
 
 class _Bridge(QObject):
@@ -89,6 +112,7 @@ class TaskRunner(QWidget):
         """
         if self.running:
             raise RuntimeError("a task is already running; wait for it or press Cancel")
+        avoid_llvm_clash()
         self._cancel.clear()
         self.last_error = None
         cancel, bridge = self._cancel, self._bridge

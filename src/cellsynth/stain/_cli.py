@@ -102,7 +102,7 @@ def _sampling_args(p) -> None:
     p.add_argument("--model", default="default", help="model folder, or 'default' (the shipped demo model)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
-    p.add_argument("--guidance", type=_on_off, default=True, metavar="on|off", help="NSC mask guidance")
+    p.add_argument("--guidance", type=_on_off, default=False, metavar="on|off", help="NSC mask guidance (default off)")
     p.add_argument("--strength", type=float, default=0.6, help="mask guidance start (fraction of the schedule)")
     p.add_argument("--refine", type=int, default=1, help="guided rounds")
     p.add_argument("--seed", type=int, default=0)
