@@ -37,6 +37,7 @@ __all__ = [
     "write_points_csv",
     "read_json",
     "write_json",
+    "json_default",
 ]
 
 
@@ -314,7 +315,7 @@ def read_points_csv(path: os.PathLike | str) -> tuple[np.ndarray, dict[str, np.n
 
 def write_json(path: os.PathLike | str, obj: Any, *, overwrite: bool = False) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, default=_json_default)
+    text = json.dumps(obj, indent=2, default=json_default)
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text(text + "\n")
     return Path(path)
@@ -329,7 +330,8 @@ def read_json(path: os.PathLike | str) -> Any:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy values and paths; other types raise TypeError."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import io
+
 __all__ = ["register"]
 
 
@@ -99,7 +101,6 @@ def _progress(args):
 
 
 def _count(args) -> int:
-    from .. import io
     from . import count_cells
     from .data import read_image
 
@@ -124,7 +125,7 @@ def _count(args) -> int:
         }
         if res.windows:
             doc["windows"] = [list(w) for w in res.windows]
-        print(json.dumps(doc, default=_jsonable))
+        print(json.dumps(doc, default=io.json_default))
     else:
         label = " (sum of window counts, no positions)" if res.meta.get("kind") == "regression" else ""
         print(f"{res.count:.2f}{label}" if res.meta.get("kind") != "classic" else f"{int(res.count)}")
@@ -154,7 +155,7 @@ def _train(args) -> int:
     finally:
         close()
     if args.json:
-        print(json.dumps({"out": str(args.out), "best": res.best, "history": res.history}, default=_jsonable))
+        print(json.dumps({"out": str(args.out), "best": res.best, "history": res.history}, default=io.json_default))
     else:
         for r in res.history:
             line = f"epoch {r['epoch']}: loss {r['loss']:.4f}"
@@ -177,7 +178,7 @@ def _evaluate(args) -> int:
     finally:
         close()
     if args.json:
-        print(json.dumps(m, default=_jsonable))
+        print(json.dumps(m, default=io.json_default))
     else:
         print(f"images {m['n']}")
         print(f"MAE {m['mae']:.3f}")
@@ -185,14 +186,4 @@ def _evaluate(args) -> int:
         print(f"ACP@5% {100 * m['acp5']:.1f}")
         print(f"ACP@10% {100 * m['acp10']:.1f}")
     return 0
-
-
-def _jsonable(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
