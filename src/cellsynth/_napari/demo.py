@@ -43,6 +43,8 @@ def run_demo(*, screenshot: Optional[str] = None, seed: int = 0) -> int:
     def shoot() -> None:
         for _ in range(20):
             app.processEvents()
+        viewer.reset_view()
+        app.processEvents()
         viewer.screenshot(str(out), canvas_only=False)
         viewer.close()
         app.quit()

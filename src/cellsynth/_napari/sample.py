@@ -15,7 +15,7 @@ def sample_layout(seed: int = 0) -> list:
     feats = {c: v for c, v in lay.cells.items() if c not in ("label", "row", "col")}
     return [
         (lay.image, {"name": "layout", "metadata": meta, "colormap": "gray", "contrast_limits": (0, 255)}, "image"),
-        (lay.labels, {"name": "layout cells", "metadata": meta, "opacity": 0.5}, "labels"),
+        (lay.labels, {"name": "layout cells", "metadata": meta, "opacity": 0.3}, "labels"),
         (lay.centres, {"name": "layout centres", "metadata": meta, "features": feats, "size": 5,
                        "face_color": "yellow", "border_width": 0}, "points"),
     ]
