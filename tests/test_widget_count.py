@@ -88,3 +88,26 @@ def test_points_csv_writer_and_reader_round_trip(make_napari_viewer, tmp_path):
     assert back.features["source"].tolist() == ["model", "manual"]
     np.testing.assert_allclose(back.features["score"], [0.5, 1.0])
     assert write_points(str(tmp_path / "d.csv"), pts.data, {"features": pts.features}) == [str(tmp_path / "d.csv")]
+
+
+def test_regression_model_shows_window_counts_not_points(make_napari_viewer, qtbot, tmp_path):
+    import torch
+
+    from cellsynth.count.models import counter_config, new_counter, save_counter
+
+    torch.manual_seed(0)
+    counter = new_counter(counter_config("regression", backbone="test_efficientnet", window=64), device="cpu")
+    save_counter(counter.net, counter.config, tmp_path / "reg")
+    viewer = make_napari_viewer()
+    viewer.add_image(_layout().image, name="nuclei")
+    w = CountWidget(viewer)
+    w.model.value = "file"
+    w.model_file.value = tmp_path / "reg" / "model.safetensors"
+    assert _run(qtbot, w) == "done"
+    assert result_name("nuclei") not in viewer.layers
+    shapes = viewer.layers["nuclei window counts"]
+    assert len(shapes.data) == 2 * 2  # 96x128 image in 64 px windows
+    total = float(np.sum(shapes.features["count"]))
+    assert "Regression model" in w.count_label.text() and "no cell positions" in w.count_label.text()
+    shown = float(w.count_label.text().split(": ")[1].split(" ")[0])
+    assert shown == pytest.approx(total, abs=0.05 * len(shapes.data) + 0.05)  # window counts shown to 0.1
