@@ -33,6 +33,12 @@ def _loaded_after(code: str) -> set:
         ("cellsynth.count", HEAVY + GUI),
         ("cellsynth._napari.layouts_widget", HEAVY),
         ("cellsynth._napari.sample", HEAVY),
+        ("cellsynth._napari.count_widget", HEAVY),
+        ("cellsynth._napari.stain_widget", HEAVY),
+        ("cellsynth._napari.nsc_widget", HEAVY),
+        ("cellsynth._napari.points_io", HEAVY + GUI),
+        ("cellsynth.stylize", HEAVY + GUI),
+        ("cellsynth.stain", HEAVY + GUI),
     ],
 )
 def test_imports_stay_light(module, banned):

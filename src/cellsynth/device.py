@@ -15,6 +15,7 @@ torch.float32
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Union
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     DeviceLike = Union[str, torch.device]
 
 __all__ = [
+    "device_choices",
     "DeviceOutOfMemoryError",
     "available_devices",
     "default_dtype",
@@ -44,6 +46,23 @@ def _mps_available() -> bool:
 
     mps = getattr(torch.backends, "mps", None)
     return mps is not None and mps.is_available()
+
+
+def device_choices() -> list:
+    """Device names for a menu, without importing torch at start-up.
+
+    The real :func:`available_devices` once torch is loaded, else the usual
+    names; an unavailable choice is refused with a clear error when a run
+    resolves it.
+
+    Examples
+    --------
+    >>> device_choices()[:2]
+    ['auto', 'cpu']
+    """
+    if "torch" in sys.modules:
+        return available_devices()
+    return ["auto", "cpu", "cuda", "mps"]
 
 
 def available_devices() -> list[str]:

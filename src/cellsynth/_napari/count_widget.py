@@ -10,13 +10,13 @@ from napari.layers import Image, Points
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
+from ..device import device_choices
 from ._layers import provenance, upsert_layer
 from ._tasks import TaskRunner
 
 __all__ = ["CountWidget", "result_name"]
 
 MODELS = ("default", "classic", "file")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def result_name(image_name: str) -> str:
@@ -47,7 +47,7 @@ class CountWidget(QWidget):
         self.estimate_button = PushButton(text="Estimate diameter")
         self.channel = SpinBox(label="RGB channel", value=0, min=0, max=3,
                                tooltip="channel to count in RGB images")
-        self.device = ComboBox(label="device", choices=DEVICES, value="auto")
+        self.device = ComboBox(label="device", choices=device_choices(), value="auto")
         self.run_button = PushButton(text="Count")
         self.count_label = QLabel("No count yet")
         self.count_label.setWordWrap(True)

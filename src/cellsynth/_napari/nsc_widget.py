@@ -44,9 +44,9 @@ class NSCWidget(QWidget):
         self.channel = SpinBox(value=-1, min=-1, max=1024, label="channel (-1: all)")
         self.backbone = ComboBox(value="filters", choices=list(BACKBONES), label="backbone")
         self.foreground = ComboBox(value="auto", choices=list(FOREGROUND_MODES), label="foreground")
-        from ..device import available_devices
+        from ..device import device_choices
 
-        self.device = ComboBox(value="auto", choices=available_devices(), label="device")
+        self.device = ComboBox(value="auto", choices=device_choices(), label="device")
         self.form = ParamsForm(NSCParams, key="nsc", exclude=("backbone", "foreground"))
         self.run_button = PushButton(text="Compute masks")
         self.runner = TaskRunner()

@@ -45,9 +45,9 @@ class StainWidget(QWidget):
         self.layer = ComboBox(label="brightfield", choices=self._layer_choices)
         self.model = FileEdit(mode="d", label="model folder (empty: default demo)", value="")
         self.scheduler = ComboBox(value="ddim", choices=list(SCHEDULERS), label="sampler")
-        from ..device import available_devices
+        from ..device import device_choices
 
-        self.device = ComboBox(value="auto", choices=available_devices(), label="device")
+        self.device = ComboBox(value="auto", choices=device_choices(), label="device")
         self.show_masks = CheckBox(value=False, text="show each round's masks")
         self.form = ParamsForm(StainParams, key="stain", exclude=("scheduler",))
         self.run_button = PushButton(text="Stain")

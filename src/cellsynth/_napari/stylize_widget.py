@@ -81,7 +81,7 @@ class StylizeWidget(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        from ..device import available_devices
+        from ..device import device_choices
 
         self.viewer = napari_viewer
         self.token = None  # a token trained in this session
@@ -91,7 +91,7 @@ class StylizeWidget(QWidget):
         self.token_file = FileEdit(mode="r", label="token file", filter="*.json *.pt")
         self.model = LineEdit(value="sd-v1-4", label="SD model")
         self.image_encoder = LineEdit(value="clip-vit-large-patch14", label="image encoder")
-        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self.device = ComboBox(label="device", choices=device_choices(), value="auto")
         self.form = ParamsForm(StylizeParams, key="stylize", exclude=("resize",))
         self.resize = ComboBox(label="resize", choices=["keep", "squash"], value="keep")
         self.preview = CheckBox(value=False, text=f"preview (long side {PREVIEW_SIZE} px)")
