@@ -87,6 +87,11 @@ def test_stain_with_guidance_shows_round_masks(make_napari_viewer, qtbot, tiny_m
     assert set(np.unique(mask.data)) <= {0, 1}
     assert viewer.layers[stain_layer_name("DNA")].metadata["cellsynth"]["nsc"]["k"] == 5
     assert "mask guidance" in w.info.text()
+    # a re-run without masks removes the earlier run's mask layers instead of leaving them stale
+    w.show_masks.value = False
+    assert _click(qtbot, w, w.run_button) == "done", w.runner.last_error
+    assert round_mask_name("DNA", 1) not in viewer.layers
+    assert stain_layer_name("DNA") in viewer.layers and "bf" in viewer.layers
 
 
 def test_stain_cancel_leaves_viewer_unchanged(make_napari_viewer, qtbot, tiny_model):

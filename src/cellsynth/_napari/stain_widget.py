@@ -179,6 +179,13 @@ class StainWidget(QWidget):
         for i, (name, cmap) in enumerate(zip(out.channel_names, out.colormaps)):
             upsert_layer(self.viewer, stain_layer_name(name), "image", out.images[i], metadata=meta, like=layer,
                          colormap=cmap, blending="additive", contrast_limits=(0.0, 1.0))
+        keep = {round_mask_name(name, r) for r in range(1, len(out.masks) + 1) for name in out.channel_names}
+        if not self.show_masks.value:
+            keep = set()
+        for old in [lay for lay in self.viewer.layers if lay.name not in keep]:
+            rec = old.metadata.get("cellsynth", {})
+            if rec.get("operation") == "stain.guidance_mask" and rec.get("source") == layer.name:
+                self.viewer.layers.remove(old)  # masks of an earlier run with more rounds
         if self.show_masks.value:
             for r, masks in enumerate(out.masks, start=1):
                 for i, name in enumerate(out.channel_names):
