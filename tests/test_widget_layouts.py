@@ -135,3 +135,35 @@ def test_plugin_widget_docks_from_the_manifest(make_napari_viewer):
     viewer = make_napari_viewer()
     dock, widget = viewer.window.add_plugin_dock_widget("napari-cellsynth", "Cell layouts")
     assert isinstance(widget, LayoutsWidget)
+
+
+def test_draw_mode_ellipses_become_cells_with_their_shape(make_napari_viewer, qtbot):
+    from cellsynth._napari.layouts_widget import ELLIPSES
+
+    viewer = make_napari_viewer()
+    w = LayoutsWidget(viewer)
+    _small(w, (64, 80))
+    w.draw.value = True
+    shapes = viewer.layers[ELLIPSES]
+    shapes.add_ellipses(np.array([[30.0, 40.0], [6.0, 12.0]]))  # centre, radii (rows, cols)
+    qtbot.waitUntil(lambda: viewer.layers[LABELS].data.max() == 1, timeout=5000)
+    labels = viewer.layers[LABELS].data
+    area = np.count_nonzero(labels == 1)
+    assert labels[30, 40] == 1 and abs(area - np.pi * 6 * 12) < 0.1 * np.pi * 6 * 12
+    rows, cols = np.nonzero(labels == 1)
+    assert np.ptp(cols) > np.ptp(rows) + 8  # wide, as drawn
+    assert labels[30, 52 - 2] == 1 and labels[30 + 6 + 2, 40] == 0
+    # replace it by the same ellipse turned 45 degrees (corners of its rotated bounding box)
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    offsets = np.array([[-6, -12], [-6, 12], [6, 12], [6, -12]], dtype=float)
+    turned = np.array([30.0, 40.0]) + offsets @ np.array([[c, s], [-s, c]])
+    shapes.selected_data = {0}
+    shapes.remove_selected()
+    shapes.add_ellipses(turned)
+    qtbot.waitUntil(lambda: viewer.layers[LABELS].data.max() == 1 and
+                    viewer.layers[LABELS].data[30 - 6, 40 + 6] == 1, timeout=5000)
+    rows, cols = np.nonzero(viewer.layers[LABELS].data == 1)
+    cov = np.cov(np.stack([rows, cols]))
+    major = np.linalg.eigh(cov)[1][:, -1]
+    assert abs(abs(major[0]) - abs(major[1])) < 0.15 and major[0] * major[1] < 0  # along the anti-diagonal
+    assert w.count_label.text() == "Cells: 1"

@@ -16,9 +16,9 @@ from ._layers import provenance, upsert_layer
 from ._params import ParamsForm
 from ._tasks import TaskRunner
 
-__all__ = ["LayoutsWidget", "IMAGE", "LABELS", "CENTRES"]
+__all__ = ["LayoutsWidget", "IMAGE", "LABELS", "CENTRES", "ELLIPSES", "ellipse_cells"]
 
-IMAGE, LABELS, CENTRES = "layout", "layout cells", "layout centres"
+IMAGE, LABELS, CENTRES, ELLIPSES = "layout", "layout cells", "layout centres", "layout ellipses"
 _FEATURES = [c for c in CELL_COLUMNS if c not in ("label", "row", "col")]
 
 
@@ -27,8 +27,10 @@ class LayoutsWidget(QWidget):
 
     Generate adds (or updates) the Image "layout", the Labels "layout cells"
     and the Points "layout centres" (features: per-cell axes, angle,
-    intensity). In draw mode, adding, moving or deleting centre points
-    re-renders image and labels (debounced) with the same appearance settings.
+    intensity). In draw mode, adding, moving or deleting centre points, and
+    drawing, reshaping or deleting ellipses in the Shapes layer "layout
+    ellipses", re-renders image and labels (debounced) with the same
+    appearance settings.
     """
 
     def __init__(self, napari_viewer) -> None:
@@ -116,7 +118,7 @@ class LayoutsWidget(QWidget):
         )
 
     def render_from_points(self) -> None:
-        """Re-render image and labels from the centre points and their features."""
+        """Re-render image and labels from the centre points (with their features) and the drawn ellipses."""
         if CENTRES not in self.viewer.layers:
             return
         params = self._params()
@@ -127,8 +129,12 @@ class LayoutsWidget(QWidget):
         cells = {"row": data[:, 0], "col": data[:, 1]}
         feats = pts.features
         for col in _FEATURES:
+            cells[col] = np.full(len(data), _default(col, params))
             if col in feats and len(feats) == len(data):
                 cells[col] = np.nan_to_num(feats[col].to_numpy(dtype=float), nan=_default(col, params))
+        if ELLIPSES in self.viewer.layers:
+            drawn = ellipse_cells(self.viewer.layers[ELLIPSES], default_intensity=_default("intensity", params))
+            cells = {k: np.concatenate([cells[k], drawn[k]]) for k in cells}
         lay = render_layout(cells, params=params, rng=int(self.seed.value))
         self._show(lay, params, int(self.seed.value), "layouts.draw", points=False)
 
@@ -172,6 +178,10 @@ class LayoutsWidget(QWidget):
             params = self._params() or LayoutParams()
             empty = render_layout({"row": [], "col": []}, params=params, rng=int(self.seed.value))
             self._show(empty, params, int(self.seed.value), "layouts.draw")
+        if on and ELLIPSES not in self.viewer.layers:
+            shapes = self.viewer.add_shapes(name=ELLIPSES, ndim=2, edge_color="cyan", face_color="transparent",
+                                            edge_width=1)
+            shapes.events.data.connect(self._on_points_edited)
         if CENTRES in self.viewer.layers:
             layer = self.viewer.layers[CENTRES]
             self.viewer.layers.selection.active = layer
@@ -180,6 +190,26 @@ class LayoutsWidget(QWidget):
     def _set_busy(self, busy: bool) -> None:
         for w in (self.generate_button, self.next_button, self.export_button):
             w.enabled = not busy
+
+
+def ellipse_cells(shapes, *, default_intensity: float) -> dict:
+    """Cells (centre, semi-axes, angle) of the ellipses of a napari Shapes layer; other shapes are ignored.
+
+    A napari ellipse is stored as the 4 corners of its (possibly rotated) bounding box;
+    its first edge gives the ``radius_row`` axis and its angle (see
+    :func:`cellsynth.layouts.generate.ellipse_mask`), the second edge ``radius_col``.
+    """
+    rows = {c: [] for c in ("row", "col", *_FEATURES)}
+    for corners, kind in zip(shapes.data, shapes.shape_type):
+        if kind != "ellipse":
+            continue
+        corners = np.asarray(corners, dtype=float)[:, -2:]
+        centre = corners.mean(axis=0)
+        e1, e2 = corners[1] - corners[0], corners[3] - corners[0]
+        for key, value in zip(rows, (centre[0], centre[1], np.hypot(*e1) / 2, np.hypot(*e2) / 2,
+                                     np.arctan2(e1[1], e1[0]), default_intensity)):
+            rows[key].append(value)
+    return {k: np.asarray(v, dtype=float) for k, v in rows.items()}
 
 
 def _default(col: str, params: LayoutParams) -> float:
