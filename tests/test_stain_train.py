@@ -18,13 +18,7 @@ TINY = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups":
         "dropout": 0.0, "num_train_timesteps": 50}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids oversubscription on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

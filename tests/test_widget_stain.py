@@ -5,10 +5,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-# torch._dynamo (imported by diffusers) loads triton's bundled LLVM; loading it after a viewer has made a
-# software OpenGL context (Mesa llvmpipe, as in headless test runs) crashes, so import it first.
-import diffusers  # noqa: E402, F401
-
 from cellsynth._napari.nsc_widget import NSCWidget, mask_layer_name  # noqa: E402
 from cellsynth._napari.stain_widget import StainWidget, round_mask_name, stain_layer_name  # noqa: E402
 from cellsynth.stain.model import StainModelConfig, build_unet, save_stain_model  # noqa: E402
@@ -16,12 +12,7 @@ from cellsynth.stain.model import StainModelConfig, build_unet, save_stain_model
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
