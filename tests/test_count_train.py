@@ -158,3 +158,15 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     assert set(json.loads(capsys.readouterr().out)) >= {"mae", "rmse", "acp5", "acp10"}
     assert main(["train-counter", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "no such training data" in capsys.readouterr().err
+
+
+def test_finetune_stage_restarts_the_learning_rate_schedule(real, synthetic):
+    # 12 pretraining epochs with x0.1 every 5 epochs would leave the fine-tuning
+    # stage at 1e-3 * 0.01; the fine-tuning stage must start at the full rate.
+    cfg = TrainConfig(backbone="test_efficientnet", blocks=3, crop=64, batch_size=4, lr=1e-3, lr_step=5,
+                      lr_gamma=0.1, strategy="finetune", epochs=13, pretrain_epochs=12, steps_per_epoch=1,
+                      val_fraction=0)
+    res = train_counter(real, synthetic=synthetic, config=cfg, device="cpu")
+    lrs = [r["lr"] for r in res.history]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[11] == pytest.approx(1e-5)
+    assert lrs[12] == pytest.approx(1e-3)

@@ -206,9 +206,24 @@ class _Batcher:
 
 
 def _lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Step-decayed learning rate of ``epoch`` (1-based).
+
+    With ``finetune`` the schedule restarts at the first fine-tuning epoch: the
+    stage on labelled images starts at ``lr`` again, whatever the length of the
+    synthetic pretraining stage.
+
+    Examples
+    --------
+    >>> cfg = TrainConfig(strategy="finetune", epochs=60, pretrain_epochs=50, lr=1e-4)
+    >>> _lr_at(cfg, 50) < 1e-8, _lr_at(cfg, 51)
+    (True, 0.0001)
+    """
     if cfg.lr_step <= 0:
         return cfg.lr
-    return cfg.lr * cfg.lr_gamma ** ((epoch - 1) // cfg.lr_step)
+    stage_epoch = epoch
+    if cfg.strategy == "finetune" and cfg.pretrain_epochs and epoch > cfg.pretrain_epochs:
+        stage_epoch = epoch - cfg.pretrain_epochs
+    return cfg.lr * cfg.lr_gamma ** ((stage_epoch - 1) // cfg.lr_step)
 
 
 def _loss(net, x, y, cfg: TrainConfig, weight=None):
