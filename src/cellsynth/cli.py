@@ -8,7 +8,9 @@ files) are printed as one ``error:`` line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -53,14 +55,52 @@ def _demo(args) -> int:
     return run_demo(screenshot=args.screenshot, seed=args.seed)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that ``finally`` blocks remove unfinished files."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: Library arguments named in error messages, and the flags a person types instead.
+_FLAGS = (("call with offline=False", "run without --offline"), ("offline=False", "no --offline"),
+          ("offline=True", "--offline"), ("overwrite=True", "--overwrite"), ("resume=True", "--resume"))
+
+
+def _cli_wording(message: str) -> str:
+    """An error message with library arguments replaced by the command-line flags."""
+    for arg, flag in _FLAGS:
+        message = message.replace(f"{arg} ({flag})", flag).replace(arg, flag)
+    return message
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_cli_wording(str(exc))}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("error: terminated (SIGTERM); unfinished files were removed, a re-run resumes where it can",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

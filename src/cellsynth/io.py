@@ -23,7 +23,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +31,7 @@ import numpy as np
 
 __all__ = [
     "atomic_path",
+    "remove_stale_parts",
     "read_tiff",
     "write_tiff",
     "read_points_csv",
@@ -73,6 +74,37 @@ def atomic_path(path: os.PathLike | str, *, overwrite: bool = False) -> Iterator
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+#: Temporary names made by :func:`atomic_path`: ``.NAME.XXXXXXXX.part`` (mkstemp's 8 random characters).
+_PART = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.part$")
+
+
+def remove_stale_parts(folder: os.PathLike | str, *, names: Optional[Collection[str]] = None) -> list[Path]:
+    """Remove temporary files that killed atomic writes left in ``folder``.
+
+    Parameters
+    ----------
+    folder : path-like
+        The folder to clean (not its sub-folders); a missing folder is fine.
+    names : collection of str, optional
+        Only the temporary files of these final names; by default those of any name.
+
+    Returns
+    -------
+    list of Path
+        The removed files.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        m = _PART.match(p.name)
+        if m and (names is None or m.group("name") in names) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _umask() -> int:
@@ -314,8 +346,18 @@ def read_points_csv(path: os.PathLike | str) -> tuple[np.ndarray, dict[str, np.n
 # ----------------------------------------------------------------------------- JSON
 
 def write_json(path: os.PathLike | str, obj: Any, *, overwrite: bool = False) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, default=json_default)
+    """Write ``obj`` as indented JSON, atomically.
+
+    Raises
+    ------
+    ValueError
+        If ``obj`` holds NaN or an infinite number (not valid JSON); nothing is written.
+    """
+    try:
+        text = json.dumps(obj, indent=2, default=json_default, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"cannot write {path}: it would hold NaN or an infinite number, which JSON "
+                         f"cannot store ({exc})") from None
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text(text + "\n")
     return Path(path)

@@ -17,6 +17,7 @@ resumes where it stopped and never leaves partial files behind.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -85,7 +86,17 @@ def export_dataset(
     ------
     FileExistsError
         ``out_dir`` holds other files, or a dataset made with other settings,
-        and ``overwrite`` is False.
+        and ``overwrite`` is False; or its ``manifest.json`` is not a layout
+        dataset's (whatever ``overwrite`` says).
+    ValueError
+        The manifest's items name files other than the ones this function makes
+        (such as ``../x`` or absolute paths); nothing is removed then.
+
+    Notes
+    -----
+    Files are only ever written or removed inside ``out_dir``, under the names
+    above: ``overwrite`` and a smaller ``n`` remove the item files beyond the kept
+    ones, and a re-run removes temporary files that a killed run left.
     """
     params = params or LayoutParams()
     if int(n) != n or n < 1:
@@ -93,42 +104,86 @@ def export_dataset(
     n, seed = int(n), int(seed)
     root = Path(out_dir)
     manifest_path = root / "manifest.json"
-    items: list[dict] = []
-    if manifest_path.exists():
-        old = io.read_json(manifest_path)
-        same = old.get("format") == FORMAT and old.get("params") == params.to_dict() and old.get("seed") == seed
-        if same:
-            items = [it for it in old.get("items", [])[:n] if all((root / it[k]).is_file() for k in ("image", "labels", "centres"))]
-        elif not overwrite:
-            raise FileExistsError(
-                f"{root} already holds a layout dataset made with other parameters or seed; "
-                "choose a new folder or pass overwrite=True (--overwrite) to replace it"
-            )
-        else:
-            for it in old.get("items", []):
-                for k in ("image", "labels", "centres"):
-                    (root / it[k]).unlink(missing_ok=True)
-    elif root.exists() and any(root.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{root} is not empty and holds no layout dataset; choose an empty or new folder"
-        )
+    items = _items_to_keep(root, params, seed, n, overwrite)
+    if manifest_path.exists():  # ours (checked above): stale and surplus files are ours too
+        _remove_product_files(root, keep=len(items))
     doc = {"format": FORMAT, "version": VERSION, "params": params.to_dict(), "seed": seed, "n": n,
-           "complete": False, "items": items}
+           "complete": len(items) == n, "items": items}
     io.write_json(manifest_path, doc, overwrite=True)
     report(progress, "layouts", len(items), n)
     for i in range(len(items), n):
-        s = item_seed(seed, i)
-        lay = generate_layout(params, rng=s)
-        names = _names(i)
-        io.write_tiff(root / names["image"], lay.image, overwrite=True)
-        io.write_tiff(root / names["labels"], lay.labels, overwrite=True)
-        feats = {k: v for k, v in lay.cells.items() if k not in ("row", "col")}
-        io.write_points_csv(root / names["centres"], lay.centres, features=feats, overwrite=True)
-        items.append({**names, "seed": s, "n_cells": lay.n_cells})
+        items.append(_write_item(root, i, params, item_seed(seed, i)))
         doc["complete"] = len(items) == n
         io.write_json(manifest_path, doc, overwrite=True)
         report(progress, "layouts", i + 1, n)
     return manifest_path
+
+
+def _write_item(root: Path, i: int, params: LayoutParams, s: int) -> dict:
+    lay = generate_layout(params, rng=s)
+    names = _names(i)
+    io.write_tiff(root / names["image"], lay.image, overwrite=True)
+    io.write_tiff(root / names["labels"], lay.labels, overwrite=True)
+    feats = {k: v for k, v in lay.cells.items() if k not in ("row", "col")}
+    io.write_points_csv(root / names["centres"], lay.centres, features=feats, overwrite=True)
+    return {**names, "seed": s, "n_cells": lay.n_cells}
+
+
+def _items_to_keep(root: Path, params: LayoutParams, seed: int, n: int, overwrite: bool) -> list:
+    """The finished items of an earlier export of the same settings that a resume keeps.
+
+    Raises FileExistsError for a folder holding something else (a foreign manifest
+    always; other files or another dataset unless ``overwrite``), ValueError for a
+    manifest of ours whose items name files the export did not make.
+    """
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        if root.exists() and any(root.iterdir()) and not overwrite:
+            raise FileExistsError(f"{root} is not empty and holds no layout dataset; choose an empty or new folder")
+        return []
+    old = io.read_json(manifest_path)
+    if not isinstance(old, dict) or old.get("format") != FORMAT or not isinstance(old.get("items", []), list):
+        found = old.get("format") if isinstance(old, dict) else None
+        raise FileExistsError(f"{manifest_path} is not a layout dataset manifest (format {found!r}, expected "
+                              f"{FORMAT!r}); choose an empty or new folder")
+    for i, it in enumerate(old.get("items", [])):
+        bad = {k: it.get(k) for k, v in _names(i).items() if not isinstance(it, dict) or it.get(k) != v}
+        if bad:
+            raise ValueError(f"{manifest_path}: item {i} names {bad}, expected {_names(i)}; this manifest was not "
+                             "written by export_dataset, so nothing in that folder is replaced or removed")
+    if old.get("params") != params.to_dict() or old.get("seed") != seed:
+        if not overwrite:
+            raise FileExistsError(f"{root} already holds a layout dataset made with other parameters or seed; "
+                                  "choose a new folder or pass overwrite=True to replace it")
+        return []
+    items = []
+    for it in old.get("items", [])[:n]:
+        if not all((root / it[k]).is_file() for k in ("image", "labels", "centres")):
+            break
+        items.append(it)
+    return items
+
+
+_ITEM_FILE = re.compile(r"^layout_(\d{4,})\.(tif|csv)$")
+_SUBDIRS = {"images": ".tif", "labels": ".tif", "centres": ".csv"}
+
+
+def _remove_product_files(root: Path, *, keep: int) -> None:
+    """Remove the item files this module names with index >= ``keep`` and stale temporary files.
+
+    Only ``images/``, ``labels/`` and ``centres/`` directly under ``root`` are
+    looked at (never through a symbolic link), and only names ``layout_NNNN``.
+    """
+    io.remove_stale_parts(root, names=("manifest.json",))
+    for sub, ext in _SUBDIRS.items():
+        folder = root / sub
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        io.remove_stale_parts(folder)
+        for p in folder.iterdir():
+            m = _ITEM_FILE.match(p.name)
+            if m and p.suffix == ext and int(m.group(1)) >= keep and p.is_file() and not p.is_symlink():
+                p.unlink()
 
 
 @dataclass(frozen=True)

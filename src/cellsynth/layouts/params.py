@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,9 @@ class LayoutParams:
                 items = (cast,)
             low, high = f.metadata.get("low"), f.metadata.get("high")
             for v in items:
-                if v != v or (low is not None and v < low) or (high is not None and v > high):
+                if not math.isfinite(v):
+                    raise ValueError(f"{f.name} must be a finite number, got {getattr(self, f.name)!r}")
+                if (low is not None and v < low) or (high is not None and v > high):
                     rng = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
                     raise ValueError(f"{f.name} must be in {rng}, got {getattr(self, f.name)!r}")
         if self.count_min > self.count_max:

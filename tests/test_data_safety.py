@@ -1,0 +1,139 @@
+"""Outputs are written and removed only inside the output folder, under names the product made."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cellsynth import io
+from cellsynth.cli import main
+from cellsynth.layouts import LayoutParams, export_dataset
+
+P = LayoutParams(shape=(32, 32), count_mean=4, count_std=1)
+
+
+def test_overwrite_never_removes_paths_a_foreign_manifest_lists(tmp_path, capsys):
+    out = tmp_path / "r1" / "out"
+    out.mkdir(parents=True)
+    victim = tmp_path / "r1" / "victim.txt"
+    victim.write_text("x")
+    outside = tmp_path / "abs.txt"
+    outside.write_text("y")
+    doc = {"items": [{"image": "../victim.txt", "labels": str(outside), "centres": "y"}]}
+    (out / "manifest.json").write_text(json.dumps(doc))
+    rc = main(["layouts", "--n", "1", "--size", "32", "32", "--out", str(out), "--overwrite"])
+    assert rc == 2 and "not a layout dataset manifest" in capsys.readouterr().err
+    assert victim.read_text() == "x" and outside.read_text() == "y"
+
+
+def test_overwrite_refuses_our_format_with_paths_outside_the_folder(tmp_path):
+    export_dataset(tmp_path / "ds", 1, params=P, seed=0)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("x")
+    doc = io.read_json(tmp_path / "ds" / "manifest.json")
+    doc["items"][0]["image"] = "../victim.txt"
+    io.write_json(tmp_path / "ds" / "manifest.json", doc, overwrite=True)
+    with pytest.raises(ValueError, match="victim.txt"):
+        export_dataset(tmp_path / "ds", 1, params=P, seed=5, overwrite=True)
+    with pytest.raises(ValueError, match="victim.txt"):
+        export_dataset(tmp_path / "ds", 1, params=P, seed=0)  # resume reads the items too
+    assert victim.read_text() == "x"
+
+
+def test_smaller_n_completes_and_leaves_no_orphans(tmp_path):
+    export_dataset(tmp_path / "ds", 3, params=P, seed=0)
+    export_dataset(tmp_path / "ds", 2, params=P, seed=0)
+    doc = io.read_json(tmp_path / "ds" / "manifest.json")
+    assert doc["complete"] and doc["n"] == 2 and len(doc["items"]) == 2
+    for sub in ("images", "labels", "centres"):
+        assert len(list((tmp_path / "ds" / sub).iterdir())) == 2
+
+
+def test_overwrite_leaves_no_stale_files_but_keeps_foreign_ones(tmp_path):
+    export_dataset(tmp_path / "ds", 3, params=P, seed=0)
+    doc = io.read_json(tmp_path / "ds" / "manifest.json")
+    doc["items"], doc["complete"] = doc["items"][:2], False  # killed after writing item 2's files
+    io.write_json(tmp_path / "ds" / "manifest.json", doc, overwrite=True)
+    (tmp_path / "ds" / "images" / "mine.txt").write_text("keep")
+    export_dataset(tmp_path / "ds", 1, params=P, seed=1, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "ds" / "images").iterdir()) == ["layout_0000.tif", "mine.txt"]
+    assert len(list((tmp_path / "ds" / "labels").iterdir())) == 1
+
+
+def test_a_missing_item_is_regenerated_in_place(tmp_path):
+    export_dataset(tmp_path / "ds", 3, params=P, seed=0)
+    before = (tmp_path / "ds" / "images" / "layout_0002.tif").read_bytes()
+    (tmp_path / "ds" / "labels" / "layout_0001.tif").unlink()
+    export_dataset(tmp_path / "ds", 3, params=P, seed=0)
+    doc = io.read_json(tmp_path / "ds" / "manifest.json")
+    assert [it["image"] for it in doc["items"]] == [f"images/layout_{i:04d}.tif" for i in range(3)]
+    assert (tmp_path / "ds" / "labels" / "layout_0001.tif").is_file()
+    assert (tmp_path / "ds" / "images" / "layout_0002.tif").read_bytes() == before
+
+
+def test_a_rerun_removes_its_own_stale_part_files(tmp_path):
+    export_dataset(tmp_path / "ds", 1, params=P, seed=0)
+    stale = [tmp_path / "ds" / ".manifest.json.abcd1234.part", tmp_path / "ds" / "images" / ".layout_0000.tif.x_y_z123.part"]
+    for p in stale:
+        p.write_text("partial")
+    foreign = tmp_path / "ds" / ".notes.txt.abcd1234.part"
+    foreign.write_text("not ours")
+    export_dataset(tmp_path / "ds", 2, params=P, seed=0)
+    assert not any(p.exists() for p in stale)
+    assert foreign.exists()
+
+
+def test_remove_stale_parts_only_removes_temporary_files_of_the_given_names(tmp_path):
+    (tmp_path / ".a.tif.12345678.part").write_text("")
+    (tmp_path / ".b.tif.12345678.part").write_text("")
+    (tmp_path / "a.tif").write_text("final")
+    removed = io.remove_stale_parts(tmp_path, names=["a.tif"])
+    assert [p.name for p in removed] == [".a.tif.12345678.part"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.tif.12345678.part", "a.tif"]
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    out = tmp_path / "ds"
+    code = ("import sys; from cellsynth.cli import main; "
+            f"sys.exit(main(['layouts', '--n', '100000', '--size', '64', '64', '--out', {str(out)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "images").is_dir() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err.strip().splitlines()[-1].startswith("error: terminated")
+    assert not list(out.rglob("*.part"))
+    doc = io.read_json(out / "manifest.json")
+    assert not doc["complete"] and all((out / it["image"]).is_file() for it in doc["items"])
+
+
+def test_write_json_refuses_nan_and_infinity(tmp_path):
+    with pytest.raises(ValueError, match="NaN"):
+        io.write_json(tmp_path / "a.json", {"loss": float("nan")})
+    with pytest.raises(ValueError, match="NaN"):
+        io.write_json(tmp_path / "b.json", {"x": np.float32("inf")})
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag", ["--noise-std", "--cluster-spread", "--count-mean", "--cell-size"])
+def test_infinite_layout_options_are_refused(tmp_path, capsys, flag):
+    rc = main(["layouts", "--n", "1", "--size", "32", "32", "--out", str(tmp_path / "d"), flag, "inf"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert flag[2:].replace("-", "_") in err and "finite" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_errors_name_cli_flags_not_library_arguments(tmp_path, capsys):
+    export_dataset(tmp_path / "ds", 1, params=P, seed=0)
+    assert main(["layouts", "--n", "1", "--size", "32", "32", "--out", str(tmp_path / "ds"), "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err
