@@ -137,3 +137,82 @@ def test_errors_name_cli_flags_not_library_arguments(tmp_path, capsys):
     assert main(["layouts", "--n", "1", "--size", "32", "32", "--out", str(tmp_path / "ds"), "--seed", "1"]) == 2
     err = capsys.readouterr().err
     assert "--overwrite" in err and "overwrite=True" not in err
+
+
+# ----------------------------------------------------------------------------- simulated staining pairs
+
+def _cancel_after(k):
+    from cellsynth.progress import Cancelled
+
+    def callback(p):
+        if p.step >= k:
+            raise Cancelled()
+    return callback
+
+
+def test_simulate_stain_pairs_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    from cellsynth.progress import Cancelled
+    from cellsynth.stain.simulate import simulate_stain_pairs
+
+    with pytest.raises(Cancelled):
+        simulate_stain_pairs(tmp_path / "a", 4, seed=2, shape=(32, 32), progress=_cancel_after(2))
+    assert io.read_json(tmp_path / "a" / "stain_pairs.json")["complete"] is False
+    steps = []
+    simulate_stain_pairs(tmp_path / "a", 4, seed=2, shape=(32, 32), progress=lambda p: steps.append(p.step))
+    assert steps == [2, 3, 4]
+    assert io.read_json(tmp_path / "a" / "stain_pairs.json")["complete"] is True
+    simulate_stain_pairs(tmp_path / "b", 4, seed=2, shape=(32, 32))
+    files = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.tif"))
+    assert files == sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.tif"))
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_simulate_stain_pairs_smaller_n_and_overwrite_remove_only_their_own_files(tmp_path):
+    from cellsynth.stain.simulate import simulate_stain_pairs
+
+    root = simulate_stain_pairs(tmp_path / "a", 3, seed=0, shape=(32, 32))
+    (root / "fov_0002" / "notes.txt").write_text("keep")
+    (root / "fov_0001" / "brightfield" / ".0_z-1.tif.abcd1234.part").write_text("partial")
+    simulate_stain_pairs(root, 2, seed=0, shape=(32, 32))
+    assert sorted(p.name for p in root.iterdir()) == ["fov_0000", "fov_0001", "fov_0002", "stain_pairs.json"]
+    assert [p.name for p in (root / "fov_0002").iterdir()] == ["notes.txt"]
+    assert not list(root.rglob("*.part"))
+    simulate_stain_pairs(root, 1, seed=1, shape=(32, 32), overwrite=True)
+    assert not (root / "fov_0001").exists() and (root / "fov_0002" / "notes.txt").exists()
+    assert io.read_json(root / "stain_pairs.json")["seed"] == 1
+
+
+def test_simulate_stain_pairs_refuses_a_foreign_record_even_with_overwrite(tmp_path):
+    from cellsynth.stain.simulate import simulate_stain_pairs
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "stain_pairs.json").write_text('{"n": 1}')
+    with pytest.raises(FileExistsError, match="not a record of simulated pairs"):
+        simulate_stain_pairs(tmp_path / "a", 1, shape=(32, 32), overwrite=True)
+
+
+def test_an_incomplete_pairs_folder_is_refused_for_evaluation_and_training(tmp_path, capsys):
+    from cellsynth.progress import Cancelled
+    from cellsynth.stain.data import read_stain_dataset
+    from cellsynth.stain.metrics import evaluate_stain
+    from cellsynth.stain.simulate import simulate_stain_pairs
+
+    with pytest.raises(Cancelled):
+        simulate_stain_pairs(tmp_path / "a", 5, shape=(32, 32), progress=_cancel_after(2))
+    with pytest.raises(ValueError, match="2 of 5"):
+        read_stain_dataset(tmp_path / "a")
+    with pytest.raises(ValueError, match="2 of 5"):
+        evaluate_stain(tmp_path / "a", None)
+    assert main(["simulate-stain-pairs", "--n", "5", "--size", "32", "32", "--out", str(tmp_path / "a")]) == 0
+    assert len(read_stain_dataset(tmp_path / "a")) == 5
+
+
+def test_evaluate_stain_refuses_a_zero_limit(tmp_path):
+    from cellsynth.stain.metrics import evaluate_stain
+    from cellsynth.stain.simulate import simulate_stain_pairs
+
+    root = simulate_stain_pairs(tmp_path / "a", 1, shape=(32, 32))
+    for limit in (0, -1):
+        with pytest.raises(ValueError, match="limit"):
+            evaluate_stain(root, None, limit=limit)

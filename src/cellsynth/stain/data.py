@@ -94,6 +94,20 @@ class StainDataset:
         return np.stack(bf).astype(np.float32), np.stack(fl).astype(np.float32)
 
 
+def _check_complete(root: Path, found: int) -> None:
+    """Refuse a folder whose ``stain_pairs.json`` says that its writing was interrupted."""
+    record = root / "stain_pairs.json"
+    if not record.is_file():
+        return
+    doc = io.read_json(record)
+    if not isinstance(doc, dict) or doc.get("format") != "cellsynth.stain-pairs":
+        return
+    n = doc.get("n")
+    if doc.get("complete") is False or (isinstance(n, int) and found < n):
+        raise ValueError(f"{root} is incomplete: {found} of {n} fields of view were written (an interrupted "
+                         "simulate-stain-pairs); run it again with the same settings to finish the folder")
+
+
 def read_stain_dataset(path: os.PathLike | str) -> StainDataset:
     """Open a paired-data folder and check that its fields of view agree.
 
@@ -102,13 +116,15 @@ def read_stain_dataset(path: os.PathLike | str) -> StainDataset:
     FileNotFoundError
         If the folder does not exist.
     ValueError
-        If it holds no field of view, or fields of view disagree on names.
+        If it holds no field of view, fields of view disagree on names, or its
+        ``stain_pairs.json`` says that it is incomplete.
     """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no such paired-data folder: {root}")
     fovs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "brightfield").is_dir()
                   and (p / "fluorescence").is_dir())
+    _check_complete(root, len(fovs))
     if not fovs:
         raise ValueError(
             f"{root} holds no field of view; expected sub-folders with 'brightfield/' and 'fluorescence/' "

@@ -95,6 +95,8 @@ def evaluate_stain(
     from .data import read_stain_dataset
     from .model import to_unit
 
+    if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise ValueError(f"limit must be a positive number of fields of view (--limit >= 1), got {limit!r}")
     ds = read_stain_dataset(data_dir)
     cfg = pipeline.config
     if list(ds.channels) != list(cfg.channel_names) or len(ds.brightfield) != cfg.n_condition:

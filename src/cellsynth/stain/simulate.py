@@ -21,6 +21,7 @@ through defocus contrast, halos and noise (not trivial).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -189,13 +190,15 @@ def simulate_stain_pairs(
     Parameters
     ----------
     out : path-like
-        Folder to fill (created; must be empty or hold pairs, unless ``overwrite``).
+        Folder to fill (created; must be empty or hold pairs of these settings,
+        unless ``overwrite``). An interrupted run of the same settings resumes; a
+        smaller ``n`` removes the surplus fields of view.
     n : int
         Number of fields of view.
     seed : int
     shape : (int, int)
     overwrite : bool
-        Replace existing files.
+        Replace pairs of other settings (only the files this function writes).
     progress : ProgressCallback, optional
         One event per field of view (stage ``"pairs"``).
 
@@ -209,7 +212,8 @@ def simulate_stain_pairs(
     ValueError
         If ``n`` < 1 or the shape is too small.
     FileExistsError
-        If the folder holds files and ``overwrite`` is False.
+        If the folder holds other files or pairs of other settings and
+        ``overwrite`` is False, or a ``stain_pairs.json`` that is not ours.
 
     Examples
     --------
@@ -220,23 +224,95 @@ def simulate_stain_pairs(
     (2, ('DNA', 'ER', 'RNA', 'AGP', 'Mito'), ('z-1', 'z0', 'z+1'))
     """
     from .. import io
-    from .data import write_stain_pair
 
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if len(shape) != 2 or min(shape) < 16:
         raise ValueError(f"shape must be two sizes >= 16, got {shape!r}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace its pairs")
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_json(out / "stain_pairs.json", {
-        "format": "cellsynth.stain-pairs", "version": 1, "generator": "cellsynth.stain.simulate_stain_pair",
-        "seed": int(seed), "n": int(n), "shape": list(shape), "channels": list(CHANNELS), "brightfield": list(PLANES),
-    }, overwrite=True)
-    for i in range(n):
-        pair = simulate_stain_pair(tuple(shape), rng=[int(seed), i])
-        write_stain_pair(out / f"fov_{i:04d}", pair.brightfield, pair.fluorescence, brightfield_names=PLANES,
-                         channel_names=CHANNELS, overwrite=True)
+    out, n = Path(out), int(n)
+    record = {"format": PAIRS_FORMAT, "version": 1, "generator": "cellsynth.stain.simulate_stain_pair",
+              "seed": int(seed), "shape": [int(v) for v in shape], "channels": list(CHANNELS),
+              "brightfield": list(PLANES)}
+    done = _pairs_to_keep(out, record, n, overwrite)
+    if (out / PAIRS_RECORD).exists():  # ours (checked above)
+        _remove_pair_files(out, keep=done)
+    doc = {**record, "n": n, "complete": done == n}
+    io.write_json(out / PAIRS_RECORD, doc, overwrite=True)
+    report(progress, "pairs", done, n)
+    for i in range(done, n):
+        _write_pair(out, i, record)
+        if i == n - 1:
+            io.write_json(out / PAIRS_RECORD, {**doc, "complete": True}, overwrite=True)
         report(progress, "pairs", i + 1, n)
     return out
+
+
+PAIRS_FORMAT = "cellsynth.stain-pairs"
+PAIRS_RECORD = "stain_pairs.json"
+_FOV = re.compile(r"^fov_(\d{4,})$")
+
+
+def _pair_files(i: int) -> list:
+    """The files of field of view ``i``, relative to the folder, in the order they are written."""
+    return ([f"fov_{i:04d}/brightfield/{j}_{name}.tif" for j, name in enumerate(PLANES)]
+            + [f"fov_{i:04d}/fluorescence/{j}_{name}.tif" for j, name in enumerate(CHANNELS)])
+
+
+def _write_pair(out: Path, i: int, record: dict) -> None:
+    from .data import write_stain_pair
+
+    pair = simulate_stain_pair(tuple(record["shape"]), rng=[record["seed"], i])
+    write_stain_pair(out / f"fov_{i:04d}", pair.brightfield, pair.fluorescence, brightfield_names=PLANES,
+                     channel_names=CHANNELS, overwrite=True)
+
+
+def _pairs_to_keep(out: Path, record: dict, n: int, overwrite: bool) -> int:
+    """How many leading fields of view an earlier run of the same settings finished.
+
+    Raises FileExistsError for a folder holding anything else: a record that is
+    not ours always, other files or pairs of other settings unless ``overwrite``.
+    """
+    from .. import io
+
+    path = out / PAIRS_RECORD
+    if not path.exists():
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} is not empty and holds no simulated pairs; choose an empty or new folder")
+        return 0
+    old = io.read_json(path)
+    if not isinstance(old, dict) or old.get("format") != PAIRS_FORMAT:
+        raise FileExistsError(f"{path} is not a record of simulated pairs (format {PAIRS_FORMAT!r}); "
+                              "choose an empty or new folder")
+    if any(old.get(k) != v for k, v in record.items() if k != "version"):
+        if not overwrite:
+            raise FileExistsError(f"{out} holds simulated pairs of another seed or size; choose a new folder "
+                                  "or pass overwrite=True to replace them")
+        return 0
+    done = 0
+    while done < n and all((out / f).is_file() for f in _pair_files(done)):
+        done += 1
+    return done
+
+
+def _remove_pair_files(out: Path, *, keep: int) -> None:
+    """Remove the files of fields of view >= ``keep`` (only the names this module writes,
+    never through a symbolic link), folders left empty, and stale temporary files."""
+    from .. import io
+
+    io.remove_stale_parts(out, names=(PAIRS_RECORD,))
+    for fov in sorted(out.iterdir()):
+        m = _FOV.match(fov.name)
+        if not m or not fov.is_dir() or fov.is_symlink():
+            continue
+        i = int(m.group(1))
+        for sub in ("brightfield", "fluorescence"):
+            io.remove_stale_parts(fov / sub)
+        if i < keep:
+            continue
+        for rel in _pair_files(i):
+            f = out / rel
+            if f.is_file() and not f.is_symlink() and not f.parent.is_symlink():
+                f.unlink()
+        for folder in (fov / "brightfield", fov / "fluorescence", fov):
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                folder.rmdir()
