@@ -1,0 +1,347 @@
+"""Retraining a density counter from a person's corrected points, counted only where they checked.
+
+Steps of :func:`retrain_counter`:
+
+1. check inputs (images, points, checked regions);
+2. choose the working scale as :func:`~cellsynth.adapt.adapt_counter` does and
+   bring images, points and regions to it;
+3. density targets from the points and a loss mask of the checked regions (the
+   whole image when none is given): outside them the loss is zero;
+4. a small replay set of stylized synthetic layouts (against forgetting), a few
+   of them held out;
+5. count and score the base: the count error inside the checked regions and the
+   error on the held-out layouts;
+6. fine-tune a copy of the base on crops placed over the checked regions, mixed
+   with replay crops, for the time budget;
+7. keep the new counter when its error in the checked regions is not higher and
+   its held-out synthetic error did not grow much (else the base, ``accepted=False``);
+8. count with the kept counter, write the report and the counter.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from ..progress import ProgressCallback, report
+from ._output import REPORT_FILE, check_out
+from ._train import Item, crop_item, finetune, forward_density, make_item, peak_count, stack_batch, working_scale
+from .adapt import (AdaptParams, AdaptResult, check_budget, check_images, count_images, finish, load_base,
+                    working_planes)
+from .fast_style import matched_layouts
+from .stats import combine_stats, estimate_image_stats
+
+__all__ = ["retrain_counter", "region_mask", "region_error"]
+
+
+def _check_points(points, n: int) -> list[np.ndarray]:
+    if isinstance(points, np.ndarray) or not isinstance(points, Sequence) or len(points) != n:
+        raise ValueError(f"points must be a sequence of {n} arrays of shape (K, 2), one per image")
+    out = []
+    for i, pts in enumerate(points):
+        a = np.asarray(pts, dtype=float)
+        if a.size == 0:
+            a = np.zeros((0, 2))
+        if a.ndim != 2 or a.shape[1] != 2:
+            raise ValueError(f"points[{i}] must have shape (K, 2) as (row, col), got {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"points[{i}] contains NaN or infinite values")
+        out.append(a)
+    return out
+
+
+def _check_regions(regions, shapes: list[tuple[int, int]]) -> list[Optional[list[tuple[int, int, int, int]]]]:
+    if regions is None:
+        return [None] * len(shapes)
+    if not isinstance(regions, Sequence) or len(regions) != len(shapes):
+        raise ValueError(f"regions must be None or a sequence of {len(shapes)} entries (a list of boxes or None per image)")
+    out = []
+    for i, (boxes, shape) in enumerate(zip(regions, shapes)):
+        if boxes is None:
+            out.append(None)
+            continue
+        checked = []
+        for box in boxes:
+            b = np.asarray(box, dtype=float).ravel()
+            if b.size != 4 or not np.all(np.isfinite(b)):
+                raise ValueError(f"regions[{i}] box {box!r} must be (row0, col0, row1, col1)")
+            r0, c0 = max(0, int(np.floor(b[0]))), max(0, int(np.floor(b[1])))
+            r1, c1 = min(shape[0], int(np.ceil(b[2]))), min(shape[1], int(np.ceil(b[3])))
+            if r1 <= r0 or c1 <= c0:
+                raise ValueError(f"regions[{i}] box {box!r} is empty inside the image of shape {shape}; "
+                                 "expected row0 < row1 and col0 < col1 overlapping the image")
+            checked.append((r0, c0, r1, c1))
+        if not checked:
+            raise ValueError(f"regions[{i}] is an empty list; give boxes, or None for the whole image")
+        out.append(checked)
+    return out
+
+
+def region_mask(shape: tuple[int, int], boxes, factor: float = 1.0) -> np.ndarray:
+    """1 inside the boxes (scaled by ``factor``), 0 elsewhere.
+
+    Examples
+    --------
+    >>> region_mask((4, 6), [(0, 0, 2, 3)]).sum()
+    6.0
+    """
+    m = np.zeros(shape, np.float32)
+    for r0, c0, r1, c1 in boxes:
+        m[int(np.floor(r0 * factor)):int(np.ceil(r1 * factor)), int(np.floor(c0 * factor)):int(np.ceil(c1 * factor))] = 1
+    return m
+
+
+def _scaled_boxes(boxes, factor: float, shape) -> list[tuple[int, int, int, int]]:
+    return [(int(np.floor(r0 * factor)), int(np.floor(c0 * factor)),
+             min(shape[0], int(np.ceil(r1 * factor))), min(shape[1], int(np.ceil(c1 * factor)))) for r0, c0, r1, c1 in boxes]
+
+
+def region_error(net, config: dict, items: Sequence[Item], device) -> dict:
+    """Point-count error of ``net`` inside the checked regions (whole images without a mask).
+
+    Returns ``error`` (sum of absolute count differences per image over the
+    sum of true counts) and ``counts`` (predicted, true) per image.
+    """
+    scale = float(config.get("density_scale", 100.0))
+    err, tot, pairs = 0.0, 0, []
+    for it in items:
+        d = forward_density(net, it.image, scale=scale, device=device, stride=int(getattr(net, "stride", 16)))
+        pts, _ = peak_count(d, config)
+        m = it.mask if it.mask is not None else np.ones(it.image.shape, np.float32)
+
+        def inside(c):
+            if len(c) == 0:
+                return 0
+            r = np.clip(np.floor(c[:, 0]).astype(int), 0, m.shape[0] - 1)
+            k = np.clip(np.floor(c[:, 1]).astype(int), 0, m.shape[1] - 1)
+            return int((m[r, k] > 0).sum())
+
+        n_pred, n_true = inside(pts), inside(it.centres)
+        err += abs(n_pred - n_true)
+        tot += n_true
+        pairs.append((n_pred, n_true))
+    return {"error": float(err / max(tot, 1)), "counts": pairs}
+
+
+def _synthetic_error(net, config, holdout, device) -> float:
+    return region_error(net, config, [make_item(img, cen, config) for img, cen in holdout], device)["error"]
+
+
+def _retrain_sampler(user: list[Item], boxes: list, replay: list[Item], p: AdaptParams):
+    n_replay = int(round(p.batch_size * p.replay_share)) if replay else 0
+    weights = np.array([sum((b[2] - b[0]) * (b[3] - b[1]) for b in bx) for bx in boxes], float)
+    weights = weights / weights.sum()
+
+    def sample(rng: np.random.Generator, teacher):
+        parts = []
+        for _ in range(p.batch_size - n_replay):
+            i = int(rng.choice(len(user), p=weights))
+            box = boxes[i][int(rng.integers(0, len(boxes[i])))]
+            parts.append(crop_item(user[i], p.crop, rng, box=box))
+        for _ in range(n_replay):
+            parts.append(crop_item(replay[int(rng.integers(0, len(replay)))], p.crop, rng))
+        return stack_batch(parts)
+
+    return sample
+
+
+def retrain_counter(
+    images: Sequence[np.ndarray],
+    points: Sequence[np.ndarray],
+    *,
+    out: Union[str, os.PathLike, None],
+    base: Any = "default",
+    regions: Optional[Sequence[Optional[Sequence[tuple]]]] = None,
+    diameter: Union[float, str, None] = "auto",
+    minutes: float = 2.0,
+    seed: int = 0,
+    device: Any = "auto",
+    progress: Optional[ProgressCallback] = None,
+    overwrite: bool = False,
+    params: Optional[AdaptParams] = None,
+) -> AdaptResult:
+    """Retrain a density counter from corrected points, counting the loss only in checked regions.
+
+    Parameters
+    ----------
+    images : sequence of ndarray
+        2D images (or one-plane multichannel images).
+    points : sequence of ndarray of shape (K, 2)
+        All cell centres ``(row, col)`` of each image, as corrected by a person
+        (at least inside the checked regions).
+    out : path-like or None
+        Folder for the counter and ``adapt_report.json``, written atomically at the end.
+    base : str, path-like or Counter
+        Counter to start from (``"default"``, or e.g. an adapted one).
+    regions : sequence of (sequence of (row0, col0, row1, col1)) or None
+        Per image, the boxes a person checked (end exclusive), or None for the
+        whole image; None: every image is checked everywhere. Outside them the
+        loss is zero.
+    diameter : float, "auto" or None
+        Nucleus diameter in pixels; ``"auto"`` estimates it; None: the images are
+        at the base's scale already.
+    minutes : float
+        Wall-time budget.
+    seed : int
+    device : str or torch.device
+    progress : ProgressCallback, optional
+        Stages ``"count before"``, ``"train"``, ``"check"``, ``"count after"``;
+        may raise ``Cancelled`` (then nothing is written).
+    overwrite : bool
+    params : AdaptParams, optional
+
+    Returns
+    -------
+    AdaptResult
+
+    Raises
+    ------
+    ValueError, TypeError
+        Mismatched images, points or regions; bad settings.
+    FileExistsError
+        ``out`` is not empty and ``overwrite`` is False.
+    """
+    from ..count.preprocess import split_planes
+    from ..device import resolve_device
+
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(name: str, t: float) -> float:
+        now = time.perf_counter()
+        seconds[name] = round(now - t, 2)
+        return now
+
+    # 1. check inputs
+    p = params or AdaptParams()
+    if not isinstance(p, AdaptParams):
+        raise TypeError(f"params must be an AdaptParams, got {type(p).__name__}")
+    imgs = check_images(images)
+    shapes = []
+    for i, im in enumerate(imgs):
+        planes, _ = split_planes(im)
+        if len(planes) != 1:
+            raise ValueError(f"images[{i}] is a stack of {len(planes)} planes; retraining takes 2D images")
+        shapes.append(planes.shape[1:])
+    pts = _check_points(points, len(imgs))
+    boxes = _check_regions(regions, shapes)
+    check_budget(minutes, seed)
+    out = check_out(out, overwrite)
+    dev = resolve_device(device)
+    t = time.perf_counter()
+
+    # 2. scale
+    base_counter = load_base(base, dev)
+    if diameter is None:
+        d_user = base_counter.diameter
+        per_image = []
+    else:
+        per_image = [estimate_image_stats(im, diameter=diameter) for im in imgs]
+        d_user = combine_stats(per_image)["diameter"]
+    s = working_scale(d_user, base_counter.diameter, p.span)
+    factor = s / d_user
+    config = copy.deepcopy(base_counter.config)
+    base_training = config.pop("training", None)
+    config.pop("dtype", None)
+    config.update(diameter=s, name="retrained")
+
+    # 3. targets and masks at the working scale
+    planes = working_planes(imgs, config, factor)
+    user, work_boxes = [], []
+    for pl, c, bx in zip(planes, pts, boxes):
+        cw = (c + 0.5) * factor - 0.5
+        full = [(0, 0, pl.shape[0], pl.shape[1])]
+        wb = full if bx is None else _scaled_boxes(bx, factor, pl.shape)
+        mask = None if bx is None else region_mask(pl.shape, bx, factor)
+        user.append(make_item(pl, cw, config, mask))
+        work_boxes.append(wb)
+    t = lap("prepare", t)
+
+    # 4. replay layouts like the images
+    stats = {"diameter": d_user, "foreground_fraction": float(np.mean([st["foreground_fraction"] for st in per_image]))
+             if per_image else 0.15}
+    n_replay = max(1, p.n_layouts // 2)
+    lays = matched_layouts(stats, n_replay + p.n_holdout, shape=(p.layout_size, p.layout_size), scale=factor,
+                           references=planes, rng=seed)
+    replay = [make_item(img, cen, config) for img, cen in lays[:n_replay]]
+    holdout = lays[n_replay:]
+    t = lap("layouts", t)
+
+    # 5. base
+    counts_before = count_images(imgs, base_counter, d_user, progress, "count before")
+    t = lap("count_before", t)
+    base_net = copy.deepcopy(base_counter.net).float().to(dev).eval()
+    before = {"region_error": region_error(base_net, config, user, dev)["error"],
+              "synthetic_error": _synthetic_error(base_net, config, holdout, dev)}
+    report(progress, "check", 1, 2, "base scored")
+    t = lap("check_before", t)
+
+    # 6. fine-tune
+    reserve = 1.5 * (seconds["count_before"] + seconds["check_before"]) + 3.0
+    train_seconds = max(0.0, minutes * 60.0 - (time.perf_counter() - t_start) - reserve)
+    net = copy.deepcopy(base_net).train()
+    net, info = finetune(net, _retrain_sampler(user, work_boxes, replay, p), seconds=train_seconds,
+                         max_steps=p.max_steps, min_steps=p.min_steps, lr=p.lr,
+                         scale=float(config.get("density_scale", 100.0)), device=dev, seed=seed, progress=progress)
+    t = lap("train", t)
+
+    # 7. check
+    after = {"region_error": region_error(net, config, user, dev)["error"],
+             "synthetic_error": _synthetic_error(net, config, holdout, dev)}
+    accepted = bool(after["region_error"] <= before["region_error"] + 1e-9
+                    and after["synthetic_error"] <= max(1.5 * before["synthetic_error"], before["synthetic_error"] + 0.05))
+    report(progress, "check", 2, 2, "accepted" if accepted else "kept the base")
+    t = lap("check_after", t)
+
+    # 8. counts, report, write
+    from ..count.models import Counter, to_device
+
+    if accepted:
+        kept = to_device(Counter(kind="density", name="retrained", config=copy.deepcopy(config), net=net), dev)
+        counts_after = count_images(imgs, kept, d_user, progress, "count after")
+    else:
+        counts_after = list(counts_before)
+    t = lap("count_after", t)
+    doc = {
+        "operation": "retrain-counter",
+        "accepted": accepted,
+        "base": base_counter.describe(),
+        "base_training": base_training,
+        "n_images": len(imgs),
+        "n_points": [int(len(c)) for c in pts],
+        "regions": [None if b is None else [list(x) for x in b] for b in boxes],
+        "diameter": {"used": d_user, "given": diameter if not isinstance(diameter, str) else None,
+                     "per_image": [st["diameter"] for st in per_image]},
+        "working_scale": s,
+        "scale_factor": factor,
+        "n_replay": len(replay),
+        "n_holdout": len(holdout),
+        "training": info,
+        "score_before": before,
+        "score_after": after,
+        "counts_before": counts_before,
+        "counts_after": counts_after,
+        "params": p.to_dict(),
+        "minutes": float(minutes),
+        "seed": int(seed),
+        "device": str(dev),
+        "seconds": seconds,
+    }
+    if abs(factor - 1.0) > 1e-6:
+        doc["note"] = (f"trained at {s:g} px cells; count the images with diameter={d_user:.3g} "
+                       f"(cellsynth count IMAGE --model DIR --diameter {d_user:.3g})")
+    config["training"] = doc
+    counter, path = finish(base=base_counter, net=net, accepted=accepted, config=config, out=out,
+                           overwrite=overwrite, report_doc=doc, device=dev, name="retrained")
+    seconds["total"] = round(time.perf_counter() - t_start, 2)
+    if path is not None:
+        from .. import io
+
+        io.write_json(Path(path) / REPORT_FILE, doc, overwrite=True)
+    return AdaptResult(counter=counter, path=path, accepted=accepted, report=doc,
+                       counts_before=counts_before, counts_after=counts_after)
