@@ -216,3 +216,182 @@ def test_evaluate_stain_refuses_a_zero_limit(tmp_path):
     for limit in (0, -1):
         with pytest.raises(ValueError, match="limit"):
             evaluate_stain(root, None, limit=limit)
+
+
+# ----------------------------------------------------------------------------- staining: no NaN in, no NaN out
+
+TINY_STAIN = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 4,
+              "dropout": 0.0, "num_train_timesteps": 20}
+
+
+def _stain_cfg(**kw):
+    from cellsynth.stain.train import TrainConfig
+
+    base = dict(epochs=1, steps_per_epoch=1, batch_size=2, crop=16, device="cpu", ema_decay=0.0, model=TINY_STAIN)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_a_nan_pixel_in_staining_data_is_refused_before_training(tmp_path, one_torch_thread):
+    from cellsynth.stain.simulate import simulate_stain_pairs
+    from cellsynth.stain.train import train_stain
+
+    root = simulate_stain_pairs(tmp_path / "pairs", 1, shape=(32, 32))
+    bad = root / "fov_0000" / "fluorescence" / "1_ER.tif"
+    data = io.read_tiff(bad)[0].astype(np.float32)
+    data[3, 4] = np.nan
+    io.write_tiff(bad, data, overwrite=True)
+    with pytest.raises(ValueError, match="1_ER.tif.*NaN"):
+        train_stain(root, tmp_path / "m", config=_stain_cfg())
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_model(tmp_path, monkeypatch, one_torch_thread):
+    import torch
+
+    from cellsynth.stain.simulate import simulate_stain_pairs
+    from cellsynth.stain.train import train_stain
+
+    root = simulate_stain_pairs(tmp_path / "pairs", 1, shape=(32, 32))
+    train_stain(root, tmp_path / "m", config=_stain_cfg())
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    mse = torch.nn.functional.mse_loss
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", lambda a, b: mse(a, b) * float("nan"))
+    with pytest.raises(ValueError, match="loss is nan"):
+        train_stain(root, tmp_path / "m", config=_stain_cfg(epochs=2), resume=True)
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert io.read_json(tmp_path / "m" / "checkpoint" / "state.json")["epoch"] == 1
+
+
+def _tiny_stain_model():
+    from cellsynth.stain.model import StainModelConfig, build_unet
+
+    cfg = StainModelConfig(sample_size=16, **{k: v for k, v in TINY_STAIN.items()})
+    return build_unet(cfg), cfg
+
+
+def test_a_non_finite_model_is_never_saved_nor_loaded(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cellsynth.stain.model import load_stain_model, save_stain_model
+
+    unet, cfg = _tiny_stain_model()
+    save_stain_model(unet, cfg, tmp_path / "good")
+    with torch.no_grad():
+        next(unet.parameters())[0].fill_(float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        save_stain_model(unet, cfg, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    state = load_file(str(tmp_path / "good" / "model.safetensors"))
+    name = next(iter(state))
+    state[name] = state[name] * float("nan")
+    save_file(state, str(tmp_path / "good" / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"not finite.*{name}"):
+        load_stain_model(tmp_path / "good", device="cpu")
+
+
+def test_a_model_config_with_non_finite_normalisation_is_refused():
+    from cellsynth.stain.model import StainModelConfig
+
+    norm = {"low": [0.0], "high": [float("nan")], "mean": [0.0], "std": [1.0]}
+    with pytest.raises(ValueError, match="condition_norm must hold finite numbers"):
+        StainModelConfig(brightfield_names=["z0"], condition_norm=norm)
+
+
+def test_stain_output_with_nan_is_refused(one_torch_thread):
+    import torch
+
+    from cellsynth.stain import StainParams
+    from cellsynth.stain.pipeline_stain import StainPipeline
+
+    unet, cfg = _tiny_stain_model()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        StainPipeline(unet, cfg)(np.random.default_rng(0).random((3, 16, 16)), params=StainParams(steps=1))
+
+
+def test_stain_refuses_a_brightfield_outside_the_models_intensity_range(tmp_path, monkeypatch, capsys):
+    from cellsynth.stain.model import load_stain_model
+
+    pipe = load_stain_model("default", device="cpu")
+    low = pipe.config.condition_norm["low"]
+    bf = np.full((3, 16, 16), 255, np.uint8)  # an 8-bit image; the model knows 16-bit intensities
+    bf[:, :8] = 0
+    assert max(low) > 255
+    with pytest.raises(ValueError, match="outside the model's intensity range"):
+        pipe(bf)
+
+
+def test_nsc_and_stain_check_the_output_before_computing(tmp_path, monkeypatch, capsys):
+    import cellsynth.stain.model as model
+    import cellsynth.stain.nsc as nsc
+
+    def never(*args, **kw):
+        raise AssertionError("computed before checking the output")
+
+    monkeypatch.setattr(nsc, "nsc_masks", never)
+    monkeypatch.setattr(model, "load_stain_model", never)
+    io.write_tiff(tmp_path / "in.tif", np.zeros((3, 16, 16), np.uint16))
+    (tmp_path / "out.tif").write_text("keep")
+    stale = tmp_path / ".out.tif.abcd1234.part"
+    stale.write_text("partial")
+    for cmd in ("nsc", "stain"):
+        assert main([cmd, str(tmp_path / "in.tif"), "--out", str(tmp_path / "out.tif")]) == 2
+        assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "out.tif").read_text() == "keep" and not stale.exists()
+
+
+def _rgb_tiff(path, alpha=False):
+    import tifffile
+
+    rgb = np.zeros((48, 48, 4 if alpha else 3), np.uint8)
+    rgb[12:36, 12:36, :3] = (200, 150, 100)
+    if alpha:
+        rgb[..., 3] = 255
+        tifffile.imwrite(path, rgb, photometric="rgb", extrasamples=["unassalpha"])
+    else:
+        tifffile.imwrite(path, rgb, photometric="rgb")
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+def test_nsc_reads_rgb_tiffs_as_colour(tmp_path, capsys, alpha):
+    _rgb_tiff(tmp_path / "rgb.tif", alpha)
+    rc = main(["nsc", str(tmp_path / "rgb.tif"), "--out", str(tmp_path / "m.tif"), "--k", "2", "--r", "2",
+               "--fov", "48"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "colour" in captured.out + captured.err
+    mask = io.read_tiff(tmp_path / "m.tif")[0]
+    assert mask.shape == (48, 48)
+    assert mask[24, 24] == 1 and mask[2, 2] == 0
+
+
+def test_nsc_of_an_all_zero_image_has_no_foreground():
+    from cellsynth.stain import NSCParams, nsc_masks
+
+    res = nsc_masks(np.zeros((64, 64)), params=NSCParams(k=5, r=5, fov=32))
+    assert not res.foreground.any() and np.all(res.labels == 1)
+
+
+def _little_memory(monkeypatch, available):
+    import psutil
+
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=available))
+
+
+def test_a_tiff_larger_than_free_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    io.write_tiff(tmp_path / "a.tif", np.zeros((200, 300), np.uint16))
+    _little_memory(monkeypatch, 50_000)
+    with pytest.raises(ValueError, match=r"\(200, 300\) uint16.*0.1 MB.*free"):
+        io.read_tiff(tmp_path / "a.tif")
+
+
+def test_nsc_refuses_an_image_that_would_not_fit_in_memory(monkeypatch):
+    from cellsynth.stain import NSCParams, nsc_masks
+
+    _little_memory(monkeypatch, 1_000_000)
+    with pytest.raises(ValueError, match="crop"):
+        nsc_masks(np.random.default_rng(0).random((256, 256)), params=NSCParams(k=2, r=2, fov=64))

@@ -32,6 +32,9 @@ import numpy as np
 __all__ = [
     "atomic_path",
     "remove_stale_parts",
+    "prepare_output",
+    "require_memory",
+    "NotEnoughMemory",
     "read_tiff",
     "write_tiff",
     "read_points_csv",
@@ -107,6 +110,53 @@ def remove_stale_parts(folder: os.PathLike | str, *, names: Optional[Collection[
     return removed
 
 
+def prepare_output(path: os.PathLike | str, *, overwrite: bool = False) -> Path:
+    """Check an output file before the work that makes it, and remove its stale temporary files.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    remove_stale_parts(path.parent, names=(path.name,))
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    return path
+
+
+class NotEnoughMemory(ValueError):
+    """The estimated peak memory of some work exceeds the memory free now."""
+
+
+def require_memory(nbytes: float, *, what: str, hint: str) -> None:
+    """Refuse work whose estimated peak memory exceeds the memory free now.
+
+    Parameters
+    ----------
+    nbytes : float
+        Estimated peak, in bytes.
+    what : str
+        The work, for the message (e.g. ``"reading x.tif ((40000, 40000) uint8)"``).
+    hint : str
+        What would make it fit.
+
+    Raises
+    ------
+    NotEnoughMemory
+        A ValueError naming both sizes and the hint.
+    """
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if nbytes > free:
+        raise NotEnoughMemory(f"{what} needs about {_size(nbytes)} of memory but only {_size(free)} are free; {hint}")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -129,7 +179,8 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
     Raises
     ------
     FileNotFoundError, ValueError
-        Missing file, or a file that is not a readable TIFF.
+        Missing file, a file that is not a readable TIFF, or one whose header
+        declares more data than the memory free now (checked before reading).
     """
     import tifffile
 
@@ -138,8 +189,11 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
         raise FileNotFoundError(f"no such image file: {path}")
     try:
         with tifffile.TiffFile(path) as tif:
-            data = tif.asarray()
             series = tif.series[0]
+            nbytes = int(np.prod(series.shape)) * np.dtype(series.dtype).itemsize
+            require_memory(nbytes, what=f"reading {path} ({tuple(series.shape)} {np.dtype(series.dtype)})",
+                           hint="crop or downsample the image first, or read it in tiles")
+            data = tif.asarray()
             meta = {"axes": series.axes, "pixel_size": None, "unit": None}
             if tif.ome_metadata:
                 m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
@@ -164,6 +218,8 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
                             meta["pixel_size"], meta["unit"] = size * 1e4, "µm"
                         elif code == 2:  # inch
                             meta["pixel_size"], meta["unit"] = size * 25400.0, "µm"
+    except NotEnoughMemory:
+        raise
     except (tifffile.TiffFileError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable TIFF file: {exc}") from exc
     return data, meta

@@ -125,8 +125,10 @@ def _nsc(args) -> int:
     from .nsc import nsc_masks
     from .params import NSCParams
 
-    image, meta = io.read_tiff(args.image)
     params = NSCParams(k=args.k, r=args.r, fov=args.fov, backbone=args.backbone, foreground=args.foreground)
+    io.prepare_output(args.out, overwrite=args.overwrite)
+    image, meta = io.read_tiff(args.image)
+    image = _colour_planes(image, meta, args)
     if image.ndim == 3 and args.channel is not None:
         if not 0 <= args.channel < image.shape[0]:
             raise ValueError(f"--channel must be in [0, {image.shape[0] - 1}], got {args.channel}")
@@ -146,16 +148,37 @@ def _nsc(args) -> int:
     return 0
 
 
+def _colour_planes(image, meta: dict, args):
+    """An RGB(A) image (samples last, as TIFF stores colour) -> its luminance, or one colour with --channel."""
+    if not (image.ndim == 3 and str(meta.get("axes", "")).endswith("S") and image.shape[-1] in (3, 4)):
+        return image
+    kind = "RGBA" if image.shape[-1] == 4 else "RGB"
+    if args.channel is not None:
+        if not 0 <= args.channel < image.shape[-1]:
+            raise ValueError(f"--channel must be in [0, {image.shape[-1] - 1}] for an {kind} image, got {args.channel}")
+        print(f"note: {args.image} is an {kind} colour image; NSC runs on its colour {args.channel}", file=sys.stderr)
+        out = image[..., args.channel]
+        args.channel = None
+        return out
+    from skimage.color import rgb2gray
+
+    alpha = " (alpha ignored)" if kind == "RGBA" else ""
+    print(f"note: {args.image} is an {kind} colour image; NSC runs on its luminance{alpha}", file=sys.stderr)
+    return rgb2gray(image[..., :3])
+
+
 def _stain(args) -> int:
     from .. import io
     from ..progress import tqdm_callback
     from .model import load_stain_model
 
+    params = _params(args)
+    io.prepare_output(args.out, overwrite=args.overwrite)
     image, meta = io.read_tiff(args.image)
     pipe = load_stain_model(args.model, device=args.device)
     callback, close = tqdm_callback()
     try:
-        out = pipe(image, params=_params(args), progress=callback)
+        out = pipe(image, params=params, progress=callback)
     finally:
         close()
     io.write_tiff(args.out, out.images, pixel_size=meta.get("pixel_size"), overwrite=args.overwrite)

@@ -60,6 +60,14 @@ def _tiffs(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _TIFF), key=_order)
 
 
+def _read_finite(path: Path) -> np.ndarray:
+    data = io.read_tiff(path)[0]
+    if np.issubdtype(data.dtype, np.inexact) and not np.all(np.isfinite(data)):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise ValueError(f"{path} holds {bad} NaN or infinite pixel values; staining data must be finite numbers")
+    return data
+
+
 @dataclass(frozen=True)
 class StainDataset:
     """A folder of paired fields of view.
@@ -86,8 +94,8 @@ class StainDataset:
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(brightfield (B, M, N), fluorescence (C, M, N))`` of field of view ``i``, float32."""
         fov = self.fovs[i]
-        bf = [io.read_tiff(p)[0] for p in _tiffs(fov / "brightfield")]
-        fl = [io.read_tiff(p)[0] for p in _tiffs(fov / "fluorescence")]
+        bf = [_read_finite(p) for p in _tiffs(fov / "brightfield")]
+        fl = [_read_finite(p) for p in _tiffs(fov / "fluorescence")]
         shapes = {a.shape for a in bf + fl}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"{fov}: every plane and channel must be one 2-D image of one size, got {sorted(shapes)}")

@@ -99,6 +99,8 @@ class StainModelConfig:
                                     "std": [1.0] * count})
             elif any(len(norm[s]) != count for s in ("low", "high", "mean", "std")):
                 raise ValueError(f"{key} needs low/high/mean/std lists of length {count}")
+            elif not all(np.all(np.isfinite(np.asarray(norm[s], float))) for s in ("low", "high", "mean", "std")):
+                raise ValueError(f"{key} must hold finite numbers, got {norm}")
         if not self.mask_levels:
             self.mask_levels = [[-1.0, 1.0]] * len(self.channel_names)
 
@@ -199,6 +201,16 @@ def default_model_dir() -> Path:
     return resources_dir() / "models" / "stain-demo"
 
 
+def _check_finite(state: dict, what: str) -> None:
+    """Refuse weights holding NaN or infinite values (they stain every pixel NaN or black)."""
+    import torch
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{what} is not finite: NaN or infinite values in {len(bad)} tensors "
+                         f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+
+
 def save_stain_model(unet, config: StainModelConfig, out: os.PathLike | str, *, dtype: str = "float32",
                      extra: Optional[dict] = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (atomically) to ``out``.
@@ -219,6 +231,7 @@ def save_stain_model(unet, config: StainModelConfig, out: os.PathLike | str, *, 
     out.mkdir(parents=True, exist_ok=True)
     tdtype = getattr(torch, dtype)
     state = {k: v.detach().to("cpu", tdtype).contiguous() for k, v in unet.state_dict().items()}
+    _check_finite(state, f"the model to save in {out}")
     with io.atomic_path(out / "model.safetensors", overwrite=True) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
     doc = {"format": FORMAT, "version": 1, "config": config.to_dict(), "dtype": dtype}
@@ -263,6 +276,7 @@ def load_stain_model(path: os.PathLike | str = "default", *, device: str = "auto
     config = StainModelConfig.from_dict(doc["config"])
     unet = build_unet(config)
     state = load_file(str(folder / "model.safetensors"))
+    _check_finite(state, str(folder / "model.safetensors"))
     unet.load_state_dict({k: v.float() for k, v in state.items()})
     dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)

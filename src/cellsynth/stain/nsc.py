@@ -263,6 +263,29 @@ def _refine(raw: np.ndarray, votes: np.ndarray, norm: np.ndarray, means: np.ndar
     return out
 
 
+#: Bytes per pixel of nsc_masks' peak: votes, refinement costs and label maps (``a * k + b``); measured
+#: at 180 bytes per pixel for k = 5 on an 8000 x 8000 image.
+_BYTES_PER_PIXEL = (24, 64)
+
+
+def _check_memory(shape: tuple, params: NSCParams) -> None:
+    from ..io import require_memory
+
+    m, n = shape
+    pixels = (m + -m % params.fov) * (n + -n % params.fov)
+    a, b = _BYTES_PER_PIXEL
+    require_memory(pixels * (a * params.k + b), what=f"NSC of a {m} x {n} image with k={params.k}",
+                   hint="crop or downsample the image, or use a smaller k")
+
+
+def _empty_result(shape: tuple, params: NSCParams, backbone) -> NSCResult:
+    """The result for an image without structure: one label, no foreground."""
+    means = np.full(params.k, np.nan)
+    means[0] = 0.0
+    return NSCResult(labels=np.ones(shape, np.uint8), foreground=np.zeros(shape, bool), cluster_means=means,
+                     backbone=getattr(backbone, "name", type(backbone).__name__), params=params)
+
+
 def nsc_masks(
     image: np.ndarray,
     *,
@@ -293,10 +316,14 @@ def nsc_masks(
     -------
     NSCResult
 
+    An image without structure (constant between its 1st and 99.8th
+    percentiles, e.g. all zero) gets one label and no foreground.
+
     Raises
     ------
     ValueError
-        If the image is not 2-D, is empty, or holds non-finite values.
+        If the image is not 2-D, is empty, holds non-finite values, or would
+        need more memory than is free (estimated before any work).
 
     Examples
     --------
@@ -315,6 +342,7 @@ def nsc_masks(
         raise TypeError(f"image must hold real numbers, got dtype {img.dtype}")
     if not np.all(np.isfinite(img)):
         raise ValueError("image holds NaN or infinite values")
+    _check_memory(img.shape, params)
     if backbone is None:
         from .features import make_backbone
 
@@ -323,6 +351,9 @@ def nsc_masks(
     norm = normalise_intensity(img)
     padded, origins, pshape = _fovs(norm, params.fov)
     total = total if total is not None else len(origins)
+    if not norm.any():  # constant (e.g. all zero) between the percentiles: no structure to find
+        report(progress, stage, done + len(origins), total, "no structure")
+        return _empty_result(img.shape, params, backbone)
     g, size, k = params.grid, params.input_size, params.k
     fov_imgs = [_resize(padded[r:r + params.fov, c:c + params.fov], size) for r, c in origins]
     feats = _features(backbone, fov_imgs, g)

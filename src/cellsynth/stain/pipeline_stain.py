@@ -104,7 +104,20 @@ class StainPipeline:
             raise ValueError(f"brightfield must be a non-empty numeric array, got dtype {x.dtype}, shape {x.shape}")
         if not np.all(np.isfinite(x)):
             raise ValueError("brightfield holds NaN or infinite values")
+        self._check_range(x)
         return x
+
+    def _check_range(self, x: np.ndarray) -> None:
+        """Refuse planes lying wholly outside the model's intensity range: every pixel would clip to one value."""
+        norm = self.config.condition_norm
+        for name, plane, low, high in zip(self.config.brightfield_names, x, norm["low"], norm["high"]):
+            lo, hi = plane.min(), plane.max()
+            if hi <= low or lo >= high:
+                raise ValueError(
+                    f"brightfield plane {name!r} has values in [{lo:g}, {hi:g}], outside the model's intensity "
+                    f"range [{low:g}, {high:g}] (its training data's 2-98 percentiles), so every pixel would "
+                    f"become one value; give images of the model's intensity scale (e.g. the same camera bit "
+                    f"depth) or use a model trained on such images")
 
     def _mask_to_target(self, masks: np.ndarray):
         import torch
@@ -246,5 +259,8 @@ class StainPipeline:
 
         # 5. decode: model space -> [0, 1]
         images = denormalise(y[:, :m, :n].numpy(), cfg.target_norm)
+        if not np.all(np.isfinite(images)):
+            raise ValueError(f"the staining model ({self.source.get('name')}) produced NaN or infinite values; "
+                             "its weights or this input are unusable")
         return StainOutput(images=images, channel_names=list(cfg.channel_names), colormaps=list(cfg.colormaps),
                            masks=used_masks, model_evaluations=evaluations)

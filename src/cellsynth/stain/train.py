@@ -181,6 +181,12 @@ def _load_state(ckpt: Path, unet, ema, opt) -> dict:
     return state
 
 
+def _diverged(value: float, epoch: int, step: int, out: Path) -> str:
+    return (f"training stopped at epoch {epoch + 1}, step {step + 1}: the loss is {value} (not finite), so this "
+            f"epoch is not saved; {out} keeps the last finished epoch, if any. Lower the learning rate (--lr) "
+            "or check the data for extreme values")
+
+
 def train_stain(
     data_dir: os.PathLike | str,
     out: os.PathLike | str,
@@ -220,6 +226,9 @@ def train_stain(
     ------
     FileExistsError
         If ``out`` already holds a model and ``resume`` is False.
+    ValueError
+        If the data hold NaN or infinite values, or the loss stops being finite
+        (nothing of that epoch is saved).
     """
     import torch
     from diffusers import DDPMScheduler
@@ -304,6 +313,9 @@ def train_stain(
             with torch.autocast(device.type, enabled=use_amp):
                 pred = unet(torch.cat([cond, noisy], 1), t).sample
             loss = torch.nn.functional.mse_loss(pred.float(), goal)
+            value = loss.item()
+            if not np.isfinite(value):
+                raise ValueError(_diverged(value, epoch, step, out))
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -315,7 +327,7 @@ def train_stain(
             if ema is not None:
                 ema.update_parameters(unet)
             step += 1
-            running.append(loss.item())
+            running.append(value)
             report(progress, "train", step, total, f"epoch {epoch + 1}/{config.epochs}: loss {np.mean(running):.4f}")
         losses.append(float(np.mean(running)))
         save(epoch + 1)
