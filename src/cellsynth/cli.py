@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "cellsynth.count._cli",
     "cellsynth.stylize._cli",
     "cellsynth.stain._cli",
+    "cellsynth.adapt._cli",
 )
 
 
