@@ -87,7 +87,7 @@ def region_mask(shape: tuple[int, int], boxes, factor: float = 1.0) -> np.ndarra
 
     Examples
     --------
-    >>> region_mask((4, 6), [(0, 0, 2, 3)]).sum()
+    >>> float(region_mask((4, 6), [(0, 0, 2, 3)]).sum())
     6.0
     """
     m = np.zeros(shape, np.float32)
