@@ -395,3 +395,123 @@ def test_nsc_refuses_an_image_that_would_not_fit_in_memory(monkeypatch):
     _little_memory(monkeypatch, 1_000_000)
     with pytest.raises(ValueError, match="crop"):
         nsc_masks(np.random.default_rng(0).random((256, 256)), params=NSCParams(k=2, r=2, fov=64))
+
+
+# ----------------------------------------------------------------------------- stylization
+
+def _tiny_token(folder):
+    from cellsynth.stylize.mapper import StyleMapper
+    from cellsynth.stylize.tokens import StyleToken, save_token
+
+    return save_token(StyleToken(StyleMapper(8, heads=2, dim_head=4)), folder)
+
+
+def test_a_token_without_mapper_settings_or_with_nan_weights_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cellsynth.stylize.mapper import StyleMapper
+    from cellsynth.stylize.tokens import StyleToken, load_token, save_token
+
+    folder = _tiny_token(tmp_path / "tok")
+    doc = io.read_json(folder / "token.json")
+    del doc["mapper"]
+    io.write_json(folder / "token.json", doc, overwrite=True)
+    with pytest.raises(ValueError, match="heads"):
+        load_token(folder)
+    folder = _tiny_token(tmp_path / "tok2")
+    state = load_file(str(folder / "mapper.safetensors"))
+    name = sorted(state)[0]
+    state[name] = state[name] * float("nan")
+    save_file(state, str(folder / "mapper.safetensors"))
+    with pytest.raises(ValueError, match="not finite"):
+        load_token(folder)
+    mapper = StyleMapper(8, heads=2, dim_head=4)
+    with torch.no_grad():
+        next(mapper.parameters()).fill_(float("inf"))
+    with pytest.raises(ValueError, match="not finite"):
+        save_token(StyleToken(mapper), tmp_path / "tok3")
+    assert not (tmp_path / "tok3" / "mapper.safetensors").exists()
+
+
+def test_a_misspelt_qc_model_is_an_error_not_the_classic_counter(tmp_path):
+    from cellsynth.stylize.dataset import qc_counter
+
+    with pytest.raises((FileNotFoundError, ValueError), match="clasic"):
+        qc_counter("clasic")
+    assert qc_counter("classic").name == "classic"
+
+
+@pytest.mark.parametrize("content", [np.zeros((16, 16), np.float64), np.zeros((16, 16), np.int16),
+                                     np.zeros((16, 16, 5), np.uint8)])
+def test_stylize_checks_content_before_loading_the_model(tmp_path, monkeypatch, capsys, content):
+    import cellsynth.stylize.loading as loading
+
+    def never(*args, **kw):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(loading, "load_pipeline", never)
+    np.save(tmp_path / "c.npy", content)
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "c.tif", content)
+    io.write_tiff(tmp_path / "s.tif", np.zeros((16, 16), np.uint8))
+    rc = main(["stylize", str(tmp_path / "c.tif"), "--style", str(tmp_path / "s.tif"), "--token",
+               str(_tiny_token(tmp_path / "tok")), "--out", str(tmp_path / "o.tif")])
+    assert rc == 2
+    assert "content" in capsys.readouterr().err
+
+
+def _fake_pipe(image, style, token, params=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(image=image)
+
+
+def test_stylize_dataset_overwrite_removes_only_its_own_files(tmp_path):
+    from cellsynth.stylize.dataset import stylize_dataset
+    from cellsynth.stylize.tokens import load_token
+
+    src = export_dataset(tmp_path / "src", 3, params=P, seed=0).parent
+    token = load_token(_tiny_token(tmp_path / "tok"))
+    style = np.zeros((8, 8), np.uint8)
+    out = tmp_path / "out"
+    kw = dict(pipe=_fake_pipe, token=token, style=style, qc_model="classic")
+    stylize_dataset(src, out, **kw)
+    (out / "images" / "mine.txt").write_text("keep")
+    stylize_dataset(src, out, tolerance=0.5, overwrite=True, limit=1, **kw)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["mine.txt", "stylized_0000.tif"]
+    assert io.read_json(out / "manifest.json")["complete"]
+    stylize_dataset(src, out, tolerance=0.5, limit=1, **kw)  # same settings: nothing to do, still complete
+    assert io.read_json(out / "manifest.json")["complete"]
+
+
+def test_stylize_dataset_refuses_a_foreign_manifest_even_with_overwrite(tmp_path):
+    from cellsynth.stylize.dataset import stylize_dataset
+    from cellsynth.stylize.tokens import load_token
+
+    src = export_dataset(tmp_path / "src", 1, params=P, seed=0).parent
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "photo.tif").write_text("precious")
+    (out / "manifest.json").write_text('{"items": []}')
+    with pytest.raises(FileExistsError, match="not a stylized dataset"):
+        stylize_dataset(src, out, pipe=_fake_pipe, token=load_token(_tiny_token(tmp_path / "tok")),
+                        style=np.zeros((8, 8), np.uint8), qc_model="classic", overwrite=True)
+    assert (out / "images" / "photo.tif").read_text() == "precious"
+
+
+def test_a_dino_weights_folder_holding_other_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import Dinov2Config, Dinov2Model
+
+    from cellsynth.stain.features import make_backbone
+
+    cfg = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=28, patch_size=14)
+    Dinov2Model(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    assert make_backbone("dinov2-small", weights=tmp_path, device="cpu").patch_size == 14
+    state = load_file(str(tmp_path / "model.safetensors"))
+    save_file({"other." + k: v for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="does not hold weights of this backbone"):
+        make_backbone("dinov2-small", weights=tmp_path, device="cpu")

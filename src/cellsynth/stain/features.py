@@ -132,6 +132,15 @@ def _to_rgb_tensor(fovs: np.ndarray, size: int, mean, std, device, dtype):
     return ((x - m) / s).to(device=device, dtype=dtype)
 
 
+def _check_loaded(folder, missing: list, mismatched: list) -> None:
+    """Refuse a weights folder that left part of the backbone randomly initialised."""
+    if missing or mismatched:
+        names = [str(k) for k in list(missing)[:3]] + [str(k[0]) for k in list(mismatched)[:3]]
+        raise ValueError(f"{folder} does not hold weights of this backbone: {len(missing)} tensors missing and "
+                         f"{len(mismatched)} of another shape (e.g. {', '.join(names)}); they would be random. "
+                         "Pass a folder with the backbone's own weights")
+
+
 class Dinov2Backbone:
     """DINOv2 patch features from transformers ``Dinov2Model``.
 
@@ -164,7 +173,8 @@ class Dinov2Backbone:
             from ..weights import resolve
 
             folder = resolve(weights, offline=offline, progress=progress)
-            model = Dinov2Model.from_pretrained(folder, use_safetensors=True)
+            model, info = Dinov2Model.from_pretrained(folder, use_safetensors=True, output_loading_info=True)
+            _check_loaded(folder, info.get("missing_keys", []), info.get("mismatched_keys", []))
             self.name = str(weights) if str(weights) in ("dinov2-small",) else f"dinov2:{folder.name}"
             cfg = folder / "preprocessor_config.json"
             if cfg.is_file():
@@ -211,10 +221,13 @@ class TimmDinoBackbone:
             from ..weights import resolve
 
             folder = resolve(weights, offline=offline, progress=progress)
-            model = timm.create_model(
-                "vit_small_patch8_224", pretrained=True, dynamic_img_size=True,
-                pretrained_cfg_overlay={"file": str(folder / "model.safetensors")},
-            )
+            try:
+                model = timm.create_model(
+                    "vit_small_patch8_224", pretrained=True, dynamic_img_size=True,
+                    pretrained_cfg_overlay={"file": str(folder / "model.safetensors")},
+                )
+            except RuntimeError as exc:  # load_state_dict(strict=True): missing, unexpected or mis-sized weights
+                raise ValueError(f"{folder} does not hold DINO ViT-S/8 weights: {str(exc)[:300]}") from None
         self.model = model.to(self.device).eval()
         self.dtype = next(self.model.parameters()).dtype
         self.patch_size = int(self.model.patch_embed.patch_size[0])

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["register"]
 
 _FMT = argparse.ArgumentDefaultsHelpFormatter
@@ -132,11 +134,11 @@ def _stylize(args) -> int:
     from .official import read_token
 
     params = _params(args)
+    io.prepare_output(args.out, overwrite=args.overwrite)
     content, meta = read_image(args.content)
     style, _ = read_image(args.style)
+    _check_images(content, style)
     token = read_token(args.token)
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
     callback, close = tqdm_callback()
     try:
         pipe = _pipeline(args, callback)
@@ -155,15 +157,37 @@ def _stylize(args) -> int:
     return 0
 
 
+#: Dtypes a stylized TIFF can keep (the output has the content's dtype).
+_WRITABLE = ("uint8", "uint16", "float32", "int32", "uint32")
+
+
+def _check_images(content, style) -> None:
+    """Shape, dtype and values of the content and style images, before any model is loaded."""
+    from ._image import to_unit_rgb
+
+    for name, image in (("content", content), ("style", style)):
+        try:
+            to_unit_rgb(image)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{name} image: {exc}") from None
+    if content.dtype.name not in _WRITABLE:
+        raise TypeError(f"content image has dtype {content.dtype}, but the result keeps the content's dtype and a "
+                        f"TIFF is written as one of {', '.join(_WRITABLE)}; convert the content first")
+
+
 def _stylize_dataset(args) -> int:
     from ..io import read_json
     from ..progress import tqdm_callback
     from .dataset import stylize_dataset
     from .official import read_token
 
+    from .dataset import qc_counter
+
     params = _params(args)
     style, _ = read_image(args.style)
+    _check_images(np.zeros((2, 2), np.uint8), style)
     token = read_token(args.token)
+    qc_counter(args.qc_model)  # a misspelt --qc-model fails here, not after loading the model
     callback, close = tqdm_callback()
     try:
         pipe = _pipeline(args, callback)

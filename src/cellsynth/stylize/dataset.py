@@ -9,6 +9,7 @@ count of its stylized image, the drift from the true count and a keep flag.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -23,11 +24,17 @@ __all__ = ["stylize_dataset", "count_drift", "qc_counter", "qc_count"]
 
 
 def qc_counter(model="default"):
-    """The QC counter, loaded once: `model`, or the classic counter when that cannot be loaded.
+    """The QC counter, loaded once: `model`; ``"default"`` falls back to the classic
+    counter when the shipped model cannot be loaded, any other name or path must load.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        `model` (other than ``"default"``) names no loadable counter.
 
     Examples
     --------
-    >>> qc_counter("no-such-model").name
+    >>> qc_counter("classic").name
     'classic'
     """
     from ..count import load_counter
@@ -35,7 +42,7 @@ def qc_counter(model="default"):
     try:
         return load_counter(model)
     except (FileNotFoundError, ValueError, OSError):
-        if model == "classic":
+        if model != "default":
             raise
         return load_counter("classic")
 
@@ -150,26 +157,18 @@ def stylize_dataset(
         "model": str(getattr(pipe, "name_or_path", None) or ""),
     }
 
+    counter = qc_counter(qc_model)
+
     # 2. Prepare the output folder (resume when the settings match)
     manifest_path = root / "manifest.json"
-    items: list = []
-    if manifest_path.exists():
-        old = io.read_json(manifest_path)
-        if old.get("stylize") == settings:
-            items = [it for it in old.get("items", [])[:n]
-                     if all(it.get(k) is None or (root / it[k]).is_file() for k in ("image", "labels", "centres"))]
-        elif not overwrite:
-            raise FileExistsError(f"{root} already holds a dataset made with other settings; choose a new folder "
-                                  "or pass overwrite=True (--overwrite) to replace it")
-        else:
-            for sub in ("images", "labels", "centres"):
-                shutil.rmtree(root / sub, ignore_errors=True)
-    elif root.exists() and any(root.iterdir()) and not overwrite:
-        raise FileExistsError(f"{root} is not empty and holds no stylized dataset; choose an empty or new folder")
+    items = _items_to_keep(root, settings, n, overwrite)
+    if manifest_path.exists():  # ours (checked above): stale and surplus files are ours too
+        _remove_product_files(root, keep=len(items))
     diameter = float(source.manifest.get("params", {}).get("cell_size", 15.0))
-    counter = qc_counter(qc_model)
     doc = {"format": FORMAT, "version": VERSION, "params": source.manifest.get("params", {}),
-           "seed": source.manifest.get("seed"), "n": n, "complete": False, "stylize": settings, "items": items}
+           "seed": source.manifest.get("seed"), "n": n, "complete": len(items) == n, "stylize": settings,
+           "items": items}
+    _summarise(doc)
     io.write_json(manifest_path, doc, overwrite=True)
     report(progress, "images", len(items), n)
 
@@ -179,8 +178,7 @@ def stylize_dataset(
         image, _ = io.read_tiff(source.root / src["image"])
         seed = item_seed(params.seed, i)
         out = pipe(image, style, token, params=StylizeParams(**{**params.to_dict(), "seed": seed}))
-        stem = f"stylized_{i:04d}"
-        names = {"image": f"images/{stem}.tif", "labels": f"labels/{stem}.tif", "centres": f"centres/{stem}.csv"}
+        names = _names(i)
         io.write_tiff(root / names["image"], out.image, overwrite=True)
         for key in ("labels", "centres"):
             if src.get(key):
@@ -193,9 +191,71 @@ def stylize_dataset(
         items.append({**names, "seed": seed, "n_cells": int(src["n_cells"]), "source_image": src["image"],
                       "qc": {"count": counted, "counter": used, "drift": drift, "keep": abs(drift) <= tolerance}})
         doc["complete"] = len(items) == n
-        kept = sum(it["qc"]["keep"] for it in items)
-        doc["qc"] = {"kept": kept, "rejected": len(items) - kept,
-                     "mean_abs_drift": float(np.mean([abs(it["qc"]["drift"]) for it in items]))}
+        _summarise(doc)
         io.write_json(manifest_path, doc, overwrite=True)
         report(progress, "images", i + 1, n, f"image {i + 1}/{n}: drift {drift:+.0%}")
     return manifest_path
+
+
+def _summarise(doc: dict) -> None:
+    items = doc["items"]
+    if items:
+        kept = sum(it["qc"]["keep"] for it in items)
+        doc["qc"] = {"kept": kept, "rejected": len(items) - kept,
+                     "mean_abs_drift": float(np.mean([abs(it["qc"]["drift"]) for it in items]))}
+
+
+def _names(i: int) -> dict:
+    stem = f"stylized_{i:04d}"
+    return {"image": f"images/{stem}.tif", "labels": f"labels/{stem}.tif", "centres": f"centres/{stem}.csv"}
+
+
+def _items_to_keep(root: Path, settings: dict, n: int, overwrite: bool) -> list:
+    """The finished items of an earlier run of the same settings (a leading run of them).
+
+    Raises FileExistsError for a folder holding anything else: a manifest that is
+    not a stylized dataset's always, other files or other settings unless
+    ``overwrite``; ValueError for items naming files this module does not write.
+    """
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        if root.exists() and any(root.iterdir()) and not overwrite:
+            raise FileExistsError(f"{root} is not empty and holds no stylized dataset; choose an empty or new folder")
+        return []
+    old = io.read_json(manifest_path)
+    if not isinstance(old, dict) or not isinstance(old.get("stylize"), dict) or not isinstance(old.get("items"), list):
+        raise FileExistsError(f"{manifest_path} is not a stylized dataset's manifest; choose an empty or new folder")
+    for i, it in enumerate(old["items"]):
+        bad = {k: it.get(k) for k, v in _names(i).items() if it.get(k) not in (v, None)}
+        if bad:
+            raise ValueError(f"{manifest_path}: item {i} names {bad}, expected {_names(i)}; this manifest was not "
+                             "written by stylize_dataset, so nothing in that folder is replaced or removed")
+    if old["stylize"] != settings:
+        if not overwrite:
+            raise FileExistsError(f"{root} already holds a dataset made with other settings; choose a new folder "
+                                  "or pass overwrite=True to replace it")
+        return []
+    items = []
+    for it in old["items"][:n]:
+        if not all(it.get(k) is None or (root / it[k]).is_file() for k in ("image", "labels", "centres")):
+            break
+        items.append(it)
+    return items
+
+
+_ITEM_FILE = re.compile(r"^stylized_(\d{4,})\.(tif|csv)$")
+
+
+def _remove_product_files(root: Path, *, keep: int) -> None:
+    """Remove ``stylized_NNNN`` files with index >= ``keep`` and stale temporary files
+    (only directly in ``images/``, ``labels/``, ``centres/``, never through a link)."""
+    io.remove_stale_parts(root, names=("manifest.json",))
+    for sub in ("images", "labels", "centres"):
+        folder = root / sub
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        io.remove_stale_parts(folder)
+        for p in folder.iterdir():
+            m = _ITEM_FILE.match(p.name)
+            if m and int(m.group(1)) >= keep and p.is_file() and not p.is_symlink():
+                p.unlink()

@@ -111,10 +111,19 @@ def save_token(token: StyleToken, path: os.PathLike | str, *, overwrite: bool = 
         raise FileExistsError(f"{folder} already holds a style token; pass overwrite=True to replace it")
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in token.mapper.state_dict().items()}
+    _check_finite(state, f"the token to save in {folder}")
     with io.atomic_path(folder / _WEIGHTS, overwrite=True) as tmp:
         save_file(state, str(tmp), metadata={"format": TOKEN_FORMAT})
     io.write_json(folder / _CONFIG, token.describe(), overwrite=True)
     return folder
+
+
+def _check_finite(state: dict, what) -> None:
+    """Refuse mapper weights holding NaN or infinite values (they give all-black images)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{what} is not finite: NaN or infinite values in {', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}; it cannot be used")
 
 
 def load_token(path: os.PathLike | str) -> StyleToken:
@@ -125,7 +134,8 @@ def load_token(path: os.PathLike | str) -> StyleToken:
     FileNotFoundError
         If the folder or its files are missing.
     ValueError
-        If ``token.json`` is not a token description or the weights do not fit it.
+        If ``token.json`` is not a token description (or lacks the mapper's
+        settings), or the weights do not fit it or are not finite.
     """
     from safetensors.torch import load_file
 
@@ -140,9 +150,13 @@ def load_token(path: os.PathLike | str) -> StyleToken:
     if doc.get("format") != TOKEN_FORMAT:
         raise ValueError(f"{folder / _CONFIG} is not a style token (format {doc.get('format')!r}, "
                          f"expected {TOKEN_FORMAT!r})")
-    cfg = doc.get("mapper") or {}
-    mapper = StyleMapper.from_state_dict(load_file(str(folder / _WEIGHTS)), heads=int(cfg.get("heads", 8)),
-                                         dropout=float(cfg.get("dropout", 0.05)))
+    cfg = doc.get("mapper")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("heads"), int) or cfg["heads"] < 1:
+        raise ValueError(f"{folder / _CONFIG} lacks the mapper's settings ('mapper' with a positive integer "
+                         f"'heads', as save_token writes them), got {cfg!r}")
+    state = load_file(str(folder / _WEIGHTS))
+    _check_finite(state, folder / _WEIGHTS)
+    mapper = StyleMapper.from_state_dict(state, heads=cfg["heads"], dropout=float(cfg.get("dropout", 0.05)))
     return StyleToken(mapper=mapper, placeholder=doc.get("placeholder", "*"),
                       clip_input=doc.get("clip_input", "proper"), encoder=doc.get("encoder", ""),
                       training=doc.get("training", {}), style_sha256=doc.get("style_sha256", []),
