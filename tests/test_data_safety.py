@@ -515,3 +515,18 @@ def test_a_dino_weights_folder_holding_other_weights_is_refused(tmp_path):
     save_file({"other." + k: v for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="does not hold weights of this backbone"):
         make_backbone("dinov2-small", weights=tmp_path, device="cpu")
+
+
+def test_train_stain_and_save_token_remove_their_stale_part_files(tmp_path, one_torch_thread):
+    from cellsynth.stain.simulate import simulate_stain_pairs
+    from cellsynth.stain.train import train_stain
+
+    root = simulate_stain_pairs(tmp_path / "pairs", 1, shape=(32, 32))
+    stale = [tmp_path / "m" / ".model.safetensors.abcd1234.part", tmp_path / "m" / "checkpoint" / ".state.json.abcd1234.part",
+             tmp_path / "tok" / ".mapper.safetensors.abcd1234.part"]
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("partial")
+    train_stain(root, tmp_path / "m", config=_stain_cfg())
+    _tiny_token(tmp_path / "tok")
+    assert not any(p.exists() for p in stale)

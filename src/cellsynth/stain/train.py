@@ -247,6 +247,8 @@ def train_stain(
         raise FileExistsError(f"{out} already holds a model; pass resume=True to continue training it")
     if resume and not (ckpt / "state.json").is_file():
         raise FileNotFoundError(f"nothing to resume: {ckpt / 'state.json'} does not exist")
+    io.remove_stale_parts(out, names=("model.safetensors", "config.json"))  # left by a killed run
+    io.remove_stale_parts(ckpt, names=("state.safetensors", "state.json"))
     device = resolve_device(config.device)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)

@@ -110,6 +110,7 @@ def save_token(token: StyleToken, path: os.PathLike | str, *, overwrite: bool = 
     if (folder / _CONFIG).exists() and not overwrite:
         raise FileExistsError(f"{folder} already holds a style token; pass overwrite=True to replace it")
     folder.mkdir(parents=True, exist_ok=True)
+    io.remove_stale_parts(folder, names=(_WEIGHTS, _CONFIG))  # left by a killed save
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in token.mapper.state_dict().items()}
     _check_finite(state, f"the token to save in {folder}")
     with io.atomic_path(folder / _WEIGHTS, overwrite=True) as tmp:
