@@ -159,7 +159,7 @@ def test_adapt_keeps_the_base_when_the_candidate_is_worse(tmp_path, tiny_model, 
     base = load_counter("default", device="cpu")  # a base that counts these images well
     res = adapt_counter([im for im, _ in images], out=tmp_path / "m", base=base, minutes=0.05, stylize="fast",
                         device="cpu", params=TINY)
-    assert not res.accepted and res.counter is base
+    assert not res.accepted and res.counter.net is base.net and res.counter.path == tmp_path / "m"
     assert res.report["score_after"]["score"] >= res.report["score_before"]["score"]
     saved = load_counter(tmp_path / "m", device="cpu")
     for k, v in base.net.state_dict().items():

@@ -292,27 +292,26 @@ def accept(before: dict, after: dict, margin: float = 0.0) -> bool:
     return bool(after["score"] < before["score"] - margin and after["synthetic_error"] <= before["synthetic_error"] + 1e-9)
 
 
-def finish(*, base, net, accepted: bool, config: dict, out, overwrite: bool, report_doc: dict, device, name: str):
-    """The counter to return (candidate or base) and, with ``out``, the folder written."""
-    from ..count.models import Counter, to_device
+def finish(*, base, candidate, net, accepted: bool, config: dict, out, overwrite: bool, report_doc: dict):
+    """The counter to return (``candidate`` or ``base``) and, with ``out``, the folder written.
 
+    The folder holds the candidate's float32 weights, or a copy of the base
+    (its own config, the report in ``training``) when the candidate was not accepted.
+    """
     if accepted:
-        counter = to_device(Counter(kind="density", name=str(out) if out is not None else name,
-                                    config=copy.deepcopy(config), net=net.float().eval()), device)
-        save_net, save_cfg = net, config
+        kept, save_net, save_cfg = candidate, net, copy.deepcopy(config)
     else:
-        counter = base
+        kept, save_net = base, base.net
         save_cfg = copy.deepcopy(base.config)
         base_training = save_cfg.pop("training", None)
         save_cfg["training"] = {**report_doc, "base_training": base_training}
-        save_net = base.net
     path = None
     if out is not None:
-        save_cfg = copy.deepcopy(save_cfg)
         save_cfg.pop("dtype", None)
-        path = write_counter_folder(Path(out), save_net, save_cfg, report_doc, overwrite=overwrite)
-        counter.path = path
-    return counter, path
+        cpu_net = copy.deepcopy(save_net).float().cpu()
+        path = write_counter_folder(Path(out), cpu_net, save_cfg, report_doc, overwrite=overwrite)
+        kept = dataclasses.replace(kept, path=path, name=str(path) if accepted else kept.name)
+    return kept, path
 
 
 def resolve_stylize(stylize: str) -> str:
@@ -501,7 +500,8 @@ def adapt_counter(
     # 8. counts with the kept counter, report, write
     from ..count.models import Counter, to_device
 
-    candidate = to_device(Counter(kind="density", name="adapted", config=copy.deepcopy(config), net=net), dev)
+    candidate = to_device(Counter(kind="density", name="adapted", config=copy.deepcopy(config),
+                                  net=copy.deepcopy(net)), dev)
     kept = candidate if accepted else base_counter
     counts_after = count_images(imgs, kept, d_user, progress, "count after") if accepted else list(counts_before)
     t = lap("count_after", t)
@@ -533,8 +533,8 @@ def adapt_counter(
         doc["note"] = (f"trained at {s:g} px cells; count the images with diameter={d_user:.3g} "
                        f"(cellsynth count IMAGE --model DIR --diameter {d_user:.3g})")
     config["training"] = doc
-    counter, path = finish(base=base_counter, net=net, accepted=accepted, config=config, out=out,
-                           overwrite=overwrite, report_doc=doc, device=dev, name="adapted")
+    counter, path = finish(base=base_counter, candidate=candidate, net=net, accepted=accepted, config=config,
+                           out=out, overwrite=overwrite, report_doc=doc)
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     if path is not None:  # the report beside the model also gets the total time
         from .. import io

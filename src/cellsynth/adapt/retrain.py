@@ -301,9 +301,10 @@ def retrain_counter(
     # 8. counts, report, write
     from ..count.models import Counter, to_device
 
+    candidate = to_device(Counter(kind="density", name="retrained", config=copy.deepcopy(config),
+                                  net=copy.deepcopy(net)), dev)
     if accepted:
-        kept = to_device(Counter(kind="density", name="retrained", config=copy.deepcopy(config), net=net), dev)
-        counts_after = count_images(imgs, kept, d_user, progress, "count after")
+        counts_after = count_images(imgs, candidate, d_user, progress, "count after")
     else:
         counts_after = list(counts_before)
     t = lap("count_after", t)
@@ -336,8 +337,8 @@ def retrain_counter(
         doc["note"] = (f"trained at {s:g} px cells; count the images with diameter={d_user:.3g} "
                        f"(cellsynth count IMAGE --model DIR --diameter {d_user:.3g})")
     config["training"] = doc
-    counter, path = finish(base=base_counter, net=net, accepted=accepted, config=config, out=out,
-                           overwrite=overwrite, report_doc=doc, device=dev, name="retrained")
+    counter, path = finish(base=base_counter, candidate=candidate, net=net, accepted=accepted, config=config,
+                           out=out, overwrite=overwrite, report_doc=doc)
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     if path is not None:
         from .. import io

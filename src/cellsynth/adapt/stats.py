@@ -90,7 +90,7 @@ def estimate_image_stats(image: np.ndarray, *, diameter: Union[float, str] = "au
     -------
     dict
         ``diameter`` (px), ``diameter_objects`` and ``diameter_log`` (the two
-        estimates, NaN when unavailable), ``count_estimate`` (cells),
+        estimates, None when unavailable), ``count_estimate`` (cells),
         ``density`` (cells per 1e4 px^2), ``foreground_fraction``,
         ``n_objects``, ``shape``.
 
@@ -134,8 +134,8 @@ def estimate_image_stats(image: np.ndarray, *, diameter: Union[float, str] = "au
     n = int(len(pts))
     return {
         "diameter": float(d),
-        "diameter_objects": d_obj,
-        "diameter_log": d_log,
+        "diameter_objects": d_obj if np.isfinite(d_obj) else None,
+        "diameter_log": d_log if np.isfinite(d_log) else None,
         "count_estimate": n,
         "density": float(n / plane.size * 1e4),
         "foreground_fraction": float(fg),
