@@ -25,7 +25,7 @@ def check_out(out, overwrite: bool) -> Optional[Path]:
     if p.exists() and not p.is_dir():
         raise FileExistsError(f"out {str(p)!r} is a file; expected a folder for the counter")
     if p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise FileExistsError(f"out folder {str(p)!r} is not empty; choose another folder or pass overwrite=True")
+        raise FileExistsError(f"out folder {str(p)!r} is not empty; choose another folder or pass overwrite=True (--overwrite)")
     return p
 
 
