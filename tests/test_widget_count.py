@@ -26,7 +26,8 @@ def test_classic_count_gives_points_and_clicks_change_the_count(make_napari_view
     w = CountWidget(viewer)
     assert w.image.value is img
     w.model.value = "classic"
-    w.diameter.value = 15.0
+    w.diameter.value.value = 15.0  # typing a diameter turns the estimate off
+    assert w.diameter.auto.value is False and w.diameter.arg() == 15.0
     assert _run(qtbot, w) == "done"
     pts = viewer.layers[result_name("nuclei")]
     n = len(pts.data)
@@ -34,19 +35,88 @@ def test_classic_count_gives_points_and_clicks_change_the_count(make_napari_view
     assert set(pts.features["source"]) == {"model"} and np.all(np.isfinite(pts.features["score"]))
     assert tuple(pts.scale) == (0.5, 0.5) and tuple(pts.translate) == (3.0, 4.0)
     assert w.count_label.text().startswith(f"Count: {n} ")
+    assert "diameter 15.0 px (given)" in w.count_label.text()
     assert pts.metadata["cellsynth"]["operation"] == "count" and pts.metadata["count"] == n
+    assert np.allclose(pts.size, 15.0)  # rings as wide as the diameter used
     # a click adds a manual cell, deleting selected points removes them: the count follows at once
     pts.add([[10.0, 10.0]])
     assert pts.features["source"].iloc[-1] == "manual"
-    assert w.count_label.text() == f"Count: {n + 1} ({n} from the model, 1 added by hand)"
+    assert _first(w) == f"Count: {n + 1} ({n} from the model, 1 added by hand)"
+    deleted = pts.data[[0, 1]].copy()
     pts.selected_data = {0, 1}
     pts.remove_selected()
-    assert w.count_label.text() == f"Count: {n - 1} ({n - 2} from the model, 1 added by hand)"
+    assert _first(w) == f"Count: {n - 1} ({n - 2} from the model, 1 added by hand)"
     assert pts.metadata["count"] == n - 1
-    # re-running updates the same layer instead of stacking copies
+    # re-running updates the same layer, keeps the point added by hand, does not bring back the deleted ones
     assert _run(qtbot, w) == "done"
     assert [l.name for l in viewer.layers] == ["nuclei", result_name("nuclei")]
-    assert viewer.layers[result_name("nuclei")] is pts and len(pts.data) == n
+    assert viewer.layers[result_name("nuclei")] is pts and len(pts.data) == n - 1
+    assert _first(w) == f"Count: {n - 1} ({n - 2} from the model, 1 added by hand)"
+    assert "kept 1 points you added" in w.count_label.text() and "left out 2 you had deleted" in w.count_label.text()
+    assert [10.0, 10.0] in pts.data.tolist()
+    for p in deleted:
+        assert np.min(np.linalg.norm(pts.data - p, axis=1)) > 1.0
+
+
+def _first(w):
+    return w.count_label.text().splitlines()[0]
+
+
+def test_default_diameter_is_estimated_and_shown(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(_layout().image, name="nuclei")
+    w = CountWidget(viewer)
+    assert w.diameter.auto.value is True and w.diameter.arg() == "auto"
+    assert w.diameter.value.native.text() == "auto"
+    w.model.value = "classic"
+    assert _run(qtbot, w) == "done"
+    pts = viewer.layers[result_name("nuclei")]
+    used = pts.metadata["diameter_used"]
+    assert pts.metadata["diameter_source"] == "estimated" and 9.0 <= used <= 22.0
+    assert f"diameter {used:.1f} px (estimated)" in w.count_label.text()
+    assert w.diameter.value.value == round(used, 1) and w.diameter.auto.value is True  # shown, still automatic
+    assert np.allclose(pts.size, used)
+    assert "found by the model" in w.legend.text() and "added by you" in w.legend.text()
+
+
+def test_channel_box_only_for_rgb_images(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(_layout().image, name="gray")
+    rgb = np.repeat(_layout().image[..., None], 3, axis=2)
+    viewer.add_image(rgb, name="colour", rgb=True)
+    w = CountWidget(viewer)
+    w.image.value = viewer.layers["colour"]
+    assert w.channel.native.isVisibleTo(w) and w.channel.max == 2
+    w.image.value = viewer.layers["gray"]
+    assert not w.channel.native.isVisibleTo(w)
+
+
+def test_score_threshold_hides_low_points_and_the_count_follows(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(_layout().image, name="nuclei")
+    w = CountWidget(viewer)
+    w.model.value = "classic"
+    w.diameter.value.value = 15.0
+    assert _run(qtbot, w) == "done"
+    pts = viewer.layers[result_name("nuclei")]
+    scores = pts.features["score"].to_numpy()
+    n = len(scores)
+    assert w.threshold.max >= scores.max() and np.unique(scores).size > 3
+    pts.add([[5.0, 5.0]])  # a point added by hand stays whatever the threshold
+    t = float(np.median(scores))
+    w.threshold.value = t
+    above = int(np.count_nonzero(scores >= w.threshold.value))
+    assert 0 < above < n
+    assert len(pts.data) == above + 1 and pts.metadata["count"] == above + 1
+    assert np.all(pts.features["score"][pts.features["source"] == "model"] >= w.threshold.value)
+    assert _first(w) == f"Count: {above + 1} ({above} from the model, 1 added by hand)"
+    assert f"{n - above} below score" in w.count_label.text()
+    # deleting a shown point by hand, then lowering the threshold: everything else comes back, not that one
+    pts.selected_data = {0}
+    pts.remove_selected()
+    w.threshold.value = 0.0
+    assert len(pts.data) == n and pts.metadata["count"] == n
+    assert (pts.features["source"] == "manual").sum() == 1
 
 
 def test_bad_model_file_reports_an_error_and_adds_nothing(make_napari_viewer, qtbot, tmp_path):
@@ -68,7 +138,8 @@ def test_estimate_diameter_fills_the_field(make_napari_viewer, qtbot):
     w = CountWidget(viewer)
     with qtbot.waitSignal(w.runner.finished, timeout=60000):
         w.estimate_button.native.click()
-    assert 9.0 <= w.diameter.value <= 22.0  # cells of the layout are ~15 px across
+    assert 9.0 <= w.diameter.value.value <= 22.0  # cells of the layout are ~15 px across
+    assert w.diameter.auto.value is True  # shown; counting still estimates until a diameter is typed
 
 
 def test_points_csv_writer_and_reader_round_trip(make_napari_viewer, tmp_path):
@@ -103,6 +174,7 @@ def test_regression_model_shows_window_counts_not_points(make_napari_viewer, qtb
     w = CountWidget(viewer)
     w.model.value = "file"
     w.model_file.value = tmp_path / "reg" / "model.safetensors"
+    w.diameter.value.value = counter.diameter  # at the model's own scale: windows of 64 image pixels
     assert _run(qtbot, w) == "done"
     assert result_name("nuclei") not in viewer.layers
     shapes = viewer.layers["nuclei window counts"]

@@ -5,75 +5,124 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, PushButton, SpinBox
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, PushButton, SpinBox
 from napari.layers import Image, Points
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..device import device_choices
-from ._layers import provenance, upsert_layer
+from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, count_text, count_work, image_data,
+                        refresh_count, result_name, show_points)
+from ._layers import provenance
+from ._models import recent_models, registry_events
 from ._tasks import TaskRunner
 
-__all__ = ["CountWidget", "result_name"]
+__all__ = ["CountWidget", "model_choices", "result_name"]
 
 MODELS = ("default", "classic", "file")
 
 
-def result_name(image_name: str) -> str:
-    """Name of the Points layer holding the cells counted in ``image_name``."""
-    return f"{image_name} cells"
+def model_choices(*_: Any, with_file: bool = True) -> list:
+    """(label, value) pairs: the shipped counters, the counters made here (newest first), a file."""
+    made = [(f"{e['name']} ({e.get('kind', 'made here')})", e["path"]) for e in recent_models()]
+    out = [("default", "default"), ("classic", "classic")] + made
+    return out + [("file", "file")] if with_file else out
 
 
 class CountWidget(QWidget):
     """Count cells in an image layer with a density model, a regression model or the classic counter.
 
-    The result is a Points layer "<image> cells" with features ``score`` and
-    ``source`` ("model" or "manual"). Click in add mode to add a cell, select
-    points and press Delete to remove them: the count shown here follows at once.
-    A regression model gives counts per 256x256 window and no positions; they are
-    shown as a Shapes layer "<image> window counts".
+    The result is a Points layer "<image> cells" with features ``score``,
+    ``source`` ("model" or "manual") and ``id``. Click in add mode to add a cell,
+    select points and press Delete to remove them: the count shown here follows at
+    once. The score threshold hides model points scoring below it (they come back
+    when it is lowered). Counting again keeps the points added by hand and does not
+    bring back model points deleted by hand. A regression model gives counts per
+    256x256 window and no positions; they are shown as a Shapes layer
+    "<image> window counts".
     """
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=self._image_layers)
-        self.model = ComboBox(label="model", choices=MODELS, value="default",
+        self.model = ComboBox(label="model", choices=model_choices, value="default",
                               tooltip="default: the shipped density counter; classic: Laplacian-of-Gaussian "
-                                      "peaks, no weights; file: a counter you trained")
+                                      "peaks, no weights; then the counters adapted or retrained here; "
+                                      "file: a counter you trained")
         self.model_file = FileEdit(label="model file", mode="r", filter="*.safetensors *.json", visible=False)
-        self.diameter = FloatSpinBox(label="cell diameter (px)", value=0.0, min=0.0, max=1000.0, step=0.5,
-                                     tooltip="typical cell diameter in pixels; 0 uses the model's training scale")
+        self.diameter = DiameterField()
         self.estimate_button = PushButton(text="Estimate diameter")
-        self.channel = SpinBox(label="RGB channel", value=0, min=0, max=3,
-                               tooltip="channel to count in RGB images")
+        self.channel = SpinBox(label="channel", value=0, min=0, max=3, visible=False,
+                               tooltip="channel to count in RGB or multichannel images")
         self.device = ComboBox(label="device", choices=device_choices(), value="auto")
         self.run_button = PushButton(text="Count")
+        self.threshold = FloatSlider(label="score threshold", value=0.0, min=0.0, max=1.0, step=0.01,
+                                     tooltip="hide model points scoring below this; points you added stay")
         self.count_label = QLabel("No count yet")
         self.count_label.setWordWrap(True)
+        self.legend = QLabel(LEGEND)
+        self.legend.setWordWrap(True)
         self.runner = TaskRunner()
         self._watched: set[int] = set()
+        self._setting_threshold = False
 
         form = Container(widgets=[self.image, self.model, self.model_file, self.diameter, self.estimate_button,
-                                  self.channel, self.device, self.run_button])
+                                  self.channel, self.device, self.run_button, self.threshold])
         layout = QVBoxLayout(self)
         layout.addWidget(form.native)
         layout.addWidget(self.count_label)
+        layout.addWidget(self.legend)
         layout.addWidget(self.runner)
         layout.addStretch(1)
 
         self.model.changed.connect(lambda v: setattr(self.model_file, "visible", v == "file"))
         self.run_button.changed.connect(self.run)
         self.estimate_button.changed.connect(self.estimate)
+        self.threshold.changed.connect(self._on_threshold)
+        self.image.changed.connect(self._on_image)
         self.runner.busy.connect(lambda b: [setattr(w, "enabled", not b) for w in (self.run_button, self.estimate_button)])
         self.viewer.layers.events.inserted.connect(self.image.reset_choices)
         self.viewer.layers.events.removed.connect(self.image.reset_choices)
         self.viewer.layers.events.moved.connect(self.image.reset_choices)
+        registry_events.changed.connect(self._models_changed)
+        self.destroyed.connect(lambda *_: self._disconnect_registry())
+        self._on_image(self.image.value)
+
+    def _disconnect_registry(self) -> None:
+        try:
+            registry_events.changed.disconnect(self._models_changed)
+        except (TypeError, RuntimeError):
+            pass
+
+    def _models_changed(self) -> None:
+        try:
+            self.model.reset_choices()
+        except RuntimeError:  # the widget was closed
+            self._disconnect_registry()
 
     # -- inputs ------------------------------------------------------------------
 
     def _image_layers(self, *_: Any) -> list:
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _on_image(self, layer: Optional[Image]) -> None:
+        n = channel_count(layer)
+        self.channel.visible = n > 0
+        if n:
+            self.channel.max = n - 1
+        points = self._points_layer()
+        if points is not None:
+            self._sync_threshold(points)
+            self.count_label.setText(count_text(points))
+
+    def _points_layer(self) -> Optional[Points]:
+        layer = self.image.value
+        if layer is None:
+            return None
+        name = result_name(layer.name)
+        out = self.viewer.layers[name] if name in self.viewer.layers else None
+        return out if isinstance(out, Points) else None
 
     def _inputs(self) -> Optional[dict]:
         layer = self.image.value
@@ -87,20 +136,19 @@ class CountWidget(QWidget):
                 show_error("Choose a model file, or pick 'default' or 'classic'")
                 return None
             model = str(path)
-        data = np.asarray(layer.data if not layer.multiscale else layer.data[0])
         return {
             "layer": layer,
-            "image": data,
+            "image": image_data(layer),
             "model": model,
-            "diameter": float(self.diameter.value) or None,
-            "channel": int(self.channel.value) if layer.rgb else None,
+            "diameter": self.diameter.arg(),
+            "channel": int(self.channel.value) if channel_count(layer) else None,
             "device": self.device.value,
         }
 
     # -- actions -----------------------------------------------------------------
 
     def estimate(self) -> None:
-        """Guess the cell diameter from the chosen image."""
+        """Guess the cell diameter from the chosen image and show it (the estimate stays on)."""
         args = self._inputs()
         if args is None or self.runner.running:
             return
@@ -110,22 +158,15 @@ class CountWidget(QWidget):
 
             return estimate_diameter(args["image"], channel=args["channel"])
 
-        self.runner.start(work, on_done=lambda d: setattr(self.diameter, "value", round(float(d), 1)),
-                          label="Estimating the cell diameter")
+        self.runner.start(work, on_done=lambda d: self.diameter.show(float(d)), label="Estimating the cell diameter")
 
     def run(self) -> None:
         """Count the chosen image; the result layer is added or updated when done."""
         args = self._inputs()
         if args is None or self.runner.running:
             return
-
-        def work(progress):
-            from ..count import count_cells, load_counter
-
-            counter = load_counter(args["model"], device=args["device"])
-            return counter, count_cells(args["image"], counter=counter, diameter=args["diameter"],
-                                        channel=args["channel"], device=args["device"], progress=progress)
-
+        work = count_work(args["image"], model=args["model"], diameter=args["diameter"], channel=args["channel"],
+                          device=args["device"])
         self.runner.start(work, on_done=lambda out: self._show(args, *out), label="Counting cells")
 
     # -- layers ------------------------------------------------------------------
@@ -134,24 +175,43 @@ class CountWidget(QWidget):
         layer = args["layer"]
         params = {"model": args["model"], "diameter": args["diameter"], "channel": args["channel"],
                   "device": args["device"]}
-        meta = provenance("count", input=layer.name, parameters=params,
-                          **{k: v for k, v in result.meta.items() if k != "operation"})
-        name = result_name(layer.name)
         if counter.kind == "regression":
+            meta = provenance("count", input=layer.name, parameters=params,
+                              **{k: v for k, v in result.meta.items() if k != "operation"})
             self._show_windows(layer, result, meta)
             return
-        pts = np.asarray(result.points, dtype=float)
-        n = len(pts)
-        features = {"score": np.asarray(result.scores, dtype=float).reshape(n),
-                    "source": np.array(["model"] * n, dtype=object)}
-        size = float(args["diameter"] or result.meta.get("diameter") or 10.0) * 0.6
-        out = upsert_layer(self.viewer, name, "points", pts, metadata=meta, features=features, like=layer,
-                           size=size, face_color="source", border_width=0.1, border_color="black")
-        out.feature_defaults = {"score": 1.0, "source": "manual"}
-        if id(out) not in self._watched:
-            out.events.data.connect(lambda e, lay=out: self._update_count(lay))
-            self._watched.add(id(out))
-        self._update_count(out)
+        out = show_points(self.viewer, layer, counter, result, parameters=params)
+        self.diameter.show(out.metadata.get("diameter_used"))
+        self.watch(out)
+        self._sync_threshold(out)
+        self.count_label.setText(count_text(out))
+
+    def watch(self, layer: Points) -> None:
+        """Follow clicks on ``layer``: its count and this widget's label update at once."""
+        if id(layer) not in self._watched:
+            layer.events.data.connect(lambda e, lay=layer: self._update_count(lay))
+            self._watched.add(id(layer))
+
+    def _sync_threshold(self, layer: Points) -> None:
+        store = layer.metadata.get("points_store") or {}
+        scores = np.asarray(store.get("scores", []), dtype=float)
+        top = float(np.ceil(scores.max() * 100) / 100) if scores.size and scores.max() > 0 else 1.0
+        self._setting_threshold = True
+        try:
+            self.threshold.max = max(top, float(store.get("threshold", 0.0)), 0.01)
+            self.threshold.step = max(round(self.threshold.max / 100, 4), 0.0001)
+            self.threshold.value = float(store.get("threshold", 0.0))
+        finally:
+            self._setting_threshold = False
+
+    def _on_threshold(self, value: float) -> None:
+        if self._setting_threshold:
+            return
+        layer = self._points_layer()
+        if layer is None:
+            return
+        apply_threshold(layer, float(value))
+        self.count_label.setText(count_text(layer))
 
     def _show_windows(self, layer, result, meta: dict) -> None:
         rects, texts = [], []
@@ -170,8 +230,6 @@ class CountWidget(QWidget):
                                  "counts; this model gives no cell positions)")
 
     def _update_count(self, layer: Points) -> None:
-        src = layer.features["source"].astype(str).to_numpy() if "source" in layer.features else np.array([])
-        n = len(layer.data)
-        manual = int(np.count_nonzero(src == "manual"))
-        layer.metadata = {**layer.metadata, "count": n}
-        self.count_label.setText(f"Count: {n} ({n - manual} from the model, {manual} added by hand)")
+        refresh_count(layer)
+        if layer is self._points_layer():
+            self.count_label.setText(count_text(layer))

@@ -1,0 +1,266 @@
+"""Counting shared by the "Count cells" and "Counting loop" widgets.
+
+The result of a count is a Points layer "<image> cells" with features ``score``,
+``source`` ("model" / "manual") and ``id`` (the model point's index, -1 for
+points added by hand). Its ``metadata["points_store"]`` keeps every point the
+model found, so that the score threshold can hide points and show them again,
+and the model points a person deleted by hand (``deleted``: their coordinates),
+so that neither the threshold nor a re-run brings them back. A re-run keeps the
+points added by hand and leaves out new model points that fall on one of them or
+on a deleted point.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import numpy as np
+from magicgui.widgets import CheckBox, Container, FloatSpinBox
+from napari.layers import Image, Points
+
+from ._layers import provenance, upsert_layer
+
+__all__ = ["COLORS", "LEGEND", "DiameterField", "apply_threshold", "channel_count", "count_text", "count_work",
+           "image_data", "refresh_count", "result_name", "show_points"]
+
+STORE = "points_store"
+COLORS = {"model": "yellow", "manual": "cyan"}
+LEGEND = ("<span style='color:yellow'>&#9711;</span> found by the model &nbsp; "
+          "<span style='color:cyan'>&#9711;</span> added by you &nbsp; (ring = the diameter used)")
+
+
+def result_name(image_name: str) -> str:
+    """Name of the Points layer holding the cells counted in ``image_name``."""
+    return f"{image_name} cells"
+
+
+# -- inputs ------------------------------------------------------------------------
+
+def image_data(layer: Image) -> np.ndarray:
+    """The layer's pixels (the finest level of a multiscale image)."""
+    return np.asarray(layer.data if not layer.multiscale else layer.data[0])
+
+
+def channel_count(layer: Optional[Image]) -> int:
+    """Number of channels a counter can choose from: 0 for a one-channel image."""
+    if layer is None:
+        return 0
+    shape = np.shape(layer.data if not layer.multiscale else layer.data[0])
+    if layer.rgb or (len(shape) == 3 and shape[-1] <= 4):
+        return int(shape[-1])
+    return 0
+
+
+class DiameterField(Container):
+    """"estimate the diameter" (checked by default) and the diameter in pixels, which a person may type.
+
+    Typing a diameter unchecks the box; after a run the diameter used is shown in the
+    field without unchecking it.
+    """
+
+    def __init__(self) -> None:
+        self.auto = CheckBox(value=True, text="estimate the cell diameter from the image",
+                             tooltip="checked: each run measures the typical cell size in the image; "
+                                     "uncheck (or type a diameter) to count at the diameter below")
+        self.value = FloatSpinBox(label="cell diameter (px)", value=0.0, min=0.0, max=1000.0, step=0.5,
+                                  tooltip="typical cell diameter in pixels; typing one here turns the estimate off")
+        self.value.native.setSpecialValueText("auto")  # shown while no diameter is known yet
+        super().__init__(widgets=[self.auto, self.value], labels=True)
+        self._quiet = False
+        self.value.changed.connect(self._typed)
+
+    def _typed(self, *_: Any) -> None:
+        if not self._quiet:
+            self.auto.value = not self.value.value
+
+    def arg(self) -> Union[str, float]:
+        """``"auto"`` or the typed diameter, as :func:`cellsynth.count.count_cells` takes it."""
+        return "auto" if self.auto.value or not self.value.value else float(self.value.value)
+
+    def show(self, diameter: Optional[float], *, auto: Optional[bool] = None) -> None:
+        """Show a diameter (the one used or estimated) without turning the estimate off."""
+        if diameter is not None and np.isfinite(diameter) and diameter > 0:
+            self._quiet = True
+            try:
+                self.value.value = round(float(diameter), 1)
+            finally:
+                self._quiet = False
+        if auto is not None:
+            self.auto.value = auto
+
+
+def count_work(image: np.ndarray, *, model: str, diameter, channel: Optional[int], device: str):
+    """The function a TaskRunner runs to count: returns ``(counter, CountResult)``."""
+
+    def work(progress):
+        from ..count import count_cells, load_counter
+
+        counter = load_counter(model, device=device)
+        return counter, count_cells(image, counter=counter, diameter=diameter, channel=channel, device=device,
+                                    progress=progress)
+
+    return work
+
+
+# -- the result layer ----------------------------------------------------------------
+
+def _source(layer: Points) -> np.ndarray:
+    if "source" not in layer.features or len(layer.features) != len(layer.data):
+        return np.array(["manual"] * len(layer.data))
+    return layer.features["source"].astype(str).to_numpy()
+
+
+def _ids(layer: Points) -> np.ndarray:
+    if "id" not in layer.features or len(layer.features) != len(layer.data):
+        return np.full(len(layer.data), -1)
+    return layer.features["id"].fillna(-1).astype(int).to_numpy()
+
+
+def _store(layer: Points) -> Optional[dict]:
+    store = layer.metadata.get(STORE)
+    return store if isinstance(store, dict) and "points" in store else None
+
+
+def _note_edits(layer: Points, store: dict) -> None:
+    """Record model points deleted by hand since the layer was last built; keep moved points where they are."""
+    ids = _ids(layer)
+    present = {int(i): k for k, i in enumerate(ids) if i >= 0}
+    expected = _visible(store)
+    missing = [int(i) for i in expected if int(i) not in present]
+    for i, k in present.items():
+        if 0 <= i < len(store["points"]):
+            store["points"][i] = np.asarray(layer.data[k], dtype=float)
+    if missing:
+        store["hidden"] = np.union1d(store["hidden"], missing).astype(int)
+        store["deleted"] = np.concatenate([store["deleted"], store["points"][missing]], axis=0)
+
+
+def _visible(store: dict) -> np.ndarray:
+    """Indices of the model points shown: score at or above the threshold, not deleted."""
+    keep = np.asarray(store["scores"]) >= float(store["threshold"])
+    keep[np.asarray(store["hidden"], dtype=int)] = False
+    return np.flatnonzero(keep)
+
+
+def _layer_rows(store: dict, manual_pts: np.ndarray, manual_scores: np.ndarray):
+    vis = _visible(store)
+    ndim = store["points"].shape[1]
+    pts = np.concatenate([store["points"][vis].reshape(-1, ndim), manual_pts.reshape(-1, ndim)], axis=0)
+    features = {"score": np.concatenate([np.asarray(store["scores"])[vis], manual_scores]).astype(float),
+                "source": np.array(["model"] * len(vis) + ["manual"] * len(manual_pts), dtype=object),
+                "id": np.concatenate([vis, np.full(len(manual_pts), -1)]).astype(int)}
+    return pts, features
+
+
+def _manual(layer: Points) -> tuple[np.ndarray, np.ndarray]:
+    m = _source(layer) == "manual"
+    scores = layer.features["score"].to_numpy(dtype=float)[m] if "score" in layer.features and \
+        len(layer.features) == len(layer.data) else np.ones(int(m.sum()))
+    return np.asarray(layer.data, dtype=float)[m], scores
+
+
+def apply_threshold(layer: Points, threshold: float) -> None:
+    """Show the model points scoring at least ``threshold`` (and every point added by hand)."""
+    store = _store(layer)
+    if store is None:
+        return
+    _note_edits(layer, store)
+    manual_pts, manual_scores = _manual(layer)
+    store["threshold"] = float(threshold)
+    pts, features = _layer_rows(store, manual_pts, manual_scores)
+    layer.data = pts
+    layer.features = features
+    layer.metadata = {**layer.metadata, STORE: store}
+    refresh_count(layer)
+
+
+def _near(points: np.ndarray, others: np.ndarray, radius: float) -> np.ndarray:
+    """Which of ``points`` lie within ``radius`` of any of ``others``."""
+    if len(points) == 0 or len(others) == 0:
+        return np.zeros(len(points), bool)
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(others).query(points, k=1)
+    return dist <= radius
+
+
+def show_points(viewer, image_layer: Image, counter, result, *, parameters: dict) -> Points:
+    """Add or update the Points layer of a count, keeping what a person changed by hand.
+
+    Returns the layer; ``metadata["last_run"]`` says how many points added by hand were
+    kept and how many new model points were left out because a person had deleted them.
+    """
+    name = result_name(image_layer.name)
+    ndim = np.shape(result.points)[1] if np.ndim(result.points) == 2 else 2
+    pts = np.asarray(result.points, dtype=float).reshape(-1, ndim)
+    scores = np.asarray(result.scores, dtype=float).reshape(len(pts))
+    diameter = result.meta.get("diameter_used") or getattr(counter, "diameter", None) or 10.0
+    radius = 0.5 * float(diameter)
+
+    old = viewer.layers[name] if name in viewer.layers and isinstance(viewer.layers[name], Points) else None
+    manual_pts, manual_scores = np.zeros((0, ndim)), np.zeros(0)
+    deleted, threshold = np.zeros((0, ndim)), 0.0
+    if old is not None and np.shape(old.data)[1] == ndim:
+        old_store = _store(old)
+        if old_store is not None:
+            _note_edits(old, old_store)
+            deleted = np.asarray(old_store["deleted"], dtype=float).reshape(-1, ndim)
+            threshold = float(old_store["threshold"])
+        manual_pts, manual_scores = _manual(old)
+    on_deleted = _near(pts, deleted, radius)
+    on_manual = _near(pts, manual_pts, radius) & ~on_deleted
+    store = {"points": pts, "scores": scores, "threshold": threshold,
+             "hidden": np.flatnonzero(on_deleted | on_manual).astype(int), "deleted": deleted}
+    data, features = _layer_rows(store, manual_pts, manual_scores)
+
+    meta = provenance("count", input=image_layer.name, parameters=parameters,
+                      **{k: v for k, v in result.meta.items() if k != "operation"})
+    meta.update({STORE: store, "diameter_used": float(diameter),
+                 "diameter_source": result.meta.get("diameter_source", "given"),
+                 "density_sum": result.density_sum,
+                 "last_run": {"kept_manual": int(len(manual_pts)), "left_out_deleted": int(on_deleted.sum()),
+                              "left_out_on_manual": int(on_manual.sum())}})
+    layer = upsert_layer(viewer, name, "points", data, metadata=meta, features=features, like=image_layer,
+                         size=float(diameter), face_color="transparent", border_color="source",
+                         border_color_cycle=COLORS, border_width=0.12, border_width_is_relative=True)
+    layer.size = float(diameter)
+    layer.current_size = float(diameter)
+    layer.feature_defaults = {"score": 1.0, "source": "manual", "id": -1}
+    refresh_count(layer)
+    return layer
+
+
+def refresh_count(layer: Points) -> int:
+    """Store the number of points in ``metadata["count"]`` and return it."""
+    n = int(len(layer.data))
+    if layer.metadata.get("count") != n:
+        layer.metadata = {**layer.metadata, "count": n}
+    return n
+
+
+def count_text(layer: Points) -> str:
+    """What the widgets show about a count layer: the count, then the scale and what was kept."""
+    n = len(layer.data)
+    manual = int(np.count_nonzero(_source(layer) == "manual"))
+    lines = [f"Count: {n} ({n - manual} from the model, {manual} added by hand)"]
+    meta = layer.metadata
+    details = []
+    if meta.get("diameter_used"):
+        details.append(f"diameter {meta['diameter_used']:.1f} px ({meta.get('diameter_source', 'given')})")
+    if meta.get("density_sum") is not None:
+        details.append(f"density sum {meta['density_sum']:.1f}")
+    store = _store(layer)
+    if store is not None and store["threshold"] > 0:
+        below = int(np.count_nonzero(np.asarray(store["scores"]) < store["threshold"]))
+        details.append(f"{below} below score {store['threshold']:.2f} hidden")
+    if details:
+        lines.append(" · ".join(details))
+    run = meta.get("last_run") or {}
+    kept = []
+    if run.get("kept_manual"):
+        kept.append(f"kept {run['kept_manual']} points you added")
+    if run.get("left_out_deleted"):
+        kept.append(f"left out {run['left_out_deleted']} you had deleted")
+    if kept:
+        lines.append(" and ".join(kept))
+    return "\n".join(lines)
