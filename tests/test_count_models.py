@@ -55,8 +55,8 @@ def test_save_load_roundtrip_half_and_provenance(tmp_path, tiny_density):
     with pytest.raises(FileExistsError):
         save_counter(tiny_density.net, tiny_density.config, tmp_path / "m")
     img = np.random.default_rng(0).random((70, 50)).astype(np.float32)
-    r1 = count_cells(img, counter=c)
-    r2 = count_cells(img, model=str(tmp_path / "m"), device="cpu")
+    r1 = count_cells(img, diameter=None, counter=c)
+    r2 = count_cells(img, diameter=None, model=str(tmp_path / "m"), device="cpu")
     assert r1.count == pytest.approx(r2.count) and r1.meta["sha256"] == c.sha256
 
 
@@ -87,22 +87,23 @@ def test_count_any_size_dtype_channel_and_stack(tiny_density):
     for shape in [(20, 33), (64, 64), (100, 150)]:
         for dtype in (np.uint8, np.uint16, np.float32):
             img = (rng.random(shape) * 200).astype(dtype)
-            res = count_cells(img, counter=tiny_density, tile=64, overlap=8)
+            res = count_cells(img, diameter=None, counter=tiny_density, tile=64, overlap=8)
             assert res.density.shape == shape and np.isfinite(res.count)
-            assert res.count == pytest.approx(float(res.density.sum(dtype=np.float64)), rel=1e-5)
+            assert res.density_sum == pytest.approx(float(res.density.sum(dtype=np.float64)), rel=1e-5)
+            assert res.count == len(res.points) and isinstance(res.count, int)
     rgb = (rng.random((40, 50, 3)) * 255).astype(np.uint8)
-    res_c = count_cells(rgb, counter=tiny_density, channel=1, tile=64)
-    res_g = count_cells(rgb[..., 1], counter=tiny_density, tile=64)
+    res_c = count_cells(rgb, diameter=None, counter=tiny_density, channel=1, tile=64)
+    res_g = count_cells(rgb[..., 1], diameter=None, counter=tiny_density, tile=64)
     assert res_c.count == pytest.approx(res_g.count)
     stack = (rng.random((3, 40, 50)) * 255).astype(np.uint8)
-    res_s = count_cells(stack, counter=tiny_density, tile=64)
+    res_s = count_cells(stack, diameter=None, counter=tiny_density, tile=64)
     assert res_s.density.shape == (3, 40, 50) and res_s.per_plane.shape == (3,)
     assert res_s.points.shape[1] == 3 and res_s.count == pytest.approx(res_s.per_plane.sum())
     for p in range(3):
-        single = count_cells(stack[p], counter=tiny_density, tile=64)
+        single = count_cells(stack[p], diameter=None, counter=tiny_density, tile=64)
         assert res_s.per_plane[p] == pytest.approx(single.count, rel=1e-5)
         assert np.sum(res_s.points[:, 0] == p) == len(single.points)
-    res_t = count_cells(rng.random((2, 2, 40, 40)), counter=tiny_density, tile=64)
+    res_t = count_cells(rng.random((2, 2, 40, 40)), diameter=None, counter=tiny_density, tile=64)
     assert res_t.points.shape[1] == 4 and res_t.per_plane.shape == (2, 2)
 
 
@@ -164,24 +165,24 @@ def test_cells_on_tile_seams_are_counted_once_not_twice_or_missed():
         img[disk(rc, 2.5, shape=img.shape)] = 1.0
     area = float(img.sum()) / len(set(centres))
     norm_sum = float(normalize_image(img).clip(0).sum())
-    exact = count_cells(img, counter=_mock(_Pointwise(area)), tile=tile, overlap=overlap)
-    assert exact.count == pytest.approx(norm_sum / area, rel=1e-5)
+    exact = count_cells(img, diameter=None, counter=_mock(_Pointwise(area)), tile=tile, overlap=overlap)
+    assert exact.density_sum == pytest.approx(norm_sum / area, rel=1e-5)
     # a counter with context (blur, zero padding at tile edges) still counts every seam cell once
-    blur = count_cells(img, counter=_mock(_Blur(area)), tile=tile, overlap=overlap)
-    whole = count_cells(img, counter=_mock(_Blur(area)), tile=256)  # one tile, no seams
-    assert blur.count == pytest.approx(whole.count, rel=0.01)
+    blur = count_cells(img, diameter=None, counter=_mock(_Blur(area)), tile=tile, overlap=overlap)
+    whole = count_cells(img, diameter=None, counter=_mock(_Blur(area)), tile=256)  # one tile, no seams
+    assert blur.density_sum == pytest.approx(whole.density_sum, rel=0.01)
     assert len(blur.points) == len(set(centres))
     # without overlap and blending, a blur counter loses mass on seams: the test can fail
-    windows = count_cells(img, counter=_mock(_Blur(area)), tile=tile, overlap=0)
-    assert abs(windows.count - whole.count) > 3 * abs(blur.count - whole.count)
+    windows = count_cells(img, diameter=None, counter=_mock(_Blur(area)), tile=tile, overlap=0)
+    assert abs(windows.density_sum - whole.density_sum) > 3 * abs(blur.density_sum - whole.density_sum)
 
 
 def test_batched_tiles_equal_one_by_one_and_progress_and_cancel(tiny_density):
     img = np.random.default_rng(1).random((130, 140)).astype(np.float32)
     seen = []
-    a = count_cells(img, counter=tiny_density, tile=64, batch_size=8, progress=seen.append)
-    b = count_cells(img, counter=tiny_density, tile=64, batch_size=1)
-    assert a.count == pytest.approx(b.count, rel=1e-4)
+    a = count_cells(img, diameter=None, counter=tiny_density, tile=64, batch_size=8, progress=seen.append)
+    b = count_cells(img, diameter=None, counter=tiny_density, tile=64, batch_size=1)
+    assert a.density_sum == pytest.approx(b.density_sum, rel=1e-4) and a.count == b.count
     np.testing.assert_allclose(a.density, b.density, rtol=1e-4, atol=1e-6)
     assert seen[-1].step == seen[-1].total and all(p.stage == "tiles" for p in seen)
 
@@ -189,12 +190,12 @@ def test_batched_tiles_equal_one_by_one_and_progress_and_cancel(tiny_density):
         raise Cancelled()
 
     with pytest.raises(Cancelled):
-        count_cells(img, counter=tiny_density, tile=64, progress=cancel)
+        count_cells(img, diameter=None, counter=tiny_density, tile=64, progress=cancel)
 
 
 def test_regression_counter_reports_windows_without_points(tiny_regression):
     img = np.random.default_rng(2).random((100, 150)).astype(np.float32)
-    res = count_cells(img, counter=tiny_regression)
+    res = count_cells(img, diameter=None, counter=tiny_regression)
     assert res.points.shape == (0, 2) and res.density is None
     assert len(res.windows) == 2 * 3  # non-overlapping 64 px windows
     assert res.count == pytest.approx(sum(w[-1] for w in res.windows))
@@ -207,7 +208,7 @@ def test_diameter_rescales_and_maps_points_back(tiny_density):
     res = count_cells(img, counter=tiny_density, diameter=30.0, tile=64)  # model scale 15 -> x0.5
     assert res.meta["scale_factor"] == pytest.approx(0.5)
     assert res.density.shape == (90, 120)
-    assert res.count == pytest.approx(float(res.density.sum(dtype=np.float64)), rel=1e-4)
+    assert res.density_sum == pytest.approx(float(res.density.sum(dtype=np.float64)), rel=1e-4)
     if len(res.points):
         assert res.points[:, 0].max() < 90 and res.points[:, 1].max() < 120
 
@@ -223,7 +224,28 @@ def test_cuda_runs_in_float16_and_matches_cpu(tiny_density):
     gpu = to_device(Counter(kind="density", name="t", config=tiny_density.config, net=net), "cuda")
     assert gpu.dtype == torch.float16
     img = np.random.default_rng(4).random((100, 120)).astype(np.float32)
-    a = count_cells(img, counter=gpu, tile=64)
+    a = count_cells(img, diameter=None, counter=gpu, tile=64)
     cpu = to_device(gpu, "cpu")
-    b = count_cells(img, counter=cpu, tile=64)
-    assert a.count == pytest.approx(b.count, rel=2e-2)
+    b = count_cells(img, diameter=None, counter=cpu, tile=64)
+    assert a.density_sum == pytest.approx(b.density_sum, rel=2e-2)
+
+
+def test_checkpoint_of_the_papers_public_code_loads_and_counts_like_it(tmp_path):
+    # The paper's public code trains torchvision's efficientnet_b0 with classifier[1] = Linear(1280, 1)
+    # on 8-bit images read as RGB and scaled by (x / 255 - 0.0414) / 0.0203.
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = torchvision.models.efficientnet_b0(weights=None)
+    ref.classifier[1] = nn.Linear(ref.classifier[1].in_features, 1)
+    ref.eval()
+    torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "official.pth")
+    c = load_counter(tmp_path / "official.pth", device="cpu")
+    assert c.kind == "regression" and c.config["backbone"] == "torchvision:efficientnet_b0"
+    img = (np.random.default_rng(0).random((256, 256)) * 255).astype(np.uint8)
+    res = count_cells(img, counter=c, diameter=30.0)  # imported models are never rescaled
+    x = (torch.from_numpy(img).float() / 255 - 0.0414) / 0.0203
+    with torch.no_grad():
+        expected = float(ref(x[None, None].expand(1, 3, -1, -1))[0, 0])
+    assert res.meta["scale_factor"] == 1.0 and len(res.windows) == 1
+    assert res.count == pytest.approx(expected, rel=1e-3, abs=1e-3)

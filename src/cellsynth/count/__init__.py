@@ -7,7 +7,7 @@ functions that run models.
 Main entry points
 -----------------
 load_counter(model="default", *, device="auto") -> Counter
-count_cells(image, *, counter=None, model="default", diameter=None, ...) -> CountResult
+count_cells(image, *, counter=None, model="default", diameter="auto", ...) -> CountResult
 estimate_diameter(image, *, channel=None) -> float
 train_counter(train, *, out, ...) -> TrainResult
 evaluate_counter(dataset, *, model=...) -> dict of MAE, RMSE, ACP@5%, ACP@10%
@@ -19,7 +19,7 @@ Examples
 >>> img = np.zeros((64, 64), np.uint8)
 >>> img[disk((20, 20), 6)] = img[disk((44, 40), 6)] = 180
 >>> count_cells(img, model="classic", diameter=12).count
-2.0
+2
 """
 
 from .classic import ClassicParams, estimate_diameter

@@ -38,8 +38,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("count", help="count cells in an image", description="Count cells in an image and print the count.")
     p.add_argument("image", help="image file (TIFF, PNG, JPEG); stacks are counted plane by plane")
     p.add_argument("--model", default="default", help="'default', 'classic' or a model folder/file (default: default)")
-    p.add_argument("--diameter", type=_diameter, default=None,
-                   help="cell diameter in pixels, or 'auto' to estimate it (default: the model's training scale)")
+    p.add_argument("--diameter", type=_diameter, default="auto",
+                   help="cell diameter in pixels, or 'auto' to estimate it from the image (default: auto)")
     p.add_argument("--channel", type=int, default=None, help="channel of a multichannel image (default: max over channels)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
@@ -56,13 +56,20 @@ def register(subparsers) -> None:
     t.add_argument("train", nargs="?", default=None,
                    help="labelled images: dataset folder (manifest.json) or folder of images with points CSVs / label images")
     t.add_argument("--out", required=True, help="output folder (model.safetensors, config.json, checkpoint/)")
-    t.add_argument("--synthetic", default=None, help="labelled synthetic dataset (finetune, dual, cutmix, dacs)")
-    t.add_argument("--unlabelled", default=None, help="folder of unlabelled real images (dacs)")
+    t.add_argument("--synthetic", default=None, help="labelled synthetic dataset (finetune, dual, cutmix, pseudo-label)")
+    t.add_argument("--unlabelled", default=None, help="folder of unlabelled real images (pseudo-label)")
     t.add_argument("--val", default=None, help="validation set (default: --val-fraction of the training images)")
-    t.add_argument("--strategy", default="supervised", choices=["supervised", "finetune", "dual", "cutmix", "dacs"])
+    t.add_argument("--strategy", default="supervised", choices=["supervised", "finetune", "dual", "cutmix", "pseudo-label"],
+                   help="supervised: labelled images only; finetune: --synthetic first, then TRAIN; dual: half "
+                        "TRAIN, half --synthetic per batch; cutmix: dual batches mixed by CutMix (the paper's "
+                        "'DACS + CutMix' row); pseudo-label: labelled crops plus --unlabelled crops labelled by an "
+                        "EMA teacher and mixed by CutMix (default: supervised)")
     t.add_argument("--kind", default="density", choices=["density", "regression"])
     t.add_argument("--init", default=None, help="start from this counter ('default' or a model path)")
     t.add_argument("--backbone", default="efficientnet_b0")
+    t.add_argument("--pretrained", default=None, metavar="imagenet|PATH",
+                   help="initialise the backbone from ImageNet weights ('imagenet', downloaded once and cached, "
+                        "or a local folder/file of timm weights), as in the paper (default: random)")
     t.add_argument("--epochs", type=int, default=50)
     t.add_argument("--pretrain-epochs", type=int, default=0, help="finetune: epochs on --synthetic first")
     t.add_argument("--steps-per-epoch", type=int, default=None)
@@ -85,7 +92,8 @@ def register(subparsers) -> None:
                               description="Count annotated images and print MAE, RMSE, ACP@5%% and ACP@10%%.")
     e.add_argument("dataset", help="dataset folder (manifest.json) or folder of annotated images")
     e.add_argument("--model", default="default", help="'default', 'classic' or a model path")
-    e.add_argument("--diameter", type=_diameter, default=None, help="cell diameter of the images in pixels")
+    e.add_argument("--diameter", type=_diameter, default="auto",
+                   help="cell diameter of the images in pixels, or 'auto' to estimate it per image (default: auto)")
     e.add_argument("--device", default="auto")
     e.add_argument("--tile", type=int, default=256)
     e.add_argument("--overlap", type=int, default=None)
@@ -116,6 +124,9 @@ def _count(args) -> int:
     if args.json:
         doc = {
             "count": res.count,
+            "density_sum": None if res.density_sum is None else round(res.density_sum, 3),
+            "diameter": res.meta.get("diameter_used"),
+            "diameter_source": res.meta.get("diameter_source"),
             "points": np.round(res.points, 3).tolist(),
             "scores": np.round(res.scores, 4).tolist(),
             "per_plane": res.per_plane.ravel().tolist(),
@@ -125,10 +136,14 @@ def _count(args) -> int:
         }
         if res.windows:
             doc["windows"] = [list(w) for w in res.windows]
-        print(json.dumps(doc, default=io.json_default))
+        print(json.dumps(doc, default=io.json_default, allow_nan=False))
     else:
-        label = " (sum of window counts, no positions)" if res.meta.get("kind") == "regression" else ""
-        print(f"{res.count:.2f}{label}" if res.meta.get("kind") != "classic" else f"{int(res.count)}")
+        d = res.meta.get("diameter_used")
+        scale = f"diameter {d:.1f} px ({res.meta.get('diameter_source')})" if d else str(res.meta.get("diameter_source"))
+        if res.meta.get("kind") == "regression":
+            print(f"{res.count:.2f} (sum of window counts, no positions; {scale})")
+        else:
+            print(f"{res.count} cells ({scale})")
     return 0
 
 
@@ -139,7 +154,7 @@ def _train(args) -> int:
         kind=args.kind, strategy=args.strategy, backbone=args.backbone, epochs=args.epochs,
         pretrain_epochs=args.pretrain_epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         crop=args.crop, lr=args.lr, lr_step=args.lr_step, val_fraction=args.val_fraction,
-        cutmix_p=args.cutmix_p, cutmix_alpha=args.cutmix_alpha, seed=args.seed,
+        cutmix_p=args.cutmix_p, cutmix_alpha=args.cutmix_alpha, seed=args.seed, pretrained=args.pretrained,
     )
     if args.train is None and args.synthetic is None:
         raise ValueError("give labelled training images (TRAIN) and/or --synthetic")

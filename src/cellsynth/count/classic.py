@@ -1,4 +1,4 @@
-"""Counting without weights: Laplacian-of-Gaussian peaks, and cell-diameter estimation.
+"""Counting without weights: seeded watershed in an Otsu mask, and cell-diameter estimation.
 
 numpy/scipy/scikit-image only.
 """
@@ -14,39 +14,39 @@ from scipy.ndimage import gaussian_laplace
 
 from .preprocess import normalize_image, split_planes
 
-__all__ = ["ClassicParams", "classic_peaks", "estimate_diameter", "log_response"]
+__all__ = ["ClassicParams", "classic_peaks", "estimate_diameter", "foreground_threshold", "log_response", "segment_nuclei"]
 
 _SQRT2 = float(np.sqrt(2.0))
 
 
 @dataclass(frozen=True)
 class ClassicParams:
-    """Parameters of the classic (Laplacian-of-Gaussian) counter.
+    """Parameters of the classic counter (seeded watershed in an Otsu mask, Voronoi-Otsu style).
+
+    Every length scales with the cell diameter, so one diameter sets the counter.
 
     Parameters
     ----------
     diameter : float
-        Cell diameter in pixels; the LoG scale is ``sigma_factor * diameter``.
-    threshold : float or None
-        Minimum scale-normalised LoG response of a peak on the normalised image
-        (a bright flat disk of contrast 1 gives about 0.74). None: automatic, the
-        larger of ``min_threshold`` and ``noise_factor`` times the robust noise
-        level of the response.
+        Typical cell diameter in pixels.
+    spot_sigma : float
+        Gaussian smoothing of the seed image as a fraction of the diameter:
+        large enough that the texture of one nucleus gives one maximum.
+    outline_sigma : float
+        Gaussian smoothing of the mask image as a fraction of the diameter.
     min_distance : float or None
-        Minimum distance between two peaks in pixels; None: ``0.4 * diameter``.
-    min_threshold : float
-        Floor of the automatic threshold.
-    noise_factor : float
-        Multiple of the response's robust standard deviation used by the automatic threshold.
-    sigma_factor : float
-        LoG scale as a fraction of the diameter. ``1 / (2 sqrt 2)`` (0.354) is the
-        best scale for an isolated flat disk; the smaller default separates
-        touching cells better.
+        Minimum distance between two seeds in pixels; None: ``0.35 * diameter``.
+    min_area : float
+        Smallest object kept, as a fraction of the area of a disk of ``diameter``
+        (smaller objects are debris).
+    threshold : float or None
+        Foreground threshold on the normalised image; None: Otsu's threshold of
+        the smoothed image.
 
     Examples
     --------
-    >>> ClassicParams(diameter=12).sigma
-    3.0
+    >>> ClassicParams(diameter=12).min_distance_px
+    4.2
     >>> ClassicParams(diameter=0)
     Traceback (most recent call last):
     ...
@@ -54,30 +54,29 @@ class ClassicParams:
     """
 
     diameter: float = 15.0
-    threshold: Optional[float] = None
+    spot_sigma: float = 0.25
+    outline_sigma: float = 0.08
     min_distance: Optional[float] = None
-    min_threshold: float = 0.08
-    noise_factor: float = 5.0
-    sigma_factor: float = 0.25
+    min_area: float = 0.15
+    threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.diameter, (int, float)) and np.isfinite(self.diameter) and self.diameter > 0):
+        if not (isinstance(self.diameter, (int, float)) and np.isfinite(self.diameter) and 0 < self.diameter <= 5000):
             raise ValueError(f"diameter must be a positive number of pixels, got {self.diameter!r}")
-        if self.threshold is not None and not self.threshold >= 0:
-            raise ValueError(f"threshold must be >= 0 or None, got {self.threshold!r}")
-        if self.min_distance is not None and not self.min_distance >= 1:
+        if self.min_distance is not None and not 1 <= self.min_distance < np.inf:
             raise ValueError(f"min_distance must be >= 1 pixel or None, got {self.min_distance!r}")
-        if not 0.05 <= self.sigma_factor <= 1:
-            raise ValueError(f"sigma_factor must be in [0.05, 1], got {self.sigma_factor!r}")
-        if not self.min_threshold >= 0 or not self.noise_factor >= 0:
-            raise ValueError(
-                f"min_threshold and noise_factor must be >= 0, got {self.min_threshold!r}, {self.noise_factor!r}"
-            )
+        for name in ("spot_sigma", "outline_sigma"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1] (a fraction of the diameter), got {getattr(self, name)!r}")
+        if not 0 <= self.min_area <= 1:
+            raise ValueError(f"min_area must be in [0, 1] (a fraction of a cell's area), got {self.min_area!r}")
+        if self.threshold is not None and not np.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite number or None, got {self.threshold!r}")
 
     @property
-    def sigma(self) -> float:
-        """LoG scale in pixels."""
-        return self.diameter * self.sigma_factor
+    def min_distance_px(self) -> float:
+        """Minimum seed distance in pixels."""
+        return float(self.min_distance) if self.min_distance is not None else round(0.35 * self.diameter, 6)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,20 +95,112 @@ def log_response(plane: np.ndarray, sigma: float) -> np.ndarray:
     return (-(sigma ** 2) * gaussian_laplace(np.asarray(plane, np.float32), sigma)).astype(np.float32)
 
 
-def _log_gain(sigma: float) -> float:
-    """Standard deviation of :func:`log_response` of unit white noise."""
-    n = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
-    return float(log_response(n, sigma)[32:-32, 32:-32].std())
-
-
 def _robust_std(x: np.ndarray) -> float:
     step = max(1, int(np.sqrt(x.size / 250_000)))
     s = x[::step, ::step]
     return float(1.4826 * np.median(np.abs(s - np.median(s))))
 
 
+def foreground_threshold(plane: np.ndarray, smooth: np.ndarray, *, min_contrast: float = 4.0) -> float:
+    """Otsu's threshold of ``smooth``, or ``inf`` when its two classes differ by noise only.
+
+    The foreground must be brighter than the background by at least
+    ``min_contrast`` times the pixel noise of ``plane`` (from neighbour
+    differences, robust to the cells' edges); otherwise the image holds no cells
+    and nothing is foreground.
+
+    Examples
+    --------
+    >>> noise = np.random.default_rng(0).normal(0, 1, (64, 64)).astype(np.float32)
+    >>> foreground_threshold(noise, noise)
+    inf
+    >>> cells = noise.copy(); cells[20:30, 20:30] += 20
+    >>> bool(foreground_threshold(cells, cells) < 20)
+    True
+    """
+    from skimage.filters import threshold_otsu
+
+    step = max(1, int(np.sqrt(smooth.size / 1_000_000)))
+    sample = np.asarray(smooth)[::step, ::step]
+    if np.ptp(sample) <= 1e-6:
+        return np.inf
+    thr = float(threshold_otsu(sample))
+    fg, bg = sample[sample > thr], sample[sample <= thr]
+    if fg.size == 0 or bg.size == 0:
+        return np.inf
+    p = np.asarray(plane, np.float32)[::step, ::step]
+    diffs = np.concatenate([(p[:, 1:] - p[:, :-1]).ravel(), (p[1:] - p[:-1]).ravel()])
+    noise = _robust_std(diffs[:, None]) / _SQRT2
+    if float(np.median(fg)) - float(np.median(bg)) < min_contrast * noise:
+        return np.inf
+    return thr
+
+
+def segment_nuclei(plane: np.ndarray, params: ClassicParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Label the nuclei of one normalised plane: seeded watershed inside Otsu's foreground.
+
+    The plane is smoothed twice: with ``spot_sigma * diameter`` for the seeds (local
+    maxima at least ``min_distance`` apart, inside the foreground) and with
+    ``outline_sigma * diameter`` for the foreground mask (Otsu's threshold, or
+    ``params.threshold``). Each seed grows by watershed on the smoothed intensity
+    within the mask; objects smaller than ``min_area`` of a cell's area are dropped.
+
+    Parameters
+    ----------
+    plane : ndarray of shape (M, N)
+        Normalised image (see :func:`~cellsynth.count.preprocess.normalize_image`).
+    params : ClassicParams, optional
+
+    Returns
+    -------
+    labels : ndarray of shape (M, N), int32
+        0 for background, 1..K for the kept objects.
+    peaks : ndarray of shape (K,)
+        Smoothed intensity at each object's seed, over the foreground threshold
+        (1 at the threshold, 2 at twice it...).
+
+    Examples
+    --------
+    >>> from skimage.draw import disk
+    >>> img = np.zeros((64, 64), np.float32)
+    >>> for rc in [(15, 15), (15, 45), (45, 30)]:
+    ...     img[disk(rc, 6)] = 1.0
+    >>> labels, peaks = segment_nuclei(img, ClassicParams(diameter=12))
+    >>> int(labels.max()), peaks.shape
+    (3, (3,))
+    """
+    from scipy.ndimage import gaussian_filter, label
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    params = params or ClassicParams()
+    plane = np.asarray(plane, np.float32)
+    d = params.diameter
+    seeds_img = gaussian_filter(plane, max(0.5, params.spot_sigma * d))
+    outline = gaussian_filter(plane, max(0.5, params.outline_sigma * d))
+    thr = float(params.threshold) if params.threshold is not None else foreground_threshold(plane, outline)
+    mask = outline > thr
+    empty = np.zeros(plane.shape, np.int32), np.zeros(0)
+    if not mask.any():
+        return empty
+    regions, _ = label(mask)
+    pk = peak_local_max(seeds_img, min_distance=max(1, int(round(params.min_distance_px))), labels=regions,
+                        exclude_border=False).reshape(-1, 2)
+    if len(pk) == 0:
+        return empty
+    markers = np.zeros(plane.shape, np.int32)
+    markers[pk[:, 0], pk[:, 1]] = np.arange(1, len(pk) + 1, dtype=np.int32)
+    labels = watershed(-seeds_img, markers, mask=mask).astype(np.int32)
+    areas = np.bincount(labels.ravel(), minlength=len(pk) + 1)[1:]
+    keep = areas >= params.min_area * np.pi * d * d / 4
+    lut = np.zeros(len(pk) + 1, np.int32)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    peaks = seeds_img[pk[keep, 0], pk[keep, 1]] / max(thr, 1e-6)
+    return lut[labels], peaks.astype(float)
+
+
 def classic_peaks(plane: np.ndarray, params: ClassicParams | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Cell centres of one normalised plane as LoG peaks.
+    """Cell centres of one normalised plane: the centroids of :func:`segment_nuclei`'s objects.
 
     Parameters
     ----------
@@ -120,9 +211,9 @@ def classic_peaks(plane: np.ndarray, params: ClassicParams | None = None) -> tup
     Returns
     -------
     points : ndarray of shape (K, 2)
-        ``(row, col)`` of the detected cells.
+        ``(row, col)``: the intensity-weighted centroid of each object.
     scores : ndarray of shape (K,)
-        LoG response at each point.
+        The object's seed intensity over the foreground threshold (see :func:`segment_nuclei`).
 
     Examples
     --------
@@ -131,33 +222,67 @@ def classic_peaks(plane: np.ndarray, params: ClassicParams | None = None) -> tup
     >>> for rc in [(15, 15), (15, 45), (45, 30)]:
     ...     img[disk(rc, 6)] = 1.0
     >>> pts, _ = classic_peaks(img, ClassicParams(diameter=12))
-    >>> sorted(map(tuple, pts.astype(int).tolist()))
+    >>> sorted(map(tuple, np.round(pts).astype(int).tolist()))
     [(15, 15), (15, 45), (45, 30)]
     """
-    from scipy.ndimage import gaussian_filter
-    from skimage.feature import peak_local_max
-    from skimage.filters import threshold_otsu
+    from scipy.ndimage import center_of_mass
 
-    params = params or ClassicParams()
     plane = np.asarray(plane, np.float32)
-    r = log_response(plane, params.sigma)
-    thr = params.threshold
-    if thr is None:
-        # Pixel noise from neighbour differences on the background (below Otsu's
-        # threshold of the smoothed plane), propagated through the LoG filter.
-        smooth = gaussian_filter(plane, max(0.5, params.sigma / 2))
-        step = max(1, int(np.sqrt(smooth.size / 250_000)))
-        sample = smooth[::step, ::step]
-        fg = threshold_otsu(sample) if np.ptp(sample) > 0 else np.inf
-        diff = (plane[:, 1:] - plane[:, :-1])[::step, ::step]
-        diff = diff[smooth[:, :-1][::step, ::step] < fg]
-        pixel_noise = _robust_std(diff[:, None]) / _SQRT2 if diff.size > 16 else 0.0
-        noise = pixel_noise * _log_gain(params.sigma)
-        thr = max(params.min_threshold, params.noise_factor * noise)
-    md = params.min_distance if params.min_distance is not None else 0.4 * params.diameter
-    pts = peak_local_max(r, min_distance=max(1, int(round(md))), threshold_abs=thr, exclude_border=False)
-    pts = pts.reshape(-1, 2)
-    return pts.astype(float), r[pts[:, 0], pts[:, 1]].astype(float)
+    labels, peaks = segment_nuclei(plane, params)
+    k = len(peaks)
+    if k == 0:
+        return np.zeros((0, 2)), np.zeros(0)
+    weights = np.clip(plane - plane.min(), 0, None) + 1e-6
+    pts = np.array(center_of_mass(weights, labels, np.arange(1, k + 1)), dtype=float).reshape(-1, 2)
+    return pts, peaks
+
+
+def _diameter_of_objects(plane: np.ndarray, diameter: float) -> Optional[float]:
+    """Median equivalent diameter of the objects segmented at ``diameter``; None when there are none."""
+    labels, peaks = segment_nuclei(plane, ClassicParams(diameter=diameter))
+    if len(peaks) == 0:
+        return None
+    areas = np.bincount(labels.ravel())[1:]
+    return float(np.median(2.0 * np.sqrt(areas / np.pi)))
+
+
+def _log_diameter(plane: np.ndarray, min_d: float, max_d: float) -> Optional[float]:
+    """Response-weighted median blob diameter over a scale-normalised LoG scale space."""
+    from skimage.feature import peak_local_max
+
+    diameters = np.exp(np.linspace(np.log(min_d), np.log(max_d), 16))
+    stack = np.stack([log_response(plane, d / (2 * _SQRT2)) for d in diameters])
+    best = stack.max(axis=0)
+    which = stack.argmax(axis=0)
+    thr = max(0.05, 4 * _robust_std(best), 0.2 * float(best.max()))
+    pts = peak_local_max(best, min_distance=max(2, int(min_d / 2)), threshold_abs=thr, exclude_border=False)
+    if len(pts) == 0:
+        return None
+    k = which[pts[:, 0], pts[:, 1]]
+    if np.any(k > 0):  # blobs at the smallest scale are mostly noise
+        pts, k = pts[k > 0], k[k > 0]
+    d = diameters[k]
+    w = best[pts[:, 0], pts[:, 1]]
+    order = np.argsort(d)
+    cum = np.cumsum(w[order])
+    return float(d[order][np.searchsorted(cum, cum[-1] / 2)])
+
+
+def _component_diameter(plane: np.ndarray) -> Optional[float]:
+    """Median equivalent diameter of the connected foreground components (Otsu)."""
+    from scipy.ndimage import binary_opening, gaussian_filter, label
+
+    smooth = gaussian_filter(plane, 1.0)
+    thr = foreground_threshold(plane, smooth)
+    if not np.isfinite(thr):
+        return None
+    mask = binary_opening(smooth > thr)
+    lab, n = label(mask)
+    areas = np.bincount(lab.ravel())[1:]
+    areas = areas[areas >= 12]
+    if len(areas) == 0:
+        return None
+    return float(np.median(2.0 * np.sqrt(areas / np.pi)))
 
 
 def estimate_diameter(
@@ -166,15 +291,17 @@ def estimate_diameter(
     channel: Optional[int] = None,
     channel_axis: Optional[int] = None,
     min_diameter: float = 4.0,
-    max_diameter: float = 80.0,
+    max_diameter: float = 150.0,
+    max_pixels: int = 1024 * 1024,
 ) -> float:
-    """Guess the typical cell diameter in pixels from the scale-space LoG response.
+    """Estimate the typical (median) cell diameter in pixels.
 
-    The plane (the middle one of a stack) is normalised; the scale-normalised
-    LoG response is computed at log-spaced scales; blobs are the spatial maxima
-    of the best response over scales, and the diameter is the response-weighted
-    median of ``2 sqrt(2) sigma`` at their best scale. Large images are analysed
-    on a central 512x512 crop.
+    Two first guesses, the response-weighted median blob size of a scale-normalised
+    LoG scale space and the median size of the connected foreground components,
+    start a fixed-point iteration: segment the nuclei at the current diameter
+    (:func:`segment_nuclei`) and take the median equivalent diameter of the
+    objects, until it changes by less than 2 %. The plane (the middle one of a
+    stack) is analysed on a central crop of at most ``max_pixels`` pixels.
 
     Parameters
     ----------
@@ -184,6 +311,8 @@ def estimate_diameter(
         Which channel to use.
     min_diameter, max_diameter : float
         Search range in pixels.
+    max_pixels : int
+        Largest area analysed (a central crop of larger images).
 
     Returns
     -------
@@ -193,7 +322,7 @@ def estimate_diameter(
     Raises
     ------
     ValueError
-        No blob-like structure was found (e.g. a flat image).
+        No cell-like structure was found (e.g. a flat image).
 
     Examples
     --------
@@ -202,36 +331,35 @@ def estimate_diameter(
     >>> for r in range(16, 128, 32):
     ...     for c in range(16, 128, 32):
     ...         img[disk((r, c), 7)] = 1.0
-    >>> 11 < estimate_diameter(img) < 17
+    >>> 13 < estimate_diameter(img) < 16
     True
     """
-    from skimage.feature import peak_local_max
-
     if not 1 <= min_diameter < max_diameter:
         raise ValueError(f"need 1 <= min_diameter < max_diameter, got {min_diameter}, {max_diameter}")
     planes, _ = split_planes(image, channel=channel, channel_axis=channel_axis)
     plane = planes[len(planes) // 2]
     rows, cols = plane.shape
-    size = 512
-    r0, c0 = max(0, (rows - size) // 2), max(0, (cols - size) // 2)
-    from scipy.ndimage import gaussian_filter
-
-    plane = gaussian_filter(normalize_image(plane[r0:r0 + size, c0:c0 + size]), 1.0)
-    max_d = min(max_diameter, max(min_diameter * 1.5, min(plane.shape) / 2))
-    diameters = np.exp(np.linspace(np.log(min_diameter), np.log(max_d), 16))
-    stack = np.stack([log_response(plane, d / (2 * _SQRT2)) for d in diameters])
-    best = stack.max(axis=0)
-    which = stack.argmax(axis=0)
-    noise = _robust_std(best)
-    thr = max(0.05, 4 * noise, 0.2 * float(best.max()))
-    pts = peak_local_max(best, min_distance=max(2, int(min_diameter / 2)), threshold_abs=thr, exclude_border=False)
-    if len(pts) == 0:
+    side_r = min(rows, int(np.sqrt(max_pixels * rows / cols)) + 1)
+    side_c = min(cols, max_pixels // max(side_r, 1) + 1)
+    r0, c0 = (rows - side_r) // 2, (cols - side_c) // 2
+    plane = normalize_image(plane[r0:r0 + side_r, c0:c0 + side_c])
+    if np.ptp(plane) <= 1e-6:
+        raise ValueError("could not estimate a cell diameter: no blob-like cells found in the image (it is flat)")
+    comp = _component_diameter(plane)
+    if comp is None:
+        raise ValueError("could not estimate a cell diameter: no blob-like cells stand out from the noise")
+    log_max = min(max_diameter, max(min_diameter * 1.5, max(plane.shape) / 2))
+    guesses = [g for g in (_log_diameter(plane, min_diameter, log_max), comp) if g]
+    if not guesses:
         raise ValueError("could not estimate a cell diameter: no blob-like cells found in the image")
-    k = which[pts[:, 0], pts[:, 1]]
-    if np.any(k > 0):  # blobs at the smallest scale are mostly noise
-        pts, k = pts[k > 0], k[k > 0]
-    d = diameters[k]
-    w = best[pts[:, 0], pts[:, 1]]
-    order = np.argsort(d)
-    cum = np.cumsum(w[order])
-    return float(d[order][np.searchsorted(cum, cum[-1] / 2)])
+    d = float(np.clip(max(guesses), min_diameter, max_diameter))
+    for _ in range(10):
+        nxt = _diameter_of_objects(plane, d)
+        if nxt is None:
+            break
+        nxt = float(np.clip(nxt, min_diameter, max_diameter))
+        done = abs(nxt - d) <= 0.02 * d
+        d = nxt
+        if done:
+            break
+    return d

@@ -34,9 +34,10 @@ class CountResult:
 
     Attributes
     ----------
-    count : float
-        Total count: the density sum (density), the number of points (classic) or
-        the sum of window counts (regression), over all planes.
+    count : int or float
+        Total count over all planes: the number of points for counters that give
+        positions (density, classic), an int; the sum of window counts for
+        regression counters (no positions), a float.
     points : ndarray of shape (K, 2) or (K, 2 + S)
         Cell positions ``(row, col)``, with the stack coordinates first for stacks
         (``(plane, row, col)`` for a 3D stack). Empty for regression counters.
@@ -50,17 +51,21 @@ class CountResult:
         Regression only: ``(row0, col0, rows, cols, count)`` per window in input
         pixels, prefixed by the plane index for stacks.
     per_plane : ndarray of shape stack (``(1,)`` for a 2D image)
-        Count of each plane.
+        Count of each plane (as ``count``).
+    density_sum : float or None
+        Density counters: the sum of the density map over all planes, a second,
+        fractional estimate of the count (None for the other kinds).
     meta : dict
         Provenance: operation, model name, kind, weights hash, parameters, version.
     """
 
-    count: float
+    count: Union[int, float]
     points: np.ndarray
     scores: np.ndarray
     density: Optional[np.ndarray]
     windows: list = field(default_factory=list)
     per_plane: np.ndarray = field(default_factory=lambda: np.zeros(1))
+    density_sum: Optional[float] = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -259,7 +264,7 @@ def count_cells(
     *,
     counter: Optional[Counter] = None,
     model: Union[str, Any] = "default",
-    diameter: Union[float, str, None] = None,
+    diameter: Union[float, str, None] = "auto",
     channel: Optional[int] = None,
     channel_axis: Optional[int] = None,
     device: Any = "auto",
@@ -283,9 +288,10 @@ def count_cells(
     diameter : float, "auto" or None
         Typical cell diameter in pixels. The image is rescaled so that cells
         match the counter's training scale (:attr:`Counter.diameter`); points and
-        density are mapped back. ``"auto"`` estimates it with
-        :func:`estimate_diameter`. None: no rescaling (the classic counter then
-        estimates the diameter).
+        density are mapped back. ``"auto"`` (the default) estimates it with
+        :func:`estimate_diameter` (on the middle plane of a stack); the value used
+        is in ``meta["diameter_used"]``. None: count at the counter's own scale,
+        without rescaling (the classic counter then estimates the diameter).
     channel, channel_axis : int, optional
         Channel to count in a multichannel image (default: max over channels).
     device : str or torch.device
@@ -319,7 +325,7 @@ def count_cells(
     ...     img[disk((30, c), 6)] = 200
     >>> res = count_cells(img, model="classic", diameter=12)
     >>> res.count, res.points.shape
-    (3.0, (3, 2))
+    (3, (3, 2))
     >>> count_cells(np.zeros((8, 9)), model="classic", tile=100)
     Traceback (most recent call last):
     ...
@@ -348,14 +354,7 @@ def count_cells(
     planes, lead = split_planes(arr, channel=channel, channel_axis=channel_axis)
     if min(planes.shape[1:]) < 2:
         raise ValueError(f"image planes must be at least 2x2 pixels, got {planes.shape[1:]}")
-    if isinstance(diameter, str):
-        if diameter != "auto":
-            raise ValueError(f"diameter must be a number of pixels, 'auto' or None, got {diameter!r}")
-        diameter = estimate_diameter(arr, channel=channel, channel_axis=channel_axis)
-    elif diameter is not None:
-        if not (np.isscalar(diameter) and np.isfinite(diameter) and diameter > 0):
-            raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
-        diameter = float(diameter)
+    diameter, diameter_source = _resolve_diameter(diameter, arr, channel, channel_axis)
 
     # 2. prepare the counter
     if counter is None:
@@ -364,10 +363,11 @@ def count_cells(
         raise TypeError(f"counter must be a Counter from load_counter, got {type(counter).__name__}")
     kind = counter.kind
     norm = counter.config.get("normalize", {})
-    factor = 1.0 if (diameter is None or kind == "classic") else counter.diameter / diameter
+    rescale = kind != "classic" and diameter is not None and counter.config.get("rescale", True)
+    factor = counter.diameter / diameter if rescale else 1.0
 
     # 3. count plane by plane
-    all_pts, all_scores, dens_out, windows, per_plane = [], [], [], [], []
+    all_pts, all_scores, dens_out, windows, per_plane, dens_sums = [], [], [], [], [], []
     n_planes = len(planes)
     total = 0
     if kind != "classic":
@@ -376,7 +376,7 @@ def count_cells(
         total = n_planes * _n_tiles(work_shape, kind, int(t_eff), overlap)
     done = [0]
     for p, raw in enumerate(planes):
-        plane = normalize_image(raw, low=norm.get("low", 1.0), high=norm.get("high", 99.8))
+        plane = _normalize(raw, norm)
         if kind == "classic":
             d_used = diameter if diameter is not None else _safe_estimate(plane, counter.diameter)
             cp = dict(counter.config.get("classic", {}))
@@ -401,7 +401,8 @@ def count_cells(
                                         sigma=float(counter.config.get("sigma", 2.5)),
                                         threshold=float(counter.config.get("peak_threshold", 0.3)))
                 total_p = float(dens.sum(dtype=np.float64))
-                per_plane.append(total_p)
+                per_plane.append(len(pts))
+                dens_sums.append(total_p)
                 if factor != 1.0:
                     pts = (pts + 0.5) / factor - 0.5
                     back = rescale_plane(dens, 1.0 / factor)
@@ -432,6 +433,7 @@ def count_cells(
         "operation": "count",
         **counter.describe(),
         "diameter_used": diameter,
+        "diameter_source": diameter_source,
         "scale_factor": factor,
         "tile": tile,
         "overlap": overlap if kind == "density" else 0,
@@ -442,15 +444,47 @@ def count_cells(
     }
     if kind == "regression":
         meta["note"] = "regression counter: counts per window, no cell positions"
+    total_count = float(per.sum()) if kind == "regression" else int(round(float(per.sum())))
     return CountResult(
-        count=float(per.sum()),
+        count=total_count,
         points=points,
         scores=np.concatenate(all_scores) if all_scores else np.zeros(0),
         density=density,
         windows=windows,
         per_plane=per,
+        density_sum=float(np.sum(dens_sums)) if dens_sums else None,
         meta=meta,
     )
+
+
+def _normalize(raw: np.ndarray, norm: dict) -> np.ndarray:
+    """The counter's input scaling: robust percentiles (default) or fixed ``(x / range - mean) / std``."""
+    if norm.get("mode") != "fixed":
+        return normalize_image(raw, low=norm.get("low", 1.0), high=norm.get("high", 99.8))
+    x = np.asarray(raw)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("image contains NaN or infinite values; replace them before counting")
+    span = float(np.iinfo(x.dtype).max) if np.issubdtype(x.dtype, np.integer) else 1.0
+    x = x.astype(np.float32) / np.float32(span)
+    return (x - np.float32(norm["mean"])) / np.float32(norm["std"])
+
+
+def _resolve_diameter(diameter, arr, channel, channel_axis):
+    """``(diameter in pixels or None, where it came from)``: given, estimated, or the model's scale."""
+    if isinstance(diameter, str):
+        if diameter != "auto":
+            raise ValueError(f"diameter must be a number of pixels, 'auto' or None, got {diameter!r}")
+        try:
+            return estimate_diameter(arr, channel=channel, channel_axis=channel_axis), "estimated"
+        except ValueError:
+            # Nothing cell-like (e.g. an empty field): count at the model's own scale.
+            return None, "model scale (no cells found to estimate a diameter)"
+    if diameter is None:
+        return None, "model scale"
+    if isinstance(diameter, bool) or not (np.isscalar(diameter) and np.isreal(diameter)
+                                          and np.isfinite(diameter) and diameter > 0):
+        raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
+    return float(diameter), "given"
 
 
 def _safe_estimate(plane: np.ndarray, fallback: float) -> float:

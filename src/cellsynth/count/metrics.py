@@ -10,7 +10,7 @@ from ..progress import ProgressCallback, report
 from .data import CountItem, load_count_data
 from .models import Counter, load_counter
 
-__all__ = ["count_metrics", "evaluate_counter"]
+__all__ = ["count_metrics", "evaluate_counter", "match_points"]
 
 
 def count_metrics(predicted, true) -> dict:
@@ -39,6 +39,55 @@ def count_metrics(predicted, true) -> dict:
         "mean_rel_error": float((np.abs(err) / np.maximum(t, 1)).mean()),
         "n": int(p.size),
     }
+
+
+def match_points(predicted, true, *, radius: float) -> dict:
+    """Match predicted to true cell centres one to one within ``radius`` pixels.
+
+    The matching maximises the number of pairs and, among those, minimises the
+    summed distance (:func:`scipy.optimize.linear_sum_assignment` on the
+    distances, pairs farther than ``radius`` forbidden).
+
+    Parameters
+    ----------
+    predicted, true : array-like of shape (K, 2)
+        ``(row, col)`` points.
+    radius : float
+        Largest distance of a match in pixels (usually half a cell diameter).
+
+    Returns
+    -------
+    dict
+        ``tp``, ``fp``, ``fn``, ``precision``, ``recall``, ``f1`` (1.0 when both
+        sets are empty).
+
+    Examples
+    --------
+    >>> m = match_points([[0, 0], [10, 10], [30, 30]], [[1, 0], [10, 12], [50, 50]], radius=3)
+    >>> m["tp"], m["fp"], m["fn"], round(m["f1"], 3)
+    (2, 1, 1, 0.667)
+    """
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial import cKDTree
+
+    if not radius > 0:
+        raise ValueError(f"radius must be positive, got {radius!r}")
+    p = np.asarray(predicted, float).reshape(-1, 2)
+    t = np.asarray(true, float).reshape(-1, 2)
+    tp = 0
+    if len(p) and len(t):
+        pairs = cKDTree(p).sparse_distance_matrix(cKDTree(t), radius, output_type="ndarray")
+        if len(pairs):
+            big = 1e6
+            cost = np.full((len(p), len(t)), big)
+            cost[pairs["i"], pairs["j"]] = pairs["v"]
+            r, c = linear_sum_assignment(cost)
+            tp = int((cost[r, c] < big).sum())
+    fp, fn = len(p) - tp, len(t) - tp
+    precision = tp / len(p) if len(p) else 1.0
+    recall = tp / len(t) if len(t) else 1.0
+    f1 = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+    return {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "f1": f1}
 
 
 def _as_items(source, *, factor=1.0, unlabelled=False) -> list[CountItem]:
