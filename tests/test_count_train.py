@@ -50,13 +50,13 @@ def test_a_few_training_steps_reduce_the_loss(real):
     assert [r["epoch"] for r in res.history] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("strategy", ["finetune", "dual", "cutmix", "dacs"])
+@pytest.mark.parametrize("strategy", ["finetune", "dual", "cutmix", "pseudo-label"])
 def test_strategies_train_save_and_load_into_counting(tmp_path, real, synthetic, strategy):
     cfg = TrainConfig(**TINY, strategy=strategy, epochs=2, steps_per_epoch=2,
                       pretrain_epochs=1 if strategy == "finetune" else 0)
-    kw = {"unlabelled": [(im, None) for im, _ in real]} if strategy == "dacs" else {}
+    kw = {"unlabelled": [(im, None) for im, _ in real]} if strategy == "pseudo-label" else {}
     seen = []
-    res = train_counter(real if strategy != "dacs" else None, synthetic=synthetic, out=tmp_path / "m",
+    res = train_counter(real if strategy != "pseudo-label" else None, synthetic=synthetic, out=tmp_path / "m",
                         config=cfg, device="cpu", progress=seen.append, **kw)
     assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "checkpoint" / "optimizer.pt").is_file()
     assert len(seen) == 4 and seen[-1].step == seen[-1].total == 4 and seen[-1].stage == "train"
@@ -65,7 +65,7 @@ def test_strategies_train_save_and_load_into_counting(tmp_path, real, synthetic,
     assert c.kind == "density" and c.config["training"]["config"]["strategy"] == strategy
     r = count_cells(real[0][0], counter=c)
     assert np.isfinite(r.count)
-    if strategy == "dacs":
+    if strategy == "pseudo-label":
         assert (tmp_path / "m" / "checkpoint" / "teacher.safetensors").is_file()
 
 
@@ -73,9 +73,11 @@ def test_missing_data_for_a_strategy_is_a_clear_error(real):
     with pytest.raises(ValueError, match="synthetic"):
         train_counter(real, config=TrainConfig(**TINY, strategy="dual"), device="cpu")
     with pytest.raises(ValueError, match="unlabelled"):
-        train_counter(real, config=TrainConfig(**TINY, strategy="dacs"), device="cpu")
-    with pytest.raises(ValueError, match="dacs"):
-        TrainConfig(kind="regression", strategy="dacs")
+        train_counter(real, config=TrainConfig(**TINY, strategy="pseudo-label"), device="cpu")
+    with pytest.raises(ValueError, match="pseudo-label"):
+        TrainConfig(kind="regression", strategy="pseudo-label")
+    with pytest.raises(ValueError, match="'DACS \\+ CutMix' row is 'cutmix'"):
+        TrainConfig(strategy="dacs")
     with pytest.raises(ValueError, match="crop"):
         TrainConfig(crop=100)
 
@@ -102,7 +104,7 @@ def test_regression_training_and_window_counts(real):
     cfg = TrainConfig(**{**TINY, "blocks": 1}, kind="regression", epochs=1, steps_per_epoch=2)
     res = train_counter(real, config=cfg, device="cpu")
     assert res.counter.kind == "regression" and res.counter.config["window"] == 64
-    r = count_cells(real[0][0], counter=res.counter)
+    r = count_cells(real[0][0], counter=res.counter, diameter=None)
     assert len(r.windows) == 4 and r.points.shape == (0, 2)
 
 
@@ -134,7 +136,8 @@ def test_cli_count_json_csv_and_errors(tmp_path, capsys):
     pts, feats = io.read_points_csv(tmp_path / "pts.csv")
     assert len(pts) == doc["count"] and "score" in feats
     assert main(["count", str(tmp_path / "img.tif"), "--model", "classic", "--quiet"]) == 0
-    assert float(capsys.readouterr().out.strip()) >= 0
+    out = capsys.readouterr().out
+    assert int(out.split()[0]) >= 0 and "cells (diameter" in out and "estimated" in out
     assert main(["count", str(tmp_path / "missing.tif"), "--model", "classic"]) == 2
     assert "no such image" in capsys.readouterr().err
     assert main(["count", str(tmp_path / "img.tif"), "--model", str(tmp_path / "nomodel")]) == 2
@@ -170,3 +173,30 @@ def test_finetune_stage_restarts_the_learning_rate_schedule(real, synthetic):
     lrs = [r["lr"] for r in res.history]
     assert lrs[0] == pytest.approx(1e-3) and lrs[11] == pytest.approx(1e-5)
     assert lrs[12] == pytest.approx(1e-3)
+
+
+def test_pretrained_backbone_from_local_weights_and_offline_error(tmp_path, real, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    from cellsynth.weights import WeightsNotFoundError
+
+    torch.manual_seed(1)
+    stand_in = timm.create_model("test_efficientnet", pretrained=False)  # 3-channel, 1000 classes
+    (tmp_path / "w").mkdir()
+    save_file({k: v.contiguous() for k, v in stand_in.state_dict().items()}, str(tmp_path / "w" / "model.safetensors"))
+    cfg = TrainConfig(**{**TINY, "lr": 1e-12}, epochs=1, steps_per_epoch=1, val_fraction=0, pretrained=str(tmp_path / "w"))
+    res = train_counter(real, config=cfg, device="cpu")
+    net = res.counter.net.float()
+    # RGB stem summed to one channel, the blocks unchanged; the decoder stays random
+    assert torch.allclose(net.stem[0].weight[:, 0], stand_in.conv_stem.weight.sum(1), atol=1e-5)
+    assert torch.allclose(net.blocks[1][0].conv_pwl.weight, stand_in.blocks[1][0].conv_pwl.weight, atol=1e-5)
+    assert res.counter.config["pretrained"]["source"] == str(tmp_path / "w")
+    random_init = train_counter(real, config=TrainConfig(**{**TINY, "lr": 1e-12}, epochs=1, steps_per_epoch=1,
+                                                         val_fraction=0), device="cpu")
+    assert not torch.allclose(random_init.counter.net.float().stem[0].weight[:, 0], stand_in.conv_stem.weight.sum(1))
+    # "imagenet" offline with an empty cache: the product's error naming the model and how to provide it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(WeightsNotFoundError, match="efficientnet_b0-imagenet"):
+        train_counter(real, config=TrainConfig(**TINY, epochs=1, steps_per_epoch=1, pretrained="imagenet"), device="cpu")

@@ -10,7 +10,7 @@ huggingface_hub is imported inside the functions that need it.
 Examples
 --------
 >>> sorted(REGISTRY)
-['clip-vit-large-patch14', 'dino-vits8', 'dinov2-small', 'sd-v1-4']
+['clip-vit-large-patch14', 'dino-vits8', 'dinov2-small', 'efficientnet_b0-imagenet', 'sd-v1-4']
 >>> spec = REGISTRY["dinov2-small"]
 >>> spec.repo_id, spec.licence
 ('facebook/dinov2-small', 'apache-2.0')
@@ -128,6 +128,15 @@ REGISTRY: dict[str, ModelSpec] = {
             licence="apache-2.0",
             size_mb=88,
             description="DINOv2 ViT-S/14 patch features for NSC masks",
+        ),
+        ModelSpec(
+            name="efficientnet_b0-imagenet",
+            repo_id="timm/efficientnet_b0.ra_in1k",
+            revision="main",
+            files=("config.json", "model.safetensors"),
+            licence="apache-2.0",
+            size_mb=21,
+            description="EfficientNet-B0 ImageNet-1k weights (timm) to initialise counters, as in the paper",
         ),
         ModelSpec(
             name="dino-vits8",

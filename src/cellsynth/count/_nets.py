@@ -1,6 +1,7 @@
 """The counter networks (torch modules). Imported only by functions that need torch.
 
-Two heads on a timm EfficientNet backbone created with ``pretrained=False``:
+Two heads on a timm EfficientNet backbone, randomly initialised or from a local
+weights file (ImageNet weights resolved by :mod:`cellsynth.weights`):
 
 * :class:`DensityNet` keeps only the first ``blocks`` blocks of the backbone
   (for ``efficientnet_b0`` and ``blocks=4``: stem and stages 1-4, strides 2 to 16,
@@ -15,6 +16,8 @@ Two heads on a timm EfficientNet backbone created with ``pretrained=False``:
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +47,10 @@ class DensityNet(nn.Module):
     The input height and width must be multiples of :attr:`stride`.
     """
 
-    def __init__(self, backbone: str = "efficientnet_b0", *, blocks: int = 4, in_chans: int = 1) -> None:
+    def __init__(self, backbone: str = "efficientnet_b0", *, blocks: int = 4, in_chans: int = 1,
+                 pretrained_file: Optional[str] = None) -> None:
         super().__init__()
-        import timm
-
-        full = timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=0)
+        full = _timm_model(backbone, in_chans=in_chans, num_classes=0, pretrained_file=pretrained_file)
         if not hasattr(full, "blocks") or not hasattr(full, "conv_stem"):
             raise ValueError(f"backbone {backbone!r} is not an EfficientNet-style timm model")
         if not 1 <= blocks <= len(full.blocks):
@@ -96,28 +98,73 @@ class DensityNet(nn.Module):
         return y
 
 
+TORCHVISION_PREFIX = "torchvision:"
+
+
 class RegressionNet(nn.Module):
-    """The paper's scalar counter: EfficientNet backbone + ``Linear(num_features, 1)``."""
+    """The paper's scalar counter: EfficientNet backbone + ``Linear(num_features, 1)``.
 
-    def __init__(self, backbone: str = "efficientnet_b0", *, in_chans: int = 1) -> None:
+    ``backbone`` is a timm model name, or ``"torchvision:efficientnet_b0"`` for the
+    torchvision model the paper's public code trains (``features.*`` and
+    ``classifier.1.*`` parameters), so its checkpoints load unchanged. A
+    one-channel input is repeated over ``in_chans`` channels.
+    """
+
+    def __init__(self, backbone: str = "efficientnet_b0", *, in_chans: int = 1,
+                 pretrained_file: Optional[str] = None) -> None:
         super().__init__()
-        import timm
+        self.in_chans = int(in_chans)
+        if backbone.startswith(TORCHVISION_PREFIX):
+            if pretrained_file is not None:
+                raise ValueError("pretrained weights are loaded for timm backbones only")
+            import torchvision
 
-        self.net = timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=1)
+            name = backbone[len(TORCHVISION_PREFIX):]
+            if name != "efficientnet_b0":
+                raise ValueError(f"torchvision backbone must be 'efficientnet_b0', got {name!r}")
+            net = torchvision.models.efficientnet_b0(weights=None)
+            if self.in_chans != 3:
+                old = net.features[0][0]
+                net.features[0][0] = nn.Conv2d(self.in_chans, old.out_channels, old.kernel_size, old.stride,
+                                               old.padding, bias=False)
+            net.classifier[1] = nn.Linear(net.classifier[1].in_features, 1)
+            self.net = net
+        else:
+            self.net = _timm_model(backbone, in_chans=in_chans, num_classes=1, pretrained_file=pretrained_file)
         self.stride = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Counts of shape (B,) for input (B, C, H, W)."""
+        if x.shape[1] == 1 and self.in_chans > 1:
+            x = x.expand(-1, self.in_chans, -1, -1)
         return self.net(x)[:, 0]
 
 
-def build_net(config: dict) -> nn.Module:
-    """Build an untrained network from a counter config (``kind``, ``backbone``, ...)."""
+def _timm_model(backbone: str, *, in_chans: int, num_classes: int, pretrained_file: Optional[str]):
+    """A timm model, random or initialised from a local weights file (first conv adapted to ``in_chans``)."""
+    import timm
+
+    if pretrained_file is None:
+        return timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=num_classes)
+    try:
+        return timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay={"file": str(pretrained_file)},
+                                 in_chans=in_chans, num_classes=num_classes)
+    except (RuntimeError, KeyError) as exc:
+        raise ValueError(f"{pretrained_file} does not hold {backbone} weights: {exc}") from exc
+
+
+def build_net(config: dict, *, pretrained_file: Optional[str] = None) -> nn.Module:
+    """Build a network from a counter config (``kind``, ``backbone``, ...).
+
+    Random initialisation, or the backbone's weights from ``pretrained_file`` (a
+    timm checkpoint such as ImageNet weights; the heads stay random).
+    """
     kind = config.get("kind")
     if kind == "density":
-        return DensityNet(config["backbone"], blocks=int(config["blocks"]), in_chans=int(config["in_chans"]))
+        return DensityNet(config["backbone"], blocks=int(config["blocks"]), in_chans=int(config["in_chans"]),
+                          pretrained_file=pretrained_file)
     if kind == "regression":
-        return RegressionNet(config["backbone"], in_chans=int(config["in_chans"]))
+        return RegressionNet(config["backbone"], in_chans=int(config["in_chans"]), pretrained_file=pretrained_file)
     raise ValueError(f"unknown counter kind {kind!r}; expected 'density' or 'regression'")
 
 

@@ -66,7 +66,7 @@ def counter_config(kind: str = "density", *, backbone: str = "efficientnet_b0", 
     else:
         cfg.pop("backbone")
         cfg.pop("in_chans")
-    unknown = set(overrides) - set(cfg) - {"training", "name", "description"}
+    unknown = set(overrides) - set(cfg) - {"training", "name", "description", "rescale", "pretrained"}
     if unknown:
         raise ValueError(f"unknown counter config keys {sorted(unknown)}; expected some of {sorted(cfg)}")
     cfg.update(overrides)
@@ -150,14 +150,30 @@ def _state_dict_from_file(path: Path) -> dict:
     return obj
 
 
+# Input scaling of the paper's public training code: 8-bit images to [0, 1], then
+# (x - 0.0414) / 0.0203 on every channel.
+OFFICIAL_NORMALIZE = {"mode": "fixed", "mean": 0.0414, "std": 0.0203}
+
+
 def _guess_config(state: dict, path: Path) -> dict:
-    """Config for a foreign state dict: the paper's EfficientNet-B0 regressor."""
+    """Config for a foreign state dict: the paper's EfficientNet-B0 regressor (timm or torchvision keys)."""
     keys = {k.removeprefix("module.") for k in state}
     if any(k.startswith("stem.") or k.startswith("top.") for k in keys):
         raise ValueError(f"{path} looks like a density counter but has no config.json beside it")
+    tv_stem = next((v for k, v in state.items() if k.removeprefix("module.") == "features.0.0.weight"), None)
+    if tv_stem is not None and any(k.startswith("classifier.1.") for k in keys):
+        # torchvision's efficientnet_b0 with classifier[1] = Linear(1280, 1): the paper's public code.
+        cfg = counter_config("regression", backbone="torchvision:efficientnet_b0", in_chans=int(tv_stem.shape[1]),
+                             normalize=dict(OFFICIAL_NORMALIZE))
+        cfg["rescale"] = False
+        cfg["description"] = "imported EfficientNet-B0 regressor (torchvision layout, the paper's public code)"
+        return cfg
     stem = next((v for k, v in state.items() if k.endswith("conv_stem.weight")), None)
     if stem is None:
-        raise ValueError(f"{path} is not an EfficientNet state dict (no conv_stem.weight) and has no config.json")
+        raise ValueError(
+            f"{path} is not an EfficientNet-B0 state dict (neither timm's conv_stem.weight nor torchvision's "
+            "features.0.0.weight) and has no config.json"
+        )
     return counter_config("regression", in_chans=int(stem.shape[1]))
 
 
