@@ -182,9 +182,10 @@ def finetune(
     losses: list[float] = []
     step = 0
     est_total = max_steps
+    per = 0.0
     while step < max_steps:
         elapsed = time.perf_counter() - t0
-        if step >= min_steps and elapsed >= seconds:
+        if step >= min_steps and elapsed + per >= seconds:  # stop before a step that would overrun
             break
         frac = min(1.0, max(elapsed / max(seconds, 1e-9), step / max_steps))
         for g in opt.param_groups:
