@@ -220,12 +220,13 @@ def show_points(viewer, image_layer: Image, counter, result, *, parameters: dict
                  "density_sum": result.density_sum,
                  "last_run": {"kept_manual": int(len(manual_pts)), "left_out_deleted": int(on_deleted.sum()),
                               "left_out_on_manual": int(on_manual.sum())}})
+    defaults = {"score": 1.0, "source": "manual", "id": -1}
     layer = upsert_layer(viewer, name, "points", data, metadata=meta, features=features, like=image_layer,
-                         size=float(diameter), face_color="transparent", border_color="source",
+                         feature_defaults=defaults, size=float(diameter), face_color="transparent", border_color="source",
                          border_color_cycle=COLORS, border_width=0.12, border_width_is_relative=True)
     layer.size = float(diameter)
     layer.current_size = float(diameter)
-    layer.feature_defaults = {"score": 1.0, "source": "manual", "id": -1}
+    layer.feature_defaults = defaults
     refresh_count(layer)
     return layer
 

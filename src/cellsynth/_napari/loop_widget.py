@@ -1,0 +1,343 @@
+"""Dock widget "Counting loop": image -> scale -> adapt -> count -> correct -> retrain -> count all."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton
+from napari.layers import Image, Points, Shapes
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QGroupBox, QLabel, QVBoxLayout, QWidget
+
+from ..device import device_choices
+from ._counting import (LEGEND, DiameterField, channel_count, count_text, count_work, image_data, refresh_count,
+                        result_name, show_points)
+from ._models import new_model_dir, registry_events, remember_model
+from ._tasks import TaskRunner
+from .count_widget import model_choices
+
+__all__ = ["LoopWidget", "regions_name", "checked_regions"]
+
+_CORRECT_HELP = (
+    "Select the <i>&lt;image&gt; cells</i> layer: click in add mode (+) where a cell was missed; "
+    "select wrong points and press Delete. Then mark the areas you checked with rectangles; "
+    "outside them nothing is learnt. Without rectangles the whole image counts as checked."
+)
+
+
+def regions_name(image_name: str) -> str:
+    """Name of the Shapes layer of rectangles marking the regions checked in ``image_name``."""
+    return f"{image_name} checked regions"
+
+
+def checked_regions(shapes: Optional[Shapes], shape: tuple) -> Optional[list]:
+    """``(row0, col0, row1, col1)`` boxes (end exclusive, inside ``shape``) around each shape, or None."""
+    if shapes is None or len(shapes.data) == 0:
+        return None
+    boxes = []
+    for verts in shapes.data:
+        v = np.asarray(verts, dtype=float)[:, -2:]
+        r0, c0 = np.floor(v.min(axis=0)).astype(int)
+        r1, c1 = np.ceil(v.max(axis=0)).astype(int)
+        r0, c0 = max(r0, 0), max(c0, 0)
+        r1, c1 = min(r1, shape[0]), min(c1, shape[1])
+        if r1 > r0 and c1 > c0:
+            boxes.append((int(r0), int(c0), int(r1), int(c1)))
+    return boxes or None
+
+
+def _step(title: str, *parts) -> QGroupBox:
+    box = QGroupBox(title)
+    lay = QVBoxLayout(box)
+    for p in parts:
+        lay.addWidget(p.native if hasattr(p, "native") else p)
+    return box
+
+
+class LoopWidget(QWidget):
+    """The counting loop in six steps, each leaving something to inspect in the viewer.
+
+    1. choose the image; the cell diameter is estimated (shown, editable);
+    2. *Adapt to this image*: a counter adapted without labels, saved under the
+       user data folder and offered in the model lists;
+    3. *Count*: the Points layer "<image> cells" (as the Count cells widget makes it);
+    4. correct the points by hand and mark the regions you checked (a Shapes layer
+       "<image> checked regions");
+    5. *Retrain on my corrections*: a new counter, saved and offered likewise;
+    6. *Count all open images* with it.
+
+    Adapting and retraining show the counts before and after; Cancel stops them and
+    leaves the viewer and the models folder as they were.
+    """
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.params = None  # AdaptParams for adapting and retraining; None: the defaults
+        # 1
+        self.image = ComboBox(label="image", choices=self._image_layers)
+        self.diameter = DiameterField()
+        self.estimate_button = PushButton(text="Estimate diameter")
+        self.device = ComboBox(label="device", choices=device_choices(), value="auto")
+        # 2
+        self.adapt_all = CheckBox(value=False, text="adapt to every open image, not only this one")
+        self.minutes = FloatSpinBox(label="minutes", value=3.0, min=0.05, max=240.0, step=0.5,
+                                    tooltip="time budget of the adaptation")
+        self.adapt_button = PushButton(text="Adapt to this image")
+        # 3
+        self.model = ComboBox(label="model", choices=lambda *_: model_choices(with_file=False), value="default",
+                              tooltip="the counter used to count; adapting or retraining selects the new one")
+        self.count_button = PushButton(text="Count")
+        # 4
+        self.regions_button = PushButton(text="Mark checked regions")
+        # 5
+        self.retrain_minutes = FloatSpinBox(label="minutes", value=2.0, min=0.05, max=240.0, step=0.5,
+                                            tooltip="time budget of the retraining")
+        self.retrain_button = PushButton(text="Retrain on my corrections")
+        # 6
+        self.count_all_button = PushButton(text="Count all open images")
+
+        self.count_label = QLabel("No count yet")
+        self.count_label.setWordWrap(True)
+        self.result_label = QLabel("")
+        self.result_label.setWordWrap(True)
+        self.runner = TaskRunner()
+        self._watched: set[int] = set()
+
+        help_label = QLabel(_CORRECT_HELP)
+        help_label.setWordWrap(True)
+        legend = QLabel(LEGEND)
+        legend.setWordWrap(True)
+        layout = QVBoxLayout(self)
+        layout.addWidget(_step("1 · Image and cell size",
+                               Container(widgets=[self.image, self.diameter, self.estimate_button, self.device])))
+        layout.addWidget(_step("2 · Adapt a counter to it (no labels needed)",
+                               Container(widgets=[self.adapt_all, self.minutes, self.adapt_button])))
+        layout.addWidget(_step("3 · Count", Container(widgets=[self.model, self.count_button]), self.count_label,
+                               legend))
+        layout.addWidget(_step("4 · Correct the points", help_label, self.regions_button))
+        layout.addWidget(_step("5 · Retrain on your corrections",
+                               Container(widgets=[self.retrain_minutes, self.retrain_button])))
+        layout.addWidget(_step("6 · Count every open image", self.count_all_button))
+        layout.addWidget(self.result_label)
+        layout.addWidget(self.runner)
+        layout.addStretch(1)
+
+        self.estimate_button.changed.connect(self.estimate)
+        self.adapt_button.changed.connect(self.adapt)
+        self.count_button.changed.connect(self.count)
+        self.regions_button.changed.connect(self.mark_regions)
+        self.retrain_button.changed.connect(self.retrain)
+        self.count_all_button.changed.connect(self.count_all)
+        self.image.changed.connect(self._on_image)
+        buttons = (self.estimate_button, self.adapt_button, self.count_button, self.retrain_button,
+                   self.count_all_button)
+        self.runner.busy.connect(lambda b: [setattr(w, "enabled", not b) for w in buttons])
+        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
+                   self.viewer.layers.events.moved):
+            ev.connect(self.image.reset_choices)
+        registry_events.changed.connect(self._models_changed)
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _models_changed(self) -> None:
+        try:
+            self.model.reset_choices()
+        except RuntimeError:  # the widget was closed
+            registry_events.changed.disconnect(self._models_changed)
+
+    def _image_layers(self, *_: Any) -> list:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _on_image(self, layer: Optional[Image]) -> None:
+        pts = self._points_layer(layer)
+        self.count_label.setText(count_text(pts) if pts is not None else "No count yet")
+
+    def _points_layer(self, image: Optional[Image]) -> Optional[Points]:
+        if image is None:
+            return None
+        name = result_name(image.name)
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        return layer if isinstance(layer, Points) else None
+
+    def _chosen(self) -> Optional[Image]:
+        layer = self.image.value
+        if layer is None:
+            show_error("Open an image first (File > Open), then choose it in step 1")
+        return layer
+
+    def _channel(self, layer: Image) -> Optional[int]:
+        return 0 if channel_count(layer) else None
+
+    def _start(self, work, on_done, label: str) -> bool:
+        if self.runner.running:
+            show_info("Wait for the running step to finish, or press Cancel")
+            return False
+        self.runner.start(work, on_done=on_done, label=label)
+        return True
+
+    # -- 1 -----------------------------------------------------------------------
+
+    def estimate(self) -> None:
+        """Estimate the cell diameter of the chosen image and show it."""
+        layer = self._chosen()
+        if layer is None:
+            return
+        img, ch = image_data(layer), self._channel(layer)
+
+        def work(progress):
+            from ..count import estimate_diameter
+
+            return estimate_diameter(img, channel=ch)
+
+        self._start(work, lambda d: self.diameter.show(float(d)), "Estimating the cell diameter")
+
+    # -- 2 -----------------------------------------------------------------------
+
+    def adapt(self) -> None:
+        """Adapt a counter to the chosen image (or every open image) and select it."""
+        layer = self._chosen()
+        if layer is None:
+            return
+        layers = self._image_layers() if self.adapt_all.value else [layer]
+        images = [image_data(lay) for lay in layers]
+        base = self.model.value if self.model.value != "classic" else "default"
+        out = new_model_dir(layer.name, "adapted")
+        kwargs = dict(out=out, base=base, diameter=self.diameter.arg(), minutes=float(self.minutes.value),
+                      device=self.device.value, params=self.params)
+
+        def work(progress):
+            from ..adapt import adapt_counter
+
+            return adapt_counter(images, progress=progress, **kwargs)
+
+        self._start(work, lambda res: self._made(res, "adapted", layers), "Adapting a counter (label-free)")
+
+    def _made(self, res, kind: str, layers: list) -> None:
+        if res.path is None:
+            return
+        remember_model(res.path, kind=kind, image=layers[0].name, accepted=bool(res.accepted),
+                       counts_before=res.counts_before, counts_after=res.counts_after)
+        self.model.reset_choices()
+        self.model.value = str(res.path)
+        d = (res.report.get("diameter") or {}).get("used") if isinstance(res.report, dict) else None
+        if d:
+            self.diameter.show(float(d))
+        counts = "; ".join(f"{lay.name}: {b} → {a}" for lay, b, a in zip(layers, res.counts_before, res.counts_after))
+        verdict = ("" if res.accepted else
+                   " It did not beat the starting counter on the check, so the saved counter is a copy of that one.")
+        self.result_label.setText(f"{kind.capitalize()} counter saved as {res.path.name} and selected in step 3. "
+                                  f"Cells counted before → after: {counts}.{verdict}")
+
+    # -- 3 and 6 -----------------------------------------------------------------
+
+    def count(self) -> None:
+        """Count the chosen image with the selected counter."""
+        layer = self._chosen()
+        if layer is None:
+            return
+        self._count([layer])
+
+    def count_all(self) -> None:
+        """Count every open image with the selected counter."""
+        layers = self._image_layers()
+        if not layers:
+            show_error("Open an image first (File > Open)")
+            return
+        self._count(layers)
+
+    def _count(self, layers: list) -> None:
+        chosen = self.image.value
+        jobs = [(lay, image_data(lay), self.diameter.arg() if lay is chosen else "auto", self._channel(lay))
+                for lay in layers]
+        model, device = self.model.value, self.device.value
+
+        def work(progress):
+            out = []
+            for lay, img, d, ch in jobs:
+                out.append((lay,) + count_work(img, model=model, diameter=d, channel=ch, device=device)(progress))
+            return out
+
+        label = "Counting cells" if len(layers) == 1 else f"Counting cells in {len(layers)} images"
+        self._start(work, lambda out: self._show(out, model, device), label)
+
+    def _show(self, out: list, model: str, device: str) -> None:
+        lines = []
+        for lay, counter, result in out:
+            if counter.kind == "regression":
+                raise ValueError("the counting loop needs a counter that gives cell positions; "
+                                 "use the Count cells widget for regression counters")
+            params = {"model": model, "diameter": result.meta.get("diameter_used"), "device": device}
+            pts = show_points(self.viewer, lay, counter, result, parameters=params)
+            self._watch(pts)
+            lines.append(f"{lay.name}: {len(pts.data)}")
+            if lay is self.image.value:
+                self.diameter.show(pts.metadata.get("diameter_used"))
+                self.count_label.setText(count_text(pts))
+        if len(out) > 1:
+            self.result_label.setText("Counted: " + "; ".join(lines))
+
+    def _watch(self, layer: Points) -> None:
+        if id(layer) not in self._watched:
+            layer.events.data.connect(lambda e, lay=layer: self._update_count(lay))
+            self._watched.add(id(layer))
+
+    def _update_count(self, layer: Points) -> None:
+        refresh_count(layer)
+        if layer is self._points_layer(self.image.value):
+            self.count_label.setText(count_text(layer))
+
+    # -- 4 -----------------------------------------------------------------------
+
+    def mark_regions(self) -> None:
+        """Add (or select) the Shapes layer "<image> checked regions", ready to draw rectangles."""
+        layer = self._chosen()
+        if layer is None:
+            return
+        name = regions_name(layer.name)
+        shapes = self.viewer.layers[name] if name in self.viewer.layers else None
+        if not isinstance(shapes, Shapes):
+            ndim = 2
+            shapes = self.viewer.add_shapes(name=name, ndim=ndim, edge_color="lime", face_color="transparent",
+                                            edge_width=2, scale=tuple(layer.scale[-ndim:]),
+                                            translate=tuple(layer.translate[-ndim:]),
+                                            metadata={"cellsynth": {"operation": "checked regions",
+                                                                    "input": layer.name}})
+        self.viewer.layers.selection.active = shapes
+        shapes.mode = "add_rectangle"
+
+    # -- 5 -----------------------------------------------------------------------
+
+    def retrain(self) -> None:
+        """Retrain the selected counter on the corrected points of the chosen image."""
+        layer = self._chosen()
+        if layer is None:
+            return
+        pts = self._points_layer(layer)
+        if pts is None or len(pts.data) == 0:
+            show_error(f"Count '{layer.name}' first (step 3) and correct its points")
+            return
+        img = image_data(layer)
+        if np.shape(pts.data)[1] != 2 or (channel_count(layer) == 0 and img.ndim != 2):
+            show_error("Retraining works on 2D images; this one is a stack")
+            return
+        base = self.model.value
+        if base == "classic":
+            show_error("Retraining needs a density counter: choose 'default' or one adapted here in step 3")
+            return
+        name = regions_name(layer.name)
+        shapes = self.viewer.layers[name] if name in self.viewer.layers else None
+        regions = checked_regions(shapes if isinstance(shapes, Shapes) else None, img.shape[:2])
+        points = np.asarray(pts.data, dtype=float).copy()
+        out = new_model_dir(layer.name, "retrained")
+        kwargs = dict(out=out, base=base, regions=None if regions is None else [regions],
+                      diameter=self.diameter.arg(), minutes=float(self.retrain_minutes.value),
+                      device=self.device.value, params=self.params)
+
+        def work(progress):
+            from ..adapt import retrain_counter
+
+            return retrain_counter([img], [points], progress=progress, **kwargs)
+
+        self._start(work, lambda res: self._made(res, "retrained", [layer]), "Retraining on your corrections")

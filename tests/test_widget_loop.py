@@ -1,0 +1,195 @@
+"""The Counting loop widget driven as a person would: adapt, count, correct, retrain, count all; Cancel."""
+
+import dataclasses
+import json
+import time
+
+import numpy as np
+import pytest
+
+from cellsynth._napari._models import recent_models, remember_model
+from cellsynth._napari.count_widget import CountWidget
+from cellsynth._napari.loop_widget import LoopWidget, regions_name
+from cellsynth._napari._counting import result_name
+from cellsynth.layouts import LayoutParams, generate_layout
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLSYNTH_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+
+    from cellsynth.count._nets import build_net
+    from cellsynth.count.models import counter_config, save_counter
+
+    torch.manual_seed(0)
+    cfg = counter_config("density", backbone="test_efficientnet", blocks=3)
+    return save_counter(build_net(cfg), cfg, tmp_path_factory.mktemp("tiny") / "base")
+
+
+def _image(seed=3, shape=(96, 128)):
+    return generate_layout(LayoutParams(shape=shape, count_mean=20, count_std=0, max_overlap=0.0, noise_std=2.0),
+                           rng=seed).image
+
+
+def _click(qtbot, w, button, timeout=120000):
+    with qtbot.waitSignal(w.runner.finished, timeout=timeout) as blocker:
+        button.native.click()
+    return blocker.args[0]
+
+
+def _fake_adapt(tiny_model, calls, delay=0.0):
+    """Stands in for adapt_counter: saves a copy of the tiny counter where asked, with a report."""
+    from cellsynth.adapt import AdaptResult
+    from cellsynth.count import load_counter
+    from cellsynth.progress import Progress
+
+    def fake(images, *, out, progress=None, **kw):
+        calls.append({"images": images, "out": out, **kw})
+        for i in range(20):
+            if progress is not None:
+                progress(Progress("train", i + 1, 20))
+            time.sleep(delay)
+        out.mkdir(parents=True)
+        for f in ("model.safetensors", "config.json"):
+            (out / f).write_bytes((tiny_model / f).read_bytes())
+        (out / "adapt_report.json").write_text(json.dumps({"diameter": {"used": 14.0}}))
+        return AdaptResult(counter=load_counter(out, device="cpu"), path=out, accepted=True,
+                           report={"diameter": {"used": 14.0}}, counts_before=[162], counts_after=[125])
+
+    return fake
+
+
+def test_adapted_counter_is_saved_listed_and_counts(make_napari_viewer, qtbot, monkeypatch, tiny_model, _data_dir):
+    import cellsynth.adapt
+
+    calls = []
+    monkeypatch.setattr(cellsynth.adapt, "adapt_counter", _fake_adapt(tiny_model, calls))
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="nuclei", scale=(2.0, 2.0))
+    loop = LoopWidget(viewer)
+    count = CountWidget(viewer)
+    assert loop.diameter.arg() == "auto"
+    assert _click(qtbot, loop, loop.adapt_button) == "done"
+    out = calls[0]["out"]
+    assert calls[0]["diameter"] == "auto" and len(calls[0]["images"]) == 1
+    assert out.parent == _data_dir / "models" and out.name.startswith("nuclei-adapted-")
+    assert (out / "model.safetensors").is_file()
+    assert "162 → 125" in loop.result_label.text()
+    assert loop.model.value == str(out) and loop.diameter.value.value == 14.0
+    # offered in the Count cells widget's model list too, and remembered for the next session
+    assert str(out) in count.model.choices
+    assert [e["path"] for e in recent_models()] == [str(out)]
+    assert [lay.name for lay in viewer.layers] == ["nuclei"]  # adapting adds no layer
+    # a second adaptation never overwrites the first
+    assert _click(qtbot, loop, loop.adapt_button) == "done"
+    assert calls[1]["out"] != out and out.is_dir() and len(recent_models()) == 2
+    # step 3 counts with the selected (adapted) counter
+    loop.model.value = str(out)
+    assert _click(qtbot, loop, loop.count_button) == "done"
+    pts = viewer.layers[result_name("nuclei")]
+    assert pts.metadata["cellsynth"]["path"] == str(out) and tuple(pts.scale) == (2.0, 2.0)
+    assert loop.count_label.text().startswith(f"Count: {len(pts.data)} ")
+
+
+def test_cancel_leaves_layers_and_models_untouched(make_napari_viewer, qtbot, monkeypatch, tiny_model, _data_dir):
+    import cellsynth.adapt
+
+    calls = []
+    monkeypatch.setattr(cellsynth.adapt, "adapt_counter", _fake_adapt(tiny_model, calls, delay=0.2))
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="nuclei")
+    viewer.add_points(np.array([[5.0, 5.0]]), name=result_name("nuclei"))
+    loop = LoopWidget(viewer)
+    before = [(lay.name, np.asarray(lay.data).copy()) for lay in viewer.layers]
+    with qtbot.waitSignal(loop.runner.finished, timeout=60000) as blocker:
+        loop.adapt_button.native.click()
+        qtbot.waitUntil(lambda: loop.runner.bar.maximum() == 20, timeout=20000)
+        loop.runner.cancel_button.click()
+    assert blocker.args[0] == "cancelled"
+    after = [(lay.name, np.asarray(lay.data)) for lay in viewer.layers]
+    assert [n for n, _ in after] == [n for n, _ in before]
+    assert all(np.array_equal(d1, d2) for (_, d1), (_, d2) in zip(before, after))
+    assert not (_data_dir / "models").exists() or not any((_data_dir / "models").iterdir())
+    assert recent_models() == [] and loop.model.value == "default" and loop.result_label.text() == ""
+
+
+def test_correct_mark_regions_and_retrain(make_napari_viewer, qtbot, monkeypatch, tiny_model, _data_dir,
+                                          one_torch_thread):
+    """Count (classic), correct by hand, mark a checked box, retrain the tiny counter for real."""
+    import cellsynth.adapt
+    from cellsynth.adapt import AdaptParams
+
+    real = cellsynth.adapt.retrain_counter
+    seen = []
+
+    def spy(images, points, **kw):
+        seen.append({"points": points, **kw})
+        return real(images, points, **kw)
+
+    monkeypatch.setattr(cellsynth.adapt, "retrain_counter", spy)
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(shape=(96, 96)), name="nuclei")
+    loop = LoopWidget(viewer)
+    remember_model(tiny_model, kind="adapted", image="nuclei")  # as if adapted earlier
+    assert str(tiny_model) in loop.model.choices
+    loop.model.value = "classic"
+    loop.diameter.value.value = 15.0
+    assert _click(qtbot, loop, loop.count_button) == "done"
+    pts = viewer.layers[result_name("nuclei")]
+    n = len(pts.data)
+    pts.add([[40.0, 40.0]])
+    pts.selected_data = {0}
+    pts.remove_selected()
+    # step 4: a rectangle layer ready to draw in
+    loop.regions_button.native.click()
+    shapes = viewer.layers[regions_name("nuclei")]
+    assert shapes.mode == "add_rectangle" and viewer.layers.selection.active is shapes
+    shapes.add_rectangles(np.array([[0.0, 0.0], [47.6, 47.6]]))
+    # step 5 with tiny settings
+    loop.model.value = str(tiny_model)
+    loop.params = AdaptParams(crop=64, batch_size=2, n_layouts=3, n_holdout=2, layout_size=64, max_steps=2,
+                              min_steps=2)
+    loop.retrain_minutes.value = 0.05
+    assert _click(qtbot, loop, loop.retrain_button, timeout=240000) == "done", loop.runner.last_error
+    assert seen[0]["regions"] == [[(0, 0, 48, 48)]] and seen[0]["base"] == str(tiny_model)
+    assert len(seen[0]["points"][0]) == n and [40.0, 40.0] in seen[0]["points"][0].tolist()
+    out = seen[0]["out"]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert out.name.startswith("nuclei-retrained-") and loop.model.value == str(out)
+    assert "Retrained counter saved" in loop.result_label.text() and "→" in loop.result_label.text()
+    assert recent_models()[0]["path"] == str(out)
+
+
+def test_count_all_open_images_keeps_edits(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(3), name="a")
+    viewer.add_image(_image(4), name="b")
+    loop = LoopWidget(viewer)
+    loop.model.value = "classic"
+    assert _click(qtbot, loop, loop.count_all_button) == "done"
+    pa, pb = viewer.layers[result_name("a")], viewer.layers[result_name("b")]
+    assert len(pa.data) > 5 and len(pb.data) > 5
+    assert pa.metadata["diameter_source"] == "estimated" and pb.metadata["count"] == len(pb.data)
+    assert f"a: {len(pa.data)}" in loop.result_label.text() and f"b: {len(pb.data)}" in loop.result_label.text()
+    pb.add([[3.0, 3.0]])
+    assert pb.metadata["count"] == len(pb.data)
+    n_b = len(pb.data)
+    assert _click(qtbot, loop, loop.count_all_button) == "done"
+    assert len(pb.data) == n_b and [3.0, 3.0] in pb.data.tolist()
+
+
+def test_loop_widget_is_contributed():
+    from pathlib import Path
+
+    from npe2 import PluginManifest
+
+    m = PluginManifest.from_file(Path(__file__).parents[1] / "napari.yaml")
+    assert "Counting loop" in {w.display_name for w in m.contributions.widgets}
+    cmd = {c.id: c.python_name for c in m.contributions.commands}["napari-cellsynth.loop_widget"]
+    assert cmd == "cellsynth._napari.loop_widget:LoopWidget"
