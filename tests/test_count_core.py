@@ -283,3 +283,69 @@ def test_sample_crop_keeps_exactly_the_centres_inside():
 def test_split_items_validates():
     with pytest.raises(ValueError, match="fraction"):
         split_items([1, 2], 1.5)
+
+
+def test_rgba_counts_the_colour_not_the_alpha(tmp_path):
+    from skimage.draw import disk
+    from skimage.io import imsave
+
+    from cellsynth.cli import main
+
+    rgba = np.zeros((80, 100, 4), np.uint8)
+    rgba[..., 3] = 255  # opaque everywhere
+    for c in (20, 50, 80):
+        rgba[disk((40, c), 7)] = (0, 0, 220, 255)
+    assert count_cells(rgba, model="classic", diameter=14).count == 3
+    imsave(tmp_path / "rgba.png", rgba, check_contrast=False)
+    assert main(["count", str(tmp_path / "rgba.png"), "--model", "classic", "--json", "--quiet"]) == 0
+
+
+def test_imagej_channels_are_channels_and_channel_is_honoured(tmp_path, capsys):
+    import json
+
+    import tifffile
+    from skimage.draw import disk
+
+    from cellsynth.cli import main
+
+    cyx = np.zeros((2, 90, 120), np.uint16)
+    for k, c in enumerate(range(15, 120, 30)):
+        cyx[0][disk((25, c), 6)] = 3000  # 4 nuclei in channel 0
+    for c in (30, 90):
+        cyx[1][disk((65, c), 6)] = 3000  # 2 spots in channel 1
+    tifffile.imwrite(tmp_path / "cyx.tif", cyx, imagej=True, metadata={"axes": "CYX"})
+    for channel, want in (("0", 4), ("1", 2)):
+        assert main(["count", str(tmp_path / "cyx.tif"), "--model", "classic", "--diameter", "12",
+                     "--channel", channel, "--json", "--quiet"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["count"] == want and len(doc["per_plane"]) == 1
+
+
+def test_count_refuses_an_existing_output_before_counting(tmp_path, capsys, monkeypatch):
+    import cellsynth.count
+    from cellsynth import io
+    from cellsynth.cli import main
+
+    io.write_tiff(tmp_path / "img.tif", np.zeros((40, 40), np.uint8))
+    (tmp_path / "pts.csv").write_text("keep me")
+    monkeypatch.setattr(cellsynth.count, "count_cells", lambda *a, **k: pytest.fail("counted before checking --out"))
+    assert main(["count", str(tmp_path / "img.tif"), "--model", "classic", "--out", str(tmp_path / "pts.csv")]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "pts.csv").read_text() == "keep me"
+
+
+def test_classic_counter_on_a_long_thin_strip():
+    from skimage.draw import disk
+
+    strip = np.full((16, 4000), 10, np.uint16)
+    for c in range(20, 4000, 40):
+        strip[disk((8, c), 5, shape=strip.shape)] = 500
+    res = count_cells(strip, model="classic")
+    assert res.count == 100 and 8 <= res.meta["diameter_used"] <= 12
+
+
+def test_empty_noise_image_counts_nothing_at_any_diameter():
+    noise = np.random.default_rng(1).normal(100, 5, (200, 300)).clip(0).astype(np.uint16)
+    with pytest.raises(ValueError, match="no blob-like cells"):
+        estimate_diameter(noise)
+    assert count_cells(noise, model="classic").count == 0
+    assert count_cells(noise, model="classic", diameter=15).count == 0

@@ -200,3 +200,61 @@ def test_pretrained_backbone_from_local_weights_and_offline_error(tmp_path, real
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(WeightsNotFoundError, match="efficientnet_b0-imagenet"):
         train_counter(real, config=TrainConfig(**TINY, epochs=1, steps_per_epoch=1, pretrained="imagenet"), device="cpu")
+
+
+def test_train_counter_never_replaces_earlier_work_without_being_told(tmp_path, real):
+    from cellsynth.cli import main
+
+    cfg = TrainConfig(**TINY, epochs=1, steps_per_epoch=1, val_fraction=0)
+    train_counter(real, config=cfg, out=tmp_path / "m", device="cpu")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume .*--overwrite"):
+        train_counter(real, config=cfg, out=tmp_path / "m", device="cpu")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    train_counter(real, config=TrainConfig(**TINY, epochs=2, steps_per_epoch=1, val_fraction=0),
+                  out=tmp_path / "m", device="cpu", resume=True)
+    train_counter(real, config=cfg, out=tmp_path / "m", device="cpu", overwrite=True)
+    io.write_tiff(tmp_path / "data" / "a.tif", real[0][0])
+    io.write_points_csv(tmp_path / "data" / "a.csv", real[0][1])
+    assert main(["train-counter", str(tmp_path / "data"), "--out", str(tmp_path / "m"), "--backbone",
+                 "test_efficientnet", "--epochs", "1", "--quiet"]) == 2
+
+
+def test_diverging_training_stops_and_saves_no_broken_model(tmp_path, real):
+    cfg = TrainConfig(**{**TINY, "lr": 1e30}, epochs=3, steps_per_epoch=4, val_fraction=0)
+    with pytest.raises(ValueError, match="diverged|NaN or infinite"):
+        train_counter(real, config=cfg, out=tmp_path / "m", device="cpu")
+    if (tmp_path / "m" / "model.safetensors").exists():  # an earlier epoch's model, if any, is finite
+        load_counter(tmp_path / "m", device="cpu")
+
+
+def test_non_finite_weights_are_never_saved_nor_loaded(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cellsynth.count.models import counter_config, new_counter, save_counter
+
+    cfg = counter_config("density", backbone="test_efficientnet", blocks=3)
+    c = new_counter(cfg, device="cpu")
+    save_counter(c.net, cfg, tmp_path / "ok")
+    state = load_file(str(tmp_path / "ok" / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key][...] = float("nan")
+    save_file(state, str(tmp_path / "ok" / "model.safetensors"))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        load_counter(tmp_path / "ok", device="cpu")
+    with torch.no_grad():
+        next(c.net.parameters()).fill_(float("inf"))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        save_counter(c.net, cfg, tmp_path / "bad")
+
+
+def test_bad_ground_truth_is_refused(tmp_path):
+    img = np.zeros((32, 40), np.uint8)
+    with pytest.raises(ValueError, match="NaN"):
+        load_count_data([(img, [[3.0, np.nan]])])
+    with pytest.raises(ValueError, match="outside the 32x40 image"):
+        load_count_data([(img, [[3.0, 55.0]])])
+    io.write_tiff(tmp_path / "a.tif", img)
+    io.write_tiff(tmp_path / "a_labels.tif", np.ones((32, 40), np.float32))
+    with pytest.raises(TypeError, match="integer labels"):
+        load_count_data(tmp_path)

@@ -84,6 +84,7 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a model or training run already in --out")
     t.add_argument("--json", action="store_true", help="print the history and best epoch as JSON")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_train)
@@ -110,13 +111,16 @@ def _progress(args):
 
 def _count(args) -> int:
     from . import count_cells
-    from .data import read_image
+    from .data import read_image_axes
 
-    image = read_image(args.image)
+    if args.out:
+        io.prepare_output(args.out, overwrite=args.overwrite)
+    image, channel_axis = read_image_axes(args.image)
     cb, close = _progress(args)
     try:
-        res = count_cells(image, model=args.model, diameter=args.diameter, channel=args.channel, device=args.device,
-                          tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, progress=cb)
+        res = count_cells(image, model=args.model, diameter=args.diameter, channel=args.channel,
+                          channel_axis=channel_axis, device=args.device, tile=args.tile, overlap=args.overlap,
+                          batch_size=args.batch_size, progress=cb)
     finally:
         close()
     if args.out:
@@ -166,7 +170,7 @@ def _train(args) -> int:
     try:
         res = train_counter(args.train, synthetic=args.synthetic, unlabelled=args.unlabelled, val=args.val,
                             out=args.out, config=cfg, init=args.init, data_diameter=args.diameter,
-                            device=args.device, resume=args.resume, progress=cb)
+                            device=args.device, resume=args.resume, overwrite=args.overwrite, progress=cb)
     finally:
         close()
     if args.json:

@@ -28,7 +28,7 @@ from .. import io
 from .preprocess import normalize_image, rescale_plane, split_planes
 from .targets import count_in_box
 
-__all__ = ["CountItem", "centres_from_labels", "load_count_data", "read_image", "sample_crop", "split_items"]
+__all__ = ["CountItem", "centres_from_labels", "load_count_data", "read_image", "read_image_axes", "sample_crop", "split_items"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 SourceLike = Union[str, os.PathLike, Sequence]
@@ -82,16 +82,43 @@ def centres_from_labels(labels: np.ndarray) -> np.ndarray:
 
 def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     """Read a TIFF (via :func:`cellsynth.io.read_tiff`) or PNG/JPEG image as an array."""
+    return read_image_axes(path)[0]
+
+
+def read_image_axes(path: Union[str, os.PathLike]) -> tuple[np.ndarray, Optional[int]]:
+    """Read an image and the index of its channel axis as the file declares it.
+
+    TIFF files name their axes (ImageJ and OME TIFF: ``C`` for channels, ``S``
+    for the colour samples of RGB); PNG/JPEG colour images keep their samples last.
+
+    Returns
+    -------
+    image : ndarray
+    channel_axis : int or None
+        The channel axis, or None when the file has none (or does not say).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such image file: {path}")
     if path.suffix.lower() in (".tif", ".tiff"):
-        return io.read_tiff(path)[0]
+        data, meta = io.read_tiff(path)
+        axes = str(meta.get("axes") or "")
+        axis = None
+        if len(axes) == data.ndim:
+            for name in ("C", "S"):
+                if name in axes and data.shape[axes.index(name)] > 1:
+                    axis = axes.index(name)
+                    break
+        return data, axis
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"{path}: unsupported image type {path.suffix!r}; expected one of {IMAGE_SUFFIXES}")
     from skimage.io import imread
 
-    return np.asarray(imread(str(path)))
+    try:
+        data = np.asarray(imread(str(path)))
+    except Exception as exc:  # truncated or corrupt files, whatever the decoder raises
+        raise ValueError(f"{path} is not a readable {path.suffix.lstrip('.').upper()} image: {exc}") from exc
+    return data, (data.ndim - 1 if data.ndim == 3 and data.shape[-1] in (3, 4) else None)
 
 
 def _prepare(image, centres, *, channel, factor, norm, name) -> CountItem:
@@ -103,6 +130,15 @@ def _prepare(image, centres, *, channel, factor, norm, name) -> CountItem:
         centres = np.asarray(centres, dtype=float).reshape(-1, np.shape(centres)[-1] if np.size(centres) else 2)
         if centres.shape[1] != 2:
             raise ValueError(f"{name}: points must be (row, col) pairs, got shape {centres.shape}")
+        if not np.all(np.isfinite(centres)):
+            raise ValueError(f"{name}: {int((~np.isfinite(centres)).any(axis=1).sum())} points have NaN or "
+                             "infinite coordinates; expected finite (row, col) pixel coordinates")
+        rows, cols = plane.shape
+        outside = (centres[:, 0] < -0.5) | (centres[:, 1] < -0.5) | (centres[:, 0] > rows) | (centres[:, 1] > cols)
+        if outside.any():
+            r, c = centres[np.argmax(outside)]
+            raise ValueError(f"{name}: {int(outside.sum())} points lie outside the {rows}x{cols} image "
+                             f"(e.g. row {r:g}, col {c:g}); expected pixel coordinates (row, col) inside it")
     if factor != 1.0:
         plane = rescale_plane(plane, factor)
         if centres is not None:
@@ -215,7 +251,10 @@ def load_count_data(
                 pts, _ = io.read_points_csv(ann)
                 centres = pts[:, -2:]
             else:
-                centres = centres_from_labels(np.squeeze(read_image(ann)).astype(np.int64))
+                lab = np.squeeze(read_image(ann))
+                if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
+                    raise TypeError(f"{ann}: a label image must hold integer labels, got dtype {lab.dtype}")
+                centres = centres_from_labels(lab.astype(np.int64))
             out.append(_prepare(image, centres, channel=channel, factor=factor, norm=norm, name=str(img_path)))
         return out
     if isinstance(source, Iterable):

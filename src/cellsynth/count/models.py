@@ -268,7 +268,14 @@ def load_counter(model: str | os.PathLike | Counter = "default", *, device: Any 
 
 
 def _build_loaded(cfg: dict, state: dict, where: Path):
+    import torch
+
     from ._nets import build_net
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"weights in {where} hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}); "
+                         "the model is broken, retrain it")
 
     net = build_net(cfg)
     try:
@@ -315,12 +322,15 @@ def save_counter(
     Path
         ``out_dir``.
     """
+    import torch
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     state = {}
     for k, v in net.state_dict().items():
         v = v.detach().cpu().contiguous()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"refusing to save a counter whose weights hold NaN or infinite values ({k})")
         if half and v.is_floating_point():
             v = v.half()
         state[k] = v

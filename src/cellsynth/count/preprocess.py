@@ -82,7 +82,8 @@ def split_planes(
         composites) when there is a channel axis.
     channel_axis : int, optional
         Axis holding channels. None: the last axis when its length is <= 4 and
-        the image has at least 3 dimensions, else no channel axis.
+        the image has at least 3 dimensions (colour samples: a 4th sample is
+        taken as alpha and left out of the maximum), else no channel axis.
 
     Returns
     -------
@@ -104,14 +105,21 @@ def split_planes(
     ((3, 5, 6), (3,))
     >>> split_planes(np.zeros((5, 6, 3)), channel=2)[0].shape
     (1, 5, 6)
+    >>> rgba = np.zeros((5, 6, 4), np.uint8); rgba[..., 3] = 255; rgba[2, 2, 0] = 9
+    >>> float(split_planes(rgba)[0].max())  # alpha is not signal
+    9.0
     """
     x = np.asarray(image)
     if x.ndim < 2:
         raise ValueError(f"image must have at least 2 dimensions (rows, cols), got shape {x.shape}")
     if x.size == 0:
         raise ValueError(f"image is empty (shape {x.shape})")
+    colour = False
     if channel_axis is None and x.ndim >= 3 and x.shape[-1] <= 4 and min(x.shape[-3:-1]) > 4:
         channel_axis = x.ndim - 1
+        colour = x.shape[-1] == 4  # RGBA: the alpha channel is opacity, not signal
+    if colour and channel is None:
+        x = x[..., :3]
     if channel_axis is not None:
         if not -x.ndim <= channel_axis < x.ndim:
             raise ValueError(f"channel_axis {channel_axis} is out of range for an image of shape {x.shape}")
@@ -125,8 +133,8 @@ def split_planes(
             x = x[..., int(channel)]
     elif channel not in (None, 0):
         raise ValueError(
-            f"channel {channel} was given but image of shape {image.shape} has no channel axis; "
-            "pass channel_axis to say which axis holds channels"
+            f"channel {channel} was given but the image of shape {image.shape} has no channel axis "
+            "(neither declared by the file nor a last axis of 2-4 colour samples)"
         )
     if x.ndim < 2:
         raise ValueError(f"image of shape {image.shape} has no 2D plane left after removing the channel axis")

@@ -310,6 +310,7 @@ def train_counter(
     data_diameter: Optional[float] = None,
     device: Any = "auto",
     resume: bool = False,
+    overwrite: bool = False,
     progress: Optional[ProgressCallback] = None,
 ) -> TrainResult:
     """Train a counter with one of the paper's strategies.
@@ -340,6 +341,9 @@ def train_counter(
     device : str
     resume : bool
         Continue from ``out/checkpoint``.
+    overwrite : bool
+        Replace a model or training run already in ``out`` (otherwise refused,
+        so that trained work is never lost by a re-run).
     progress : ProgressCallback, optional
         Called after every batch (stage ``"train"``, total = all batches of the
         run, message with the epoch, loss and validation MAE); may raise ``Cancelled``.
@@ -434,6 +438,9 @@ def train_counter(
                         "n_train": len(real), "n_synthetic": len(syn), "n_unlabelled": len(unl), "n_val": len(val_items)}
     out = Path(out) if out is not None else None
     ckpt = out / "checkpoint" if out is not None else None
+    if out is not None and not resume and not overwrite and out.exists() and any(out.iterdir()):
+        hint = "pass --resume to continue it or " if (ckpt / "state.json").is_file() else ""
+        raise FileExistsError(f"{out} already holds a model or training run; {hint}pass --overwrite to replace it")
     state = {"epoch": 0, "history": [], "best": None}
     if resume:
         if ckpt is None or not (ckpt / "state.json").is_file():
@@ -466,6 +473,11 @@ def train_counter(
                 mx, my, mw = _pseudo_label_batch(batcher, teacher, mcfg, dev, torch.float32)
                 loss = loss + _loss(net, torch.from_numpy(mx).to(dev), torch.from_numpy(my).to(dev), cfg,
                                     weight=torch.from_numpy(mw).to(dev))
+            if not bool(torch.isfinite(loss)):
+                raise ValueError(
+                    f"training diverged: the loss became {float(loss)} at epoch {epoch}, step {step} (learning "
+                    f"rate {_lr_at(cfg, epoch):g}); try a smaller --lr (the best model of earlier epochs, if any, stays in --out)"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
