@@ -193,3 +193,11 @@ def test_loop_widget_is_contributed():
     assert "Counting loop" in {w.display_name for w in m.contributions.widgets}
     cmd = {c.id: c.python_name for c in m.contributions.commands}["napari-cellsynth.loop_widget"]
     assert cmd == "cellsynth._napari.loop_widget:LoopWidget"
+
+
+def test_real_nuclei_sample_is_shipped():
+    from cellsynth._napari.sample import sample_nuclei
+
+    [(data, kwargs, kind)] = sample_nuclei()
+    assert kind == "image" and data.shape == (383, 512) and data.dtype == np.uint8
+    assert "BSD-3" in kwargs["metadata"]["source"]

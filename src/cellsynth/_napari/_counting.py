@@ -59,7 +59,7 @@ class DiameterField(Container):
     """
 
     def __init__(self) -> None:
-        self.auto = CheckBox(value=True, text="estimate the cell diameter from the image",
+        self.auto = CheckBox(value=True, text="estimate it from the image",
                              tooltip="checked: each run measures the typical cell size in the image; "
                                      "uncheck (or type a diameter) to count at the diameter below")
         self.value = FloatSpinBox(label="cell diameter (px)", value=0.0, min=0.0, max=1000.0, step=0.5,

@@ -8,7 +8,8 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton
 from napari.layers import Image, Points, Shapes
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import QGroupBox, QLabel, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from ..device import device_choices
 from ._counting import (LEGEND, DiameterField, channel_count, count_text, count_work, image_data, refresh_count,
@@ -20,9 +21,8 @@ from .count_widget import model_choices
 __all__ = ["LoopWidget", "regions_name", "checked_regions"]
 
 _CORRECT_HELP = (
-    "Select the <i>&lt;image&gt; cells</i> layer: click in add mode (+) where a cell was missed; "
-    "select wrong points and press Delete. Then mark the areas you checked with rectangles; "
-    "outside them nothing is learnt. Without rectangles the whole image counts as checked."
+    "In <i>&lt;image&gt; cells</i>: add mode (+), click a missed cell; select wrong points, press Delete. "
+    "Then draw rectangles over the areas you checked (without any, the whole image counts as checked)."
 )
 
 
@@ -50,7 +50,10 @@ def checked_regions(shapes: Optional[Shapes], shape: tuple) -> Optional[list]:
 def _step(title: str, *parts) -> QGroupBox:
     box = QGroupBox(title)
     lay = QVBoxLayout(box)
+    lay.setContentsMargins(4, 4, 4, 4)
     for p in parts:
+        if isinstance(p, Container):
+            p.margins = (0, 0, 0, 0)
         lay.addWidget(p.native if hasattr(p, "native") else p)
     return box
 
@@ -81,7 +84,7 @@ class LoopWidget(QWidget):
         self.estimate_button = PushButton(text="Estimate diameter")
         self.device = ComboBox(label="device", choices=device_choices(), value="auto")
         # 2
-        self.adapt_all = CheckBox(value=False, text="adapt to every open image, not only this one")
+        self.adapt_all = CheckBox(value=False, text="use every open image, not only this one")
         self.minutes = FloatSpinBox(label="minutes", value=3.0, min=0.05, max=240.0, step=0.5,
                                     tooltip="time budget of the adaptation")
         self.adapt_button = PushButton(text="Adapt to this image")
@@ -109,7 +112,8 @@ class LoopWidget(QWidget):
         help_label.setWordWrap(True)
         legend = QLabel(LEGEND)
         legend.setWordWrap(True)
-        layout = QVBoxLayout(self)
+        steps = QWidget()
+        layout = QVBoxLayout(steps)
         layout.addWidget(_step("1 · Image and cell size",
                                Container(widgets=[self.image, self.diameter, self.estimate_button, self.device])))
         layout.addWidget(_step("2 · Adapt a counter to it (no labels needed)",
@@ -121,8 +125,15 @@ class LoopWidget(QWidget):
                                Container(widgets=[self.retrain_minutes, self.retrain_button])))
         layout.addWidget(_step("6 · Count every open image", self.count_all_button))
         layout.addWidget(self.result_label)
-        layout.addWidget(self.runner)
         layout.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(steps)
+        outer = QVBoxLayout(self)
+        outer.addWidget(scroll, 1)
+        outer.addWidget(self.runner)
 
         self.estimate_button.changed.connect(self.estimate)
         self.adapt_button.changed.connect(self.adapt)

@@ -19,3 +19,14 @@ def sample_layout(seed: int = 0) -> list:
         (lay.centres, {"name": "layout centres", "metadata": meta, "features": feats, "size": 5,
                        "face_color": "yellow", "border_width": 0}, "points"),
     ]
+
+
+def sample_nuclei() -> list:
+    """A real image of cultured neurons with a nuclear stain (383x512, 8-bit; scellseg's neurocyte set, BSD-3)."""
+    from ..io import read_tiff
+    from ..weights import resources_dir
+
+    path = resources_dir() / "samples" / "neurocyte_010.tif"
+    meta = {"source": "scellseg neurocyte example set (BSD-3-Clause)", "path": str(path)}
+    data, _ = read_tiff(path)
+    return [(data, {"name": "neurocyte_010", "metadata": meta, "colormap": "gray"}, "image")]
