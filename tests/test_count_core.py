@@ -349,3 +349,32 @@ def test_empty_noise_image_counts_nothing_at_any_diameter():
         estimate_diameter(noise)
     assert count_cells(noise, model="classic").count == 0
     assert count_cells(noise, model="classic", diameter=15).count == 0
+
+
+def test_objects_reconcile_peaks_one_per_nucleus_sized_object():
+    from skimage.draw import ellipse
+
+    from cellsynth.count.objects import ObjectParams, reconcile_with_objects
+
+    img = np.zeros((100, 160), np.float32)
+    img[ellipse(25, 40, 5, 11)] = 1.0            # one elongated nucleus, two peaks on it
+    img[disk((70, 40), 7)] = 1.0                 # two touching nuclei: one big object
+    img[disk((70, 52), 7)] = 1.0
+    img[disk((30, 120), 7)] = 1.0                # a nucleus the network missed
+    img += np.random.default_rng(0).normal(0, 0.02, img.shape).astype(np.float32)
+    peaks = np.array([[25, 34], [25, 46], [70, 40], [70, 52], [80, 130], [60, 140]], float)
+    scores = np.array([0.9, 0.8, 1.0, 1.0, 0.9, 0.2])  # two peaks in the background: strong and weak
+    density = np.zeros_like(img)
+    density[30, 120] = 0.7
+    pts, sc = reconcile_with_objects(img, peaks, scores, density, diameter=14, params=ObjectParams())
+    got = sorted(map(tuple, np.round(pts).astype(int).tolist()))
+    assert got == [(25, 40), (30, 120), (70, 40), (70, 52), (80, 130)]
+    assert sc[np.argmin(np.abs(pts - [30, 120]).sum(axis=1))] == pytest.approx(0.7)  # its density mass
+    # a stricter split area keeps the touching pair as one cell
+    pts2, _ = reconcile_with_objects(img, peaks, scores, density, diameter=14, params=ObjectParams(split_area=3))
+    assert len(pts2) == 4
+    # an image of noise has no objects: only confident peaks stay
+    noise = np.random.default_rng(1).normal(0, 1, (64, 64)).astype(np.float32)
+    pts3, _ = reconcile_with_objects(noise, np.array([[10.0, 10.0], [40.0, 40.0]]), np.array([0.9, 0.1]),
+                                     np.zeros_like(noise), diameter=10)
+    assert pts3.tolist() == [[10.0, 10.0]]

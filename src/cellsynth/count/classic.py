@@ -101,13 +101,15 @@ def _robust_std(x: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(s - np.median(s))))
 
 
-def foreground_threshold(plane: np.ndarray, smooth: np.ndarray, *, min_contrast: float = 4.0) -> float:
+def foreground_threshold(plane: np.ndarray, smooth: np.ndarray, *, sigma: float = 0.0,
+                         min_contrast: float = 4.0) -> float:
     """Otsu's threshold of ``smooth``, or ``inf`` when its two classes differ by noise only.
 
-    The foreground must be brighter than the background by at least
-    ``min_contrast`` times the pixel noise of ``plane`` (from neighbour
-    differences, robust to the cells' edges); otherwise the image holds no cells
-    and nothing is foreground.
+    ``smooth`` is ``plane`` smoothed by a Gaussian of ``sigma`` pixels (0: not
+    smoothed). The foreground must be brighter than the background by at least
+    ``min_contrast`` times the noise left in ``smooth`` (the pixel noise of
+    ``plane``, from neighbour differences, times the Gaussian's noise gain);
+    otherwise the image holds no cells and nothing is foreground.
 
     Examples
     --------
@@ -131,6 +133,8 @@ def foreground_threshold(plane: np.ndarray, smooth: np.ndarray, *, min_contrast:
     p = np.asarray(plane, np.float32)[::step, ::step]
     diffs = np.concatenate([(p[:, 1:] - p[:, :-1]).ravel(), (p[1:] - p[:-1]).ravel()])
     noise = _robust_std(diffs[:, None]) / _SQRT2
+    if sigma > 0:
+        noise *= min(1.0, 1.0 / (2.0 * np.sqrt(np.pi) * sigma))
     if float(np.median(fg)) - float(np.median(bg)) < min_contrast * noise:
         return np.inf
     return thr
@@ -169,7 +173,7 @@ def segment_nuclei(plane: np.ndarray, params: ClassicParams | None = None) -> tu
     >>> int(labels.max()), peaks.shape
     (3, (3,))
     """
-    from scipy.ndimage import gaussian_filter, label
+    from scipy.ndimage import gaussian_filter
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
@@ -177,15 +181,19 @@ def segment_nuclei(plane: np.ndarray, params: ClassicParams | None = None) -> tu
     plane = np.asarray(plane, np.float32)
     d = params.diameter
     seeds_img = gaussian_filter(plane, max(0.5, params.spot_sigma * d))
-    outline = gaussian_filter(plane, max(0.5, params.outline_sigma * d))
-    thr = float(params.threshold) if params.threshold is not None else foreground_threshold(plane, outline)
+    outline_sigma = max(0.5, params.outline_sigma * d)
+    outline = gaussian_filter(plane, outline_sigma)
+    if params.threshold is not None:
+        thr = float(params.threshold)
+    else:
+        thr = foreground_threshold(plane, outline, sigma=outline_sigma)
     mask = outline > thr
     empty = np.zeros(plane.shape, np.int32), np.zeros(0)
     if not mask.any():
         return empty
-    regions, _ = label(mask)
-    pk = peak_local_max(seeds_img, min_distance=max(1, int(round(params.min_distance_px))), labels=regions,
+    pk = peak_local_max(seeds_img, min_distance=max(1, int(round(params.min_distance_px))), threshold_abs=thr,
                         exclude_border=False).reshape(-1, 2)
+    pk = pk[mask[pk[:, 0], pk[:, 1]]]
     if len(pk) == 0:
         return empty
     markers = np.zeros(plane.shape, np.int32)
@@ -251,7 +259,7 @@ def _log_diameter(plane: np.ndarray, min_d: float, max_d: float) -> Optional[flo
     from skimage.feature import peak_local_max
 
     diameters = np.exp(np.linspace(np.log(min_d), np.log(max_d), 16))
-    stack = np.stack([log_response(plane, d / (2 * _SQRT2)) for d in diameters])
+    stack = np.stack([_coarse_log(plane, d / (2 * _SQRT2)) for d in diameters])
     best = stack.max(axis=0)
     which = stack.argmax(axis=0)
     thr = max(0.05, 4 * _robust_std(best), 0.2 * float(best.max()))
@@ -268,12 +276,25 @@ def _log_diameter(plane: np.ndarray, min_d: float, max_d: float) -> Optional[flo
     return float(d[order][np.searchsorted(cum, cum[-1] / 2)])
 
 
+def _coarse_log(plane: np.ndarray, sigma: float) -> np.ndarray:
+    """:func:`log_response` at large scales computed on a block-averaged plane and brought back."""
+    k = int(sigma // 3)
+    if k < 2:
+        return log_response(plane, sigma)
+    from skimage.measure import block_reduce
+    from skimage.transform import resize
+
+    small = block_reduce(plane, (k, k), np.mean)
+    r = log_response(small, sigma / k)
+    return resize(r, plane.shape, order=1, preserve_range=True).astype(np.float32)
+
+
 def _component_diameter(plane: np.ndarray) -> Optional[float]:
     """Median equivalent diameter of the connected foreground components (Otsu)."""
     from scipy.ndimage import binary_opening, gaussian_filter, label
 
     smooth = gaussian_filter(plane, 1.0)
-    thr = foreground_threshold(plane, smooth)
+    thr = foreground_threshold(plane, smooth, sigma=1.0)
     if not np.isfinite(thr):
         return None
     mask = binary_opening(smooth > thr)

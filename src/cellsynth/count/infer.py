@@ -23,6 +23,7 @@ import numpy as np
 from ..progress import ProgressCallback, report
 from .classic import ClassicParams, classic_peaks, estimate_diameter
 from .models import Counter, load_counter
+from .objects import ObjectParams, reconcile_with_objects
 from .preprocess import normalize_image, rescale_plane, split_planes
 
 __all__ = ["CountResult", "count_cells", "density_peaks", "tile_starts"]
@@ -363,6 +364,7 @@ def count_cells(
         raise TypeError(f"counter must be a Counter from load_counter, got {type(counter).__name__}")
     kind = counter.kind
     norm = counter.config.get("normalize", {})
+    objects = ObjectParams(**counter.config["objects"]) if kind == "density" and counter.config.get("objects") else None
     rescale = kind != "classic" and diameter is not None and counter.config.get("rescale", True)
     factor = counter.diameter / diameter if rescale else 1.0
 
@@ -401,7 +403,6 @@ def count_cells(
                                         sigma=float(counter.config.get("sigma", 2.5)),
                                         threshold=float(counter.config.get("peak_threshold", 0.3)))
                 total_p = float(dens.sum(dtype=np.float64))
-                per_plane.append(len(pts))
                 dens_sums.append(total_p)
                 if factor != 1.0:
                     pts = (pts + 0.5) / factor - 0.5
@@ -409,6 +410,10 @@ def count_cells(
                     back = _pad_to(back[: raw.shape[0], : raw.shape[1]], raw.shape[0], raw.shape[1])
                     s = float(back.sum(dtype=np.float64))
                     dens = back * (total_p / s) if s > 0 else back
+                if objects is not None:
+                    pts, sc = reconcile_with_objects(plane, pts, sc, dens, diameter=counter.diameter / factor,
+                                                     params=objects)
+                per_plane.append(len(pts))
                 dens_out.append(dens.astype(np.float32))
             else:
                 pts, sc = np.zeros((0, 2)), np.zeros(0)

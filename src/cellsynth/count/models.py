@@ -36,7 +36,10 @@ def counter_config(kind: str = "density", *, backbone: str = "efficientnet_b0", 
     the training scale), ``sigma`` and ``density_scale`` (density targets: Gaussian
     width in pixels and mass per cell), ``peak_threshold`` (minimum peak height
     as a fraction of a lone cell's peak), ``window`` (regression: window side),
-    ``normalize`` (percentiles).
+    ``normalize`` (percentiles). Optional: ``objects`` (density counters: the
+    :class:`~cellsynth.count.objects.ObjectParams` that reconcile peaks with
+    foreground objects; absent: the points are the density peaks), ``rescale``
+    (False: never rescale to a diameter, for imported models of unknown scale).
 
     Examples
     --------
@@ -66,7 +69,7 @@ def counter_config(kind: str = "density", *, backbone: str = "efficientnet_b0", 
     else:
         cfg.pop("backbone")
         cfg.pop("in_chans")
-    unknown = set(overrides) - set(cfg) - {"training", "name", "description", "rescale", "pretrained"}
+    unknown = set(overrides) - set(cfg) - {"training", "name", "description", "rescale", "pretrained", "objects"}
     if unknown:
         raise ValueError(f"unknown counter config keys {sorted(unknown)}; expected some of {sorted(cfg)}")
     cfg.update(overrides)
