@@ -378,3 +378,22 @@ def test_objects_reconcile_peaks_one_per_nucleus_sized_object():
     pts3, _ = reconcile_with_objects(noise, np.array([[10.0, 10.0], [40.0, 40.0]]), np.array([0.9, 0.1]),
                                      np.zeros_like(noise), diameter=10)
     assert pts3.tolist() == [[10.0, 10.0]]
+
+
+def test_absurd_scales_are_refused_before_allocating(monkeypatch):
+    import psutil
+
+    img = np.zeros((64, 64), np.uint8)
+    img[20:30, 20:30] = 200
+    counter = load_counter("classic")
+    with pytest.raises(ValueError, match="tile must be a multiple of 32 from 64 to 4096"):
+        count_cells(img, counter=counter, tile=1048576)
+    from cellsynth.count.models import counter_config, new_counter
+
+    tiny = new_counter(counter_config("density", backbone="test_efficientnet", blocks=3), device="cpu")
+    with pytest.raises(ValueError, match="needs about .* of memory .*--diameter"):
+        count_cells(img, counter=tiny, diameter=1e-3)  # x15000: a 960000 px square plane
+    small = psutil.virtual_memory()._replace(available=10_000)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
+    with pytest.raises(ValueError, match="needs about"):
+        count_cells(img, counter=tiny, diameter=None)

@@ -249,3 +249,26 @@ def test_checkpoint_of_the_papers_public_code_loads_and_counts_like_it(tmp_path)
         expected = float(ref(x[None, None].expand(1, 3, -1, -1))[0, 0])
     assert res.meta["scale_factor"] == 1.0 and len(res.windows) == 1
     assert res.count == pytest.approx(expected, rel=1e-3, abs=1e-3)
+
+
+def test_batchnorm_is_folded_for_inference_without_touching_the_trained_net(tiny_density):
+    from cellsynth.count._nets import fold_batchnorm
+    from cellsynth.count.infer import _inference_net
+
+    net = tiny_density.net.float()
+    with torch.no_grad():  # non-trivial running statistics
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    fused = fold_batchnorm(net)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # the original keeps its layers
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net.eval()(x), rtol=1e-4, atol=1e-5)
+    first = _inference_net(tiny_density)
+    assert _inference_net(tiny_density) is first  # made once
+    with torch.no_grad():
+        next(tiny_density.net.parameters()).add_(0.1)  # retrained in place: a fresh folded copy
+    assert _inference_net(tiny_density) is not first

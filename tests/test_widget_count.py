@@ -39,7 +39,10 @@ def test_classic_count_gives_points_and_clicks_change_the_count(make_napari_view
     assert pts.metadata["cellsynth"]["operation"] == "count" and pts.metadata["count"] == n
     assert np.allclose(pts.size, 15.0)  # rings as wide as the diameter used
     # a click adds a manual cell, deleting selected points removes them: the count follows at once
-    pts.add([[10.0, 10.0]])
+    rows, cols = lay.image.shape
+    grid = np.array([[r, c] for r in range(2, rows, 3) for c in range(2, cols, 3)], float)
+    far = grid[np.argmax(np.linalg.norm(grid[:, None] - pts.data[None], axis=2).min(axis=1))]  # no cell there
+    pts.add([far])
     assert pts.features["source"].iloc[-1] == "manual"
     assert _first(w) == f"Count: {n + 1} ({n} from the model, 1 added by hand)"
     deleted = pts.data[[0, 1]].copy()
@@ -53,7 +56,7 @@ def test_classic_count_gives_points_and_clicks_change_the_count(make_napari_view
     assert viewer.layers[result_name("nuclei")] is pts and len(pts.data) == n - 1
     assert _first(w) == f"Count: {n - 1} ({n - 2} from the model, 1 added by hand)"
     assert "kept 1 points you added" in w.count_label.text() and "left out 2 you had deleted" in w.count_label.text()
-    assert [10.0, 10.0] in pts.data.tolist()
+    assert far.tolist() in pts.data.tolist()
     for p in deleted:
         assert np.min(np.linalg.norm(pts.data - p, axis=1)) > 1.0
 

@@ -136,7 +136,8 @@ REGISTRY: dict[str, ModelSpec] = {
             files=("config.json", "model.safetensors"),
             licence="apache-2.0",
             size_mb=21,
-            description="EfficientNet-B0 ImageNet-1k weights (timm) to initialise counters, as in the paper",
+            description="EfficientNet-B0 ImageNet-1k weights (timm) to initialise counters, as in the paper "
+                        "(revision: the main branch, no commit verified, unverified pin)",
         ),
         ModelSpec(
             name="dino-vits8",

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DensityNet", "RegressionNet", "build_net", "density_loss"]
+__all__ = ["DensityNet", "RegressionNet", "build_net", "density_loss", "fold_batchnorm"]
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -178,3 +178,35 @@ def density_loss(pred: torch.Tensor, target: torch.Tensor, *, scale: float, coun
     n_true = target.sum(dim=(1, 2, 3)) / scale
     count = ((n_pred - n_true).abs() / torch.sqrt(n_true + 1.0)).mean()
     return mse + count_weight * count
+
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """An inference copy of ``net`` with every BatchNorm folded into the convolution before it.
+
+    Each ``Conv2d`` directly followed (among its parent's children) by a
+    ``BatchNorm2d`` with running statistics is replaced by the fused convolution
+    (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`); the BatchNorm by what it
+    applied after normalising (timm's ``BatchNormAct2d`` keeps its activation).
+    ``net`` itself is left untouched (it may still be trained); the copy is in
+    eval mode and gives the same outputs up to rounding.
+    """
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    out = copy.deepcopy(net).eval()
+
+    def fold(module: nn.Module) -> None:
+        names = list(module._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = module._modules[a], module._modules[b]
+            if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                module._modules[a] = fuse_conv_bn_eval(conv, bn)
+                rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+                        if m is not None and not isinstance(m, nn.Identity)]
+                module._modules[b] = nn.Sequential(*rest) if rest else nn.Identity()
+        for child in module.children():
+            fold(child)
+
+    fold(out)
+    return out

@@ -191,7 +191,8 @@ def segment_nuclei(plane: np.ndarray, params: ClassicParams | None = None) -> tu
     empty = np.zeros(plane.shape, np.int32), np.zeros(0)
     if not mask.any():
         return empty
-    pk = peak_local_max(seeds_img, min_distance=max(1, int(round(params.min_distance_px))), threshold_abs=thr,
+    floor = float(seeds_img[mask].min())  # every seed inside the mask is at least this bright
+    pk = peak_local_max(seeds_img, min_distance=max(1, int(round(params.min_distance_px))), threshold_abs=floor,
                         exclude_border=False).reshape(-1, 2)
     pk = pk[mask[pk[:, 0], pk[:, 1]]]
     if len(pk) == 0:
@@ -313,7 +314,7 @@ def estimate_diameter(
     channel_axis: Optional[int] = None,
     min_diameter: float = 4.0,
     max_diameter: float = 150.0,
-    max_pixels: int = 1024 * 1024,
+    max_pixels: int = 640 * 640,
 ) -> float:
     """Estimate the typical (median) cell diameter in pixels.
 

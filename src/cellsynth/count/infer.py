@@ -163,10 +163,28 @@ def density_peaks(
     return refined.astype(float), scores.astype(float)
 
 
+def _inference_net(counter: Counter):
+    """The counter's network with BatchNorm folded into the convolutions, made once per weights state."""
+    import torch
+
+    from ._nets import fold_batchnorm
+
+    net = counter.net
+    with torch.no_grad():
+        stamp = (id(net), float(sum(t.double().sum() for t in net.state_dict().values() if t.is_floating_point())))
+    cached = counter.extra.get("inference_net")
+    if cached is None or cached[0] != stamp:
+        fused = fold_batchnorm(net)
+        if counter.device is not None and counter.device.type == "cpu":
+            fused = fused.to(memory_format=torch.channels_last)
+        counter.extra["inference_net"] = cached = (stamp, fused)
+    return cached[1]
+
+
 def _run_batches(counter: Counter, tiles: list[np.ndarray], batch_size: int, progress, done: list, total: int):
     import torch
 
-    net = counter.net
+    net = _inference_net(counter)
     outs = []
     for i in range(0, len(tiles), batch_size):
         batch = np.stack(tiles[i:i + batch_size])[:, None]
@@ -330,7 +348,7 @@ def count_cells(
     >>> count_cells(np.zeros((8, 9)), model="classic", tile=100)
     Traceback (most recent call last):
     ...
-    ValueError: tile must be a multiple of 32 and at least 64, got 100
+    ValueError: tile must be a multiple of 32 from 64 to 4096, got 100
     """
     from .. import __version__
 
@@ -342,8 +360,8 @@ def count_cells(
         raise TypeError("image must be real-valued, got a complex array")
     if arr.ndim > 5:
         raise ValueError(f"image has {arr.ndim} dimensions (shape {arr.shape}); expected 2 to 5")
-    if int(tile) != tile or tile < 64 or tile % 32:
-        raise ValueError(f"tile must be a multiple of 32 and at least 64, got {tile!r}")
+    if int(tile) != tile or tile < 64 or tile % 32 or tile > 4096:
+        raise ValueError(f"tile must be a multiple of 32 from 64 to 4096, got {tile!r}")
     tile = int(tile)
     if overlap is None:
         overlap = tile // 8
@@ -376,6 +394,7 @@ def count_cells(
         work_shape = [max(1, int(round(s * factor))) for s in planes.shape[1:]]
         t_eff = counter.config.get("window", tile) if kind == "regression" else tile
         total = n_planes * _n_tiles(work_shape, kind, int(t_eff), overlap)
+    _check_memory(planes, factor, tile, batch_size, kind, n_planes)
     done = [0]
     for p, raw in enumerate(planes):
         plane = _normalize(raw, norm)
@@ -460,6 +479,23 @@ def count_cells(
         density_sum=float(np.sum(dens_sums)) if dens_sums else None,
         meta=meta,
     )
+
+
+def _check_memory(planes, factor, tile, batch_size, kind, n_planes) -> None:
+    """Refuse a count whose working arrays cannot fit in the memory free now (before allocating them)."""
+    from ..io import require_memory
+
+    rows, cols = planes.shape[1:]
+    work = float(rows * factor) * float(cols * factor)
+    # float32 copies of the plane at the input and the model scale, density, blending weights,
+    # labels; plus one batch of tiles with the network's activations (~64 floats per pixel).
+    need = 4.0 * (6 * rows * cols + 6 * work) + (4.0 * 64 * batch_size * tile * tile if kind != "classic" else 0)
+    if n_planes > 1:
+        need += 4.0 * rows * cols * n_planes  # the density of every plane is kept
+    hint = ("give the cell diameter in pixels (--diameter): the image is rescaled by "
+            f"{factor:.3g} to the model's scale" if factor > 4 else
+            "count a crop or a smaller image, or use a smaller --tile / --batch-size")
+    require_memory(need, what=f"counting {n_planes} plane(s) of {rows}x{cols} pixels", hint=hint)
 
 
 def _normalize(raw: np.ndarray, norm: dict) -> np.ndarray:

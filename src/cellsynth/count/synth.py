@@ -6,7 +6,9 @@ touching and elongation. The appearance is re-rendered to look like fluorescence
 nuclei (DAPI/Hoechst): per-cell brightness spread (dim and bright nuclei), dome-shaped
 or flat profiles with chromatin texture, optical blur, out-of-focus haze, background
 level, illumination gradients and vignetting, uncounted small debris, Poisson and
-read noise, gamma, saturation and 8-bit quantisation. A share of images keeps the
+read noise, gamma, saturation and 8-bit quantisation; elongated nuclei (aspect up to
+about 4), bright chromocentres (several maxima in one nucleus) and dim cytoplasm
+halos around some nuclei (uncounted). A share of images keeps the
 plain Syn-HC appearance. numpy/scipy only.
 """
 
@@ -87,7 +89,7 @@ def _layout(params: SynthParams, rng: np.random.Generator, plain: bool):
         clusters=(1, int(rng.integers(1, 9))),
         cluster_spread=float(rng.uniform(0.08, 0.6)),
         cell_size=d,
-        axis_jitter=float(rng.uniform(0.05, 0.35)),
+        axis_jitter=float(rng.uniform(0.05, 0.35) if rng.random() < 0.5 else rng.uniform(0.35, 0.6)),
         max_overlap=float(rng.uniform(0.0, 0.3)),
         max_tries=10,
         intensity=(150.0, 255.0) if plain else (255.0, 255.0),
@@ -129,9 +131,28 @@ def _render(layout, d: float, rng: np.random.Generator) -> np.ndarray:
         if tex > 0:
             noise = _smooth_noise(rng, shape, rng.uniform(0.6, max(0.7, d / 8)))
             cell *= np.clip(1.0 + tex * noise, 0.2, None)
+        # Bright chromocentres: a few small spots inside some nuclei (several maxima per nucleus).
+        if rng.random() < 0.5:
+            n_spots = int(rng.poisson(rng.uniform(0.5, 4.0) * k)) if k else 0
+            if n_spots:
+                pick = rng.integers(0, len(rr), n_spots)
+                spots = np.zeros(shape, np.float32)
+                spots[rr[pick], cc[pick]] = rng.uniform(0.5, 2.0, n_spots) * lut[labels[rr[pick], cc[pick]]]
+                s = rng.uniform(0.6, max(0.7, d / 10))
+                cell += gaussian_filter(spots, s) * (2 * np.pi * s * s) * rng.uniform(0.2, 0.6)
     blur = rng.uniform(0.3, max(0.35, 0.15 * d))
     cell = gaussian_filter(cell, blur)
     img = cell.copy()
+    # Dim cytoplasm around some nuclei (uncounted halo of irregular extent).
+    if k and rng.random() < 0.4:
+        from scipy.ndimage import grey_dilation
+
+        reach = max(1, int(round(rng.uniform(0.2, 0.8) * d)))
+        grown = grey_dilation(labels, size=(2 * reach + 1, 2 * reach + 1))
+        halo = (grown > 0) & ~inside
+        level = np.concatenate([[0.0], rng.uniform(0.03, 0.2, k) * bright]).astype(np.float32)
+        rough = np.clip(1.0 + 0.5 * _smooth_noise(rng, shape, max(1.0, d / 4)), 0.0, None)
+        img += gaussian_filter(np.where(halo, level[grown] * rough, 0.0).astype(np.float32), max(0.5, d / 10))
     # Out-of-focus haze around nuclei.
     if rng.random() < 0.5:
         img += rng.uniform(0.0, 0.25) * gaussian_filter(cell, rng.uniform(d / 2, 2 * d))

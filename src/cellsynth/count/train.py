@@ -475,7 +475,7 @@ def train_counter(
                                     weight=torch.from_numpy(mw).to(dev))
             if not bool(torch.isfinite(loss)):
                 raise ValueError(
-                    f"training diverged: the loss became {float(loss)} at epoch {epoch}, step {step} (learning "
+                    f"training diverged: the loss became {float(loss.detach())} at epoch {epoch}, step {step} (learning "
                     f"rate {_lr_at(cfg, epoch):g}); try a smaller --lr (the best model of earlier epochs, if any, stays in --out)"
                 )
             opt.zero_grad(set_to_none=True)

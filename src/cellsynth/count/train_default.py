@@ -1,8 +1,17 @@
 """Train the default density counter shipped in ``resources/models/counter-default``.
 
-Reproduce it with::
+The shipped model was made in two stages (see its README): stage 1 is the
+previous default model (this script at git revision 01d2b0f, 40 minutes from
+random initialisation, on the appearance model of that revision); stage 2
+fine-tunes it on today's richer appearance model::
 
-    python -m cellsynth.count.train_default --out resources/models/counter-default
+    git show 01d2b0f:resources/models/counter-default/model.safetensors > stage1/model.safetensors
+    git show 01d2b0f:resources/models/counter-default/config.json > stage1/config.json
+    python -m cellsynth.count.train_default --out resources/models/counter-default --init stage1 \
+        --minutes 45 --lr 1e-3        # then the same with --resume --minutes 75 (budget extended)
+
+The saved config also carries the default :class:`~cellsynth.count.objects.ObjectParams`:
+counting reconciles the network's peaks with the image's foreground objects.
 
 Training data are generated on the fly: Syn-HC layouts (clustered, touching and
 overlapping ellipses, 9-24 px cells, from empty to densely packed) rendered with
@@ -33,6 +42,7 @@ import numpy as np
 
 from .. import io
 from .models import counter_config, save_counter
+from .objects import ObjectParams
 from .synth import SynthParams, synthetic_nuclei
 from .targets import density_target, random_crop
 
@@ -93,6 +103,7 @@ def train_default(
     resume: bool = False,
     threads: Optional[int] = None,
     checkpoint_dir: Optional[str | Path] = None,
+    init: Optional[str | Path] = None,
 ) -> dict:
     """Train the default counter; returns the best held-out metrics. See the module docstring."""
     import torch
@@ -103,10 +114,18 @@ def train_default(
         torch.set_num_threads(int(threads))
     out = Path(out)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoint"
-    cfg = counter_config("density", backbone=backbone, blocks=blocks)
+    cfg = counter_config("density", backbone=backbone, blocks=blocks, objects=ObjectParams().to_dict())
     params = SynthParams(shape=(256, 256))
     torch.manual_seed(seed)
     net = build_net(cfg).to(memory_format=torch.channels_last)
+    if init is not None and not resume:
+        from .models import load_counter
+
+        start = load_counter(init, device="cpu")
+        if start.config.get("kind") != "density" or start.config.get("blocks") != blocks:
+            raise ValueError(f"--init {init} is not a density counter with {blocks} blocks")
+        net.load_state_dict({k: v.float() for k, v in start.net.state_dict().items()})
+        print(f"starting from the weights of {init} ({start.sha256})", flush=True)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     state = {"epoch": 0, "elapsed": 0.0, "best_mae": math.inf, "history": [], "steps": 0}
     if resume and (ckpt_dir / "state.json").is_file():
@@ -117,6 +136,9 @@ def train_default(
         state = io.read_json(ckpt_dir / "state.json")
         print(f"resumed at epoch {state['epoch']} ({state['elapsed'] / 60:.1f} min done)", flush=True)
     rng = np.random.default_rng([seed, state["epoch"]])
+    command = "python -m cellsynth.count.train_default --out resources/models/counter-default"
+    if init is not None:
+        command += f" --init {init} --minutes {minutes:g} --lr {lr:g}"
     val = held_out_set(n_val, seed=seed)
     budget = minutes * 60.0
     start = time.time() - state["elapsed"]
@@ -151,6 +173,8 @@ def train_default(
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+        if not losses:  # the budget ran out before this epoch's first step
+            break
         metrics = evaluate_images(net, val, cfg)
         state["epoch"] = epoch
         state["steps"] = state.get("steps", 0) + len(losses)
@@ -173,7 +197,8 @@ def train_default(
             final = dict(cfg)
             final["name"] = "counter-default"
             final["training"] = {
-                "command": "python -m cellsynth.count.train_default --out resources/models/counter-default",
+                "command": command,
+                "init": None if init is None else str(init),
                 "data": f"synthetic nuclei (cellsynth.count.synth.SynthParams defaults), 256x256, random {crop}x{crop} crops",
                 "seed": seed, "epoch": epoch, "steps": state["steps"], "minutes": round(state["elapsed"] / 60, 2),
                 "budget_minutes": minutes, "threads": torch.get_num_threads(), "crop": crop, "lr": lr,
@@ -204,12 +229,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--checkpoint-dir", default=None, help="per-epoch checkpoint folder (default OUT/checkpoint)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint folder")
+    ap.add_argument("--init", default=None, help="start from this density counter's weights (a model folder)")
     a = ap.parse_args(argv)
     train_default(
         a.out, minutes=a.minutes, seed=a.seed, batch_size=a.batch_size, crop=a.crop,
         steps_per_epoch=a.steps_per_epoch, pool=a.pool, n_val=a.val, lr=a.lr, backbone=a.backbone,
         blocks=a.blocks, max_epochs=a.max_epochs, resume=a.resume, threads=a.threads,
-        checkpoint_dir=a.checkpoint_dir,
+        checkpoint_dir=a.checkpoint_dir, init=a.init,
     )
     return 0
 
