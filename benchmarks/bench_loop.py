@@ -2,7 +2,7 @@
 
 For each image set:
 
-1. ``base``: the default counter as ``cellsynth count IMAGE`` runs it (no diameter);
+1. ``base``: the default counter as ``cellsynth count IMAGE`` runs it (diameter estimated);
 2. ``adapted``: :func:`cellsynth.adapt.adapt_counter` on the set's images (no
    labels), counted as ``cellsynth count IMAGE --model DIR`` runs it (with the
    diameter only when the report says the counter needs one);
@@ -62,8 +62,9 @@ def synthetic_set(n: int, diameter: float = 20.0, seed: int = 4242):
     return names, images, points
 
 
-def _counts(images, counter, diameter=None):
-    return [int(len(count_cells(im, counter=counter, diameter=diameter).points)) for im in images]
+def _counts(images, counter, diameter="auto"):
+    """Counts as ``cellsynth count IMAGE [--diameter D]`` gives them (the diameter estimated by default)."""
+    return [int(count_cells(im, counter=counter, diameter=diameter if diameter else "auto").count) for im in images]
 
 
 def _rel(counts, truth):

@@ -258,3 +258,12 @@ def test_bad_ground_truth_is_refused(tmp_path):
     io.write_tiff(tmp_path / "a_labels.tif", np.ones((32, 40), np.float32))
     with pytest.raises(TypeError, match="integer labels"):
         load_count_data(tmp_path)
+
+
+def test_training_that_cannot_fit_in_memory_is_refused_before_loading(tmp_path, capsys):
+    from cellsynth.cli import main
+
+    with pytest.raises(ValueError, match="needs about .* --crop or --batch-size"):
+        train_counter([(np.zeros((64, 64)), [[3.0, 3.0]])], config=TrainConfig(crop=4096), device="cpu")
+    assert main(["train-counter", str(tmp_path / "missing"), "--out", str(tmp_path / "m"), "--crop", "4096"]) == 2
+    assert not (tmp_path / "m").exists()

@@ -47,8 +47,8 @@ class CountWidget(QWidget):
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=self._image_layers)
         self.model = ComboBox(label="model", choices=model_choices, value="default",
-                              tooltip="default: the shipped density counter; classic: Laplacian-of-Gaussian "
-                                      "peaks, no weights; then the counters adapted or retrained here; "
+                              tooltip="default: the shipped density counter; classic: seeded watershed in an "
+                                      "Otsu mask, no weights; then the counters adapted or retrained here; "
                                       "file: a counter you trained")
         self.model_file = FileEdit(label="model file", mode="r", filter="*.safetensors *.json", visible=False)
         self.diameter = DiameterField()

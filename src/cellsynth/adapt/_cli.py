@@ -6,27 +6,13 @@ go to stderr. The report is also written beside the model (``adapt_report.json``
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from .. import io
+from ..count._cli import _diameter, _positive_float
 
 __all__ = ["register"]
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
-def _diameter(text: str):
-    return "auto" if text == "auto" else _positive_float(text)
 
 
 def _common(p) -> None:

@@ -480,7 +480,7 @@ def adapt_counter(
     t = lap("check_before", t)
 
     # 6. fine-tune for the time left, keeping enough for the check, the counts after and the write
-    reserve = 1.5 * (seconds["count_before"] + seconds["check_before"]) + 3.0
+    reserve = 2.0 * (seconds["count_before"] + seconds["check_before"]) + 5.0
     train_seconds = max(0.0, minutes * 60.0 - (time.perf_counter() - t_start) - reserve)
     train = [make_item(img, cen, config) for img, cen in layouts]
     user = [Item(pl, None) for pl in user_planes]

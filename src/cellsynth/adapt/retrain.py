@@ -282,7 +282,7 @@ def retrain_counter(
     t = lap("check_before", t)
 
     # 6. fine-tune
-    reserve = 1.5 * (seconds["count_before"] + seconds["check_before"]) + 3.0
+    reserve = 2.0 * (seconds["count_before"] + seconds["check_before"]) + 5.0
     train_seconds = max(0.0, minutes * 60.0 - (time.perf_counter() - t_start) - reserve)
     net = copy.deepcopy(base_net).train()
     net, info = finetune(net, _retrain_sampler(user, work_boxes, replay, p), seconds=train_seconds,

@@ -1,4 +1,4 @@
-"""Cell counting: density and regression counters on EfficientNet, a classic LoG counter,
+"""Cell counting: density and regression counters on EfficientNet, a classic seeded-watershed counter,
 tiled inference on images of any size, training strategies and evaluation.
 
 Importing this package does not import torch or timm; they are imported by the

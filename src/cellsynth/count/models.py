@@ -3,7 +3,7 @@
 A trained counter is a folder with ``model.safetensors`` (the state dict) and
 ``config.json`` (what to build and how to run it). :func:`load_counter` turns
 ``"default"`` (the model shipped in ``resources/models/counter-default``),
-``"classic"`` (no weights, Laplacian-of-Gaussian peaks), a folder, a
+``"classic"`` (no weights, seeded watershed in an Otsu mask), a folder, a
 ``.safetensors`` file or a foreign ``.pt``/``.pth`` state dict (read with
 ``torch.load(weights_only=True)``, never unpickling code) into a :class:`Counter`.
 
@@ -84,7 +84,7 @@ class Counter:
     ----------
     kind : {"density", "regression", "classic"}
         ``density`` gives a density map and points, ``regression`` one count per
-        window (no positions), ``classic`` points from Laplacian-of-Gaussian peaks.
+        window (no positions), ``classic`` points from a seeded watershed in an Otsu mask.
     name : str
         ``"default"``, ``"classic"`` or the model path.
     config : dict

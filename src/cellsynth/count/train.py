@@ -280,6 +280,18 @@ def _pseudo_label_batch(batcher: _Batcher, teacher, counter_cfg: dict, device, d
     return np.stack(xs)[:, None], np.stack(ys)[:, None], np.array(ws, np.float32)
 
 
+def _check_training_memory(cfg: TrainConfig) -> None:
+    """Refuse a run whose batches cannot fit in the memory free now, before loading anything."""
+    from ..io import require_memory
+
+    # Activations kept for the backward pass: a few hundred floats per input pixel for the
+    # EfficientNet stages and the decoder; twice that with the pseudo-label batches.
+    per_pixel = 4.0 * (300 if cfg.kind == "density" else 200) * (2 if cfg.strategy == "pseudo-label" else 1)
+    require_memory(per_pixel * cfg.batch_size * cfg.crop * cfg.crop,
+                   what=f"training on batches of {cfg.batch_size} crops of {cfg.crop}x{cfg.crop}",
+                   hint="use a smaller --crop or --batch-size")
+
+
 def _pretrained_file(source: str) -> tuple[str, dict]:
     """The weights file behind ``"imagenet"`` or a path, and its provenance."""
     from ..weights import REGISTRY, file_sha256, resolve
@@ -365,6 +377,7 @@ def train_counter(
     cfg = config or TrainConfig()
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
+    _check_training_memory(cfg)
     # 1. model config and initial weights
     start_counter = None
     if init is not None:
