@@ -210,3 +210,15 @@ def test_demo_model_beats_a_linear_baseline_on_held_out_pairs():
         base_pcc.append(stain_metrics(base, target)["average"]["pcc"])
     assert np.mean(model_pcc) >= 0.85
     assert np.mean(model_pcc) > np.mean(base_pcc) + 0.1
+
+
+def test_a_field_too_large_for_memory_is_refused_before_denoising(pipe, monkeypatch):
+    import psutil
+
+    calls = []
+    monkeypatch.setattr(pipe, "make_scheduler", lambda *a, **k: calls.append(1))
+    small = psutil.virtual_memory()._replace(available=100_000)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
+    with pytest.raises(ValueError, match="staining a 24 x 28 field .* needs about"):
+        pipe(bf())
+    assert not calls

@@ -129,6 +129,8 @@ class Counter:
 
 
 def _state_dict_from_file(path: Path) -> dict:
+    io.require_memory(2.0 * path.stat().st_size, what=f"loading the weights in {path}",
+                      hint="is this really a counter? the shipped one is under 1 MB")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

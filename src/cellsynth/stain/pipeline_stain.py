@@ -157,6 +157,18 @@ class StainPipeline:
             report(progress, "denoise", i + 1, len(timesteps), f"round {round_i + 1}/{rounds}: step {i + 1}/{len(timesteps)}")
         return y, len(timesteps)
 
+    def _check_memory(self, planes: int, m: int, n: int, params: StainParams) -> None:
+        """Refuse a field of view whose full-size arrays cannot fit in the memory free now."""
+        from ..io import require_memory
+
+        c = self.config.n_target
+        # float32 full-size arrays: condition, noise, sample, model output, blend weights, the
+        # scheduler's copies and the result (about 6 per target channel), plus one batch of tiles.
+        tile = params.tile or self.config.sample_size
+        need = 4.0 * m * n * (planes + 6 * c + 2) + 4.0 * 64 * (planes + c) * tile * tile
+        require_memory(need, what=f"staining a {m} x {n} field of view into {c} channels",
+                       hint="stain a crop or tiles of the image one at a time")
+
     def tile_size(self, params: StainParams, shape) -> int:
         tile = params.tile or self.config.sample_size
         f = self.config.factor
@@ -207,6 +219,7 @@ class StainPipeline:
         x = self._check(brightfield)
         m, n = x.shape[1:]
         cfg = self.config
+        self._check_memory(x.shape[0], m, n, params)
         if masks is not None:
             masks = np.asarray(masks)
             if masks.shape != (cfg.n_target, m, n):
