@@ -148,3 +148,11 @@ def test_paper_statistics_hold_on_a_sample():
     assert abs(counts.mean() - 101.32) < 0.15 * 101.32
     assert abs(counts.std() - 76.43) < 0.2 * 76.43
     assert counts.max() <= 600
+
+
+def test_a_cell_larger_than_the_image_is_refused_not_allocated():
+    from cellsynth.layouts import LayoutParams
+
+    with pytest.raises(ValueError, match="cell_size .* must not exceed twice the image's longer side"):
+        LayoutParams(shape=(64, 64), cell_size=1e6)
+    assert LayoutParams(shape=(64, 64), cell_size=128).cell_size == 128

@@ -100,6 +100,11 @@ class LayoutParams:
             raise ValueError(
                 f"count_min ({self.count_min}) must not exceed count_max ({self.count_max})"
             )
+        if self.cell_size > 2 * max(self.shape):
+            raise ValueError(
+                f"cell_size ({self.cell_size:g} px) must not exceed twice the image's longer side "
+                f"({2 * max(self.shape)} px for shape {tuple(self.shape)})"
+            )
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (tuples become lists)."""
