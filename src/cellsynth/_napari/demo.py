@@ -26,18 +26,22 @@ def open_viewer(*, seed: int = 0, show: bool = True):
 
 def run_demo(*, screenshot: Optional[str] = None, seed: int = 0) -> int:
     """Open the demo window; with ``screenshot``, save the drawn window to that PNG and exit."""
+    out = Path(screenshot) if screenshot is not None else None
+    if out is not None and out.exists():
+        raise FileExistsError(f"{out} already exists; choose another screenshot path")
+    return show_or_screenshot(open_viewer(seed=seed, show=True), out, size=(1400, 900))
+
+
+def show_or_screenshot(viewer, out: Optional[Path], *, size: tuple[int, int]) -> int:
+    """Run napari with ``viewer``; with ``out``, save the drawn window (``size``) to that PNG and exit."""
     import napari
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    out = Path(screenshot) if screenshot is not None else None
-    if out is not None and out.exists():
-        raise FileExistsError(f"{out} already exists; choose another screenshot path")
-    viewer = open_viewer(seed=seed, show=True)
     if out is None:
         napari.run()
         return 0
-    viewer.window.resize(1400, 900)
+    viewer.window.resize(*size)
     app = QApplication.instance()
 
     def shoot() -> None:

@@ -43,34 +43,14 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cellsynth._napari.loop_demo", description=__doc__.split("\n")[0])
     parser.add_argument("--screenshot", type=Path, help="save the window to this PNG and exit")
     args = parser.parse_args(argv)
-    import napari
-    from qtpy.QtCore import QTimer
-    from qtpy.QtWidgets import QApplication
+    from .demo import show_or_screenshot
 
     out = args.screenshot
     if out is not None and out.exists():
         print(f"{out} already exists; choose another screenshot path", file=sys.stderr)
         return 2
     viewer, _ = open_loop_viewer(show=True)
-    if out is None:
-        napari.run()
-        return 0
-    viewer.window.resize(1400, 1000)
-    app = QApplication.instance()
-
-    def shoot() -> None:
-        for _ in range(20):
-            app.processEvents()
-        viewer.reset_view()
-        app.processEvents()
-        viewer.screenshot(str(out), canvas_only=False)
-        viewer.close()
-        app.quit()
-
-    QTimer.singleShot(1500, shoot)
-    napari.run()
-    print(f"screenshot saved to {out}")
-    return 0
+    return show_or_screenshot(viewer, out, size=(1400, 1000))
 
 
 if __name__ == "__main__":

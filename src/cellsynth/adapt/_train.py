@@ -168,6 +168,8 @@ def finetune(
     """
     import torch
 
+    from ..count._nets import ema_update
+
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     net.train()
@@ -199,12 +201,7 @@ def finetune(
         loss.backward()
         opt.step()
         if teacher is not None:
-            with torch.no_grad():
-                for pt, ps in zip(teacher.state_dict().values(), net.state_dict().values()):
-                    if pt.dtype.is_floating_point:
-                        pt.mul_(ema).add_(ps.detach(), alpha=1 - ema)
-                    else:
-                        pt.copy_(ps)
+            ema_update(teacher, net, ema)
         losses.append(float(loss.detach()))
         step += 1
         per = (time.perf_counter() - t0) / step

@@ -71,13 +71,11 @@ def component_diameter(plane: np.ndarray, *, min_diameter: float = 3.0) -> tuple
 def estimate_image_stats(image: np.ndarray, *, diameter: Union[float, str] = "auto") -> dict:
     """Estimate the nucleus size and density of one unlabelled image.
 
-    The diameter combines two estimates: the median equivalent diameter of
-    compact bright objects (:func:`component_diameter`, close to what a person
-    measures on sparse images) and the scale-space LoG estimate
-    (:func:`~cellsynth.count.estimate_diameter`, robust on crowded ones). The
-    object estimate is used when the two agree within a factor of 1.6,
-    otherwise the LoG one. The count estimate is the classic LoG counter's at
-    that diameter.
+    The diameter is :func:`~cellsynth.count.estimate_diameter`'s, the one
+    ``count_cells(diameter="auto")`` uses, so an adapted counter's scale and the
+    counting scale agree; the median equivalent diameter of compact bright
+    objects (:func:`component_diameter`) stands in where it finds nothing. The
+    count estimate is the classic counter's at that diameter.
 
     Parameters
     ----------
@@ -89,8 +87,8 @@ def estimate_image_stats(image: np.ndarray, *, diameter: Union[float, str] = "au
     Returns
     -------
     dict
-        ``diameter`` (px), ``diameter_objects`` and ``diameter_log`` (the two
-        estimates, None when unavailable), ``count_estimate`` (cells),
+        ``diameter`` (px), ``diameter_objects`` and ``diameter_estimate`` (the
+        two estimates, None when unavailable), ``count_estimate`` (cells),
         ``density`` (cells per 1e4 px^2), ``foreground_fraction``,
         ``n_objects``, ``shape``.
 
@@ -114,16 +112,16 @@ def estimate_image_stats(image: np.ndarray, *, diameter: Union[float, str] = "au
     plane = _plane(image)
     d_obj, n_obj, fg = component_diameter(plane)
     try:
-        d_log = float(estimate_diameter(plane))
+        d_est = float(estimate_diameter(plane))
     except ValueError:
-        d_log = float("nan")
+        d_est = float("nan")
     if isinstance(diameter, str):
         if diameter != "auto":
             raise ValueError(f"diameter must be a positive number of pixels or 'auto', got {diameter!r}")
-        if np.isfinite(d_obj) and (not np.isfinite(d_log) or 1 / 1.6 < d_obj / d_log < 1.6):
+        if np.isfinite(d_est):
+            d = d_est
+        elif np.isfinite(d_obj):
             d = d_obj
-        elif np.isfinite(d_log):
-            d = d_log
         else:
             raise ValueError("could not estimate a cell diameter: no cell-like objects in the image; give diameter=")
     else:
@@ -135,7 +133,7 @@ def estimate_image_stats(image: np.ndarray, *, diameter: Union[float, str] = "au
     return {
         "diameter": float(d),
         "diameter_objects": d_obj if np.isfinite(d_obj) else None,
-        "diameter_log": d_log if np.isfinite(d_log) else None,
+        "diameter_estimate": d_est if np.isfinite(d_est) else None,
         "count_estimate": n,
         "density": float(n / plane.size * 1e4),
         "foreground_fraction": float(fg),

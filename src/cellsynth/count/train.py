@@ -372,7 +372,7 @@ def train_counter(
     import torch
 
     from ..device import resolve_device
-    from ._nets import build_net
+    from ._nets import build_net, ema_update
 
     cfg = config or TrainConfig()
     if not isinstance(cfg, TrainConfig):
@@ -495,12 +495,7 @@ def train_counter(
             loss.backward()
             opt.step()
             if teacher is not None:
-                with torch.no_grad():
-                    for pt, ps in zip(teacher.state_dict().values(), net.state_dict().values()):
-                        if pt.dtype.is_floating_point:
-                            pt.mul_(cfg.ema).add_(ps.detach(), alpha=1 - cfg.ema)
-                        else:
-                            pt.copy_(ps)
+                ema_update(teacher, net, cfg.ema)
             losses.append(float(loss.detach()))
             last = state["history"][-1] if state["history"] else {}
             msg = f"epoch {epoch}/{cfg.epochs} loss {np.mean(losses):.4f}"
