@@ -43,6 +43,9 @@ def test_default_model_is_small_documented_and_fp16(default):
     cfg = default.config
     assert default.kind == "density" and cfg["dtype"] == "float16" and default.diameter == 15.0
     assert "train_default" in cfg["training"]["command"] and len(default.sha256) == 64
+    from cellsynth.count.objects import ObjectParams
+
+    assert ObjectParams(**cfg["objects"]) == ObjectParams()  # points reconciled with foreground objects
 
 
 def test_default_counts_held_out_layouts_within_5_percent(default):
