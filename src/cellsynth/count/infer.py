@@ -291,6 +291,8 @@ def count_cells(
     overlap: Optional[int] = None,
     batch_size: int = 8,
     progress: Optional[ProgressCallback] = None,
+    percentiles: Optional[tuple[float, float, float]] = None,
+    foreground: Optional[float] = None,
 ) -> CountResult:
     """Count cells in a 2D image, a multichannel image or a stack of planes.
 
@@ -326,6 +328,14 @@ def count_cells(
     progress : ProgressCallback, optional
         Called once per batch of tiles (stage ``"tiles"``), or per plane for the
         classic counter (stage ``"planes"``); may raise ``Cancelled``.
+    percentiles : tuple of 3 float, optional
+        Intensity percentiles ``(low, high, 99.99)`` of the counter's normalisation
+        computed elsewhere, e.g. once over a large image counted in tiles
+        (:mod:`cellsynth.batch`); default: from each plane.
+    foreground : float, optional
+        Foreground threshold of the smoothed normalised plane (objects
+        reconciliation, classic counter) computed elsewhere likewise; default:
+        Otsu's threshold of each plane.
 
     Returns
     -------
@@ -397,11 +407,13 @@ def count_cells(
     _check_memory(planes, factor, tile, batch_size, kind, n_planes)
     done = [0]
     for p, raw in enumerate(planes):
-        plane = _normalize(raw, norm)
+        plane = _normalize(raw, norm, percentiles)
         if kind == "classic":
             d_used = diameter if diameter is not None else _safe_estimate(plane, counter.diameter)
             cp = dict(counter.config.get("classic", {}))
             cp["diameter"] = d_used
+            if foreground is not None:
+                cp["threshold"] = float(foreground)
             pts, sc = classic_peaks(plane, ClassicParams(**cp))
             per_plane.append(float(len(pts)))
             report(progress, "planes", p + 1, n_planes)
@@ -431,7 +443,7 @@ def count_cells(
                     dens = back * (total_p / s) if s > 0 else back
                 if objects is not None:
                     pts, sc = reconcile_with_objects(plane, pts, sc, dens, diameter=counter.diameter / factor,
-                                                     params=objects)
+                                                     params=objects, threshold=foreground)
                 per_plane.append(len(pts))
                 dens_out.append(dens.astype(np.float32))
             else:
@@ -498,10 +510,10 @@ def _check_memory(planes, factor, tile, batch_size, kind, n_planes) -> None:
     require_memory(need, what=f"counting {n_planes} plane(s) of {rows}x{cols} pixels", hint=hint)
 
 
-def _normalize(raw: np.ndarray, norm: dict) -> np.ndarray:
+def _normalize(raw: np.ndarray, norm: dict, percentiles=None) -> np.ndarray:
     """The counter's input scaling: robust percentiles (default) or fixed ``(x / range - mean) / std``."""
     if norm.get("mode") != "fixed":
-        return normalize_image(raw, low=norm.get("low", 1.0), high=norm.get("high", 99.8))
+        return normalize_image(raw, low=norm.get("low", 1.0), high=norm.get("high", 99.8), percentiles=percentiles)
     x = np.asarray(raw)
     if not np.all(np.isfinite(x)):
         raise ValueError("image contains NaN or infinite values; replace them before counting")

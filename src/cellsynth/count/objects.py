@@ -70,6 +70,7 @@ def reconcile_with_objects(
     *,
     diameter: float,
     params: ObjectParams | None = None,
+    threshold: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One point per nucleus-sized foreground object, the network's peaks in larger ones.
 
@@ -86,6 +87,9 @@ def reconcile_with_objects(
     diameter : float
         Nucleus diameter in ``plane``'s pixels.
     params : ObjectParams, optional
+    threshold : float, optional
+        Foreground threshold of the smoothed plane when computed elsewhere (e.g.
+        once over a large image counted in tiles); by default Otsu's of ``plane``.
 
     Returns
     -------
@@ -116,7 +120,8 @@ def reconcile_with_objects(
     scores = np.asarray(scores, float).reshape(-1)
     sigma = max(0.5, params.outline_sigma * diameter)
     smooth = gaussian_filter(plane, sigma)
-    mask = smooth > foreground_threshold(plane, smooth, sigma=sigma)
+    thr = foreground_threshold(plane, smooth, sigma=sigma) if threshold is None else float(threshold)
+    mask = smooth > thr
     labels, k = label(mask)
     if k == 0:
         keep = scores >= params.keep_outside

@@ -12,7 +12,8 @@ import numpy as np
 __all__ = ["normalize_image", "split_planes", "rescale_plane"]
 
 
-def normalize_image(image: np.ndarray, *, low: float = 1.0, high: float = 99.8, clip: float = 5.0) -> np.ndarray:
+def normalize_image(image: np.ndarray, *, low: float = 1.0, high: float = 99.8, clip: float = 5.0,
+                    percentiles: Optional[tuple[float, float, float]] = None) -> np.ndarray:
     """Robust percentile normalisation of one plane to float32.
 
     ``(image - p_low) / (p_high - p_low)``, where the range is at least a fifth of
@@ -27,6 +28,9 @@ def normalize_image(image: np.ndarray, *, low: float = 1.0, high: float = 99.8, 
         Percentiles mapped to 0 and 1.
     clip : float
         Upper clip of the result.
+    percentiles : tuple of 3 float, optional
+        The image's ``(p_low, p_high, p99.99)`` when computed elsewhere (e.g. once
+        over a large image counted in tiles); by default from ``image`` itself.
 
     Returns
     -------
@@ -56,9 +60,12 @@ def normalize_image(image: np.ndarray, *, low: float = 1.0, high: float = 99.8, 
     x = x.astype(np.float32, copy=False)
     if not np.all(np.isfinite(x)):
         raise ValueError("image contains NaN or infinite values; replace them before counting")
-    step = max(1, int(np.sqrt(x.size / 1_000_000)))
-    sample = x[::step, ::step] if x.ndim == 2 else x.ravel()[:: step * step]
-    lo, hi, top = np.percentile(sample, [low, high, 99.99])
+    if percentiles is None:
+        step = max(1, int(np.sqrt(x.size / 1_000_000)))
+        sample = x[::step, ::step] if x.ndim == 2 else x.ravel()[:: step * step]
+        lo, hi, top = np.percentile(sample, [low, high, 99.99])
+    else:
+        lo, hi, top = (float(v) for v in percentiles)
     hi = max(hi, lo + 0.2 * (top - lo))
     if hi - lo <= 1e-12:
         return np.zeros(x.shape, np.float32)
