@@ -47,6 +47,7 @@ def load_pipeline(
     offline: Optional[bool] = None,
     progress: Optional[ProgressCallback] = None,
     cache: bool = True,
+    config: os.PathLike | str | None = None,
 ):
     """An :class:`~cellsynth.stylize.InSTPipeline` ready on `device`.
 
@@ -55,8 +56,10 @@ def load_pipeline(
     model : path-like or str
         A diffusers Stable Diffusion v1 folder (one saved by ``save_pretrained``
         may already hold ``image_encoder``), a single-file checkpoint
-        (``.ckpt``/``.safetensors``), or a registry name (default ``"sd-v1-4"``,
-        the weights of the paper; downloaded on first use with progress).
+        (``.ckpt``/``.safetensors``, the format of the official InST setup; read
+        offline with the pinned v1.4 configs, a Lightning ``.ckpt`` through a
+        restricted unpickler), or a registry name (default ``"sd-v1-4"``, the
+        weights of the paper; downloaded on first use with progress).
     image_encoder : path-like or str
         CLIP image encoder folder or registry name, used when `model` has none.
     device : str
@@ -69,25 +72,33 @@ def load_pipeline(
         Download progress.
     cache : bool
         Keep the pipeline for later calls with the same arguments.
+    config : path-like, optional
+        For a single-file `model`: a diffusers folder whose configs describe it
+        (default :func:`cellsynth.weights.sd_v1_config_dir`, SD v1.4). The
+        tokenizer comes from its ``tokenizer`` folder, else from `image_encoder`'s
+        folder (CLIP ViT-L/14 carries the tokenizer of SD v1).
 
     Raises
     ------
     cellsynth.weights.WeightsNotFoundError
         Weights missing and not downloadable (the message says how to provide them).
     ValueError
-        Unknown model name, or a folder that is not a Stable Diffusion pipeline.
+        Unknown model name, a folder that is not a Stable Diffusion pipeline, or
+        a single file that is not a Stable Diffusion v1 checkpoint (or names code
+        to run when unpickled).
     """
     from ..device import default_dtype, resolve_device
     from ..weights import resolve
 
     dev = resolve_device(device)
     torch_dtype = default_dtype(dev, prefer=dtype)
-    key = (os.fspath(model), os.fspath(image_encoder), str(dev), str(torch_dtype))
+    key = (os.fspath(model), os.fspath(image_encoder), str(dev), str(torch_dtype),
+           None if config is None else os.fspath(config))
     with _LOCK:
         if cache and key in _CACHE:
             return _CACHE[key]
     path = resolve(model, offline=offline, progress=progress)
-    pipe = _load(path, image_encoder, torch_dtype, offline, progress)
+    pipe = _load(path, image_encoder, torch_dtype, offline, progress, config)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     if cache:
@@ -96,7 +107,7 @@ def load_pipeline(
     return pipe
 
 
-def _load(path: Path, image_encoder, torch_dtype, offline, progress):
+def _load(path: Path, image_encoder, torch_dtype, offline, progress, config=None):
     from diffusers import DDIMScheduler
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -109,6 +120,7 @@ def _load(path: Path, image_encoder, torch_dtype, offline, progress):
                              f"{' or '.join(_SINGLE_FILE_SUFFIXES)} file")
     elif not (path / "model_index.json").is_file():
         raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    state = _read_sd_v1(path) if path.is_file() else None  # checked before anything else is loaded
     extra = {"safety_checker": None, "requires_safety_checker": False, "dtype": torch_dtype}
     has_encoder = path.is_dir() and (path / "image_encoder" / "config.json").is_file()
     if not has_encoder:
@@ -117,8 +129,67 @@ def _load(path: Path, image_encoder, torch_dtype, offline, progress):
         if not (path.is_dir() and (path / "feature_extractor").is_dir()):
             extra["feature_extractor"] = CLIPImageProcessor.from_pretrained(enc_path)
     if path.is_file():
-        pipe = InSTPipeline.from_single_file(str(path), **extra)
+        pipe = _from_single_file(path, state, extra, torch_dtype, config, image_encoder, offline, progress)
     else:
         pipe = InSTPipeline.from_pretrained(path, **extra)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **INST_SCHEDULER_CONFIG)
     return pipe
+
+
+_UNET_PREFIX, _TEXT_PREFIX = "model.diffusion_model.", "cond_stage_model.transformer."
+
+
+def _read_sd_v1(path: Path) -> dict:
+    """The state dict of a single-file SD v1 checkpoint, read without running code, its layout checked."""
+    from ..weights import read_state_dict
+
+    state = read_state_dict(path)
+    if not any(k.startswith(_UNET_PREFIX) for k in state):
+        raise ValueError(f"{path} is not a Stable Diffusion checkpoint: it has no {_UNET_PREFIX}* weights")
+    if not any(k.startswith(_TEXT_PREFIX) for k in state):
+        raise ValueError(f"{path} is not a Stable Diffusion v1 checkpoint: it has no CLIP text encoder "
+                         f"({_TEXT_PREFIX}*); SD 2.x and SDXL checkpoints are not supported (InST uses SD v1)")
+    return state
+
+
+def _from_single_file(path: Path, state: dict, extra: dict, torch_dtype, config, image_encoder, offline,
+                      progress):
+    """An InST pipeline from an original (LDM-layout) SD v1 checkpoint, offline.
+
+    diffusers converts each component from the state dict with the configs of
+    `config` (no hub access); the text encoder is the CLIP text transformer under
+    ``cond_stage_model.transformer.``.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ..weights import resolve, sd_v1_config_dir
+    from .pipeline_inst import InSTPipeline
+
+    cfg = Path(config) if config is not None else sd_v1_config_dir()
+    if not (cfg / "unet" / "config.json").is_file():
+        raise ValueError(f"{cfg} is not a diffusers config folder (no unet/config.json)")
+    common = dict(config=str(cfg), local_files_only=True, torch_dtype=torch_dtype)
+    try:
+        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
+        vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
+    except (KeyError, RuntimeError, ValueError) as err:  # shapes or keys that do not fit the configs
+        raise ValueError(f"{path} does not fit the Stable Diffusion configs in {cfg}: "
+                         f"{str(err).splitlines()[0]}") from err
+    text_state = {k[len(_TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(_TEXT_PREFIX)}
+    text_state.pop("text_model.embeddings.position_ids", None)  # a buffer older checkpoints saved
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg / "text_encoder"))
+    missing, unexpected = text_encoder.load_state_dict(text_state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: the CLIP text encoder does not fit {cfg / 'text_encoder'} "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    text_encoder = text_encoder.to(torch_dtype).eval()
+    del state, text_state
+    if (cfg / "tokenizer").is_dir():
+        tokenizer = CLIPTokenizer.from_pretrained(cfg / "tokenizer")
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(resolve(image_encoder, offline=offline, progress=progress))
+    scheduler = PNDMScheduler.from_pretrained(cfg, subfolder="scheduler")
+    return InSTPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                        safety_checker=None, feature_extractor=extra.get("feature_extractor"),
+                        image_encoder=extra.get("image_encoder"), requires_safety_checker=False)
