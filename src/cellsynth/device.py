@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +33,8 @@ __all__ = [
     "describe_device",
     "oom_guard",
     "resolve_device",
+    "TrainingPrecision",
+    "training_precision",
 ]
 
 _DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
@@ -296,3 +299,74 @@ def oom_guard(what: str, *, device: DeviceLike | None = None) -> Iterator[None]:
             "fewer steps or a smaller image, or run on device 'cpu' (slower, but limited "
             "only by system memory)."
         ) from err
+
+
+@dataclass(frozen=True)
+class TrainingPrecision:
+    """How a training step mixes precisions (see :func:`training_precision`).
+
+    Attributes
+    ----------
+    trainable_dtype : torch.dtype
+        Always float32: the weights the optimiser updates and their gradients.
+    autocast_dtype : torch.dtype or None
+        Autocast dtype of the forward pass; None runs in the weights' dtypes.
+    grad_scaler : bool
+        Scale the loss (``torch.amp.GradScaler``): with float16 anywhere in the
+        graph, small gradients flowing back through it would underflow to zero.
+    """
+
+    trainable_dtype: Any
+    autocast_dtype: Optional[Any]
+    grad_scaler: bool
+
+    def describe(self) -> dict:
+        """JSON-ready record."""
+        name = (lambda d: None if d is None else str(d).removeprefix("torch."))
+        return {"trainable": name(self.trainable_dtype), "autocast": name(self.autocast_dtype),
+                "grad_scaler": self.grad_scaler}
+
+
+def training_precision(device: DeviceLike, frozen_dtype, *, mixed_precision: bool = True) -> TrainingPrecision:
+    """The precision policy for training a small module through large frozen ones.
+
+    Trainable parameters stay float32. Frozen models in float16 or bfloat16 run
+    under autocast in their own dtype (so the float32 trainable module's output
+    meets them in that dtype); frozen float32 models run under bfloat16 autocast
+    on CUDA (float16 where bfloat16 is unsupported) when `mixed_precision`, in
+    full precision elsewhere. A loss scaler is used whenever float16 is involved.
+
+    Parameters
+    ----------
+    device : str or torch.device
+    frozen_dtype : torch.dtype
+        The dtype of the frozen models.
+    mixed_precision : bool
+        Allow autocast when the frozen models are float32.
+
+    Returns
+    -------
+    TrainingPrecision
+
+    Examples
+    --------
+    >>> import torch
+    >>> training_precision("cuda", torch.float16).describe()
+    {'trainable': 'float32', 'autocast': 'float16', 'grad_scaler': True}
+    >>> training_precision("cpu", torch.bfloat16).describe()
+    {'trainable': 'float32', 'autocast': 'bfloat16', 'grad_scaler': False}
+    >>> training_precision("cpu", torch.float32).describe()
+    {'trainable': 'float32', 'autocast': None, 'grad_scaler': False}
+    """
+    import torch
+
+    kind = torch.device(device).type if not isinstance(device, str) or device != "auto" else resolve_device().type
+    if frozen_dtype in (torch.float16, torch.bfloat16):
+        autocast = frozen_dtype
+    elif frozen_dtype == torch.float32:
+        autocast = None
+        if mixed_precision and kind == "cuda":
+            autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        raise ValueError(f"frozen models must be float32, float16 or bfloat16, got {frozen_dtype}")
+    return TrainingPrecision(torch.float32, autocast, autocast == torch.float16)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import io
+from ..device import training_precision
 from ..progress import ProgressCallback, report
 from ._image import to_unit_rgb, to_working
 from .mapper import StyleMapper
@@ -41,12 +42,15 @@ class TrainResult:
         Mean wall time of the steps run in this call.
     resumed_from : int
         Step restored from a checkpoint (0 when starting fresh).
+    precision : dict
+        The precision policy of the steps (:func:`cellsynth.device.training_precision`).
     """
 
     token: StyleToken
     losses: list = field(default_factory=list)
     seconds_per_step: float = 0.0
     resumed_from: int = 0
+    precision: dict = field(default_factory=dict)
 
 
 def default_mapper(dim: int) -> StyleMapper:
@@ -207,8 +211,9 @@ def train_token(
             mapper.load_state_dict(restored.mapper.state_dict())
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
             losses, start = list(state["losses"]), int(state["step"])
-    amp_dtype = _amp_dtype(device, params.mixed_precision)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    precision = training_precision(device, pipe.unet.dtype, mixed_precision=params.mixed_precision)
+    amp_dtype = precision.autocast_dtype
+    scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
 
     # 3. Loop with progress
     rng = np.random.default_rng([params.seed, 1])
@@ -245,18 +250,12 @@ def train_token(
     token.mapper = mapper
     token.style_sha256 = hashes
     token.training = {**params.to_dict(), "final_loss": float(np.mean(losses[-20:])) if losses else None,
-                      "n_styles": len(styles)}
+                      "n_styles": len(styles), "precision": precision.describe()}
     token.source = "trained"
     if ckpt is not None:
         _checkpoint(ckpt, token, optimizer, params.steps, losses, settings)
-    return TrainResult(token=token, losses=losses, seconds_per_step=seconds, resumed_from=start)
-
-
-def _amp_dtype(device, enabled: bool):
-    """bf16 (or fp16 where bf16 is unsupported) autocast on CUDA; None (full precision) elsewhere."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return TrainResult(token=token, losses=losses, seconds_per_step=seconds, resumed_from=start,
+                       precision=precision.describe())
 
 
 def _checkpoint(folder: Path, token: StyleToken, optimizer, step: int, losses: list, settings: dict) -> None:

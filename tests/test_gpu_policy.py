@@ -1,0 +1,65 @@
+"""The dtype policy of token training: trainable weights in float32, frozen ones in half, loss scaling with fp16.
+
+Run on the CPU with bfloat16 and float16 frozen models (the kernels CUDA would run differ, the policy does not).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from cellsynth.device import training_precision
+from cellsynth.stylize import TrainParams, train_token
+from cellsynth.stylize.tiny import tiny_pipeline, tiny_token
+
+
+def test_policy_table(monkeypatch):
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    assert training_precision("cuda", f16).describe() == {"trainable": "float32", "autocast": "float16",
+                                                          "grad_scaler": True}
+    assert training_precision("cuda:1", bf16).grad_scaler is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert training_precision("cuda", f32).autocast_dtype == bf16
+    assert training_precision("cuda", f32, mixed_precision=False).autocast_dtype is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
+    policy = training_precision("cuda", f32)
+    assert policy.autocast_dtype == f16 and policy.grad_scaler
+    assert training_precision("cpu", f32).autocast_dtype is None
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        training_precision("cpu", torch.float64)
+
+
+@pytest.fixture(scope="module")
+def style():
+    return (np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_frozen_models_train_a_float32_mapper(half, style, monkeypatch):
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline(0).to(dtype=half)
+    frozen = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    scaled = []
+    real_scaler = torch.amp.GradScaler
+
+    class CountingScaler(real_scaler):
+        def scale(self, outputs):
+            scaled.append(float(outputs.detach()))
+            return super().scale(outputs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", CountingScaler)
+    token = tiny_token(1)
+    start = {k: v.clone() for k, v in token.mapper.state_dict().items()}
+    grads = []
+    result = train_token([style], pipe, token=token, on_step=lambda s, loss: grads.append(
+        [p.grad for p in token.mapper.parameters() if p.grad is not None]),
+        params=TrainParams(steps=3, size=32, learning_rate=1e-3, flip=False, checkpoint_every=0))
+    assert result.precision == {"trainable": "float32", "autocast": str(half).removeprefix("torch."),
+                                "grad_scaler": half == torch.float16}
+    assert len(scaled) == (3 if half == torch.float16 else 0)
+    assert np.isfinite(result.losses).all()
+    mapper = result.token.mapper
+    assert all(p.dtype == torch.float32 for p in mapper.parameters())
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for step in grads for g in step)
+    assert any(not torch.equal(v, start[k]) for k, v in mapper.state_dict().items())  # it trained
+    assert pipe.unet.dtype == half and all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in frozen.items())
+    assert result.token.training["precision"] == result.precision
