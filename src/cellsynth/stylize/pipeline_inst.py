@@ -21,7 +21,7 @@ from ..progress import ProgressCallback, report
 from ._image import from_unit_rgb, from_working, to_unit_rgb, to_working
 from .adain import latent_adain
 from .params import StylizeParams
-from .tokens import StyleToken, clip_image_embeds, image_sha256, inject_token, placeholder_id
+from .tokens import StyleToken, clip_image_embeds, clip_view, image_sha256, inject_token, placeholder_id
 
 __all__ = ["InSTPipeline", "InSTOutput", "inst_scheduler", "INST_SCHEDULER_CONFIG", "start_timesteps"]
 
@@ -178,9 +178,7 @@ class InSTPipeline(StableDiffusionImg2ImgPipeline):
             report(progress, "stylize", 1, total, "encoded")
 
             # 3. Conditioning: the style token injected for the placeholder
-            clip_style = style_rgb  # official tokens were fit to CLIP seeing the 512x512 squash, uint8-cast
-            if token.clip_input == "official-quirk":
-                clip_style, _ = to_working(style_rgb, size=512, resize="squash")
+            clip_style = clip_view(style_rgb, clip_input=token.clip_input)  # the view the token was trained on
             image_embeds = clip_image_embeds(self.image_encoder, self.feature_extractor, clip_style[None],
                                              clip_input=token.clip_input)
             mapper = token.mapper.to(device=device, dtype=torch.float32).eval()

@@ -24,7 +24,7 @@ from .mapper import StyleMapper
 from .params import CLIP_INPUTS
 
 __all__ = [
-    "StyleToken", "save_token", "load_token", "inject_token", "clip_image_embeds", "clip_pixels",
+    "StyleToken", "save_token", "load_token", "inject_token", "clip_image_embeds", "clip_pixels", "clip_view",
     "image_sha256", "placeholder_id", "TOKEN_FORMAT",
 ]
 
@@ -148,16 +148,26 @@ def load_token(path: os.PathLike | str) -> StyleToken:
                              "(cellsynth import-token)")
         raise FileNotFoundError(f"no style token at {p}: expected a folder with {_CONFIG} and {_WEIGHTS}")
     doc = io.read_json(folder / _CONFIG)
-    if doc.get("format") != TOKEN_FORMAT:
-        raise ValueError(f"{folder / _CONFIG} is not a style token (format {doc.get('format')!r}, "
+    if not isinstance(doc, dict) or doc.get("format") != TOKEN_FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{folder / _CONFIG} is not a style token (format {found!r}, "
                          f"expected {TOKEN_FORMAT!r})")
     cfg = doc.get("mapper")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("heads"), int) or cfg["heads"] < 1:
         raise ValueError(f"{folder / _CONFIG} lacks the mapper's settings ('mapper' with a positive integer "
                          f"'heads', as save_token writes them), got {cfg!r}")
-    state = load_file(str(folder / _WEIGHTS))
+    io.require_memory(2.0 * (folder / _WEIGHTS).stat().st_size, what=f"loading {folder / _WEIGHTS}",
+                      hint="a style token's weights are a few MB")
+    try:
+        state = load_file(str(folder / _WEIGHTS))
+    except Exception as exc:  # safetensors' own error type for corrupt or truncated files
+        raise ValueError(f"{folder / _WEIGHTS} is not a readable safetensors file: {io._first_line(exc)}") from exc
     _check_finite(state, folder / _WEIGHTS)
-    mapper = StyleMapper.from_state_dict(state, heads=cfg["heads"], dropout=float(cfg.get("dropout", 0.05)))
+    try:
+        mapper = StyleMapper.from_state_dict(state, heads=cfg["heads"], dropout=float(cfg.get("dropout", 0.05)))
+    except (KeyError, RuntimeError, TypeError, ZeroDivisionError, AttributeError) as exc:
+        raise ValueError(f"{folder / _WEIGHTS} does not hold a style mapper that fits {_CONFIG} "
+                         f"({type(exc).__name__}: {io._first_line(exc)})") from exc
     return StyleToken(mapper=mapper, placeholder=doc.get("placeholder", "*"),
                       clip_input=doc.get("clip_input", "proper"), encoder=doc.get("encoder", ""),
                       training=doc.get("training", {}), style_sha256=doc.get("style_sha256", []),
@@ -204,6 +214,40 @@ def clip_pixels(images: np.ndarray, *, clip_input: str = "proper") -> np.ndarray
     if clip_input == "proper":
         return np.round(x * 255.0).astype(np.uint8)
     return (np.trunc(x * 2.0 - 1.0).astype(np.int64) % 256).astype(np.uint8)
+
+
+def clip_view(rgb: np.ndarray, *, clip_input: str = "proper") -> np.ndarray:
+    """The view of a style image CLIP is shown, the same in token training and in stylization.
+
+    ``"proper"``: the image at its own size and aspect ratio (CLIP's processor
+    then resizes its short side and centre-crops, as for any CLIP input).
+    ``"official-quirk"``: the official code's view, the image squashed to 512x512
+    (its uint8 cast is applied by :func:`clip_pixels`).
+
+    Parameters
+    ----------
+    rgb : ndarray of shape (M, N, 3)
+        Float RGB in [0, 1], before any working-size resizing.
+    clip_input : {"proper", "official-quirk"}
+
+    Returns
+    -------
+    ndarray of shape (M, N, 3) or (512, 512, 3)
+
+    Examples
+    --------
+    >>> clip_view(np.zeros((40, 72, 3), np.float32)).shape
+    (40, 72, 3)
+    >>> clip_view(np.zeros((40, 72, 3), np.float32), clip_input="official-quirk").shape
+    (512, 512, 3)
+    """
+    from ._image import to_working
+
+    if clip_input not in CLIP_INPUTS:
+        raise ValueError(f"clip_input must be one of {CLIP_INPUTS}, got {clip_input!r}")
+    if clip_input == "official-quirk":
+        return to_working(rgb, size=512, resize="squash")[0]
+    return np.asarray(rgb, dtype=np.float32)
 
 
 def clip_image_embeds(image_encoder, processor, images: np.ndarray, *, clip_input: str = "proper") -> torch.Tensor:

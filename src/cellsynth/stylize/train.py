@@ -24,7 +24,7 @@ from ..progress import ProgressCallback, report
 from ._image import to_unit_rgb, to_working
 from .mapper import StyleMapper
 from .params import TrainParams
-from .tokens import StyleToken, clip_image_embeds, image_sha256, inject_token, load_token, placeholder_id, save_token
+from .tokens import StyleToken, clip_image_embeds, clip_view, image_sha256, inject_token, load_token, placeholder_id, save_token
 
 __all__ = ["train_token", "TrainResult", "token_loss", "default_mapper"]
 
@@ -65,13 +65,16 @@ class _Data:
 
     def __init__(self, pipe, styles, params: TrainParams, device) -> None:
         self.pipe, self.params, self.device = pipe, params, device
-        self.images = []
+        self.images, self.clip_views = [], []  # squashed working images for the VAE; CLIP's own view
         for s in styles:
             rgb, _ = to_unit_rgb(s)
             work, _ = to_working(rgb, size=params.size, resize="squash")
+            view = clip_view(rgb, clip_input=params.clip_input)  # as stylization shows it to CLIP
             self.images.append(work)
+            self.clip_views.append(view)
             if params.flip:
                 self.images.append(np.ascontiguousarray(work[:, ::-1]))
+                self.clip_views.append(np.ascontiguousarray(view[:, ::-1]))
         self.cached = None
         if params.cache:
             self.cached = [self._encode(i) for i in range(len(self.images))]
@@ -84,7 +87,7 @@ class _Data:
         pipe, img = self.pipe, self.images[i]
         dist = pipe._posterior(img, self.device)
         sf = pipe.vae.config.scaling_factor
-        embeds = clip_image_embeds(pipe.image_encoder, pipe.feature_extractor, img[None],
+        embeds = clip_image_embeds(pipe.image_encoder, pipe.feature_extractor, self.clip_views[i][None],
                                    clip_input=self.params.clip_input)
         return dist.mean * sf, dist.std * sf, embeds
 
@@ -149,7 +152,8 @@ def train_token(
     Parameters
     ----------
     styles : sequence of ndarray of shape (M, N) or (M, N, 3)
-        Style images (any size; each is squashed to ``params.size``).
+        Style images (any size; each is squashed to ``params.size`` for the VAE, and
+        shown to CLIP as stylization shows it, see :func:`~cellsynth.stylize.tokens.clip_view`).
     pipe : InSTPipeline
         Frozen SD components and CLIP image encoder (nothing but the mapper trains).
     params : TrainParams, optional
