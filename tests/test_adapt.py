@@ -231,6 +231,72 @@ def test_retraining_ignores_points_outside_the_checked_region(tiny_model, images
     assert losses[0] != pytest.approx(losses[2], abs=1e-6)
 
 
+def test_retraining_holds_out_a_validation_strip(tiny_model, images, monkeypatch, one_torch_thread):
+    from cellsynth.adapt import retrain as retrain_mod
+    losses, seen = [], {}
+
+    def spy(net, sample, **kw):  # the training loss of the base on the same sampled batches
+        rng = np.random.default_rng(7)
+        seen.update(kw)
+        with torch.no_grad():
+            vals = []
+            for _ in range(6):
+                x, y, m = sample(rng, None)
+                vals.append(float(masked_density_loss(net(torch.from_numpy(x)), torch.from_numpy(y),
+                                                      None if m is None else torch.from_numpy(m), scale=100.0)))
+        losses.append(vals)
+        return net.eval(), {"steps": 0, "seconds": 0.0, "loss_first": None, "loss_last": None}
+
+    monkeypatch.setattr(retrain_mod, "finetune", spy)
+    img, centres = images[0]
+    strip = centres[:, 1] >= 72 - 0.5  # the last quarter of the columns, 24 px = two nuclei wide
+    assert strip.sum() >= 2 and (centres[:, 1] < 40).any()
+
+    def run(points):
+        return retrain_counter([img], [points], out=None, base=tiny_model, diameter=12.0, minutes=0.05,
+                               device="cpu", params=dataclasses.replace(TINY, replay_share=0.0))
+
+    res = run(centres)
+    run(centres[~strip])  # the held-out points removed: training sees the same targets
+    run(np.delete(centres, int(np.argmax(centres[:, 1] < 40)), axis=0))  # a trained point removed
+    assert losses[0] == pytest.approx(losses[1], abs=1e-9)
+    assert losses[0] != pytest.approx(losses[2], abs=1e-6)
+    assert res.report["validation_regions"] == [[[0, 72, 96, 96]]]
+    assert res.report["score_before"]["validation"]["n_true"] == int(strip.sum())
+    assert seen["freeze_bn"] is True and seen["checks"] > 0
+    assert not res.accepted  # no training happened: the base is kept
+
+
+def test_retraining_keeps_the_state_that_counts_the_validation_strip_best(images, monkeypatch, one_torch_thread):
+    from cellsynth.adapt import retrain as retrain_mod
+    good = load_counter("default", device="cpu")
+    good_state = {k: v.clone() for k, v in good.net.state_dict().items()}
+    base = load_counter("default", device="cpu")
+    with torch.no_grad():  # a base that finds no cells
+        base.net.head.weight.zero_()
+        base.net.head.bias.fill_(-1.0)
+
+    def train(net, sample, *, on_check, **kw):
+        net.load_state_dict(good_state)  # "training" repairs the network: validates better
+        on_check(net.eval(), 1)
+        with torch.no_grad():  # then over-fits into a network that finds no cells again
+            net.head.weight.zero_()
+            net.head.bias.fill_(-1.0)
+        on_check(net.eval(), 2)
+        return net.eval(), {"steps": 2, "seconds": 0.0, "loss_first": None, "loss_last": None}
+
+    monkeypatch.setattr(retrain_mod, "finetune", train)
+    img, centres = images[0]
+    res = retrain_counter([img], [centres], out=None, base=base, diameter=12.0, minutes=0.05, device="cpu",
+                          params=TINY)
+    hist = res.report["training"]["validation"]
+    assert [h["step"] for h in hist] == [1, 2] and hist[0]["score"] < hist[1]["score"]
+    assert res.report["training"]["best_step"] == 1
+    assert res.accepted and res.counts_after[0] > res.counts_before[0]
+    for k, v in res.counter.net.state_dict().items():
+        torch.testing.assert_close(v.float(), good_state[k].float())
+
+
 def test_retrain_cli_writes_a_counter_and_reports(tmp_path, tiny_model, images, capsys, one_torch_thread):
     img, centres = images[0]
     io.write_tiff(tmp_path / "a.tif", img)

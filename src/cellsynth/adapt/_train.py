@@ -18,7 +18,7 @@ from ..count.targets import density_target
 from ..progress import ProgressCallback, report
 
 __all__ = ["Item", "make_item", "crop_item", "masked_density_loss", "finetune", "forward_density",
-           "peak_count", "working_scale"]
+           "peak_count", "train_mode", "working_scale"]
 
 
 @dataclass
@@ -152,6 +152,9 @@ def finetune(
     ema: Optional[float] = None,
     progress: Optional[ProgressCallback] = None,
     stage: str = "train",
+    freeze_bn: bool = False,
+    checks: int = 0,
+    on_check: Optional[Callable[[object, int], None]] = None,
 ) -> tuple[object, dict]:
     """Train ``net`` in place for ``seconds`` of wall time (between ``min_steps`` and ``max_steps`` steps).
 
@@ -160,6 +163,13 @@ def finetune(
     average of ``net``, starting as a copy) is kept and passed to ``sample``.
     Adam with a cosine decay of the learning rate over the time budget.
     Progress: one event per step; the total is re-estimated from the step time.
+
+    ``freeze_bn``: BatchNorm layers keep the base's running statistics (they stay
+    in eval mode; their weights still learn), so a few crops of one image cannot
+    shift the statistics every other image is counted with.
+    ``on_check(net, step)`` is called with the network in eval mode after each
+    ``1/checks`` of the time budget (the last call after the final step); the
+    time it takes counts against the budget.
 
     Returns
     -------
@@ -172,7 +182,7 @@ def finetune(
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    net.train()
+    train_mode(net, freeze_bn)
     teacher = None
     if ema is not None:
         teacher = copy.deepcopy(net).eval()
@@ -185,10 +195,21 @@ def finetune(
     step = 0
     est_total = max_steps
     per = 0.0
+    next_check = 1
+
+    def check() -> None:
+        net.eval()
+        with torch.no_grad():
+            on_check(net, step)
+        train_mode(net, freeze_bn)
+
     while step < max_steps:
         elapsed = time.perf_counter() - t0
         if step >= min_steps and elapsed + per >= seconds:  # stop before a step that would overrun
             break
+        if on_check is not None and next_check < checks and step > 0 and elapsed >= seconds * next_check / checks:
+            check()
+            next_check += 1
         frac = min(1.0, max(elapsed / max(seconds, 1e-9), step / max_steps))
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * frac))
@@ -207,12 +228,26 @@ def finetune(
         per = (time.perf_counter() - t0) / step
         est_total = int(np.clip(max(step, min_steps, round(seconds / max(per, 1e-9))), step, max_steps))
         report(progress, stage, step, est_total, f"loss {np.mean(losses[-10:]):.4f}")
+    if on_check is not None and checks > 0:
+        check()
     net.eval()
     k = max(1, len(losses) // 10)
     info = {"steps": step, "seconds": round(time.perf_counter() - t0, 2),
             "loss_first": float(np.mean(losses[:k])) if losses else None,
             "loss_last": float(np.mean(losses[-k:])) if losses else None}
     return net, info
+
+
+def train_mode(net, freeze_bn: bool = False):
+    """``net.train()``; with ``freeze_bn`` its BatchNorm layers stay in eval mode (running statistics kept)."""
+    from torch import nn
+
+    net.train()
+    if freeze_bn:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return net
 
 
 def stack_batch(parts: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:

@@ -9,13 +9,23 @@ Steps of :func:`retrain_counter`:
    whole image when none is given): outside them the loss is zero;
 4. a small replay set of stylized synthetic layouts (against forgetting), a few
    of them held out;
-5. count and score the base: the count error inside the checked regions and the
-   error on the held-out layouts;
-6. fine-tune a copy of the base on crops placed over the checked regions, mixed
-   with replay crops, for the time budget;
-7. keep the new counter when its error in the checked regions is not higher and
-   its held-out synthetic error did not grow much (else the base, ``accepted=False``);
-8. count with the kept counter, write the report and the counter.
+5. hold out a strip of the checked regions for validation (the last quarter of
+   each box's longer side, when that strip is at least two nuclei wide): the
+   points there are not trained on;
+6. count and score the base: the count error in the validation strips as
+   counting gives it (points after reconciliation with the foreground objects,
+   plus a quarter of the density-sum error to break ties), and the error on
+   held-out synthetic layouts;
+7. fine-tune a copy of the base on crops placed over the training part of the
+   checked regions, mixed with replay crops, for the time budget, with the
+   BatchNorm statistics of the base kept; score it on the validation strips at
+   each quarter of the budget and keep the best state (early stopping);
+8. keep the new counter when it counts the validation strips better than the
+   base and its held-out synthetic error did not grow much (else the base,
+   ``accepted=False``). Without a validation strip (checked boxes too small to
+   split) the rule falls back to "not worse in the checked regions", which
+   cannot detect over-fitting, and the report says so;
+9. count with the kept counter, write the report and the counter.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from .adapt import (AdaptParams, AdaptResult, check_budget, check_images, count_
 from .fast_style import matched_layouts
 from .stats import combine_stats, estimate_image_stats
 
-__all__ = ["retrain_counter", "region_mask", "region_error"]
+__all__ = ["retrain_counter", "region_mask", "region_error", "split_validation", "validation_error"]
 
 
 def _check_points(points, n: int) -> list[np.ndarray]:
@@ -126,6 +136,67 @@ def region_error(net, config: dict, items: Sequence[Item], device) -> dict:
         tot += n_true
         pairs.append((n_pred, n_true))
     return {"error": float(err / max(tot, 1)), "counts": pairs}
+
+
+def split_validation(boxes, min_side: float, share: float = 0.25, gap: int = 0):
+    """Training and validation parts of checked boxes: the last ``share`` of each box's longer side is held out.
+
+    ``gap`` pixels between the two parts belong to neither, so that the density
+    target of a held-out cell near the cut never reaches the training part. A
+    box is split only when both parts are at least ``min_side`` pixels wide;
+    otherwise it is used whole for training.
+
+    Examples
+    --------
+    >>> split_validation([(0, 0, 100, 200), (0, 0, 20, 20)], min_side=30, gap=5)
+    ([(0, 0, 100, 145), (0, 0, 20, 20)], [(0, 150, 100, 200)])
+    """
+    train, val = [], []
+    for r0, c0, r1, c1 in boxes:
+        wide = c1 - c0 >= r1 - r0
+        lo, hi = (c0, c1) if wide else (r0, r1)
+        cut = hi - int(round((hi - lo) * share))
+        if hi - cut >= min_side and cut - gap - lo >= min_side:
+            if wide:
+                train.append((r0, c0, r1, cut - gap))
+                val.append((r0, cut, r1, c1))
+            else:
+                train.append((r0, c0, cut - gap, c1))
+                val.append((cut, c0, r1, c1))
+        else:
+            train.append((r0, c0, r1, c1))
+    return train, val
+
+
+def _inside(points: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    pts = np.asarray(points, float).reshape(-1, 2)
+    r = np.clip(np.floor(pts[:, 0] + 0.5).astype(int), 0, mask.shape[0] - 1)
+    c = np.clip(np.floor(pts[:, 1] + 0.5).astype(int), 0, mask.shape[1] - 1)
+    return mask[r, c] > 0
+
+
+def validation_error(counter, images, points, val_boxes, diameter: float) -> dict:
+    """Count error in the validation boxes as :func:`~cellsynth.count.count_cells` counts the whole images.
+
+    ``error``: summed absolute point-count differences over the summed true
+    counts; ``density_error``: the same for the density sum; ``score``:
+    ``error + 0.25 * density_error``; ``n_true``: true cells in the boxes.
+    """
+    from ..count.infer import count_cells
+
+    err = derr = 0.0
+    tot = 0
+    for im, pts, vb in zip(images, points, val_boxes):
+        if not vb:
+            continue
+        res = count_cells(im, counter=counter, diameter=diameter)
+        mask = region_mask(res.density.shape, vb)
+        n_true = int(_inside(pts, mask).sum())
+        err += abs(int(_inside(res.points, mask).sum()) - n_true)
+        derr += abs(float((res.density * mask).sum(dtype=np.float64)) - n_true)
+        tot += n_true
+    tot_ = max(tot, 1)
+    return {"error": err / tot_, "density_error": derr / tot_, "score": (err + 0.25 * derr) / tot_, "n_true": tot}
 
 
 def _synthetic_error(net, config, holdout, device) -> float:
@@ -250,16 +321,18 @@ def retrain_counter(
     config.pop("dtype", None)
     config.update(diameter=s, name="retrained")
 
-    # 3. targets and masks at the working scale
+    # 3. validation strips, targets and masks at the working scale
+    checked = [[(0, 0, sh[0], sh[1])] if bx is None else bx for bx, sh in zip(boxes, shapes)]
+    gap = int(np.ceil((4.0 * float(config.get("sigma", 2.5)) + 2.0) / factor))  # the reach of a target's density
+    split = [split_validation(bx, min_side=2.0 * d_user, gap=gap) for bx in checked]
+    train_boxes, val_boxes = [sp[0] for sp in split], [sp[1] for sp in split]
     planes = working_planes(imgs, config, factor)
     user, work_boxes = [], []
-    for pl, c, bx in zip(planes, pts, boxes):
+    for pl, c, tb, vb, bx in zip(planes, pts, train_boxes, val_boxes, boxes):
         cw = (c + 0.5) * factor - 0.5
-        full = [(0, 0, pl.shape[0], pl.shape[1])]
-        wb = full if bx is None else _scaled_boxes(bx, factor, pl.shape)
-        mask = None if bx is None else region_mask(pl.shape, bx, factor)
+        mask = None if (bx is None and not vb) else region_mask(pl.shape, tb, factor)
         user.append(make_item(pl, cw, config, mask))
-        work_boxes.append(wb)
+        work_boxes.append(_scaled_boxes(tb, factor, pl.shape))
     t = lap("prepare", t)
 
     # 4. replay layouts like the images
@@ -275,32 +348,64 @@ def retrain_counter(
     # 5. base
     counts_before = count_images(imgs, base_counter, d_user, progress, "count before")
     t = lap("count_before", t)
+    from ..count.models import Counter, to_device
+
     base_net = copy.deepcopy(base_counter.net).float().to(dev).eval()
+    net = copy.deepcopy(base_net)
+    # the candidate as counting runs it (points reconciled with objects), sharing the training network
+    live = to_device(Counter(kind="density", name="retrained", config=copy.deepcopy(config), net=net), dev)
+    validate = any(val_boxes)
+
+    def val_score(counter) -> dict:
+        return validation_error(counter, imgs, pts, val_boxes, d_user)
+
     before = {"region_error": region_error(base_net, config, user, dev)["error"],
               "synthetic_error": _synthetic_error(base_net, config, holdout, dev)}
+    if validate:
+        before["validation"] = val_score(live)
+        validate = before["validation"]["n_true"] > 0
     report(progress, "check", 1, 2, "base scored")
     t = lap("check_before", t)
 
-    # 6. fine-tune
+    # 7. fine-tune, keeping the state that counts the validation strips best
+    best = {"step": 0, "score": before["validation"]["score"] if validate else None, "state": None}
+    history: list[dict] = []
+
+    def on_check(trained, step: int) -> None:
+        v = val_score(live)
+        history.append({"step": int(step), **v})
+        if v["score"] < best["score"] - 1e-9:
+            best.update(step=int(step), score=v["score"],
+                        state={k: x.detach().clone() for k, x in trained.state_dict().items()})
+
     reserve = 2.0 * (seconds["count_before"] + seconds["check_before"]) + 5.0
     train_seconds = max(0.0, minutes * 60.0 - (time.perf_counter() - t_start) - reserve)
-    net = copy.deepcopy(base_net).train()
     net, info = finetune(net, _retrain_sampler(user, work_boxes, replay, p), seconds=train_seconds,
                          max_steps=p.max_steps, min_steps=p.min_steps, lr=p.lr,
-                         scale=float(config.get("density_scale", 100.0)), device=dev, seed=seed, progress=progress)
+                         scale=float(config.get("density_scale", 100.0)), device=dev, seed=seed, progress=progress,
+                         freeze_bn=True, checks=4 if validate else 0, on_check=on_check if validate else None)
+    if validate and best["state"] is not None:
+        net.load_state_dict(best["state"])
+    info["validation"] = history
+    info["best_step"] = best["step"]
     t = lap("train", t)
 
-    # 7. check
+    # 8. check
     after = {"region_error": region_error(net, config, user, dev)["error"],
              "synthetic_error": _synthetic_error(net, config, holdout, dev)}
-    accepted = bool(after["region_error"] <= before["region_error"] + 1e-9
-                    and after["synthetic_error"] <= max(1.5 * before["synthetic_error"], before["synthetic_error"] + 0.05))
+    synthetic_ok = after["synthetic_error"] <= max(1.5 * before["synthetic_error"], before["synthetic_error"] + 0.05)
+    if validate:
+        after["validation"] = val_score(live)
+        accepted = bool(best["state"] is not None and synthetic_ok)
+        rule = "validation strips counted better than by the base"
+    else:
+        accepted = bool(after["region_error"] <= before["region_error"] + 1e-9 and synthetic_ok)
+        rule = ("not worse in the checked regions (they were too small to hold out a validation strip, "
+                "so over-fitting cannot be detected)")
     report(progress, "check", 2, 2, "accepted" if accepted else "kept the base")
     t = lap("check_after", t)
 
-    # 8. counts, report, write
-    from ..count.models import Counter, to_device
-
+    # 9. counts, report, write
     candidate = to_device(Counter(kind="density", name="retrained", config=copy.deepcopy(config),
                                   net=copy.deepcopy(net)), dev)
     if accepted:
@@ -316,6 +421,8 @@ def retrain_counter(
         "n_images": len(imgs),
         "n_points": [int(len(c)) for c in pts],
         "regions": [None if b is None else [list(x) for x in b] for b in boxes],
+        "validation_regions": [[list(x) for x in vb] for vb in val_boxes],
+        "acceptance": rule,
         "diameter": {"used": d_user, "given": diameter if not isinstance(diameter, str) else None,
                      "per_image": [st["diameter"] for st in per_image]},
         "working_scale": s,
