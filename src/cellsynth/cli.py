@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "cellsynth.stylize._cli",
     "cellsynth.stain._cli",
     "cellsynth.adapt._cli",
+    "cellsynth.batch._cli",
 )
 
 

@@ -1,0 +1,596 @@
+"""``count_batch``: count every plane of many images on dask.distributed, resumably.
+
+The client plans the work (one task per plane), the cluster counts (each worker
+loads the counter once and reads only its plane), and the client writes every
+result as it arrives: one record per plane under ``OUT/.records/`` (written
+atomically, so a killed run keeps everything finished), one points CSV per
+image once all its planes are in, and at the end the table ``counts.csv`` and
+the plot ``counts.png``. A re-run skips every plane whose record is intact and
+was made from the same file with the same settings; nothing is replaced
+without ``overwrite=True``. A worker lost mid-run costs only its current
+task, which the scheduler gives to another worker.
+
+Layout of ``OUT``::
+
+    batch.json          settings and version (what the records were made with)
+    counts.csv          image, plane, stack index, count, diameter, model, seconds ...
+    counts.png          counts per image, or per frame for stacks
+    points/NAME.csv     row, col[, plane], score (and t/z indices for stacks)
+    .records/KEY.json   one per plane
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from .. import io
+from ..progress import ProgressCallback, report
+from .sources import find_images, open_image
+
+__all__ = ["BatchParams", "BatchResult", "cluster_client", "count_batch", "count_plane"]
+
+_FORMAT = "cellsynth-count-batch"
+#: Settings that change the counts (a re-run with other values would not resume the same work).
+_RESULT_KEYS = ("model", "model_sha256", "kind", "diameter", "channel", "tile", "overlap")
+
+
+@dataclass(frozen=True)
+class BatchParams:
+    """What to count with; shared by every plane of a batch.
+
+    Parameters
+    ----------
+    model : str
+        ``"default"``, ``"classic"`` or a model path (as in ``count_cells``).
+    diameter : float, "auto" or None
+        Cell diameter in pixels; ``"auto"`` estimates it for each plane.
+    channel : int, optional
+        Channel of multichannel images (default: maximum over channels).
+    device : str
+        Device on the workers (``"auto"``, ``"cpu"``, ``"cuda"``...).
+    tile, overlap, batch_size : int
+        As in ``count_cells``.
+    large_pixels : int
+        Planes with more pixels than this are counted lazily in chunks
+        (:func:`~cellsynth.batch.count_large`) instead of read whole.
+
+    Examples
+    --------
+    >>> BatchParams(diameter=12).diameter
+    12.0
+    >>> BatchParams(diameter="big")
+    Traceback (most recent call last):
+    ...
+    ValueError: diameter must be a positive number of pixels, 'auto' or None, got 'big'
+    """
+
+    model: str = "default"
+    diameter: Union[float, str, None] = "auto"
+    channel: Optional[int] = None
+    device: str = "auto"
+    tile: int = 256
+    overlap: Optional[int] = None
+    batch_size: int = 8
+    large_pixels: int = 4096 * 4096
+
+    def __post_init__(self) -> None:
+        d = self.diameter
+        if isinstance(d, str):
+            if d != "auto":
+                raise ValueError(f"diameter must be a positive number of pixels, 'auto' or None, got {d!r}")
+        elif d is not None:
+            if isinstance(d, bool) or not (np.isscalar(d) and np.isfinite(d) and d > 0):
+                raise ValueError(f"diameter must be a positive number of pixels, 'auto' or None, got {d!r}")
+            object.__setattr__(self, "diameter", float(d))
+        if self.channel is not None and (isinstance(self.channel, bool) or int(self.channel) != self.channel):
+            raise ValueError(f"channel must be a whole number or None, got {self.channel!r}")
+        if int(self.tile) != self.tile or self.tile < 64 or self.tile % 32 or self.tile > 4096:
+            raise ValueError(f"tile must be a multiple of 32 from 64 to 4096, got {self.tile!r}")
+        if self.overlap is not None and (int(self.overlap) != self.overlap or not 0 <= self.overlap <= self.tile // 2):
+            raise ValueError(f"overlap must be an integer in [0, tile/2 = {self.tile // 2}], got {self.overlap!r}")
+        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if int(self.large_pixels) != self.large_pixels or self.large_pixels < 64 * 64:
+            raise ValueError(f"large_pixels must be a whole number >= 4096, got {self.large_pixels!r}")
+
+
+@dataclass
+class BatchResult:
+    """What :func:`count_batch` returns.
+
+    Attributes
+    ----------
+    rows : list of dict
+        The rows of ``counts.csv`` (every plane counted in ``out``, this run or before).
+    counted, skipped : int
+        Planes counted by this run; planes found done and left alone.
+    errors : list of str
+        One line per plane that could not be counted (it has no record; a re-run retries it).
+    table, plot : Path
+        ``counts.csv`` and ``counts.png``.
+    seconds : float
+        Wall time of this run.
+    workers : int
+        Workers of the cluster (0 when there was nothing to count).
+    """
+
+    rows: list
+    counted: int
+    skipped: int
+    errors: list = field(default_factory=list)
+    table: Optional[Path] = None
+    plot: Optional[Path] = None
+    seconds: float = 0.0
+    workers: int = 0
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_COUNTERS: dict = {}
+
+
+def _worker_counter(model: str, device: str):
+    """One loaded counter per worker process and (model, device, weights file state)."""
+    from ..count import load_counter
+    from ..weights import resources_dir
+
+    p = resources_dir() / "models" / "counter-default" if model == "default" else Path(model)
+    w = p / "model.safetensors" if p.is_dir() else p
+    stamp = (w.stat().st_mtime_ns, w.stat().st_size) if w.is_file() else ()
+    key = (model, device, stamp)
+    if key not in _COUNTERS:
+        _COUNTERS.clear()
+        _COUNTERS[key] = load_counter(model, device=device)
+    return _COUNTERS[key]
+
+
+def count_plane(path: str, index: tuple, params: BatchParams) -> dict:
+    """Count one plane of one image (the task a worker runs); returns a plain dict.
+
+    Planes over ``params.large_pixels`` pixels go through :func:`count_large`
+    and are never read whole.
+
+    Examples
+    --------
+    >>> import tempfile, tifffile
+    >>> from skimage.draw import disk
+    >>> img = np.zeros((2, 64, 64), np.uint8)
+    >>> img[1][disk((20, 20), 6)] = img[1][disk((44, 40), 6)] = 200
+    >>> p = Path(tempfile.mkdtemp()) / "s.tif"
+    >>> tifffile.imwrite(p, img, imagej=True, metadata={"axes": "TYX"})
+    >>> r = count_plane(str(p), (1,), BatchParams(model="classic", diameter=12))
+    >>> r["count"], r["points"].shape
+    (2, (2, 2))
+    """
+    from ..count import count_cells
+    from .lazy import count_large
+    from .sources import open_image
+
+    img = open_image(path)
+    arr, ch = img.plane(tuple(index))
+    counter = _worker_counter(params.model, params.device)
+    t0 = time.perf_counter()  # the counting itself (a worker loads its counter once, on its first plane)
+    spatial = arr.shape[:2] if ch is not None else (arr.shape[:2] if arr.ndim == 3 and arr.shape[-1] <= 4
+                                                      else arr.shape[-2:])
+    kw = dict(counter=counter, diameter=params.diameter, channel=params.channel, channel_axis=ch,
+              tile=params.tile, overlap=params.overlap, batch_size=params.batch_size)
+    lazy = int(spatial[0]) * int(spatial[1]) > params.large_pixels
+    import dask
+
+    # Reads happen here, in this process (a worker's own client would ship the file handles elsewhere).
+    with dask.config.set(scheduler="synchronous"):
+        res = count_large(arr, **kw) if lazy else count_cells(np.asarray(arr), **kw)
+    return {
+        "count": res.count,
+        "points": np.asarray(res.points, float).reshape(-1, 2),
+        "scores": np.asarray(res.scores, float),
+        "diameter": res.meta.get("diameter_used"),
+        "diameter_source": res.meta.get("diameter_source"),
+        "kind": counter.kind,
+        "lazy": lazy,
+        "shape": [int(s) for s in spatial],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "worker": f"{os.uname().nodename}:{os.getpid()}",
+    }
+
+
+# ----------------------------------------------------------------------------- cluster
+
+def _local_workers(requested: Optional[int]) -> int:
+    import psutil
+
+    if requested is not None:
+        if int(requested) != requested or requested < 1:
+            raise ValueError(f"workers must be a positive whole number, got {requested!r}")
+        return int(requested)
+    # One process per core, each holding a counter (about 1.5 GB with a large image's chunk).
+    by_memory = int(psutil.virtual_memory().available // 1.5e9)
+    return max(1, min(os.cpu_count() or 1, by_memory))
+
+
+@contextlib.contextmanager
+def cluster_client(scheduler: Any = None, *, workers: Optional[int] = None, threads_per_worker: int = 1):
+    """A dask.distributed ``Client``: a new ``LocalCluster`` of processes, or one connected to ``scheduler``.
+
+    Parameters
+    ----------
+    scheduler : None, "local", str or Client
+        None or ``"local"``: a ``LocalCluster`` of ``workers`` processes, each with
+        ``threads_per_worker`` threads (and as many torch/BLAS threads), closed on
+        exit. A string: the address of a running scheduler (``tcp://host:8786``,
+        e.g. of a dask-jobqueue cluster). A ``Client``: used as it is.
+    workers : int, optional
+        Local workers (default: one per core, as many as memory allows).
+
+    Raises
+    ------
+    ValueError
+        ``workers`` with a scheduler address, or a scheduler that cannot be reached.
+    """
+    from distributed import Client, LocalCluster
+
+    if isinstance(scheduler, Client):
+        yield scheduler
+        return
+    if scheduler in (None, "local"):
+        n = _local_workers(workers)
+        threads = int(threads_per_worker)
+        env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
+                               silence_logs=logging.ERROR, env=env)
+        try:
+            client = Client(cluster)
+            try:
+                yield client
+            finally:
+                client.close()
+        finally:
+            cluster.close()
+        return
+    if workers is not None:
+        raise ValueError("workers applies to the local cluster; with a scheduler address, size the cluster "
+                         "where it runs (e.g. cluster.scale(N) with dask-jobqueue)")
+    try:
+        client = Client(str(scheduler), timeout="30s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ValueError(f"could not connect to the dask scheduler at {scheduler!r}: {exc}; expected 'local' or "
+                         "the address of a running scheduler, e.g. tcp://host:8786") from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# ----------------------------------------------------------------------------- results folder
+
+def _key(path: Path, index: tuple) -> str:
+    h = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    return h + ("_p" + "-".join(map(str, index)) if index else "")
+
+
+def _names(paths: list[Path]) -> dict:
+    """A points-CSV name per image: its path below the inputs' common folder, ``/`` as ``__``."""
+    resolved = [p.resolve() for p in paths]
+    parents = [str(p.parent) for p in resolved]
+    root = Path(os.path.commonpath(parents)) if parents else Path("/")
+    names, used = {}, set()
+    for p, r in zip(paths, resolved):
+        rel = r.relative_to(root).as_posix()
+        stem = re.sub(r"(\.ome)?\.(tiff?|png|jpe?g|zarr)$", "", rel, flags=re.IGNORECASE)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem.replace("/", "__")) or "image"
+        if name in used:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", rel.replace("/", "__"))
+        used.add(name)
+        names[r] = name
+    return names
+
+
+class _Folder:
+    """The results folder: manifest, records, points files, table and plot."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.records = out / ".records"
+        self.points = out / "points"
+        self.manifest = out / "batch.json"
+        self.table = out / "counts.csv"
+        self.plot = out / "counts.png"
+
+    def check(self, settings: dict, overwrite: bool) -> None:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a folder; expected a results folder for count-batch")
+        for folder in (out, self.records, self.points):
+            io.remove_stale_parts(folder)
+        if not out.exists():
+            return
+        if self.manifest.is_file():
+            old = io.read_json(self.manifest)
+            if not isinstance(old, dict) or old.get("format") != _FORMAT:
+                raise ValueError(f"{self.manifest} was not written by count-batch; choose another --out folder")
+            diff = [k for k in _RESULT_KEYS if old.get("settings", {}).get(k) != settings.get(k)]
+            if diff and not overwrite:
+                was = ", ".join(f"{k}={old.get('settings', {}).get(k)!r}" for k in diff)
+                now = ", ".join(f"{k}={settings.get(k)!r}" for k in diff)
+                raise FileExistsError(f"{out} holds counts made with {was}, not {now}; pass overwrite=True to "
+                                      "recount everything, or choose another --out folder")
+        elif any(out.iterdir()):
+            raise FileExistsError(f"{out} is not empty and holds no count-batch results (no batch.json); choose an "
+                                  "empty or new --out folder")
+
+    def start(self, settings: dict, overwrite: bool) -> None:
+        if overwrite and self.records.is_dir():
+            for p in self.records.glob("*.json"):
+                p.unlink()
+        self.records.mkdir(parents=True, exist_ok=True)
+        self.points.mkdir(parents=True, exist_ok=True)
+        from .. import __version__
+
+        io.write_json(self.manifest, {"format": _FORMAT, "version": 1, "settings": settings,
+                                      "cellsynth_version": __version__}, overwrite=True)
+
+    def record(self, key: str) -> Optional[dict]:
+        """A plane's record when it is intact, else None."""
+        p = self.records / f"{key}.json"
+        if not p.is_file():
+            return None
+        try:
+            r = io.read_json(p)
+        except (ValueError, OSError):
+            return None
+        need = ("source", "index", "fingerprint", "count", "points", "scores", "name")
+        if not isinstance(r, dict) or any(k not in r for k in need):
+            return None
+        if r.get("kind") != "regression" and int(r["count"]) != len(r["points"]):
+            return None
+        if len(r["points"]) != len(r["scores"]):
+            return None
+        return r
+
+    def write_record(self, key: str, rec: dict) -> None:
+        io.write_json(self.records / f"{key}.json", rec, overwrite=True)
+
+    def all_records(self) -> list[dict]:
+        recs = []
+        for p in sorted(self.records.glob("*.json")):
+            r = self.record(p.stem)
+            if r is not None:
+                recs.append(r)
+        recs.sort(key=lambda r: (r["name"], r["index"]))
+        return recs
+
+    def write_points(self, name: str, recs: list[dict], axes: str, *, overwrite: bool) -> Path:
+        path = self.points / f"{name}.csv"
+        stacked = any(r["index"] for r in recs)
+        pts, feats = [], {"score": []}
+        letters = [a.lower() for a in axes] if stacked else []
+        for a in letters:
+            feats[a] = []
+        for r in recs:
+            p = np.asarray(r["points"], float).reshape(-1, 2)
+            if stacked:
+                p = np.concatenate([np.full((len(p), 1), float(r["plane"])), p], axis=1)
+                for a, v in zip(letters, r["index"]):
+                    feats[a].extend([v] * len(p))
+            pts.append(p)
+            feats["score"].extend(r["scores"])
+        points = np.concatenate(pts) if pts else np.zeros((0, 3 if stacked else 2))
+        return io.write_points_csv(path, points, features=feats, overwrite=overwrite)
+
+
+def _rows(recs: list[dict]) -> list[dict]:
+    rows = []
+    for r in recs:
+        rows.append({
+            "image": r["source"],
+            "points_csv": f"points/{r['name']}.csv",
+            "plane": r["plane"],
+            "stack_index": " ".join(f"{a}{v}" for a, v in zip(r.get("axes", ""), r["index"])),
+            "count": r["count"],
+            "diameter": None if r.get("diameter") is None else round(float(r["diameter"]), 3),
+            "diameter_source": r.get("diameter_source"),
+            "model": r.get("model"),
+            "lazy": bool(r.get("lazy")),
+            "seconds": r.get("seconds"),
+        })
+    return rows
+
+
+def _write_table(path: Path, rows: list[dict]) -> Path:
+    cols = ["image", "plane", "stack_index", "count", "diameter", "diameter_source", "model", "lazy", "seconds",
+            "points_csv"]
+    with io.atomic_path(path, overwrite=True) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols)
+            w.writeheader()
+            for r in rows:
+                w.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
+    return path
+
+
+def _write_plot(path: Path, rows: list[dict]) -> Path:
+    """Counts per image (bars), or count over planes per image (lines) when there are stacks."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    by_image: dict = {}
+    for r in rows:
+        by_image.setdefault(r["image"], []).append(r)
+    if any(len(v) > 1 for v in by_image.values()):
+        for img, rs in list(by_image.items())[:20]:
+            rs = sorted(rs, key=lambda r: r["plane"])
+            ax.plot([r["plane"] for r in rs], [float(r["count"]) for r in rs], marker=".", label=Path(img).name)
+        ax.set_xlabel("plane (frame)")
+        if len(by_image) <= 10:
+            ax.legend(fontsize="small")
+    else:
+        names = [Path(k).name for k in by_image]
+        counts = [float(v[0]["count"]) for v in by_image.values()]
+        ax.bar(range(len(counts)), counts, color="tab:blue")
+        ax.set_xlabel("image")
+        if len(names) <= 30:
+            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize="small")
+    ax.set_ylabel("cells")
+    ax.set_title(f"Cell counts ({len(rows)} planes, {len(by_image)} images)")
+    fig.tight_layout()
+    with io.atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+# ----------------------------------------------------------------------------- the batch
+
+def _settings(params: BatchParams) -> dict:
+    from ..count import load_counter
+
+    counter = load_counter(params.model, device="cpu")  # checks the model before any cluster starts
+    return {**asdict(params), "model_sha256": counter.sha256, "kind": counter.kind,
+            "overlap": params.tile // 8 if params.overlap is None else params.overlap}
+
+
+def count_batch(
+    inputs: Any,
+    out: Union[str, os.PathLike],
+    *,
+    params: Optional[BatchParams] = None,
+    scheduler: Any = None,
+    workers: Optional[int] = None,
+    threads_per_worker: int = 1,
+    overwrite: bool = False,
+    progress: Optional[ProgressCallback] = None,
+) -> BatchResult:
+    """Count every plane of every image in ``inputs`` on a dask cluster; write tables and a plot to ``out``.
+
+    Parameters
+    ----------
+    inputs : path-like or list of them
+        Files, folders (searched recursively) and glob patterns of TIFF / OME-TIFF,
+        OME-Zarr, PNG and JPEG images.
+    out : path-like
+        Results folder (see the module's description); created when missing.
+    params : BatchParams, optional
+    scheduler, workers, threads_per_worker
+        See :func:`cluster_client`; no cluster starts when everything is done.
+    overwrite : bool
+        Recount everything and replace earlier results in ``out``. Without it, a
+        re-run resumes: done planes are skipped, and results made with other
+        settings or from files changed since are refused.
+    progress : ProgressCallback, optional
+        Stage ``"planes"``, once per plane finished (message: the image name).
+
+    Returns
+    -------
+    BatchResult
+
+    Raises
+    ------
+    FileNotFoundError, FileExistsError, ValueError
+        No images, an unusable results folder, results that would be replaced.
+    """
+    t0 = time.perf_counter()
+    params = params or BatchParams()
+    out = Path(out)
+    paths = find_images(list(inputs) if isinstance(inputs, (list, tuple)) else [inputs], skip=out)
+    settings = _settings(params)
+    folder = _Folder(out)
+    folder.check(settings, overwrite)
+
+    # 1. plan: one task per plane not done yet
+    images = {p.resolve(): open_image(p) for p in paths}
+    names = _names(paths)
+    todo, skipped, expected, have = [], 0, {}, {}
+    for r, img in images.items():
+        fp = img.fingerprint()
+        expected[r], have[r] = img.n_planes, []
+        for flat, index in enumerate(img.plane_indices()):
+            key = _key(r, index)
+            rec = None if overwrite else folder.record(key)
+            if rec is not None and rec["fingerprint"] != fp:
+                raise FileExistsError(f"{r} changed since it was counted into {out}; pass overwrite=True to recount, "
+                                      "or choose another --out folder")
+            if rec is not None:
+                skipped += 1
+                have[r].append(rec)
+                continue
+            todo.append((key, r, flat, index, fp))
+    folder.start(settings, overwrite)
+
+    # 2. count on the cluster, recording each plane as it arrives
+    errors: list = []
+    n_workers = 0
+
+    def finish_image(r: Path) -> None:
+        recs = sorted(have[r], key=lambda x: x["plane"])
+        if len(recs) == expected[r]:
+            target = folder.points / f"{recs[0]['name']}.csv"
+            if overwrite or not target.exists():
+                folder.write_points(recs[0]["name"], recs, recs[0].get("axes", ""), overwrite=True)
+
+    if todo:
+        with cluster_client(scheduler, workers=workers, threads_per_worker=threads_per_worker) as client:
+            n_workers = len(client.scheduler_info(n_workers=-1).get("workers", {})) \
+                if _accepts_n_workers(client) else len(client.scheduler_info().get("workers", {}))
+            from distributed import as_completed
+
+            futures = {}
+            for key, r, flat, index, fp in todo:
+                f = client.submit(count_plane, str(r), index, params, key=f"count-plane-{key}", pure=False)
+                futures[f] = (key, r, flat, index, fp)
+            total = len(todo)
+            k = 0
+            try:
+                for fut in as_completed(list(futures)):
+                    key, r, flat, index, fp = futures[fut]
+                    k += 1
+                    try:
+                        res = fut.result()
+                    except Exception as exc:  # the plane failed on the worker; the others go on
+                        errors.append(f"{r}{' plane ' + str(index) if index else ''}: {exc}")
+                        report(progress, "planes", k, total, f"error: {r.name}")
+                        continue
+                    img = images[r]
+                    rec = {"source": str(r), "name": names[r], "index": list(index), "plane": flat,
+                           "axes": img.stack_axes, "fingerprint": fp, "model": settings["model"],
+                           "model_sha256": settings["model_sha256"], **res,
+                           "points": np.round(res["points"], 4).tolist(),
+                           "scores": np.round(res["scores"], 5).tolist()}
+                    folder.write_record(key, rec)
+                    have[r].append(rec)
+                    if len(have[r]) == expected[r]:
+                        finish_image(r)
+                    report(progress, "planes", k, total, r.name)
+            finally:
+                for fut in futures:
+                    fut.cancel()
+
+    # 3. points files of images completed earlier, the table and the plot
+    for r in have:
+        if not (folder.points / f"{names[r]}.csv").exists():
+            finish_image(r)
+    rows = _rows(folder.all_records())
+    table = _write_table(folder.table, rows)
+    plot = _write_plot(folder.plot, rows) if rows else None
+    return BatchResult(rows=rows, counted=len(todo) - len(errors), skipped=skipped, errors=errors, table=table,
+                       plot=plot, seconds=round(time.perf_counter() - t0, 3), workers=n_workers)
+
+
+def _accepts_n_workers(client) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+

@@ -1,0 +1,375 @@
+"""Counting an image too large for memory: overlapping chunks, image-wide statistics, points in each core.
+
+:func:`count_large` never holds the whole image. It reads one 2D plane through
+dask (a dask array over a zarr store, a tiled TIFF, an OME-Zarr level, or any
+array-like), computes the quantities :func:`~cellsynth.count.count_cells`
+would take from the whole plane once, on strided samples (the same samples the
+in-memory count uses), then counts overlapping chunks one at a time with those
+quantities fixed and keeps each chunk's points inside its core:
+
+1. the cell diameter (``"auto"``: on the central crop, as in memory);
+2. the normalisation percentiles (on the plane sampled with the same stride);
+3. the foreground threshold of the objects reconciliation (classic counter:
+   of the seeded watershed), on the plane smoothed with ``map_overlap`` and
+   sampled with the same stride;
+4. chunks whose cores are aligned with the network's tile grid of the whole
+   image and whose margins hold every tile that reaches a core (plus the peak
+   neighbourhood), so that at the model's own scale (diameter equal to the
+   counter's) each core sees exactly the tiles it sees in memory and the points
+   are the same; when the image is rescaled the chunks' pixel grids differ by
+   a fraction of a pixel and the points agree to within that.
+
+numpy/scipy/dask only; torch is imported by the counter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from ..progress import ProgressCallback, report
+
+__all__ = ["ChunkPlan", "chunk_plan", "count_large", "image_statistics"]
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Where the chunks of one axis lie.
+
+    Attributes
+    ----------
+    reads : list of (start, stop)
+        The pixels each chunk reads (core plus margins), clipped to the image.
+    cores : list of (start, stop)
+        The pixels each chunk answers for; they partition ``[0, length)``.
+    """
+
+    reads: list
+    cores: list
+
+
+def chunk_plan(length: int, *, core: int, step: int, margin: int) -> ChunkPlan:
+    """Chunks of one axis: cores aligned to a tile grid of ``step``, margins of ``step + margin``.
+
+    The first core starts at 0 and ends at ``core + margin``; the next ones are
+    ``core`` long (``core`` a multiple of ``step``), so every core boundary
+    after the first lies ``margin`` past the tile grid; each chunk reads
+    ``step + margin`` pixels on both sides of its core, starting on the grid.
+
+    Examples
+    --------
+    >>> p = chunk_plan(1200, core=448, step=224, margin=8)
+    >>> p.cores
+    [(0, 456), (456, 904), (904, 1200)]
+    >>> p.reads
+    [(0, 688), (224, 1136), (672, 1200)]
+    >>> chunk_plan(300, core=448, step=224, margin=8).cores
+    [(0, 300)]
+    """
+    if core % step or core <= 0:
+        raise ValueError(f"core must be a positive multiple of step={step}, got {core}")
+    halo = step + margin
+    if length <= core + margin + halo:
+        return ChunkPlan([(0, length)], [(0, length)])
+    cores, reads = [], []
+    start, stop = 0, core + margin
+    while True:
+        if length - stop <= max(step, core // 4):  # a small remainder joins the last core
+            stop = length
+        cores.append((start, stop))
+        reads.append((max(0, start - halo), min(length, stop + halo)))
+        if stop >= length:
+            break
+        start, stop = stop, stop + core
+    return ChunkPlan(reads, cores)
+
+
+def _as_dask(image):
+    import dask.array as da
+
+    if isinstance(image, da.Array):
+        return image
+    return da.from_array(image, chunks=_chunks_for(image.shape), asarray=True)
+
+
+def _chunks_for(shape, side: int = 2048):
+    return tuple(min(s, side) for s in shape[:-2]) + (min(shape[-2], side), min(shape[-1], side)) \
+        if len(shape) > 2 else (min(shape[0], side), min(shape[1], side))
+
+
+def _plane(image, channel: Optional[int], channel_axis: Optional[int]):
+    """The 2D dask plane to count: one channel, or the maximum over them (as ``split_planes`` does)."""
+    import dask.array as da
+
+    x = _as_dask(image)
+    if x.ndim < 2:
+        raise ValueError(f"image must have at least 2 dimensions (rows, cols), got shape {x.shape}")
+    colour = False
+    if channel_axis is None and x.ndim == 3 and x.shape[-1] <= 4 and min(x.shape[:2]) > 4:
+        channel_axis, colour = 2, x.shape[-1] == 4
+    if channel_axis is not None:
+        if not -x.ndim <= channel_axis < x.ndim:
+            raise ValueError(f"channel_axis {channel_axis} is out of range for an image of shape {x.shape}")
+        x = da.moveaxis(x, channel_axis, -1)
+        if channel is None:
+            x = (x[..., :3] if colour else x).max(axis=-1)
+        elif not -x.shape[-1] <= int(channel) < x.shape[-1]:
+            raise ValueError(f"channel {channel} does not exist; the image has {x.shape[-1]} channels")
+        else:
+            x = x[..., int(channel)]
+    elif channel not in (None, 0):
+        raise ValueError(f"channel {channel} was given but the image of shape {image.shape} has no channel axis")
+    if x.ndim != 2:
+        raise ValueError(f"large images are counted one 2D plane at a time; got shape {tuple(image.shape)} "
+                         "(give one plane of the stack)")
+    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.iscomplexobj(x):
+        raise TypeError(f"image must hold real numbers, got dtype {x.dtype}")
+    return x
+
+
+def _central_crop(plane, max_pixels: int = 640 * 640) -> np.ndarray:
+    """The crop :func:`~cellsynth.count.estimate_diameter` analyses, read alone."""
+    rows, cols = plane.shape
+    side_r = min(rows, int(np.sqrt(max_pixels * rows / cols)) + 1)
+    side_c = min(cols, max_pixels // max(side_r, 1) + 1)
+    r0, c0 = (rows - side_r) // 2, (cols - side_c) // 2
+    return np.asarray(plane[r0:r0 + side_r, c0:c0 + side_c])
+
+
+def _stride(shape) -> int:
+    """The sampling stride of ``normalize_image`` and ``foreground_threshold`` (about a million pixels)."""
+    return max(1, int(np.sqrt(shape[0] * shape[1] / 1_000_000)))
+
+
+def image_statistics(plane, counter, *, diameter: Union[float, str, None] = "auto") -> dict:
+    """The whole-plane quantities of :func:`~cellsynth.count.count_cells`, computed lazily.
+
+    Parameters
+    ----------
+    plane : dask array or array-like of shape (M, N)
+    counter : Counter
+    diameter : float, "auto" or None
+        As in ``count_cells``.
+
+    Returns
+    -------
+    dict
+        ``diameter`` (pixels or None), ``diameter_source``, ``factor`` (rescaling
+        to the model's scale), ``percentiles`` (or None for fixed normalisation)
+        and ``foreground`` (threshold of the smoothed normalised plane, or None
+        when the counter does not use one).
+
+    Examples
+    --------
+    >>> from skimage.draw import disk
+    >>> from cellsynth.count import load_counter
+    >>> img = np.zeros((80, 80), np.uint8)
+    >>> img[disk((30, 30), 6)] = 200
+    >>> s = image_statistics(img, load_counter("classic"), diameter=12)
+    >>> s["diameter"], s["factor"], bool(0 < s["foreground"] < 1)
+    (12.0, 1.0, True)
+    """
+    from scipy.ndimage import gaussian_filter
+
+    from ..count.classic import ClassicParams, estimate_diameter, foreground_threshold
+    from ..count.objects import ObjectParams
+    from ..count.preprocess import normalize_image
+
+    x = _as_dask(plane)
+    kind = counter.kind
+    if isinstance(diameter, str):
+        if diameter != "auto":
+            raise ValueError(f"diameter must be a number of pixels, 'auto' or None, got {diameter!r}")
+        try:
+            d, source = estimate_diameter(_central_crop(x)), "estimated"
+        except ValueError:
+            d, source = None, "model scale (no cells found to estimate a diameter)"
+    elif diameter is None:
+        d, source = None, "model scale"
+    else:
+        if isinstance(diameter, bool) or not (np.isscalar(diameter) and np.isfinite(diameter) and diameter > 0):
+            raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
+        d, source = float(diameter), "given"
+    rescale = kind != "classic" and d is not None and counter.config.get("rescale", True)
+    factor = counter.diameter / d if rescale else 1.0
+
+    norm = counter.config.get("normalize", {})
+    step = _stride(x.shape)
+    percentiles = None
+    if norm.get("mode") != "fixed":
+        sample = np.asarray(x[::step, ::step].compute(), dtype=np.float32)
+        if not np.all(np.isfinite(sample)):
+            raise ValueError("image contains NaN or infinite values; replace them before counting")
+        percentiles = tuple(float(v) for v in np.percentile(sample, [norm.get("low", 1.0), norm.get("high", 99.8),
+                                                                     99.99]))
+
+    def normalised(block):
+        if norm.get("mode") == "fixed":
+            from ..count.infer import _normalize
+
+            return _normalize(block, norm)
+        return normalize_image(block, low=norm.get("low", 1.0), high=norm.get("high", 99.8), percentiles=percentiles)
+
+    foreground = sigma = None
+    if kind == "classic":
+        cp = ClassicParams(**{**counter.config.get("classic", {}), "diameter": d or counter.diameter})
+        foreground = cp.threshold
+        if foreground is None:
+            sigma = max(0.5, cp.outline_sigma * cp.diameter)
+    elif kind == "density" and counter.config.get("objects"):
+        sigma = max(0.5, ObjectParams(**counter.config["objects"]).outline_sigma * counter.diameter / factor)
+    if sigma is not None:
+        radius = int(4.0 * sigma + 0.5)  # scipy's kernel radius (truncate=4)
+        z = x.rechunk(_chunks_for(x.shape)).map_blocks(normalised, dtype=np.float32)
+        smooth = z.map_overlap(lambda b: gaussian_filter(b, sigma), depth=radius, boundary="none",
+                               dtype=np.float32)
+        p_s, s_s = (np.asarray(a) for a in _compute(z[::step, ::step], smooth[::step, ::step]))
+        foreground = float(foreground_threshold(p_s, s_s, sigma=sigma))
+    return {"diameter": d, "diameter_source": source, "factor": float(factor), "percentiles": percentiles,
+            "foreground": foreground}
+
+
+def _compute(*arrays):
+    import dask
+
+    return dask.compute(*arrays)
+
+
+def _geometry(counter, stats: dict, *, tile: int, overlap: int, core: Optional[int]):
+    """``(core, step, margin)`` in input pixels for :func:`chunk_plan`."""
+    factor = stats["factor"]
+    if counter.kind == "classic":
+        d = stats["diameter"] or counter.diameter
+        margin = int(math.ceil(4 * d)) + 8
+        step = max(64, margin)
+        core_px = core or 4096
+        return max(step, (core_px // step) * step), step, margin
+    step_m = tile - overlap if overlap > 0 else tile
+    margin_m = int(math.ceil(counter.diameter)) + 8  # peak neighbourhood and sub-pixel refinement
+    if factor == 1.0:
+        core_px = core or 3584
+        return max(step_m, (core_px // step_m) * step_m), step_m, margin_m
+    # Rescaled: the same geometry in input pixels (the pixel grids of the chunks no longer align exactly).
+    step = max(1, int(round(step_m / factor)))
+    margin = int(math.ceil(margin_m / factor)) + 2
+    core_px = core or int(round(3584 / factor))
+    return max(step, (core_px // step) * step), step, margin
+
+
+def count_large(
+    image: Any,
+    *,
+    counter: Any = None,
+    model: Union[str, Any] = "default",
+    diameter: Union[float, str, None] = "auto",
+    channel: Optional[int] = None,
+    channel_axis: Optional[int] = None,
+    device: Any = "auto",
+    tile: int = 256,
+    overlap: Optional[int] = None,
+    batch_size: int = 8,
+    core: Optional[int] = None,
+    progress: Optional[ProgressCallback] = None,
+):
+    """Count cells in a 2D image of any size, reading it chunk by chunk.
+
+    Parameters
+    ----------
+    image : dask array, zarr array, ndarray or array-like
+        ``(M, N)`` or ``(M, N, C)``; only the chunks being counted are read.
+    counter, model, diameter, channel, channel_axis, device, tile, overlap, batch_size
+        As in :func:`~cellsynth.count.count_cells`.
+    core : int, optional
+        Side of a chunk's core in input pixels (rounded down to the tile grid);
+        default about 3584 pixels at the model's scale. Peak memory grows with it.
+    progress : ProgressCallback, optional
+        Stage ``"statistics"`` (3 steps), then ``"chunks"`` once per chunk; may
+        raise ``Cancelled``.
+
+    Returns
+    -------
+    CountResult
+        Points, scores and the count of the whole image; ``density`` is None
+        (it would be as large as the image); ``meta["chunks"]`` is the number
+        of chunks counted.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As ``count_cells``; also a stack (count its planes one by one) and a
+        regression counter (it gives no positions to assign to a chunk).
+
+    Examples
+    --------
+    >>> from skimage.draw import disk
+    >>> img = np.zeros((300, 900), np.uint8)
+    >>> for c in range(30, 900, 60):
+    ...     img[disk((150, c), 8)] = 200
+    >>> res = count_large(img, model="classic", diameter=16, core=256)
+    >>> res.count, res.meta["chunks"] > 1
+    (15, True)
+    """
+    from .. import __version__
+    from ..count import CountResult, count_cells
+    from ..count.models import Counter, load_counter
+
+    t0 = time.perf_counter()
+    if int(tile) != tile or tile < 64 or tile % 32 or tile > 4096:
+        raise ValueError(f"tile must be a multiple of 32 from 64 to 4096, got {tile!r}")
+    tile = int(tile)
+    overlap = tile // 8 if overlap is None else overlap
+    if int(overlap) != overlap or not 0 <= overlap <= tile // 2:
+        raise ValueError(f"overlap must be an integer in [0, tile/2 = {tile // 2}], got {overlap!r}")
+    overlap = int(overlap)
+    if core is not None and (int(core) != core or core < 64):
+        raise ValueError(f"core must be a whole number of pixels >= 64, got {core!r}")
+    plane = _plane(image, channel, channel_axis)
+    if counter is None:
+        counter = load_counter(model, device=device)
+    elif not isinstance(counter, Counter):
+        raise TypeError(f"counter must be a Counter from load_counter, got {type(counter).__name__}")
+    if counter.kind == "regression":
+        raise ValueError("a regression counter gives one count per window and no positions, so a large image "
+                         "cannot be split among chunks; use a density or the classic counter")
+    report(progress, "statistics", 0, 3)
+    stats = image_statistics(plane, counter, diameter=diameter)
+    report(progress, "statistics", 3, 3)
+    core_px, step, margin = _geometry(counter, stats, tile=tile, overlap=overlap, core=core)
+    rows = chunk_plan(plane.shape[0], core=core_px, step=step, margin=margin)
+    cols = chunk_plan(plane.shape[1], core=core_px, step=step, margin=margin)
+    n = len(rows.cores) * len(cols.cores)
+    pts_all, sc_all = [], []
+    d_arg = stats["diameter"] if stats["diameter"] is not None else None
+    meta = {}
+    k = 0
+    for (r0, r1), (cr0, cr1) in zip(rows.reads, rows.cores):
+        for (c0, c1), (cc0, cc1) in zip(cols.reads, cols.cores):
+            block = np.asarray(plane[r0:r1, c0:c1])
+            res = count_cells(block, counter=counter, diameter=d_arg, tile=tile, overlap=overlap,
+                              batch_size=batch_size, percentiles=stats["percentiles"],
+                              foreground=stats["foreground"])
+            meta = res.meta
+            pts = res.points.reshape(-1, 2) + np.array([r0, c0], float)
+            cell = np.floor(pts + 0.5)
+            keep = ((cell[:, 0] >= cr0) | (cr0 == 0)) & ((cell[:, 0] < cr1) | (cr1 == plane.shape[0])) & \
+                   ((cell[:, 1] >= cc0) | (cc0 == 0)) & ((cell[:, 1] < cc1) | (cc1 == plane.shape[1]))
+            pts_all.append(pts[keep])
+            sc_all.append(np.asarray(res.scores, float)[keep])
+            k += 1
+            report(progress, "chunks", k, n)
+            del block, res
+    points = np.concatenate(pts_all) if pts_all else np.zeros((0, 2))
+    scores = np.concatenate(sc_all) if sc_all else np.zeros(0)
+    order = np.lexsort((points[:, 1], points[:, 0])) if len(points) else np.zeros(0, int)
+    points, scores = points[order], scores[order]
+    meta = {**meta, "operation": "count", "diameter_used": stats["diameter"],
+            "diameter_source": stats["diameter_source"], "scale_factor": stats["factor"],
+            "percentiles": stats["percentiles"], "foreground": stats["foreground"], "n_planes": 1,
+            "chunks": n, "chunk_core": core_px, "lazy": True, "seconds": round(time.perf_counter() - t0, 3),
+            "cellsynth_version": __version__}
+    return CountResult(count=int(len(points)), points=points, scores=scores, density=None,
+                       per_plane=np.array([float(len(points))]), density_sum=None, meta=meta)

@@ -1,0 +1,270 @@
+"""Finding images (files, folders, globs) and opening them lazily, plane by plane.
+
+TIFF and OME-TIFF open through tifffile's zarr store (only the strips or tiles
+read are decoded), OME-Zarr through zarr (the full-resolution level of its
+multiscales), PNG and JPEG are decoded whole (they are small by nature). Each
+image is a :class:`LazyImage`: a dask array, the axis that holds channels (as
+the file declares it, like ``cellsynth count`` reads it), and the stack axes
+whose planes are counted one by one.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+__all__ = ["IMAGE_SUFFIXES", "LazyImage", "find_images", "open_image"]
+
+#: File suffixes counted (plus OME-Zarr folders: ``*.zarr`` holding zarr metadata).
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in (".zattrs", ".zgroup", ".zarray", "zarr.json"))
+
+
+def _is_image(path: Path) -> bool:
+    return (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES) or _is_zarr(path)
+
+
+def _walk(folder: Path, skip: Optional[Path]) -> Iterable[Path]:
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        keep = []
+        for d in sorted(dirs):
+            p = here / d
+            if d.startswith(".") or (skip is not None and p.resolve() == skip):
+                continue
+            if _is_zarr(p):
+                yield p
+            else:
+                keep.append(d)
+        dirs[:] = keep
+        for f in sorted(files):
+            p = here / f
+            if not f.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES:
+                yield p
+
+
+def find_images(inputs: Iterable[Any], *, skip: Optional[os.PathLike] = None) -> list[Path]:
+    """The images named by files, folders (searched recursively) and glob patterns, in order, once each.
+
+    Parameters
+    ----------
+    inputs : iterable of str or path-like
+    skip : path-like, optional
+        A folder never searched (the results folder, when it lies inside an input).
+
+    Raises
+    ------
+    FileNotFoundError
+        An input that is neither an existing path nor a pattern matching something.
+    ValueError
+        A file of an unsupported type, or no image at all.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, tifffile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for n in ("b.tif", "a.tif", "notes.txt"):
+    ...     _ = (d / n).write_bytes(b"") if n.endswith("txt") else tifffile.imwrite(d / n, np.zeros((4, 4), np.uint8))
+    >>> [p.name for p in find_images([d])]
+    ['a.tif', 'b.tif']
+    """
+    skip_r = Path(skip).resolve() if skip is not None else None
+    found: list[Path] = []
+    for item in inputs:
+        text = str(item)
+        p = Path(text)
+        if p.exists():
+            if _is_zarr(p):
+                found.append(p)
+            elif p.is_dir():
+                found.extend(_walk(p, skip_r))
+            elif p.suffix.lower() in IMAGE_SUFFIXES:
+                found.append(p)
+            else:
+                raise ValueError(f"{p}: unsupported image type {p.suffix!r}; expected TIFF/OME-TIFF, OME-Zarr, "
+                                 f"PNG or JPEG ({', '.join(IMAGE_SUFFIXES)}, .zarr)")
+        elif glob.has_magic(text):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            matches = [m for m in matches if _is_image(m)]
+            if not matches:
+                raise FileNotFoundError(f"no image matches the pattern {text!r}")
+            found.extend(matches)
+        else:
+            raise FileNotFoundError(f"no such file, folder or pattern: {text}")
+    seen, out = set(), []
+    for p in found:
+        key = p.resolve()
+        if key not in seen and (skip_r is None or skip_r not in key.parents):
+            seen.add(key)
+            out.append(p)
+    if not out:
+        raise ValueError(f"no images found in {', '.join(map(str, inputs))}; expected TIFF/OME-TIFF, OME-Zarr, "
+                         "PNG or JPEG files")
+    return out
+
+
+@dataclass
+class LazyImage:
+    """An image opened without reading its pixels.
+
+    Attributes
+    ----------
+    path : Path
+    data : dask.array.Array
+        All of it, as stored.
+    axes : str
+        One letter per axis (``T``, ``Z``, ``C``, ``Y``, ``X``, ``S`` ...), ``""`` when unknown.
+    channel_axis : int or None
+        The axis holding channels, as the file declares it (None: none declared).
+    """
+
+    path: Path
+    data: Any
+    axes: str
+    channel_axis: Optional[int]
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """Shape of the axes whose planes are counted one by one (``()`` for one plane)."""
+        shape = [s for i, s in enumerate(self.data.shape) if i != self.channel_axis]
+        if self.channel_axis is None and self.data.ndim >= 3 and self.data.shape[-1] <= 4 \
+                and min(self.data.shape[-3:-1]) > 4:
+            shape = shape[:-1]  # colour samples last (PNG, JPEG, RGB TIFF without axes)
+        return tuple(shape[:-2])
+
+    @property
+    def stack_axes(self) -> str:
+        """Letters of the stack axes (``"T"``, ``"ZT"``...), ``"P"`` per axis when the file does not say."""
+        if len(self.axes) == self.data.ndim:
+            letters = [a for i, a in enumerate(self.axes) if i != self.channel_axis]
+            return "".join(letters[: len(self.stack_shape)])
+        return "P" * len(self.stack_shape)
+
+    @property
+    def n_planes(self) -> int:
+        return int(np.prod(self.stack_shape)) if self.stack_shape else 1
+
+    def plane_indices(self) -> list[tuple[int, ...]]:
+        """Every plane's index in the stack axes, in order (``[()]`` for one plane)."""
+        return list(itertools.product(*(range(s) for s in self.stack_shape)))
+
+    def plane(self, index: tuple[int, ...] = ()):
+        """``(array, channel_axis)``: the dask array of one plane (with its channels) for the counter."""
+        data, ch = self.data, self.channel_axis
+        if ch is not None:
+            import dask.array as da
+
+            data, ch = da.moveaxis(data, ch, -1), data.ndim - 1
+        if len(index) != len(self.stack_shape):
+            raise ValueError(f"plane index {index} does not fit the stack shape {self.stack_shape}")
+        out = data[tuple(index)] if index else data
+        return out, (out.ndim - 1 if ch is not None else None)
+
+    def fingerprint(self) -> dict:
+        """What identifies this version of the file: size and modification time (of the metadata for zarr)."""
+        p = self.path
+        if p.is_dir():
+            files = [f for f in (p / "zarr.json", p / ".zattrs", p / ".zgroup") if f.is_file()]
+            st = [f.stat() for f in files]
+            return {"shape": list(self.data.shape), "mtime_ns": max(s.st_mtime_ns for s in st) if st else 0}
+        st = p.stat()
+        return {"shape": list(self.data.shape), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _tiff(path: Path) -> LazyImage:
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes = str(series.axes)
+            shape = tuple(series.shape)
+    except (tifffile.TiffFileError, ValueError, IndexError) as exc:
+        raise ValueError(f"{path} is not a readable TIFF file: {exc}") from exc
+    store = tifffile.imread(path, aszarr=True, series=0, level=0)
+    z = zarr.open(store, mode="r")
+    if isinstance(z, zarr.Group):  # a pyramid: level 0 is full resolution
+        z = z["0"]
+    data = da.from_zarr(z)
+    if tuple(data.shape) != shape:
+        raise ValueError(f"{path}: the TIFF's first series has shape {shape} but reads as {data.shape}")
+    return LazyImage(path, data, axes, _declared_channel_axis(axes, shape))
+
+
+def _declared_channel_axis(axes: str, shape) -> Optional[int]:
+    """The channel axis as ``count.data.read_image_axes`` takes it from a TIFF's axes."""
+    if len(axes) == len(shape):
+        for name in ("C", "S"):
+            if name in axes and shape[axes.index(name)] > 1:
+                return axes.index(name)
+    return None
+
+
+def _ome_zarr(path: Path) -> LazyImage:
+    import dask.array as da
+    import zarr
+
+    try:
+        root = zarr.open(str(path), mode="r")
+    except Exception as exc:  # whatever a broken store raises
+        raise ValueError(f"{path} is not a readable zarr store: {exc}") from exc
+    if isinstance(root, zarr.Array):
+        return LazyImage(path, da.from_zarr(root), "", None)
+    attrs = dict(root.attrs)
+    ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
+    if not ms:
+        raise ValueError(f"{path} is a zarr group without OME-Zarr 'multiscales' metadata; expected an OME-Zarr image")
+    level = ms[0]["datasets"][0]["path"]
+    arr = da.from_zarr(root[level])
+    names = [a["name"] if isinstance(a, dict) else str(a) for a in ms[0].get("axes", [])]
+    axes = "".join(n[:1].upper() for n in names) if len(names) == arr.ndim else ""
+    return LazyImage(path, arr, axes, _declared_channel_axis(axes, arr.shape))
+
+
+def _flat(path: Path) -> LazyImage:
+    import dask.array as da
+
+    from ..count.data import read_image_axes
+
+    data, axis = read_image_axes(path)
+    return LazyImage(path, da.from_array(data, chunks=data.shape), "", axis)
+
+
+def open_image(path: os.PathLike | str) -> LazyImage:
+    """Open an image lazily (see the module's description).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        A missing path, an unsupported or unreadable file.
+
+    Examples
+    --------
+    >>> import tempfile, tifffile
+    >>> p = Path(tempfile.mkdtemp()) / "t.tif"
+    >>> tifffile.imwrite(p, np.zeros((3, 20, 30), np.uint16), imagej=True, metadata={"axes": "TYX"})
+    >>> im = open_image(p)
+    >>> im.stack_shape, im.stack_axes, im.plane((1,))[0].shape
+    ((3,), 'T', (20, 30))
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such image: {p}")
+    if _is_zarr(p):
+        return _ome_zarr(p)
+    if p.suffix.lower() in (".tif", ".tiff"):
+        return _tiff(p)
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        return _flat(p)
+    raise ValueError(f"{p}: unsupported image type {p.suffix!r}; expected one of {IMAGE_SUFFIXES} or an OME-Zarr folder")
