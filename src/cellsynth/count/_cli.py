@@ -102,6 +102,24 @@ def register(subparsers) -> None:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_evaluate)
 
+    x = subparsers.add_parser("export-counter", help="export a counter as a bioimage.io model package",
+                              description="Write a trained counter as a bioimage.io model package (.zip) that "
+                                          "bioimageio.core and other bioimage.io tools run; the package is "
+                                          "validated and tested with bioimageio.core before it is written.")
+    x.add_argument("model", help="'default' or a counter folder/file")
+    x.add_argument("--format", default="bioimageio", choices=["bioimageio"], help="package format (default: bioimageio)")
+    x.add_argument("--out", required=True, help="the package file, PACKAGE.zip")
+    x.add_argument("--name", default=None, help="model name in the package description")
+    x.add_argument("--author", action="append", default=None, help="author name (repeatable; default: your login name)")
+    x.add_argument("--license", default="BSD-3-Clause", help="SPDX licence id of the weights (default: BSD-3-Clause)")
+    x.add_argument("--test-image", default=None,
+                   help="image whose crop becomes the package's test input (default: a crop of the shipped nuclei sample)")
+    x.add_argument("--no-torchscript", action="store_true", help="ship the state dict only")
+    x.add_argument("--no-check", action="store_true", help="skip bioimageio.core's test run (validation still runs)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    x.add_argument("--json", action="store_true", help="print one JSON object with the package and test summary")
+    x.set_defaults(func=_export)
+
 
 def _progress(args):
     from ..progress import tqdm_callback
@@ -204,5 +222,32 @@ def _evaluate(args) -> int:
         print(f"RMSE {m['rmse']:.3f}")
         print(f"ACP@5% {100 * m['acp5']:.1f}")
         print(f"ACP@10% {100 * m['acp10']:.1f}")
+    return 0
+
+
+def _export(args) -> int:
+    from .bioimageio import export_counter
+
+    test_image = None
+    if args.test_image is not None:
+        from .data import read_image_axes
+        from .preprocess import split_planes
+
+        image, channel_axis = read_image_axes(args.test_image)
+        test_image = split_planes(image, channel_axis=channel_axis)[0][0]
+    try:
+        res = export_counter(args.model, args.out, name=args.name, authors=args.author, licence=args.license,
+                             test_image=test_image, torchscript=not args.no_torchscript, check=not args.no_check,
+                             overwrite=args.overwrite)
+    except ImportError as exc:
+        raise ValueError(str(exc)) from exc
+    if args.json:
+        print(json.dumps({"out": str(res.path), "weight_formats": res.weight_formats, "notes": res.notes,
+                          "test": res.test}, default=io.json_default))
+    else:
+        for note in res.notes:
+            print(note)
+        status = "not run" if res.test is None else res.test["status"]
+        print(f"wrote {res.path} ({', '.join(res.weight_formats)}; bioimageio.core test: {status})")
     return 0
 

@@ -201,7 +201,8 @@ def _resolve_path(model: str | os.PathLike) -> tuple[str, Path]:
     if not p.exists():
         raise FileNotFoundError(
             f"no counter model at {str(model)!r}; expected 'default', 'classic', a folder with "
-            f"{WEIGHTS_FILE} and {CONFIG_FILE}, or a .safetensors/.pt file"
+            f"{WEIGHTS_FILE} and {CONFIG_FILE}, a .safetensors/.pt file or a bioimage.io .zip package exported by "
+            "cellsynth export-counter"
         )
     return str(model), p
 
@@ -216,8 +217,9 @@ def load_counter(model: str | os.PathLike | Counter = "default", *, device: Any 
         folder holding ``model.safetensors`` + ``config.json`` (as written by
         training), a ``.safetensors`` file with ``config.json`` beside it, or a
         ``.pt``/``.pth`` state dict (loaded with ``weights_only=True``; without a
-        config it is taken as the paper's EfficientNet-B0 regressor). A Counter
-        is returned as is.
+        config it is taken as the paper's EfficientNet-B0 regressor), or a
+        bioimage.io ``.zip`` package written by
+        :func:`~cellsynth.count.bioimageio.export_counter`. A Counter is returned as is.
     device : str or torch.device
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``. float16 on CUDA.
 
@@ -250,6 +252,10 @@ def load_counter(model: str | os.PathLike | Counter = "default", *, device: Any 
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a name, a path or a Counter, got {type(model).__name__}")
     name, p = _resolve_path(model)
+    if p.is_file() and p.suffix.lower() == ".zip":
+        from .bioimageio import load_package_counter
+
+        return to_device(load_package_counter(p), device)
     if p.is_dir():
         weights, cfg_path = p / WEIGHTS_FILE, p / CONFIG_FILE
         if not weights.is_file():
