@@ -90,6 +90,11 @@ def _cli_wording(message: str) -> str:
     return message
 
 
+def _one_line(message: str) -> str:
+    """A message on one line (a library may add lines of detail)."""
+    return " ".join(message.split())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -97,7 +102,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _sigterm_as_interrupt():
             return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {_cli_wording(str(exc))}", file=sys.stderr)
+        print(f"error: {_one_line(_cli_wording(str(exc)))}", file=sys.stderr)
+        return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        what = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: cannot read or write {what}{(exc.strerror or str(exc)).lower()}; check the path and "
+              "its permissions", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: ran out of memory; use a smaller image, crop, tile or batch size", file=sys.stderr)
         return 2
     except _Terminated:
         print("error: terminated (SIGTERM); unfinished files were removed, a re-run resumes where it can",

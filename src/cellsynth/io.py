@@ -62,6 +62,7 @@ def atomic_path(path: os.PathLike | str, *, overwrite: bool = False) -> Iterator
         If ``path`` exists and ``overwrite`` is False.
     """
     path = Path(path)
+    _check_writable_place(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,10 +120,22 @@ def prepare_output(path: os.PathLike | str, *, overwrite: bool = False) -> Path:
         If ``path`` exists and ``overwrite`` is False.
     """
     path = Path(path)
+    _check_writable_place(path)
     remove_stale_parts(path.parent, names=(path.name,))
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     return path
+
+
+def _check_writable_place(path: Path) -> None:
+    """Refuse an output file path that is a folder, or lies under a regular file (before any work)."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected the path of a file to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
+            break
 
 
 class NotEnoughMemory(ValueError):
@@ -151,6 +164,35 @@ def require_memory(nbytes: float, *, what: str, hint: str) -> None:
     free = psutil.virtual_memory().available
     if nbytes > free:
         raise NotEnoughMemory(f"{what} needs about {_size(nbytes)} of memory but only {_size(free)} are free; {hint}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (decoders may add several lines of advice)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)
+
+
+def state_dict_mismatch(expected: Mapping[str, Any], given: Mapping[str, Any]) -> str:
+    """One line saying how a weights file's tensors differ from those a network expects.
+
+    Examples
+    --------
+    >>> state_dict_mismatch({"a": np.zeros((2, 3)), "b": np.zeros(1)}, {"a": np.zeros(3), "c": np.zeros(1)})
+    '1 tensors missing (e.g. b); 1 unexpected (e.g. c); 1 of the wrong shape (e.g. a: (3,) in the file, (2, 3) expected)'
+    """
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shape = [k for k in expected if k in given and tuple(expected[k].shape) != tuple(given[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if shape:
+        k = shape[0]
+        parts.append(f"{len(shape)} of the wrong shape (e.g. {k}: {tuple(given[k].shape)} in the file, "
+                     f"{tuple(expected[k].shape)} expected)")
+    return "; ".join(parts) or "the tensors do not match"
 
 
 def _size(nbytes: float) -> str:
@@ -220,8 +262,11 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
                             meta["pixel_size"], meta["unit"] = size * 25400.0, "µm"
     except NotEnoughMemory:
         raise
-    except (tifffile.TiffFileError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable TIFF file: {exc}") from exc
+    except MemoryError:
+        raise NotEnoughMemory(f"reading {path} needs more memory than is free; crop or downsample the image "
+                              "first") from None
+    except Exception as exc:  # truncated or corrupt files raise whatever the decoder meets (struct.error, ...)
+        raise ValueError(f"{path} is not a readable TIFF file: {_first_line(exc)}") from exc
     return data, meta
 
 
@@ -424,8 +469,10 @@ def read_json(path: os.PathLike | str) -> Any:
     path = Path(path)
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {_first_line(exc)}") from exc
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder; expected a JSON file") from None
 
 
 def json_default(o: Any) -> Any:

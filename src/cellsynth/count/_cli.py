@@ -29,8 +29,70 @@ def _positive_float(text: str) -> float:
     return v
 
 
+#: Cell diameters a person can mean, in pixels: below one pixel there is nothing to count, and
+#: images are rescaled by (the model's diameter / this), so extreme values make absurd image sizes.
+DIAMETER_RANGE = (1.0, 4096.0)
+
+
+def _cell_diameter(text: str) -> float:
+    v = _positive_float(text)
+    low, high = DIAMETER_RANGE
+    if not low <= v <= high:
+        raise argparse.ArgumentTypeError(f"expected a cell diameter from {low:g} to {high:g} pixels, got {text!r}")
+    return v
+
+
 def _diameter(text: str):
-    return "auto" if text == "auto" else _positive_float(text)
+    return "auto" if text == "auto" else _cell_diameter(text)
+
+
+def check_scale(shape: tuple, diameter, model_diameter: float, *, what: str = "the image") -> None:
+    """Refuse a cell diameter that makes no sense for an image plane, or whose rescaling cannot fit in memory.
+
+    Counters rescale the image by ``model_diameter / diameter``; this runs before any allocation.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(rows, cols)`` of one plane.
+    diameter : float, "auto" or None
+        The diameter given (only numbers are checked).
+    model_diameter : float
+        The counter's training scale, or None for counters that do not rescale.
+
+    Raises
+    ------
+    ValueError
+        A diameter larger than twice the plane's longer side, or a rescaled plane that cannot fit.
+
+    Examples
+    --------
+    >>> check_scale((64, 64), 500.0, 15.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: a cell diameter of 500 px does not fit the image (64x64 pixels); expected the diameter of one cell, at most 128 px
+    """
+    if not isinstance(diameter, (int, float)) or isinstance(diameter, bool):
+        return
+    rows, cols = (int(s) for s in shape[-2:])
+    if diameter > 2 * max(rows, cols):
+        raise ValueError(f"a cell diameter of {diameter:g} px does not fit {what} ({rows}x{cols} pixels); "
+                         f"expected the diameter of one cell, at most {2 * max(rows, cols)} px")
+    if model_diameter:
+        factor = float(model_diameter) / float(diameter)
+        # float32 copies of the plane at the model scale: input, density, blending weights, labels (~12 per pixel).
+        io.require_memory(48.0 * rows * cols * factor * factor,
+                          what=f"counting {what} ({rows}x{cols}) rescaled by {factor:.3g} to the model's scale "
+                               f"(cells of {diameter:g} px to {float(model_diameter):g} px)",
+                          hint="check --diameter (cell diameter in pixels), or count a crop")
+
+
+def _plane_shape(image: np.ndarray, channel_axis) -> tuple:
+    """``(rows, cols)`` of the planes the counter sees (the channel axis left out)."""
+    if channel_axis is None and image.ndim >= 3 and image.shape[-1] <= 4:
+        channel_axis = image.ndim - 1
+    axes = [i for i in range(image.ndim) if channel_axis is None or i != channel_axis % image.ndim]
+    return tuple(image.shape[i] for i in axes[-2:])
 
 
 def register(subparsers) -> None:
@@ -80,7 +142,7 @@ def register(subparsers) -> None:
     t.add_argument("--val-fraction", type=float, default=0.2)
     t.add_argument("--cutmix-p", type=float, default=0.5)
     t.add_argument("--cutmix-alpha", type=float, default=1.0)
-    t.add_argument("--diameter", type=_positive_float, default=None, help="cell diameter of the training images in pixels")
+    t.add_argument("--diameter", type=_cell_diameter, default=None, help="cell diameter of the training images in pixels")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -133,10 +195,17 @@ def _count(args) -> int:
 
     if args.out:
         io.prepare_output(args.out, overwrite=args.overwrite)
+    from .models import load_counter
+
     image, channel_axis = read_image_axes(args.image)
+    if image.ndim >= 2:
+        check_scale(_plane_shape(image, channel_axis), args.diameter, None, what=str(args.image))
+    counter = load_counter(args.model, device=args.device)
+    if counter.kind != "classic" and counter.config.get("rescale", True) and image.ndim >= 2:
+        check_scale(_plane_shape(image, channel_axis), args.diameter, counter.diameter, what=str(args.image))
     cb, close = _progress(args)
     try:
-        res = count_cells(image, model=args.model, diameter=args.diameter, channel=args.channel,
+        res = count_cells(image, counter=counter, diameter=args.diameter, channel=args.channel,
                           channel_axis=channel_axis, device=args.device, tile=args.tile, overlap=args.overlap,
                           batch_size=args.batch_size, progress=cb)
     finally:

@@ -114,11 +114,31 @@ def read_image_axes(path: Union[str, os.PathLike]) -> tuple[np.ndarray, Optional
         raise ValueError(f"{path}: unsupported image type {path.suffix!r}; expected one of {IMAGE_SUFFIXES}")
     from skimage.io import imread
 
+    kind = path.suffix.lstrip(".").upper()
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes); expected a {kind} image")
+    _require_decoded_memory(path)
     try:
         data = np.asarray(imread(str(path)))
+    except io.NotEnoughMemory:
+        raise
     except Exception as exc:  # truncated or corrupt files, whatever the decoder raises
-        raise ValueError(f"{path} is not a readable {path.suffix.lstrip('.').upper()} image: {exc}") from exc
+        raise ValueError(f"{path} is not a readable {kind} image: {io._first_line(exc)}") from exc
     return data, (data.ndim - 1 if data.ndim == 3 and data.shape[-1] in (3, 4) else None)
+
+
+def _require_decoded_memory(path: Path) -> None:
+    """Refuse a PNG/JPEG whose header declares more pixels than the free memory holds (before decoding)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            cols, rows = im.size
+            bands = len(im.getbands())
+    except Exception:  # unreadable header: the decoder names the problem below
+        return
+    io.require_memory(8.0 * rows * cols * bands, what=f"reading {path} ({rows}x{cols}, {bands} band(s))",
+                      hint="crop or downsample the image first")
 
 
 def _prepare(image, centres, *, channel, factor, norm, name) -> CountItem:

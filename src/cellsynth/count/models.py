@@ -144,15 +144,24 @@ def _state_dict_from_file(path: Path) -> dict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refusal and corrupt files alike
-        raise ValueError(
-            f"{path} could not be read as plain tensors (weights_only=True refused it or it is corrupt): {exc}"
-        ) from exc
+        raise ValueError(f"{path} could not be read as plain tensors (it holds other Python objects, which are "
+                         f"never unpickled, or it is corrupt: {_load_error(exc)})") from exc
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return obj
+
+
+def _load_error(exc: BaseException) -> str:
+    """The useful part of torch.load's refusal (its message runs over several lines of general advice)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = next((ln.strip() for ln in text.split(marker, 1)[1].splitlines() if ln.strip()), "")
+        return detail or type(exc).__name__
+    return io._first_line(exc)[:200]
 
 
 # Input scaling of the paper's public training code: 8-bit images to [0, 1], then
@@ -265,8 +274,9 @@ def load_counter(model: str | os.PathLike | Counter = "default", *, device: Any 
     state = _state_dict_from_file(weights)
     if cfg_path.is_file():
         cfg = io.read_json(cfg_path)
-        if cfg.get("format") != COUNTER_FORMAT or cfg.get("kind") not in KINDS:
+        if not isinstance(cfg, dict) or cfg.get("format") != COUNTER_FORMAT or cfg.get("kind") not in KINDS:
             raise ValueError(f"{cfg_path} is not a counter config (format {COUNTER_FORMAT!r}, kind in {KINDS})")
+        _check_config_numbers(cfg, cfg_path)
     else:
         cfg = _guess_config(state, weights)
     if cfg["kind"] == "classic":
@@ -288,12 +298,28 @@ def _build_loaded(cfg: dict, state: dict, where: Path):
         raise ValueError(f"weights in {where} hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}); "
                          "the model is broken, retrain it")
 
-    net = build_net(cfg)
+    try:
+        net = build_net(cfg)
+    except (KeyError, TypeError, ValueError, RuntimeError, AssertionError, IndexError) as exc:
+        raise ValueError(f"the config beside {where} does not describe a network that can be built "
+                         f"({type(exc).__name__}: {io._first_line(exc)})") from exc
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"weights in {where} do not fit the {cfg['kind']} counter config: {exc}") from exc
+        raise ValueError(f"weights in {where} do not fit the {cfg['kind']} counter config: "
+                         f"{io.state_dict_mismatch(net.state_dict(), state)}") from exc
     return net.float().eval()
+
+
+def _check_config_numbers(cfg: dict, where: Path) -> None:
+    """Refuse a counter config whose scale settings are not positive finite numbers."""
+    import math
+
+    for key in ("diameter", "sigma", "density_scale", "window", "blocks", "in_chans"):
+        if key in cfg:
+            v = cfg[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{where}: {key!r} must be a positive number, got {v!r}")
 
 
 def to_device(counter: Counter, device: Any = "auto") -> Counter:

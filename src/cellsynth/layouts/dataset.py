@@ -147,7 +147,8 @@ def _items_to_keep(root: Path, params: LayoutParams, seed: int, n: int, overwrit
         raise FileExistsError(f"{manifest_path} is not a layout dataset manifest (format {found!r}, expected "
                               f"{FORMAT!r}); choose an empty or new folder")
     for i, it in enumerate(old.get("items", [])):
-        bad = {k: it.get(k) for k, v in _names(i).items() if not isinstance(it, dict) or it.get(k) != v}
+        bad = {k: it.get(k) if isinstance(it, dict) else it for k, v in _names(i).items()
+               if not isinstance(it, dict) or it.get(k) != v}
         if bad:
             raise ValueError(f"{manifest_path}: item {i} names {bad}, expected {_names(i)}; this manifest was not "
                              "written by export_dataset, so nothing in that folder is replaced or removed")
@@ -231,9 +232,11 @@ def read_dataset(path: os.PathLike | str) -> LayoutDataset:
     if not manifest_path.is_file():
         raise FileNotFoundError(f"no manifest.json in {p}; expected a dataset folder written by export_dataset")
     doc = io.read_json(manifest_path)
-    if not isinstance(doc.get("items"), list):
-        raise ValueError(f"{manifest_path} has no 'items' list")
+    if not isinstance(doc, dict) or not isinstance(doc.get("items"), list):
+        raise ValueError(f"{manifest_path} has no 'items' list; expected a manifest written by export_dataset")
     for k, it in enumerate(doc["items"]):
+        if not isinstance(it, dict):
+            raise ValueError(f"{manifest_path}: item {k} is not an object with image/centres/n_cells")
         missing = [key for key in ("image", "centres", "n_cells") if key not in it]
         if missing:
             raise ValueError(f"{manifest_path}: item {k} lacks {missing}")

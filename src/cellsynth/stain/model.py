@@ -273,11 +273,25 @@ def load_stain_model(path: os.PathLike | str = "default", *, device: str = "auto
     doc = io.read_json(folder / "config.json")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{folder / 'config.json'} is not a staining model configuration (format {FORMAT!r})")
-    config = StainModelConfig.from_dict(doc["config"])
-    unet = build_unet(config)
-    state = load_file(str(folder / "model.safetensors"))
-    _check_finite(state, str(folder / "model.safetensors"))
-    unet.load_state_dict({k: v.float() for k, v in state.items()})
+    try:
+        config = StainModelConfig.from_dict(doc["config"])
+        unet = build_unet(config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+        raise ValueError(f"{folder / 'config.json'} does not describe a staining model that can be built "
+                         f"({type(exc).__name__}: {io._first_line(exc)})") from exc
+    weights = folder / "model.safetensors"
+    io.require_memory(2.0 * weights.stat().st_size, what=f"loading the weights in {weights}",
+                      hint="is this really a staining model folder?")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors' own error type for corrupt or truncated files
+        raise ValueError(f"{weights} is not a readable safetensors weights file: {io._first_line(exc)}") from exc
+    _check_finite(state, str(weights))
+    try:
+        unet.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as exc:
+        raise ValueError(f"weights in {weights} do not fit its config.json: "
+                         f"{io.state_dict_mismatch(unet.state_dict(), state)}") from exc
     dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)
     unet = (unet.to(dev) if dtype == torch.float32 else unet.to(dev, dtype)).eval()

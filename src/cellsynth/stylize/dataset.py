@@ -226,7 +226,8 @@ def _items_to_keep(root: Path, settings: dict, n: int, overwrite: bool) -> list:
     if not isinstance(old, dict) or not isinstance(old.get("stylize"), dict) or not isinstance(old.get("items"), list):
         raise FileExistsError(f"{manifest_path} is not a stylized dataset's manifest; choose an empty or new folder")
     for i, it in enumerate(old["items"]):
-        bad = {k: it.get(k) for k, v in _names(i).items() if it.get(k) not in (v, None)}
+        bad = ({k: it.get(k) for k, v in _names(i).items() if it.get(k) not in (v, None)} if isinstance(it, dict)
+               else {"item": it})
         if bad:
             raise ValueError(f"{manifest_path}: item {i} names {bad}, expected {_names(i)}; this manifest was not "
                              "written by stylize_dataset, so nothing in that folder is replaced or removed")
