@@ -45,7 +45,7 @@ def test_stain_adds_one_layer_per_channel_then_updates_in_place(make_napari_view
     w.form.guidance.value = False
     assert w.layer.value is src
     assert _click(qtbot, w, w.run_button) == "done", w.runner.last_error
-    names = [stain_layer_name(c) for c in CHANNELS]
+    names = [stain_layer_name(c, "bf") for c in CHANNELS]
     assert [l.name for l in viewer.layers] == ["bf"] + names
     dna = viewer.layers[names[0]]
     assert dna.data.shape == (32, 40) and dna.blending == "additive" and dna.colormap.name == "blue"
@@ -72,17 +72,17 @@ def test_stain_with_guidance_shows_round_masks(make_napari_viewer, qtbot, tiny_m
     w.form.guidance_strength.value = 0.5
     w.show_masks.value = True
     assert _click(qtbot, w, w.run_button) == "done", w.runner.last_error
-    mask = viewer.layers[round_mask_name("DNA", 1)]
+    mask = viewer.layers[round_mask_name("DNA", 1, "bf")]
     assert isinstance(mask, napari.layers.Labels) and mask.data.shape == (24, 24)
     assert mask.metadata["cellsynth"]["round"] == 1 and mask.metadata["cellsynth"]["backbone"] == "filters"
     assert set(np.unique(mask.data)) <= {0, 1}
-    assert viewer.layers[stain_layer_name("DNA")].metadata["cellsynth"]["nsc"]["k"] == 5
+    assert viewer.layers[stain_layer_name("DNA", "bf")].metadata["cellsynth"]["nsc"]["k"] == 5
     assert "mask guidance" in w.info.text()
     # a re-run without masks removes the earlier run's mask layers instead of leaving them stale
     w.show_masks.value = False
     assert _click(qtbot, w, w.run_button) == "done", w.runner.last_error
-    assert round_mask_name("DNA", 1) not in viewer.layers
-    assert stain_layer_name("DNA") in viewer.layers and "bf" in viewer.layers
+    assert round_mask_name("DNA", 1, "bf") not in viewer.layers
+    assert stain_layer_name("DNA", "bf") in viewer.layers and "bf" in viewer.layers
 
 
 def test_stain_cancel_leaves_viewer_unchanged(make_napari_viewer, qtbot, tiny_model):

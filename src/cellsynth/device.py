@@ -15,6 +15,7 @@ torch.float32
 from __future__ import annotations
 
 import contextlib
+import platform
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,9 +55,10 @@ def _mps_available() -> bool:
 def device_choices() -> list:
     """Device names for a menu, without importing torch at start-up.
 
-    The real :func:`available_devices` once torch is loaded, else the usual
-    names; an unavailable choice is refused with a clear error when a run
-    resolves it.
+    The real :func:`available_devices` once torch is loaded, else ``auto``,
+    ``cpu`` and the accelerators whose drivers are present (an NVIDIA driver,
+    Apple silicon); a choice torch cannot use is refused with a clear error
+    when a run resolves it.
 
     Examples
     --------
@@ -65,7 +67,21 @@ def device_choices() -> list:
     """
     if "torch" in sys.modules:
         return available_devices()
-    return ["auto", "cpu", "cuda", "mps"]
+    choices = ["auto", "cpu"]
+    if _nvidia_driver_present():
+        choices.append("cuda")
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        choices.append("mps")
+    return choices
+
+
+def _nvidia_driver_present() -> bool:
+    """Whether an NVIDIA driver is installed (cheap: no torch import); torch decides later if CUDA works."""
+    import os
+
+    if sys.platform == "win32":
+        return os.path.exists(os.path.join(os.environ.get("SystemRoot", r"C:\Windows"), "System32", "nvcuda.dll"))
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/usr/lib/wsl/lib/libcuda.so")
 
 
 def available_devices() -> list[str]:

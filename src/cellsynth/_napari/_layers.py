@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["upsert_layer", "provenance"]
+__all__ = ["upsert_layer", "provenance", "layer_class", "on_layer_renamed"]
 
 
 def provenance(operation: str, **fields: Any) -> dict:
@@ -41,7 +41,7 @@ def upsert_layer(viewer, name: str, layer_type: str, data: Any, *, metadata: Opt
         kwargs.setdefault("scale", tuple(like.scale[-ndim:]))
         kwargs.setdefault("translate", tuple(like.translate[-ndim:]))
     layer = viewer.layers[name] if name in viewer.layers else None
-    if layer is not None and layer._type_string != layer_type:
+    if layer is not None and not isinstance(layer, layer_class(layer_type)):
         layer = None
         name = _free_name(viewer, name)
     if layer is None:
@@ -57,6 +57,33 @@ def upsert_layer(viewer, name: str, layer_type: str, data: Any, *, metadata: Opt
             setattr(layer, key, kwargs[key])
     layer.metadata = {**layer.metadata, **(metadata or {})}
     return layer
+
+
+def on_layer_renamed(viewer, callback) -> None:
+    """Call ``callback()`` whenever a layer of ``viewer`` is renamed, layers added later included.
+
+    Widgets use it to keep their layer pickers showing the current names.
+    """
+    def safe(*_: Any) -> None:
+        try:
+            callback()
+        except RuntimeError:  # the widget was closed
+            pass
+
+    def hook(layer) -> None:
+        layer.events.name.connect(safe)
+
+    for layer in viewer.layers:
+        hook(layer)
+    viewer.layers.events.inserted.connect(lambda event: hook(event.value))
+
+
+def layer_class(layer_type: str):
+    """napari's layer class for ``"image"``, ``"labels"``, ``"points"`` or ``"shapes"`` (public API only)."""
+    from napari import layers
+
+    return {"image": layers.Image, "labels": layers.Labels, "points": layers.Points,
+            "shapes": layers.Shapes}[layer_type]
 
 
 def _free_name(viewer, name: str) -> str:

@@ -24,7 +24,29 @@ from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBox
 
 from ..progress import Cancelled, Progress
 
-__all__ = ["TaskRunner", "avoid_llvm_clash"]
+__all__ = ["TaskRunner", "avoid_llvm_clash", "dock_layout", "stop_all"]
+
+
+def dock_layout(widget: QWidget, footer: QWidget) -> QVBoxLayout:
+    """Give a dock widget a scroll area for its controls and a footer (the task panel) always in view.
+
+    Returns the layout inside the scroll area, so that a dock never grows taller than the screen.
+    """
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
+    inner = QWidget()
+    layout = QVBoxLayout(inner)
+    layout.setContentsMargins(0, 0, 0, 0)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setWidget(inner)
+    outer = QVBoxLayout(widget)
+    outer.addWidget(scroll, 1)
+    outer.addWidget(footer)
+    return layout
 
 
 def avoid_llvm_clash() -> bool:
@@ -55,6 +77,55 @@ class _Bridge(QObject):
     progress = Signal(object)
 
 
+class _Run:
+    """One task's thread-side state: cancel request, end of the work, and the worker kept alive until then."""
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.ended = threading.Event()
+        self.worker = None
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Ask the work to stop at its next progress step and wait for it; True when it ended."""
+        self.cancel.set()
+        return self.ended.wait(timeout)
+
+
+#: Runs whose work has not ended. Their workers stay referenced here, so that a closed widget
+#: (or viewer) never leaves a thread emitting through deleted Qt objects.
+_RUNS: set = set()
+
+
+def stop_all(timeout: float = 10.0) -> bool:
+    """Cancel every running task of every widget and wait for their threads; True when all ended.
+
+    Called when the application quits; a widget calls it for its own run when it is destroyed.
+    """
+    ok = True
+    for run in list(_RUNS):
+        ok = run.stop(timeout) and ok
+    return ok
+
+
+def _on_quit() -> None:
+    stop_all()
+
+
+_QUIT_HOOKED = False
+
+
+def _hook_quit() -> None:
+    global _QUIT_HOOKED
+    if _QUIT_HOOKED:
+        return
+    from qtpy.QtCore import QCoreApplication
+
+    app = QCoreApplication.instance()
+    if app is not None:
+        app.aboutToQuit.connect(_on_quit)
+        _QUIT_HOOKED = True
+
+
 class TaskRunner(QWidget):
     """Status line, progress bar and Cancel button for one long operation at a time.
 
@@ -71,9 +142,12 @@ class TaskRunner(QWidget):
         super().__init__(parent)
         self._bridge = _Bridge()
         self._bridge.progress.connect(self._on_progress)
-        self._cancel = threading.Event()
+        self._run: Optional[_Run] = None
+        self._alive = alive = {"yes": True}
         self.worker = None
         self.last_error: Optional[BaseException] = None
+        runs = self._runs = []  # this widget's runs, for its destroyed handler (which must not use self)
+        self.destroyed.connect(lambda *_: _widget_gone(alive, runs))
 
         self.status = QLabel("Ready")
         self.status.setWordWrap(True)
@@ -113,37 +187,61 @@ class TaskRunner(QWidget):
         if self.running:
             raise RuntimeError("a task is already running; wait for it or press Cancel")
         avoid_llvm_clash()
-        self._cancel.clear()
+        _hook_quit()
         self.last_error = None
-        cancel, bridge = self._cancel, self._bridge
+        run = self._run = _Run()
+        cancel, bridge = run.cancel, self._bridge
 
         def callback(p: Progress) -> None:
             if cancel.is_set():
                 raise Cancelled()
-            bridge.progress.emit(p)
+            try:
+                bridge.progress.emit(p)
+            except RuntimeError:  # the widget is gone: nobody waits for this result
+                cancel.set()
+                raise Cancelled() from None
 
         def work():
-            result = fn(progress=callback)
-            if cancel.is_set():
-                raise Cancelled()
-            return result
+            try:
+                result = fn(progress=callback)
+                if cancel.is_set():
+                    raise Cancelled()
+                return result
+            finally:
+                run.ended.set()
 
         self.status.setText(f"{label}…")
         self.bar.setRange(0, 0)  # busy until the first progress event
         self.cancel_button.setEnabled(True)
         self.busy.emit(True)
         worker = create_worker(work, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda result: self._finish("done", result, on_done))
-        worker.errored.connect(self._on_error)
+        alive = self._alive
+        worker.returned.connect(lambda result: alive["yes"] and self._finish("done", result, on_done))
+        worker.errored.connect(lambda exc: alive["yes"] and self._on_error(exc))
+        worker.finished.connect(lambda: _RUNS.discard(run))
+        run.worker = worker
+        _RUNS.add(run)
+        self._runs[:] = [r for r in self._runs if not r.ended.is_set()] + [run]
         self.worker = worker
         worker.start()
 
+    @property
+    def _cancel(self) -> threading.Event:
+        """The cancel request of the current run (a fresh, unset event when idle)."""
+        return self._run.cancel if self._run is not None else threading.Event()
+
     def cancel(self) -> None:
         """Ask the running task to stop at its next progress step."""
-        if self.running:
-            self._cancel.set()
+        if self.running and self._run is not None:
+            self._run.cancel.set()
             self.status.setText("Cancelling…")
             self.cancel_button.setEnabled(False)
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Cancel the running task and wait for its thread to end (for closing); True when it ended."""
+        if self._run is None:
+            return True
+        return self._run.stop(timeout)
 
     def wait(self, timeout_ms: int = 60000) -> None:
         """Block (processing Qt events) until the current task has finished; for scripts and tests."""
@@ -194,6 +292,10 @@ class TaskRunner(QWidget):
         self._report(exc)
         self._finish("error")
 
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        self.stop()
+        super().closeEvent(event)
+
     def _report(self, exc: BaseException) -> None:
         self.last_error = exc
         msg = str(exc) or type(exc).__name__
@@ -201,3 +303,10 @@ class TaskRunner(QWidget):
         if not isinstance(exc, (ValueError, TypeError, FileNotFoundError, FileExistsError)):
             traceback.print_exception(type(exc), exc, exc.__traceback__)
         show_error(msg)
+
+
+def _widget_gone(alive: dict, runs: list) -> None:
+    """A runner's widget was destroyed: its slots must not run, and its work must stop now."""
+    alive["yes"] = False
+    for run in runs:
+        run.stop()

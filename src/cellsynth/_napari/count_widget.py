@@ -8,14 +8,14 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, PushButton, SpinBox
 from napari.layers import Image, Points
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QWidget
 
 from ..device import device_choices
 from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, count_text, count_work, image_data,
                         refresh_count, result_name, show_points)
-from ._layers import provenance
+from ._layers import on_layer_renamed, provenance
 from ._models import recent_models, registry_events
-from ._tasks import TaskRunner
+from ._tasks import TaskRunner, dock_layout
 
 __all__ = ["CountWidget", "model_choices", "result_name"]
 
@@ -69,11 +69,10 @@ class CountWidget(QWidget):
 
         form = Container(widgets=[self.image, self.model, self.model_file, self.diameter, self.estimate_button,
                                   self.channel, self.device, self.run_button, self.threshold])
-        layout = QVBoxLayout(self)
+        layout = dock_layout(self, self.runner)
         layout.addWidget(form.native)
         layout.addWidget(self.count_label)
         layout.addWidget(self.legend)
-        layout.addWidget(self.runner)
         layout.addStretch(1)
 
         self.model.changed.connect(lambda v: setattr(self.model_file, "visible", v == "file"))
@@ -84,6 +83,7 @@ class CountWidget(QWidget):
         self.runner.busy.connect(lambda b: [setattr(w, "enabled", not b) for w in (self.run_button, self.estimate_button)])
         self.viewer.layers.events.inserted.connect(self.image.reset_choices)
         self.viewer.layers.events.removed.connect(self.image.reset_choices)
+        on_layer_renamed(self.viewer, self.image.reset_choices)
         self.viewer.layers.events.moved.connect(self.image.reset_choices)
         registry_events.changed.connect(self._models_changed)
         self.destroyed.connect(lambda *_: self._disconnect_registry())

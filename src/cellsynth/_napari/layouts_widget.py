@@ -8,13 +8,13 @@ import numpy as np
 from magicgui.widgets import CheckBox, Container, FileEdit, PushButton, SpinBox
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QWidget
 from superqt import QCollapsible
 
 from ..layouts import CELL_COLUMNS, LayoutParams, export_dataset, generate_layout, render_layout
 from ._layers import provenance, upsert_layer
 from ._params import ParamsForm
-from ._tasks import TaskRunner
+from ._tasks import TaskRunner, dock_layout
 
 __all__ = ["LayoutsWidget", "IMAGE", "LABELS", "CENTRES", "ELLIPSES", "ellipse_cells"]
 
@@ -58,13 +58,12 @@ class LayoutsWidget(QWidget):
         params_box.addWidget(self.form.native)
         controls = Container(widgets=[self.seed, self.generate_button, self.next_button, self.draw])
         export = Container(widgets=[self.folder, self.n_export, self.overwrite, self.export_button])
-        layout = QVBoxLayout(self)
+        layout = dock_layout(self, self.runner)
         layout.addWidget(params_box)
         layout.addWidget(controls.native)
         layout.addWidget(self.count_label)
         layout.addWidget(QLabel("<b>Dataset</b>"))
         layout.addWidget(export.native)
-        layout.addWidget(self.runner)
         layout.addStretch(1)
 
         self.generate_button.changed.connect(self.generate)

@@ -14,6 +14,7 @@ from qtpy.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QVBoxLayout, 
 from ..device import device_choices
 from ._counting import (LEGEND, DiameterField, channel_count, count_text, count_work, image_data, refresh_count,
                         result_name, show_points)
+from ._layers import on_layer_renamed
 from ._models import new_model_dir, registry_events, remember_model
 from ._tasks import TaskRunner
 from .count_widget import model_choices
@@ -148,6 +149,7 @@ class LoopWidget(QWidget):
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
                    self.viewer.layers.events.moved):
             ev.connect(self.image.reset_choices)
+        on_layer_renamed(self.viewer, self.image.reset_choices)
         registry_events.changed.connect(self._models_changed)
 
     # -- helpers -----------------------------------------------------------------

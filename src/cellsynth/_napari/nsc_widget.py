@@ -7,13 +7,13 @@ from typing import Optional
 import numpy as np
 from magicgui.widgets import ComboBox, Container, PushButton, SpinBox
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QWidget
 from superqt import QCollapsible
 
 from ..stain.params import BACKBONES, FOREGROUND_MODES, NSCParams
-from ._layers import provenance, upsert_layer
+from ._layers import on_layer_renamed, provenance, upsert_layer
 from ._params import ParamsForm
-from ._tasks import TaskRunner
+from ._tasks import TaskRunner, dock_layout
 
 __all__ = ["NSCWidget", "mask_layer_name"]
 
@@ -56,16 +56,16 @@ class NSCWidget(QWidget):
         box.addWidget(self.form.native)
         controls = Container(widgets=[self.layer, self.channel, self.backbone, self.foreground, self.device,
                                       self.run_button])
-        layout = QVBoxLayout(self)
+        layout = dock_layout(self, self.runner)
         layout.addWidget(controls.native)
         layout.addWidget(box)
         layout.addWidget(self.info)
-        layout.addWidget(self.runner)
         layout.addStretch(1)
         self.run_button.changed.connect(self.run)
         self.runner.busy.connect(lambda busy: setattr(self.run_button, "enabled", not busy))
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
+        on_layer_renamed(self.viewer, self._refresh)
 
     def _layer_choices(self, _widget=None) -> list:
         return [(layer.name, layer) for layer in image_layers(self.viewer)]

@@ -37,7 +37,47 @@ def _read_points(path: Any) -> list:
     kwargs: dict[str, Any] = {"name": p.stem, "metadata": {"cellsynth": {"source_file": str(p)}}}
     if features:
         kwargs["features"] = {k: np.asarray(v) for k, v in features.items()}
+    transform = world_transform(p, points)
+    if transform is not None:
+        kwargs["scale"], kwargs["translate"] = transform
     return [(points, kwargs, "points")]
+
+
+def world_transform(path: Path, points: np.ndarray) -> Optional[tuple[tuple, tuple]]:
+    """``(scale, translate)`` that map the pixel columns of a points CSV onto its world columns.
+
+    The writer stores both (``row``/``col`` and ``row_world``/``col_world``); fitting
+    ``world = pixel * scale + translate`` per axis gives the points back their place next
+    to the image they were counted in. An axis whose pixel values do not vary keeps scale 1
+    (its translate still puts the points at their world position). None without world columns.
+    """
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    names = (["plane"] if points.shape[1] == 3 else []) + ["row", "col"]
+    cols = [header.index(f"{n}_world") if f"{n}_world" in header else -1 for n in names]
+    if len(points) == 0 or min(cols) < 0:
+        return None
+    body = [r for r in rows[1:] if any(c.strip() for c in r)]
+    try:
+        world = np.array([[float(r[c]) for c in cols] for r in body], dtype=float)
+    except (ValueError, IndexError):
+        return None
+    if world.shape != points.shape or not np.all(np.isfinite(world)):
+        return None
+    scale, translate = [], []
+    for k in range(points.shape[1]):
+        x, y = points[:, k], world[:, k]
+        s = 1.0
+        if np.ptp(x) > 0:
+            s = float(np.polyfit(x, y, 1)[0])
+            if not np.isfinite(s) or s <= 0:
+                return None
+        scale.append(s)
+        translate.append(float(np.mean(y - s * x)))
+    return tuple(scale), tuple(translate)
 
 
 def write_points(path: str, data: Any, attributes: dict) -> list[str]:

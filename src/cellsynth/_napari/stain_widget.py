@@ -7,26 +7,34 @@ from pathlib import Path
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, PushButton, SpinBox
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QWidget
 from superqt import QCollapsible
 
 from ..stain.params import SCHEDULERS, NSCParams, StainParams
-from ._layers import provenance, upsert_layer
+from ._layers import on_layer_renamed, provenance, upsert_layer
 from ._params import ParamsForm
-from ._tasks import TaskRunner
+from ._tasks import TaskRunner, dock_layout
 from .nsc_widget import image_layers
 
 __all__ = ["StainWidget", "stain_layer_name", "round_mask_name"]
 
 
-def stain_layer_name(channel: str) -> str:
-    """Name of the Image layer of a virtual channel."""
-    return f"virtual {channel}"
+def stain_layer_name(channel: str, source: str) -> str:
+    """Name of the Image layer of a virtual channel stained from the layer called ``source``.
+
+    Each input has its own result layers, so staining a second image never replaces the first one's.
+    """
+    return f"{source} virtual {channel}"
 
 
-def round_mask_name(channel: str, round_i: int) -> str:
+def round_mask_name(channel: str, round_i: int, source: str) -> str:
     """Name of the Labels layer of the guidance mask of a channel in a round (1-based)."""
-    return f"virtual {channel} mask (round {round_i})"
+    return f"{source} virtual {channel} mask (round {round_i})"
+
+
+def _is_stain_result(layer) -> bool:
+    rec = layer.metadata.get("cellsynth", {}) if isinstance(layer.metadata, dict) else {}
+    return isinstance(rec, dict) and str(rec.get("operation", "")).startswith("stain.")
 
 
 class StainWidget(QWidget):
@@ -72,22 +80,21 @@ class StainWidget(QWidget):
         train_box.addWidget(Container(widgets=[self.train_data, self.train_out, self.train_epochs, self.train_crop,
                                                self.train_minutes, self.train_small, self.train_resume,
                                                self.train_button]).native)
-        layout = QVBoxLayout(self)
+        layout = dock_layout(self, self.runner)
         layout.addWidget(controls.native)
         layout.addWidget(box)
         layout.addWidget(train_box)
         layout.addWidget(self.info)
-        layout.addWidget(self.runner)
         layout.addStretch(1)
         self.run_button.changed.connect(self.run)
         self.train_button.changed.connect(lambda _value=None: self.train())
         self.runner.busy.connect(self._set_busy)
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
+        on_layer_renamed(self.viewer, self._refresh)
 
     def _layer_choices(self, _widget=None) -> list:
-        return [(layer.name, layer) for layer in image_layers(self.viewer)
-                if not layer.name.startswith("virtual ")]
+        return [(layer.name, layer) for layer in image_layers(self.viewer) if not _is_stain_result(layer)]
 
     def _refresh(self, event=None) -> None:
         self.layer.reset_choices()
@@ -177,9 +184,9 @@ class StainWidget(QWidget):
         meta = provenance("stain.virtual", model=pipe.source, params=params.to_dict(), seed=params.seed,
                           source=layer.name, **guidance)
         for i, (name, cmap) in enumerate(zip(out.channel_names, out.colormaps)):
-            upsert_layer(self.viewer, stain_layer_name(name), "image", out.images[i], metadata=meta, like=layer,
+            upsert_layer(self.viewer, stain_layer_name(name, layer.name), "image", out.images[i], metadata=meta, like=layer,
                          colormap=cmap, blending="additive", contrast_limits=(0.0, 1.0))
-        keep = {round_mask_name(name, r) for r in range(1, len(out.masks) + 1) for name in out.channel_names}
+        keep = {round_mask_name(name, r, layer.name) for r in range(1, len(out.masks) + 1) for name in out.channel_names}
         if not self.show_masks.value:
             keep = set()
         for old in [lay for lay in self.viewer.layers if lay.name not in keep]:
@@ -189,7 +196,7 @@ class StainWidget(QWidget):
         if self.show_masks.value:
             for r, masks in enumerate(out.masks, start=1):
                 for i, name in enumerate(out.channel_names):
-                    upsert_layer(self.viewer, round_mask_name(name, r), "labels", masks[i],
+                    upsert_layer(self.viewer, round_mask_name(name, r, layer.name), "labels", masks[i],
                                  metadata=provenance("stain.guidance_mask", round=r, channel=name, source=layer.name,
                                                      backbone=nsc_params.backbone),
                                  like=layer, opacity=0.4, visible=False)

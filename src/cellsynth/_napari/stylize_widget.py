@@ -7,16 +7,17 @@ from typing import Optional
 
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit, PushButton
+from napari.layers import Image
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, QPointF, Signal
 from qtpy.QtGui import QPainter, QPen, QPolygonF
-from qtpy.QtWidgets import QLabel, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QSizePolicy, QWidget
 from superqt import QCollapsible
 
 from ..stylize.params import StylizeParams, TrainParams
-from ._layers import provenance, upsert_layer
+from ._layers import on_layer_renamed, provenance, upsert_layer
 from ._params import ParamsForm
-from ._tasks import TaskRunner
+from ._tasks import TaskRunner, dock_layout
 
 __all__ = ["StylizeWidget", "LossCurve", "result_name", "PREVIEW_SIZE"]
 
@@ -125,7 +126,7 @@ class StylizeWidget(QWidget):
         train_box.addWidget(Container(widgets=[self.learning_rate, self.token_out, self.train_button]).native)
         train_box.addWidget(self.loss_curve)
         train_box.addWidget(self.token_label)
-        layout = QVBoxLayout(self)
+        layout = dock_layout(self, self.runner)
         layout.addWidget(top.native)
         layout.addWidget(params_box)
         layout.addWidget(Container(widgets=[self.preview, self.run_button]).native)
@@ -135,7 +136,6 @@ class StylizeWidget(QWidget):
                                                self.batch_overwrite, self.batch_button]).native)
         batch_box.addWidget(self.batch_label)
         layout.addWidget(batch_box)
-        layout.addWidget(self.runner)
         layout.addStretch(1)
 
         self.run_button.changed.connect(self.run)
@@ -144,11 +144,12 @@ class StylizeWidget(QWidget):
         self.runner.busy.connect(self._set_busy)
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
+        on_layer_renamed(self.viewer, self._refresh)
 
     # -- choices -----------------------------------------------------------------
 
     def _image_layers(self, widget=None) -> list:
-        return [layer for layer in self.viewer.layers if layer._type_string == "image"]
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
 
     def _refresh(self, event=None) -> None:
         self.content.reset_choices()

@@ -1,0 +1,197 @@
+"""The napari side under stress: closing mid-run, names per input, CSV round trips, docks that fit."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+torch = pytest.importorskip("torch")
+
+from cellsynth._napari.count_widget import CountWidget  # noqa: E402
+from cellsynth._napari.layouts_widget import LayoutsWidget  # noqa: E402
+from cellsynth._napari.loop_widget import LoopWidget  # noqa: E402
+from cellsynth._napari.nsc_widget import NSCWidget  # noqa: E402
+from cellsynth._napari.stain_widget import StainWidget, stain_layer_name  # noqa: E402
+from cellsynth._napari.stylize_widget import StylizeWidget  # noqa: E402
+
+NAPARI_DIR = Path(__file__).resolve().parents[1] / "src" / "cellsynth" / "_napari"
+WIDGETS = (CountWidget, StainWidget, NSCWidget, StylizeWidget, LayoutsWidget, LoopWidget)
+
+CLOSE_MID_RUN = textwrap.dedent(
+    """
+    import time
+    import numpy as np
+    import napari
+    from qtpy.QtCore import QCoreApplication
+    from cellsynth._napari.{module} import {widget}
+    from cellsynth.progress import report
+
+    viewer = napari.Viewer(show=True)
+    viewer.add_image(np.zeros((16, 16)))
+    dock = {widget}(viewer)
+    viewer.window.add_dock_widget(dock, name="under test")
+    state = {{"steps": 0, "ended": None}}
+
+    def work(progress):
+        try:
+            for i in range(3000):
+                time.sleep(0.01)
+                state["steps"] = i
+                report(progress, "steps", i + 1, 3000)
+            return "finished"
+        finally:
+            state["ended"] = time.monotonic()
+
+    dock.runner.start(work, on_done=lambda r: None, label="long")
+    while state["steps"] < 20:
+        QCoreApplication.processEvents()
+    closed = time.monotonic()
+    viewer.close()
+    del dock
+    import gc
+    for _ in range(200):
+        QCoreApplication.processEvents()
+        time.sleep(0.01)
+        gc.collect()
+    assert state["ended"] is not None and state["ended"] - closed < 2.0, state
+    print("stopped after", round(state["ended"] - closed, 2), "s")
+    """
+)
+
+needs_display = pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs an X server (pytest-xvfb)")
+
+
+@needs_display
+@pytest.mark.parametrize("module,widget", [("count_widget", "CountWidget"), ("stain_widget", "StainWidget")])
+def test_closing_napari_mid_run_stops_the_work_and_python_survives(module, widget):
+    res = subprocess.run([sys.executable, "-c", CLOSE_MID_RUN.format(module=module, widget=widget)],
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stopped after" in res.stdout
+    assert "has been deleted" not in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_stain_model(tmp_path_factory):
+    from cellsynth.stain.model import StainModelConfig, build_unet, save_stain_model
+
+    torch.manual_seed(0)
+    cfg = StainModelConfig(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8, sample_size=16,
+                           num_train_timesteps=20, attention_head_dim=4, dropout=0.0,
+                           condition_norm={"low": [0.0] * 3, "high": [255.0] * 3, "mean": [0.5] * 3,
+                                           "std": [0.3] * 3})
+    out = tmp_path_factory.mktemp("stain_model")
+    save_stain_model(build_unet(cfg), cfg, out)
+    return out
+
+
+def test_stain_results_are_named_after_their_input(make_napari_viewer, qtbot, tiny_stain_model, one_torch_thread):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    a = viewer.add_image(rng.integers(0, 255, (3, 24, 24)).astype(np.uint8), name="well A", scale=(1, 0.5, 0.5))
+    b = viewer.add_image(rng.integers(0, 255, (3, 16, 16)).astype(np.uint8), name="well B", scale=(1, 2.0, 2.0))
+    w = StainWidget(viewer)
+    w.model.value = tiny_stain_model
+    w.form.steps.value = 2
+    w.form.guidance.value = False
+    for layer in (a, b):
+        w.layer.value = layer
+        with qtbot.waitSignal(w.runner.finished, timeout=60000) as blocker:
+            w.run_button.native.click()
+        assert blocker.args == ["done"], w.runner.last_error
+    dna_a, dna_b = viewer.layers[stain_layer_name("DNA", "well A")], viewer.layers[stain_layer_name("DNA", "well B")]
+    assert dna_a is not dna_b
+    assert dna_a.data.shape == (24, 24) and tuple(dna_a.scale) == (0.5, 0.5)
+    assert dna_b.data.shape == (16, 16) and tuple(dna_b.scale) == (2.0, 2.0)
+    assert dna_a.metadata["cellsynth"]["source"] == "well A"
+    # result layers are not offered as brightfield inputs
+    assert [lay.name for lay in w.layer.choices] == ["well A", "well B"]
+
+
+def test_points_csv_round_trip_keeps_the_world_position(make_napari_viewer, tmp_path):
+    from cellsynth._napari.points_io import get_points_reader, write_points
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((40, 60)), scale=(0.5, 0.5), translate=(3.0, -2.0))
+    pts = viewer.add_points(np.array([[4.0, 10.0], [30.0, 55.0], [12.5, 7.25]]), scale=(0.5, 0.5),
+                            translate=(3.0, -2.0), features={"score": [0.9, 0.5, 1.0]}, name="cells")
+    path = tmp_path / "cells.csv"
+    write_points(str(path), pts.data, {"features": pts.features, "scale": pts.scale, "translate": pts.translate})
+    data, kwargs, kind = get_points_reader(str(path))(str(path))[0]
+    assert kind == "points"
+    np.testing.assert_allclose(data, pts.data)
+    np.testing.assert_allclose(kwargs["scale"], (0.5, 0.5))
+    np.testing.assert_allclose(kwargs["translate"], (3.0, -2.0))
+    # through napari's own open (as File > Open with this plugin)
+    [back] = viewer.open(str(path), plugin="napari-cellsynth")
+    world = np.array([back.data_to_world(p) for p in back.data])
+    np.testing.assert_allclose(world, [pts.data_to_world(p) for p in pts.data])
+    np.testing.assert_allclose(back.features["score"], [0.9, 0.5, 1.0])
+
+
+def test_a_points_csv_of_one_point_lands_at_its_world_position(tmp_path):
+    from cellsynth import io
+    from cellsynth._napari.points_io import world_transform
+
+    path = io.write_points_csv(tmp_path / "one.csv", np.array([[8.0, 4.0]]), scale=(0.25, 0.25), translate=(1, 1))
+    scale, translate = world_transform(path, np.array([[8.0, 4.0]]))
+    np.testing.assert_allclose(np.array([8.0, 4.0]) * scale + translate, [3.0, 2.0])
+
+
+def test_docks_scroll_instead_of_growing_past_a_1080p_screen(make_napari_viewer):
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.uint8), name="img")
+    for cls in WIDGETS:
+        w = cls(viewer)
+        viewer.window.add_dock_widget(w, name=cls.__name__)
+        assert w.findChildren(QScrollArea), f"{cls.__name__} has no scroll area"
+        assert w.minimumSizeHint().height() < 700, (cls.__name__, w.minimumSizeHint().height())
+        assert w.runner.isVisibleTo(w), f"{cls.__name__}: the task panel must stay in view"
+
+
+def test_device_menus_offer_only_devices_this_machine_has(make_napari_viewer, monkeypatch):
+    from cellsynth import device
+
+    monkeypatch.delitem(sys.modules, "torch")  # as at napari start-up, before any model is loaded
+    try:
+        choices = device.device_choices()
+    finally:
+        sys.modules["torch"] = torch
+    assert choices[:2] == ["auto", "cpu"]
+    assert ("cuda" in choices) == device._nvidia_driver_present()
+    assert ("mps" in choices) == (sys.platform == "darwin" and __import__("platform").machine() == "arm64")
+    viewer = make_napari_viewer()
+    real = set(device.available_devices())
+    for cls in (CountWidget, StainWidget, NSCWidget):
+        w = cls(viewer)
+        assert set(w.device.choices) <= real | {"auto", "cpu"}, (cls.__name__, w.device.choices)
+
+
+def test_layer_pickers_follow_a_renamed_layer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.zeros((3, 16, 16), np.uint8), name="before")
+    count, stain, nsc = CountWidget(viewer), StainWidget(viewer), NSCWidget(viewer)
+    layer.name = "after"
+
+    def labels(combo):
+        return [combo.native.itemText(i) for i in range(combo.native.count())]
+
+    assert labels(count.image) == ["after"]
+    assert labels(stain.layer) == ["after"]
+    assert "after" in labels(nsc.layer)
+
+
+def test_no_private_napari_attributes_are_used():
+    private = re.compile(r"\.(_type_string|_qt_window|_qt_viewer|qt_viewer|_dock_widgets|_layer_list|_canvas)\b")
+    found = [f"{p.name}:{i}" for p in NAPARI_DIR.glob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+    assert not found, found
