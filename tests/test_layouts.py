@@ -81,11 +81,12 @@ def test_dtypes_and_ranges():
 
 
 def test_cluster_count_and_spread_shape_the_layout():
-    tight = LayoutParams(shape=(256, 256), count_mean=60, count_std=0, clusters=(1, 1), cluster_spread=0.05,
+    # 30 cells fit in the tight cluster (more would spill into the nearest free room around it)
+    tight = LayoutParams(shape=(256, 256), count_mean=30, count_std=0, clusters=(1, 1), cluster_spread=0.05,
                          max_overlap=0.5)
     lay = generate_layout(tight, rng=3)
     spread = lay.centres.std(axis=0).mean()
-    loose = generate_layout(LayoutParams(shape=(256, 256), count_mean=60, count_std=0, clusters=(1, 1),
+    loose = generate_layout(LayoutParams(shape=(256, 256), count_mean=30, count_std=0, clusters=(1, 1),
                                          cluster_spread=0.3), rng=3)
     assert spread < 0.1 * 256 < loose.centres.std(axis=0).mean()
 
@@ -156,3 +157,33 @@ def test_a_cell_larger_than_the_image_is_refused_not_allocated():
     with pytest.raises(ValueError, match="cell_size .* must not exceed twice the image's longer side"):
         LayoutParams(shape=(64, 64), cell_size=1e6)
     assert LayoutParams(shape=(64, 64), cell_size=128).cell_size == 128
+
+
+def test_requested_counts_do_not_pile_up_at_a_bound():
+    from cellsynth.layouts.generate import requested_count
+
+    p = LayoutParams()
+    counts = np.array([requested_count(p, np.random.default_rng(s)) for s in range(2000)])
+    assert counts.min() >= p.count_min and counts.max() <= p.count_max
+    at_min = np.mean(counts == p.count_min)
+    near_min = np.mean((counts > p.count_min) & (counts <= p.count_min + 5)) / 5  # per count, just above
+    assert at_min < 2 * near_min + 0.005  # a clamp put 23 % of layouts at exactly 10
+    assert abs(counts.mean() - 101) < 10 and abs(counts.std() - 78) < 10  # before the image caps it
+    assert requested_count(LayoutParams(count_mean=37, count_std=0), np.random.default_rng(0)) == 37
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_crowded_clusters_still_place_what_was_asked(seed):
+    # 200 cells of 15 px on 256x256 fit; drawn only around 3-7 cluster centres, 150-185 were placed
+    lay = generate_layout(LayoutParams(count_mean=200, count_std=0), rng=seed)
+    assert lay.n_cells == 200
+    labels = lay.labels
+    areas = np.bincount(labels.ravel())[1:]
+    assert (areas > 0).all() and len(areas) == 200
+
+
+def test_a_full_image_stops_placing_without_exceeding_the_overlap_rule():
+    lay = generate_layout(LayoutParams(count_mean=600, count_std=0), rng=0)
+    assert 250 < lay.n_cells < 600  # the old generator saturated near 250; 600 do not fit at <= 10 % overlap
+    fg = np.count_nonzero(lay.labels) / lay.labels.size
+    assert fg > 0.6  # the image is really full

@@ -17,7 +17,7 @@ import numpy as np
 
 from .params import LayoutParams
 
-__all__ = ["Layout", "generate_layout", "render_layout", "ellipse_mask", "CELL_COLUMNS"]
+__all__ = ["Layout", "generate_layout", "render_layout", "ellipse_mask", "requested_count", "CELL_COLUMNS"]
 
 #: Columns of the per-cell table, in order.
 CELL_COLUMNS = ("label", "row", "col", "radius_row", "radius_col", "angle", "intensity")
@@ -131,10 +131,63 @@ class _Canvas:
         return self.labels[h:h + self.shape[0], h:h + self.shape[1]].copy()
 
 
+def requested_count(params: LayoutParams, rng: np.random.Generator) -> int:
+    """Draw the number of cells to request.
+
+    A gamma distribution with mean ``count_mean`` and standard deviation
+    ``count_std`` (cell counts are positive and right-skewed, as in IDCIA:
+    141 +- 123 per image), rounded and truncated to ``[count_min, count_max]``
+    by re-drawing, so that no count is more likely than its neighbours (a
+    clamp would pile the tails onto the bounds). ``count_std = 0`` always
+    requests ``count_mean``. After 64 misses (a range far in a tail) the
+    nearest bound is used.
+
+    Examples
+    --------
+    >>> p = LayoutParams(count_mean=50, count_std=30, count_min=10, count_max=60)
+    >>> counts = [requested_count(p, np.random.default_rng(s)) for s in range(400)]
+    >>> min(counts) >= 10 and max(counts) <= 60, counts.count(10) < 10
+    (True, True)
+    """
+    lo, hi = params.count_min, params.count_max
+    mean, std = params.count_mean, params.count_std
+    if std == 0 or mean == 0:
+        return int(np.clip(round(mean), lo, hi))
+    shape, scale = (mean / std) ** 2, std * std / mean
+    for _ in range(64):
+        n = round(rng.gamma(shape, scale))
+        if lo <= n <= hi:
+            return int(n)
+    return int(np.clip(round(mean), lo, hi))
+
+
+class _Room:
+    """Where a cell still fits: pixels at least ``need`` px from every placed cell (refreshed when stale)."""
+
+    def __init__(self, canvas: _Canvas, need: float) -> None:
+        self.canvas, self.need, self.stale, self.free = canvas, need, True, None
+
+    def candidates(self) -> np.ndarray:
+        if self.stale:
+            from scipy.ndimage import distance_transform_cdt
+
+            # chessboard distance <= Euclidean distance: a pixel counted free is free in a disc of that radius
+            dist = distance_transform_cdt(self.canvas.cropped() == 0, metric="chessboard")
+            self.free = np.flatnonzero(dist.ravel() >= self.need)
+            self.stale = False
+        return self.free
+
+
 def _sample_geometry(params: LayoutParams, rng: np.random.Generator):
-    """Place cells with the overlap rule; return (labels, table)."""
+    """Place cells with the overlap rule; return (labels, table).
+
+    Each cell is first drawn around its cluster centre; when ``max_tries`` such
+    draws all fail (a crowded cluster), it is drawn among the pixels where a cell
+    still fits, weighted by its cluster's Gaussian, so that the number placed
+    follows the number requested until the image itself is full.
+    """
     rows, cols = params.shape
-    n_target = int(np.clip(round(rng.normal(params.count_mean, params.count_std)), params.count_min, params.count_max))
+    n_target = requested_count(params, rng)
     n_clusters = int(rng.integers(params.clusters[0], params.clusters[1] + 1))
     centres = rng.uniform((0, 0), (rows, cols), size=(n_clusters, 2))
     spread = params.cluster_spread * min(rows, cols)
@@ -149,27 +202,47 @@ def _sample_geometry(params: LayoutParams, rng: np.random.Generator):
     angles = rng.uniform(-np.pi, np.pi, size=m) if params.rotation else np.zeros(m)
     intens = rng.uniform(params.intensity[0], params.intensity[1], size=n_target)
     canvas = _Canvas(params.shape, _half(half * hi))
+    room = _Room(canvas, max(1.0, half * lo))
     table = {c: [] for c in CELL_COLUMNS}
     k = 0
+
+    def place(r, c, t) -> bool:
+        nonlocal k
+        if not (0 <= r < rows and 0 <= c < cols) or canvas.labels[int(r) + canvas.h, int(c) + canvas.h]:
+            return False
+        sl, mask = canvas.stencil(r, c, radii[t, 0], radii[t, 1], angles[t])
+        win = canvas.labels[sl]
+        under = win[mask]
+        if np.count_nonzero(under) > params.max_overlap * under.size:
+            return False
+        k += 1
+        mask[mask] = under == 0
+        win[mask] = k
+        for col, v in zip(CELL_COLUMNS, (k, r, c, radii[t, 0], radii[t, 1], angles[t], intens[i])):
+            table[col].append(v)
+        room.stale = True
+        return True
+
+    full = False
     for i in range(n_target):
         base = centres[which[i]]
-        for t in range(i * max_tries, (i + 1) * max_tries):
-            r, c = base + offsets[t]
-            if not (0 <= r < rows and 0 <= c < cols):
-                continue
-            if canvas.labels[int(r) + canvas.h, int(c) + canvas.h]:
-                continue
-            sl, mask = canvas.stencil(r, c, radii[t, 0], radii[t, 1], angles[t])
-            win = canvas.labels[sl]
-            under = win[mask]
-            if np.count_nonzero(under) > params.max_overlap * under.size:
-                continue
-            k += 1
-            mask[mask] = under == 0
-            win[mask] = k
-            for col, v in zip(CELL_COLUMNS, (k, r, c, radii[t, 0], radii[t, 1], angles[t], intens[i])):
-                table[col].append(v)
-            break
+        tries = range(i * max_tries, (i + 1) * max_tries)
+        if any(place(*(base + offsets[t]), t) for t in tries) or full:
+            continue
+        free = room.candidates()  # the cluster is crowded: where in the image does a cell still fit?
+        if free.size == 0:
+            full = True  # no room anywhere: the remaining cells cannot be placed
+            continue
+        fr, fc = np.divmod(free, cols)
+        s2 = 2.0 * max(spread, 1.0) ** 2
+        weight = np.exp(-(np.arange(rows) - base[0]) ** 2 / s2)[fr] * np.exp(-(np.arange(cols) - base[1]) ** 2 / s2)[fc]
+        total = weight.sum()
+        pick = rng.choice(free.size, size=min(max_tries, free.size), replace=False,
+                          p=weight / total if total > 0 else None)
+        jitter = rng.uniform(0.0, 1.0, size=(pick.size, 2))
+        for j, t in zip(range(pick.size), tries):
+            if place(fr[pick[j]] + jitter[j, 0], fc[pick[j]] + jitter[j, 1], t):
+                break
     labels = canvas.cropped()
     out = {c: np.asarray(v, dtype=np.uint16 if c == "label" else float) for c, v in table.items()}
     return labels, out if k else _empty_table()

@@ -22,7 +22,10 @@ class LayoutParams:
     The defaults follow the InST-Microscopy paper (3-7 clusters, 15 px cells,
     at most 10 % overlap, at most 600 cells) and the public generator's
     appearance (background 10-30 plus N(0, 5) noise, contrast x0.8-1.2,
-    brightness -20..20, 8-bit output). ``count_mean``/``count_std`` are set so
+    brightness -20..20, 8-bit output). The requested count follows a gamma
+    distribution of mean ``count_mean`` and std ``count_std``, truncated to
+    ``[count_min, count_max]`` by re-drawing (see
+    :func:`~cellsynth.layouts.generate.requested_count`); the defaults are set so
     that the *placed* counts of 256x256 layouts reproduce the paper's Table 1
     (101.32 +- 76.43 cells per image); ``benchmarks/bench_layouts.py`` measures it.
 
@@ -42,10 +45,10 @@ class LayoutParams:
     """
 
     shape: tuple[int, int] = _f((256, 256), "image size (rows, cols) in pixels", low=8, high=16384)
-    count_mean: float = _f(102.0, "mean of the normal distribution of requested cell counts", low=0.0)
-    count_std: float = _f(140.0, "standard deviation of the requested cell count", low=0.0)
-    count_min: int = _f(10, "smallest requested cell count (clamp)", low=0)
-    count_max: int = _f(600, "largest requested cell count (clamp)", low=0, high=100000)
+    count_mean: float = _f(92.0, "mean of the (gamma) distribution of requested cell counts", low=0.0)
+    count_std: float = _f(80.0, "standard deviation of the requested cell count (0: always count_mean)", low=0.0)
+    count_min: int = _f(10, "smallest requested cell count (smaller draws are re-drawn)", low=0)
+    count_max: int = _f(600, "largest requested cell count (larger draws are re-drawn)", low=0, high=100000)
     clusters: tuple[int, int] = _f((3, 7), "range of the number of cluster centres (inclusive)", low=1, high=1000)
     cluster_spread: float = _f(
         0.2, "standard deviation of cell positions around their cluster centre, as a fraction of the shorter image side", low=0.0
