@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--screenshot", metavar="PNG", help="save a screenshot of the window once drawn, then exit")
     demo.add_argument("--seed", type=int, default=0, help="seed of the sample layout")
     demo.set_defaults(func=_demo)
+    st = sub.add_parser("settings", help="show or change the settings shared with napari",
+                        description="Show the settings (default device, model cache folder, default counter, "
+                                    "downloads without asking) and where each value comes from, or change them "
+                                    "in the settings file that napari's Preferences > CellSynth page also edits.")
+    st.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="change a setting in the settings file (repeatable), e.g. --set device=cpu")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=_settings)
     return parser
 
 
@@ -55,6 +63,39 @@ def _demo(args) -> int:
     from ._napari.demo import run_demo
 
     return run_demo(screenshot=args.screenshot, seed=args.seed)
+
+
+def _settings(args) -> int:
+    import json
+
+    from .settings import ENV, save_settings, setting_sources, settings_path
+
+    changes = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in ENV:
+            raise ValueError(f"--set expects NAME=VALUE with NAME one of {sorted(ENV)}, got {item!r}")
+        changes[name.strip()] = value.strip()
+    if changes:
+        save_settings(**changes)
+    sources = setting_sources()
+    if args.json:
+        print(json.dumps({"file": str(settings_path()),
+                          "settings": {k: {"value": v, "source": s} for k, (v, s) in sources.items()}}))
+    else:
+        print(f"settings file: {settings_path()}")
+        for name, (value, source) in sources.items():
+            print(f"{name} = {json.dumps(value)}  ({source})")
+    return 0
+
+
+def _ask_on_terminal(what: str) -> bool:
+    """Ask on the terminal before a download (the ``download_without_asking`` setting skips this)."""
+    try:
+        answer = input(f"download {what}? [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -98,6 +139,10 @@ def _one_line(message: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if sys.stdin is not None and sys.stdin.isatty():
+        from .settings import set_download_confirmer
+
+        set_download_confirmer(_ask_on_terminal)
     try:
         with _sigterm_as_interrupt():
             return int(args.func(args) or 0)

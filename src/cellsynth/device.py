@@ -143,6 +143,11 @@ def resolve_device(device: DeviceLike = "auto") -> torch.device:
     if isinstance(device, str):
         name = device.strip().lower()
         if name == "auto":
+            from .settings import load_settings
+
+            preferred = load_settings().device
+            if preferred != "auto":  # the settings' default device
+                return resolve_device(preferred)
             if torch.cuda.is_available():
                 return torch.device("cuda")
             return torch.device("mps" if _mps_available() else "cpu")

@@ -276,7 +276,8 @@ def resolve(
     name_or_path : str or os.PathLike
         A key of :data:`REGISTRY`, or a path to a folder or file.
     cache_dir : str or os.PathLike, optional
-        Hub cache folder; the hub's default (``HF_HUB_CACHE``) when omitted.
+        Hub cache folder; when omitted, the ``cache_dir`` setting
+        (:mod:`cellsynth.settings`), else the hub's default (``HF_HUB_CACHE``).
     offline : bool, optional
         Never touch the network. Defaults to the ``HF_HUB_OFFLINE`` environment variable.
     progress : ProgressCallback, optional
@@ -336,6 +337,10 @@ def resolve(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    if cache_dir is None:
+        from .settings import load_settings
+
+        cache_dir = load_settings().cache_dir or None
     hub_args = dict(revision=spec.revision, allow_patterns=list(spec.files), cache_dir=cache_dir)
     try:
         cached = Path(snapshot_download(spec.repo_id, local_files_only=True, **hub_args))
@@ -348,6 +353,11 @@ def resolve(
         offline = _offline_from_env()
     if offline:
         raise _not_found(spec, "offline mode is on and the hub cache does not hold them.")
+    from .settings import confirm_download
+
+    if not confirm_download(f"{spec.description}: {spec.repo_id}, about {spec.size_mb:g} MB"):
+        raise _not_found(spec, "the download was declined (set download_without_asking to download without "
+                               "a question).")
 
     tqdm_class = None if progress is None else _progress_tqdm(progress, f"download {spec.name}")
     try:

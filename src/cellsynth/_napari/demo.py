@@ -1,4 +1,4 @@
-"""``cellsynth demo``: napari with every CellSynth widget and the sample layout."""
+"""``cellsynth demo``: napari with every CellSynth widget and every sample (the layout shown, the others listed)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,28 @@ PLUGIN = "napari-cellsynth"
 
 
 def open_viewer(*, seed: int = 0, show: bool = True):
-    """A napari viewer with the sample layout loaded and every plugin widget docked."""
+    """A napari viewer with every plugin widget docked and every sample open.
+
+    The sample layout (``seed``) is shown; the layers of the other samples (real
+    nuclei, simulated brightfield stack with its fluorescence, layout and style
+    image) are in the layer list, hidden, ready for the widgets they are for.
+    """
     import napari
     from npe2 import PluginManager
 
     from .sample import sample_layout
 
     viewer = napari.Viewer(title="CellSynth", show=show)
+    manifest = PluginManager.instance().get_manifest(PLUGIN)
+    for contrib in manifest.contributions.sample_data or []:
+        if contrib.key == "layout":
+            continue
+        before = len(viewer.layers)
+        viewer.open_sample(PLUGIN, contrib.key)
+        for layer in list(viewer.layers)[before:]:
+            layer.visible = False
     for data, kwargs, kind in sample_layout(seed):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
-    manifest = PluginManager.instance().get_manifest(PLUGIN)
     for widget in manifest.contributions.widgets or []:
         viewer.window.add_plugin_dock_widget(PLUGIN, widget.display_name, tabify=True)
     return viewer

@@ -99,7 +99,9 @@ def register(subparsers) -> None:
     """Add ``count``, ``train-counter`` and ``evaluate-counter`` to ``subparsers``."""
     p = subparsers.add_parser("count", help="count cells in an image", description="Count cells in an image and print the count.")
     p.add_argument("image", help="image file (TIFF, PNG, JPEG); stacks are counted plane by plane")
-    p.add_argument("--model", default="default", help="'default', 'classic' or a model folder/file (default: default)")
+    p.add_argument("--model", default=None,
+                   help="'default', 'classic', a model folder/file or a bioimage.io .zip exported here "
+                        "(default: the default_counter setting, see cellsynth settings; out of the box 'default')")
     p.add_argument("--diameter", type=_diameter, default="auto",
                    help="cell diameter in pixels, or 'auto' to estimate it from the image (default: auto)")
     p.add_argument("--channel", type=int, default=None, help="channel of a multichannel image (default: max over channels)")
@@ -190,6 +192,10 @@ def _progress(args):
 
 
 def _count(args) -> int:
+    if args.model is None:
+        from ..settings import load_settings
+
+        args.model = load_settings().default_counter
     from . import count_cells
     from .data import read_image_axes
 
@@ -319,4 +325,3 @@ def _export(args) -> int:
         status = "not run" if res.test is None else res.test["status"]
         print(f"wrote {res.path} ({', '.join(res.weight_formats)}; bioimageio.core test: {status})")
     return 0
-
