@@ -9,7 +9,7 @@ from skimage.draw import disk
 
 from cellsynth.count import ClassicParams, count_cells, density_peaks, estimate_diameter, load_counter
 from cellsynth.count.data import CountItem, centres_from_labels, load_count_data, sample_crop, split_items
-from cellsynth.count.infer import tile_starts
+from cellsynth.count.infer import tile_layout, tile_starts
 from cellsynth.count.preprocess import normalize_image, split_planes
 from cellsynth.count.targets import centre_map, count_in_box, cutmix, density_target
 from cellsynth.layouts import LayoutParams, export_dataset, generate_layout
@@ -137,6 +137,18 @@ def test_peaks_to_points_exact_on_a_synthetic_density():
     # a blob with a fifth of a cell's mass is below the default threshold (0.3 of a lone peak)
     weak = density_peaks(0.2 * density_target([[20, 20]], (40, 40)), min_distance=4)[0]
     assert len(weak) == 0
+
+
+def test_tile_layout_covers_with_overlap_and_fewer_pixels():
+    for length in (64, 65, 200, 256, 600, 2100, 2112):
+        for tile, ov in ((64, 16), (256, 32), (512, 32)):
+            side, s = tile_layout(length, tile, ov)
+            assert side % 16 == 0 and side <= max(tile, int(np.ceil(length / 16) * 16))
+            assert s[0] == 0 and s[-1] + side >= length and (length <= tile or s[-1] + side == length)
+            assert all(side - (b - a) >= ov for a, b in zip(s, s[1:]))
+            # never more tiles, nor more pixels, than fixed-size tiles
+            fixed = tile_starts(length, tile, ov)
+            assert len(s) <= len(fixed) and len(s) * side <= max(len(fixed) * tile, side)
 
 
 def test_tile_starts_cover_with_overlap():
@@ -397,3 +409,45 @@ def test_absurd_scales_are_refused_before_allocating(monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
     with pytest.raises(ValueError, match="needs about"):
         count_cells(img, counter=tiny, diameter=None)
+
+
+def test_fast_local_maxima_equal_scikit_image_peaks_also_with_ties():
+    from scipy.ndimage import gaussian_filter
+    from skimage.feature import peak_local_max
+
+    from cellsynth.count.infer import _local_maxima
+
+    rng = np.random.default_rng(0)
+    n_ties = 0
+    for i in range(60):
+        d = gaussian_filter(rng.random((int(rng.integers(5, 90)), int(rng.integers(5, 90)))), rng.uniform(0.5, 3))
+        if i % 2:
+            d = np.round(d * rng.integers(3, 30)) / 10  # plateaus: equal neighbouring maxima
+        d = d.astype(np.float32)
+        md, thr = int(rng.integers(1, 6)), float(np.quantile(d, rng.uniform(0, 0.9)))
+        want = peak_local_max(d, min_distance=md, threshold_abs=thr, exclude_border=False)
+        got = _local_maxima(d, md, thr)
+        assert sorted(map(tuple, got)) == sorted(map(tuple, want))
+        n_ties += int(len(np.unique(d[tuple(want.T)])) < len(want)) if len(want) else 0
+    assert n_ties > 5  # the tie-breaking path was exercised
+
+
+def test_object_centroids_are_intensity_weighted_centres_of_mass():
+    from scipy.ndimage import center_of_mass, gaussian_filter, label
+
+    from cellsynth.count.objects import ObjectParams, reconcile_with_objects
+
+    rng = np.random.default_rng(1)
+    img = np.zeros((120, 160), np.float32)
+    for r, c in rng.uniform(10, 110, (12, 2)):
+        img[disk((r, c * 1.3), 5, shape=img.shape)] += rng.uniform(0.5, 1.0)
+    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+    pts, _ = reconcile_with_objects(img, np.zeros((0, 2)), np.zeros(0), np.full(img.shape, 1e-3, np.float32),
+                                    diameter=10.0, params=ObjectParams(min_area=0.0))
+    sigma = max(0.5, ObjectParams().outline_sigma * 10.0)
+    from cellsynth.count.classic import foreground_threshold
+    smooth = gaussian_filter(img, sigma)
+    labels, k = label(smooth > foreground_threshold(img, smooth, sigma=sigma))
+    want = np.array(center_of_mass(np.clip(img, 0, None) + 1e-6, labels, np.arange(1, k + 1)))
+    assert k >= 5 and len(pts) == k
+    np.testing.assert_allclose(np.sort(pts, axis=0), np.sort(want, axis=0), atol=1e-6)

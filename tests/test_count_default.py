@@ -64,12 +64,12 @@ def test_default_counts_held_out_layouts_within_5_percent(default):
 def test_default_cells_on_tile_seams_are_counted_once(default):
     from skimage.draw import ellipse
 
-    from cellsynth.count.infer import tile_starts
+    from cellsynth.count.infer import tile_layout
 
     tile, overlap, size = 128, 16, 300
-    starts = tile_starts(size + 2 * overlap, tile, overlap)
+    side, starts = tile_layout(size + 2 * overlap, tile, overlap)
     # first and last rows (and columns) of every tile, in image coordinates
-    seams = sorted({s - overlap for s in starts[1:]} | {s - overlap + tile - 1 for s in starts[:-1]})
+    seams = sorted({s - overlap for s in starts[1:]} | {s - overlap + side - 1 for s in starts[:-1]})
     seams = [s for s in seams if 8 <= s < size - 8]
     rows = [seams[0]] + [s for a, s in zip(seams, seams[1:]) if s - a >= 14]
     rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cellsynth.count import Counter, count_cells, counter_config, load_counter, save_counter
-from cellsynth.count.infer import tile_starts
+from cellsynth.count.infer import tile_layout
 from cellsynth.count.models import new_counter
 from cellsynth.count.preprocess import normalize_image
 from cellsynth.progress import Cancelled
@@ -144,7 +144,7 @@ def _mock(net):
 
 def _seam_positions(length, tile, overlap):
     """Image coordinates of the tile edges (where a tile's context ends)."""
-    starts = tile_starts(length + 2 * overlap, tile, overlap)
+    tile, starts = tile_layout(length + 2 * overlap, tile, overlap)
     edges = set()
     for s in starts[1:]:
         edges.add(s - overlap)  # first row of a tile
@@ -159,7 +159,8 @@ def test_cells_on_tile_seams_are_counted_once_not_twice_or_missed():
     tile, overlap, size = 64, 16, 150
     seams = _seam_positions(size, tile, overlap)
     assert len(seams) >= 4
-    centres = [(r, c) for r in seams for c in seams] + [(r, 64) for r in seams]
+    inner = max(range(10, size - 10), key=lambda c: min(abs(c - s) for s in seams))  # a column inside tiles
+    centres = [(r, c) for r in seams for c in seams] + [(r, inner) for r in seams]
     img = np.zeros((size, size), np.float32)
     for rc in centres:
         img[disk(rc, 2.5, shape=img.shape)] = 1.0

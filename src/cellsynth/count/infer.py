@@ -26,7 +26,7 @@ from .models import Counter, load_counter
 from .objects import ObjectParams, reconcile_with_objects
 from .preprocess import normalize_image, rescale_plane, split_planes
 
-__all__ = ["CountResult", "count_cells", "density_peaks", "tile_starts"]
+__all__ = ["CountResult", "count_cells", "density_peaks", "tile_layout", "tile_starts"]
 
 
 @dataclass
@@ -94,6 +94,30 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
+def tile_layout(length: int, tile: int, overlap: int, multiple: int = 16) -> tuple[int, list[int]]:
+    """Side and start offsets of the fewest tiles of at most ``tile`` pixels covering ``length``.
+
+    Neighbouring tiles share at least ``overlap`` pixels; the tiles are made
+    as small as that allows (a multiple of ``multiple``) and spread evenly, so
+    little is computed twice: 2112 px with ``tile=256, overlap=32`` takes ten
+    tiles of 240 px instead of ten of 256 px. ``length <= tile`` gives one tile
+    (``length`` rounded up to ``multiple``; the caller pads).
+
+    Examples
+    --------
+    >>> tile_layout(2112, 256, 32)
+    (240, [0, 208, 416, 624, 832, 1040, 1248, 1456, 1664, 1872])
+    >>> tile_layout(100, 256, 32)
+    (112, [0])
+    """
+    if length <= tile:
+        return int(np.ceil(length / multiple) * multiple), [0]
+    n = int(np.ceil((length - overlap) / (tile - overlap)))
+    t = min(int(tile), int(np.ceil((length + (n - 1) * overlap) / n / multiple) * multiple))
+    starts = np.round(np.linspace(0, length - t, n)).astype(int)
+    return t, sorted(set(int(x) for x in starts))
+
+
 def _blend_window(tile: int, overlap: int) -> np.ndarray:
     if overlap <= 0:
         return np.ones((tile, tile), np.float32)
@@ -108,6 +132,36 @@ def _lone_peak(sigma: float) -> float:
 
     c = int(np.ceil(4 * sigma)) + 2
     return float(density_target([[c, c]], (2 * c + 1, 2 * c + 1), sigma=sigma).max())
+
+
+def _local_maxima(d: np.ndarray, min_distance: int, threshold: float) -> np.ndarray:
+    """``skimage.feature.peak_local_max(d, min_distance, threshold_abs=threshold, exclude_border=False)``, faster.
+
+    A pixel that is the maximum of its ``(2 min_distance + 1)`` square window is
+    at least ``min_distance`` away (Chebyshev) from every other such pixel, unless
+    the two are equal; only those rare ties go through scikit-image's spacing
+    rule, instead of every peak (the same peaks, in a fraction of the time on
+    images with thousands of cells).
+    """
+    from scipy.ndimage import maximum_filter
+    from scipy.spatial import cKDTree
+    from skimage.feature import peak_local_max
+
+    size = 2 * min_distance + 1
+    cand = np.argwhere((d == maximum_filter(d, size=size, mode="nearest")) & (d > threshold))
+    if len(cand) < 2:
+        return cand.reshape(-1, 2)
+    pairs = cKDTree(cand).query_pairs(r=min_distance, p=np.inf, output_type="ndarray")
+    if len(pairs) == 0:
+        return cand[np.argsort(-d[cand[:, 0], cand[:, 1]], kind="stable")]
+    # ties: let scikit-image's rule pick among them, on a map of the tied pixels only
+    tied = np.zeros(len(cand), bool)
+    tied[pairs.ravel()] = True
+    sub = np.zeros_like(d)
+    sub[cand[tied, 0], cand[tied, 1]] = d[cand[tied, 0], cand[tied, 1]]
+    kept = peak_local_max(sub, min_distance=min_distance, threshold_abs=threshold, exclude_border=False)
+    out = np.concatenate([cand[~tied], kept.reshape(-1, 2)])
+    return out[np.argsort(-d[out[:, 0], out[:, 1]], kind="stable")]
 
 
 def density_peaks(
@@ -141,13 +195,9 @@ def density_peaks(
     >>> np.round(pts, 2).tolist(), np.round(scores, 2).tolist()
     ([[10.0, 12.0], [30.0, 40.0]], [1.0, 1.0])
     """
-    from skimage.feature import peak_local_max
-
     d = np.asarray(density, np.float32)
     lone = _lone_peak(float(sigma))
-    pts = peak_local_max(
-        d, min_distance=max(1, int(round(min_distance))), threshold_abs=threshold * lone, exclude_border=False
-    ).reshape(-1, 2)
+    pts = _local_maxima(d, max(1, int(round(min_distance))), threshold * lone)
     if len(pts) == 0:
         return np.zeros((0, 2)), np.zeros(0)
     scores = d[pts[:, 0], pts[:, 1]] / lone
@@ -211,12 +261,12 @@ def _plane_tiles(plane: np.ndarray, tile: int, overlap: int, multiple: int):
         m = 0
         padded = plane
     rows, cols = padded.shape
-    t_r = tile if rows >= tile else int(np.ceil(rows / multiple) * multiple)
-    t_c = tile if cols >= tile else int(np.ceil(cols / multiple) * multiple)
     if overlap > 0:
-        rs, cs = tile_starts(rows, t_r, overlap), tile_starts(cols, t_c, overlap)
+        (t_r, rs), (t_c, cs) = tile_layout(rows, tile, overlap, multiple), tile_layout(cols, tile, overlap, multiple)
         padded = _pad_to(padded, max(rows, t_r), max(cols, t_c))
     else:
+        t_r = tile if rows >= tile else int(np.ceil(rows / multiple) * multiple)
+        t_c = tile if cols >= tile else int(np.ceil(cols / multiple) * multiple)
         rs = list(range(0, rows, t_r))
         cs = list(range(0, cols, t_c))
         padded = _pad_to(padded, rs[-1] + t_r, cs[-1] + t_c)
@@ -257,7 +307,7 @@ def _n_tiles(shape, kind, tile, overlap) -> int:
     rows, cols = shape
     if kind == "density" and overlap > 0:
         rows, cols = rows + 2 * overlap, cols + 2 * overlap
-        return len(tile_starts(rows, min(tile, rows), overlap)) * len(tile_starts(cols, min(tile, cols), overlap))
+        return len(tile_layout(rows, tile, overlap)[1]) * len(tile_layout(cols, tile, overlap)[1])
     return int(np.ceil(rows / tile) * np.ceil(cols / tile))
 
 

