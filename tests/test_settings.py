@@ -110,3 +110,19 @@ def test_cli_count_uses_the_default_counter_setting(tmp_path, capsys):
     assert main(["settings", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["settings"]["default_counter"] == {"value": "classic", "source": str(settings_path())}
+
+
+def test_count_widget_starts_with_the_default_counter_setting(make_napari_viewer, monkeypatch, tmp_path):
+    from cellsynth._napari.count_widget import CountWidget
+
+    viewer = make_napari_viewer()
+    monkeypatch.setenv("CELLSYNTH_COUNTER", "classic")
+    assert CountWidget(viewer).model.value == "classic"
+    package = tmp_path / "mine.zip"
+    package.write_bytes(b"")
+    monkeypatch.setenv("CELLSYNTH_COUNTER", str(package))
+    w = CountWidget(viewer)
+    assert w.model.value == "file" and str(w.model_file.value) == str(package)
+    assert not w.model_file.native.isHidden()  # the file field is shown with it
+    monkeypatch.setenv("CELLSYNTH_COUNTER", str(tmp_path / "gone.zip"))
+    assert CountWidget(viewer).model.value == "default"  # a counter that is not there: the shipped one

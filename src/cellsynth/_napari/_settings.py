@@ -108,3 +108,25 @@ def activate(ctx: Any = None) -> None:
 
         show_warning(f"CellSynth settings: {exc}")
     shared.set_download_confirmer(_ask_with_dialog)
+
+
+def start_with_default_counter(model_box, file_box=None) -> None:
+    """Set a model choice box (and its model-file field) to the ``default_counter`` setting.
+
+    A name the box offers (``default``, ``classic``, a counter made here) is chosen
+    as is; a path to a counter file or folder goes into ``file_box`` with the box
+    on ``file``. A bad settings file leaves the box as it was.
+    """
+    from pathlib import Path
+
+    try:
+        name = shared.load_settings().default_counter
+    except (ValueError, TypeError):
+        return
+    values = list(model_box.choices)
+    if name in values:
+        model_box.value = name
+    elif file_box is not None and "file" in values and Path(name).expanduser().exists():
+        model_box.value = "file"
+        file_box.value = Path(name).expanduser()
+        file_box.visible = True

@@ -15,6 +15,7 @@ from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, c
                         refresh_count, result_name, show_points)
 from ._layers import on_layer_renamed, provenance
 from ._models import recent_models, registry_events
+from ._settings import start_with_default_counter
 from ._tasks import TaskRunner, dock_layout
 
 __all__ = ["CountWidget", "model_choices", "result_name"]
@@ -50,7 +51,9 @@ class CountWidget(QWidget):
                               tooltip="default: the shipped density counter; classic: seeded watershed in an "
                                       "Otsu mask, no weights; then the counters adapted or retrained here; "
                                       "file: a counter you trained")
-        self.model_file = FileEdit(label="model file", mode="r", filter="*.safetensors *.json", visible=False)
+        self.model_file = FileEdit(label="model file", mode="r", filter="*.safetensors *.json *.pt *.pth *.zip",
+                                   visible=False)
+        start_with_default_counter(self.model, self.model_file)
         self.diameter = DiameterField()
         self.estimate_button = PushButton(text="Estimate diameter")
         self.channel = SpinBox(label="channel", value=0, min=0, max=3, visible=False,
