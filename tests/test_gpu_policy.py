@@ -63,3 +63,31 @@ def test_half_frozen_models_train_a_float32_mapper(half, style, monkeypatch):
     assert any(not torch.equal(v, start[k]) for k, v in mapper.state_dict().items())  # it trained
     assert pipe.unet.dtype == half and all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in frozen.items())
     assert result.token.training["precision"] == result.precision
+
+
+def test_dtype_keyword_follows_the_installed_release(monkeypatch):
+    from cellsynth import device
+
+    releases = {"diffusers": (0, 39), "transformers": (4, 55)}
+    monkeypatch.setattr(device, "_release", lambda lib: releases[lib])
+    assert device.dtype_kwargs("diffusers", torch.float16) == {"torch_dtype": torch.float16}
+    assert device.dtype_kwargs("transformers", torch.float16) == {"torch_dtype": torch.float16}
+    releases.update(diffusers=(0, 40), transformers=(5, 0))
+    assert device.dtype_kwargs("diffusers", torch.bfloat16) == {"dtype": torch.bfloat16}
+    assert device.dtype_kwargs("transformers", torch.bfloat16) == {"dtype": torch.bfloat16}
+    with pytest.raises(ValueError, match="library must be one of"):
+        device.dtype_kwargs("timm", torch.float16)
+
+
+def test_dependency_floors_cover_the_apis_used():
+    """pyproject floors are at least the releases whose APIs the code calls (checked with those releases)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floors = {m[0].lower(): tuple(int(x) for x in m[1].split(".")[:2])
+              for m in re.findall(r'"([A-Za-z_]+)(?:\[[^\]]*\])?>=([0-9.]+)"', text)}
+    assert floors["torch"] >= (2, 6)  # safe_globals with (class, name) stand-ins
+    assert floors["diffusers"] >= (0, 35) and floors["transformers"] >= (4, 56)
+    assert "accelerate" in floors  # diffusers loads large models without a second copy only with it
+    import accelerate  # noqa: F401  (installed, as the dependency says)

@@ -104,7 +104,7 @@ def test_token_changes_input_embeddings_only_at_placeholder_positions(pipe):
     pos = (ids[0] == pid).nonzero().ravel().tolist()
     assert len(pos) == 1
     captured = []
-    handle = enc.embeddings.register_forward_hook(lambda m, a, o: captured.append(o.detach()))
+    handle = getattr(enc, "text_model", enc).embeddings.register_forward_hook(lambda m, a, o: captured.append(o.detach()))
     try:
         with torch.no_grad():
             plain = enc(ids)[0]
@@ -116,7 +116,7 @@ def test_token_changes_input_embeddings_only_at_placeholder_positions(pipe):
     changed = (captured[0] - captured[1]).abs().amax(dim=-1)[0]
     assert changed.nonzero().ravel().tolist() == pos
     tok_emb = enc.get_input_embeddings().weight[pid].detach()
-    pos_emb = enc.embeddings.position_embedding.weight[pos[0]].detach()
+    pos_emb = getattr(enc, "text_model", enc).embeddings.position_embedding.weight[pos[0]].detach()
     assert torch.allclose(captured[1][0, pos[0]], 0.5 + pos_emb) and torch.allclose(captured[0][0, pos[0]], tok_emb + pos_emb)
     # causal text encoder: states before the placeholder are untouched, the hook is gone afterwards
     assert torch.equal(plain[0, : pos[0]], injected[0, : pos[0]])

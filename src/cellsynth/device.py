@@ -36,6 +36,7 @@ __all__ = [
     "resolve_device",
     "TrainingPrecision",
     "training_precision",
+    "dtype_kwargs",
 ]
 
 _DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
@@ -391,3 +392,47 @@ def training_precision(device: DeviceLike, frozen_dtype, *, mixed_precision: boo
     else:
         raise ValueError(f"frozen models must be float32, float16 or bfloat16, got {frozen_dtype}")
     return TrainingPrecision(torch.float32, autocast, autocast == torch.float16)
+
+
+# The releases whose ``from_pretrained`` takes ``dtype=`` (earlier ones take ``torch_dtype=`` and
+# ignore or pass on an unknown ``dtype``).
+_DTYPE_KWARG_SINCE = {"diffusers": (0, 40), "transformers": (4, 56)}
+
+
+def _release(library: str) -> tuple:
+    from importlib.metadata import version
+
+    parts = []
+    for piece in version(library).split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def dtype_kwargs(library: str, dtype) -> dict:
+    """The keyword that sets the weights' dtype in `library`'s ``from_pretrained`` / ``from_single_file``.
+
+    Parameters
+    ----------
+    library : {"diffusers", "transformers"}
+    dtype : torch.dtype or None
+
+    Returns
+    -------
+    dict
+        ``{"dtype": dtype}`` where the installed release takes it, else
+        ``{"torch_dtype": dtype}``; empty when `dtype` is None.
+
+    Examples
+    --------
+    >>> import torch
+    >>> list(dtype_kwargs("transformers", torch.float16)) in (["dtype"], ["torch_dtype"])
+    True
+    >>> dtype_kwargs("diffusers", None)
+    {}
+    """
+    if library not in _DTYPE_KWARG_SINCE:
+        raise ValueError(f"library must be one of {', '.join(_DTYPE_KWARG_SINCE)}, got {library!r}")
+    if dtype is None:
+        return {}
+    return {"dtype" if _release(library) >= _DTYPE_KWARG_SINCE[library] else "torch_dtype": dtype}

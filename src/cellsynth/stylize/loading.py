@@ -111,6 +111,7 @@ def _load(path: Path, image_encoder, torch_dtype, offline, progress, config=None
     from diffusers import DDIMScheduler
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+    from ..device import dtype_kwargs
     from ..weights import resolve
     from .pipeline_inst import INST_SCHEDULER_CONFIG, InSTPipeline
 
@@ -121,11 +122,12 @@ def _load(path: Path, image_encoder, torch_dtype, offline, progress, config=None
     elif not (path / "model_index.json").is_file():
         raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
     state = _read_sd_v1(path) if path.is_file() else None  # checked before anything else is loaded
-    extra = {"safety_checker": None, "requires_safety_checker": False, "dtype": torch_dtype}
+    extra = {"safety_checker": None, "requires_safety_checker": False, **dtype_kwargs("diffusers", torch_dtype)}
     has_encoder = path.is_dir() and (path / "image_encoder" / "config.json").is_file()
     if not has_encoder:
         enc_path = resolve(image_encoder, offline=offline, progress=progress)
-        extra["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(enc_path, dtype=torch_dtype)
+        extra["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(
+            enc_path, **dtype_kwargs("transformers", torch_dtype))
         if not (path.is_dir() and (path / "feature_extractor").is_dir()):
             extra["feature_extractor"] = CLIPImageProcessor.from_pretrained(enc_path)
     if path.is_file():
@@ -163,13 +165,14 @@ def _from_single_file(path: Path, state: dict, extra: dict, torch_dtype, config,
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from ..device import dtype_kwargs
     from ..weights import resolve, sd_v1_config_dir
     from .pipeline_inst import InSTPipeline
 
     cfg = Path(config) if config is not None else sd_v1_config_dir()
     if not (cfg / "unet" / "config.json").is_file():
         raise ValueError(f"{cfg} is not a diffusers config folder (no unet/config.json)")
-    common = dict(config=str(cfg), local_files_only=True, torch_dtype=torch_dtype)
+    common = dict(config=str(cfg), local_files_only=True, **dtype_kwargs("diffusers", torch_dtype))
     try:
         unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
         vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
