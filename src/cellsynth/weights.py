@@ -143,11 +143,12 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             name="dino-vits8",
             repo_id="timm/vit_small_patch8_224.dino",
-            revision="1e26d402048865ad71f26f814c0d9f691254db37",
+            revision="main",
             files=("config.json", "model.safetensors"),
             licence="apache-2.0",
             size_mb=87,
-            description="DINO ViT-S/8 (timm) patch features, as in the public NSC code",
+            description="DINO ViT-S/8 (timm) patch features, as in the public NSC code "
+                        "(revision: the main branch; no commit of it could be verified, unverified pin)",
         ),
     )
 }
