@@ -252,7 +252,7 @@ def _pad_to(x: np.ndarray, rows: int, cols: int, value: float = 0.0) -> np.ndarr
     return np.pad(x, ((0, rows - x.shape[0]), (0, cols - x.shape[1])), mode="constant", constant_values=value)
 
 
-def _plane_tiles(plane: np.ndarray, tile: int, overlap: int, multiple: int):
+def _plane_tiles(plane: np.ndarray, tile: int, overlap: int, multiple: int, grid=None):
     """Tiles of one (normalised, rescaled) plane and where they go."""
     if overlap > 0:
         m = overlap
@@ -261,7 +261,10 @@ def _plane_tiles(plane: np.ndarray, tile: int, overlap: int, multiple: int):
         m = 0
         padded = plane
     rows, cols = padded.shape
-    if overlap > 0:
+    if overlap > 0 and grid is not None:  # laid out by the caller (a chunk of a larger image)
+        (t_r, rs), (t_c, cs) = (int(grid[0]), list(grid[1])), (int(grid[0]), list(grid[2]))
+        padded = _pad_to(padded, max(rows, t_r), max(cols, t_c))
+    elif overlap > 0:
         (t_r, rs), (t_c, cs) = tile_layout(rows, tile, overlap, multiple), tile_layout(cols, tile, overlap, multiple)
         padded = _pad_to(padded, max(rows, t_r), max(cols, t_c))
     else:
@@ -275,9 +278,9 @@ def _plane_tiles(plane: np.ndarray, tile: int, overlap: int, multiple: int):
     return tiles, boxes, (t_r, t_c), m, padded.shape
 
 
-def _density_plane(counter, plane, *, tile, overlap, batch_size, progress, done, total):
+def _density_plane(counter, plane, *, grid=None, tile, overlap, batch_size, progress, done, total):
     stride = int(getattr(counter.net, "stride", 16))
-    tiles, boxes, (t_r, t_c), m, pshape = _plane_tiles(plane, tile, overlap, stride)
+    tiles, boxes, (t_r, t_c), m, pshape = _plane_tiles(plane, tile, overlap, stride, grid)
     preds = _run_batches(counter, tiles, batch_size, progress, done, total)[:, 0]
     scale = float(counter.config.get("density_scale", 1.0))
     acc = np.zeros(pshape, np.float32)
@@ -343,6 +346,7 @@ def count_cells(
     progress: Optional[ProgressCallback] = None,
     percentiles: Optional[tuple[float, float, float]] = None,
     foreground: Optional[float] = None,
+    tile_grid: Optional[tuple] = None,
 ) -> CountResult:
     """Count cells in a 2D image, a multichannel image or a stack of planes.
 
@@ -386,6 +390,11 @@ def count_cells(
         Foreground threshold of the smoothed normalised plane (objects
         reconciliation, classic counter) computed elsewhere likewise; default:
         Otsu's threshold of each plane.
+    tile_grid : tuple, optional
+        Density counters with ``overlap > 0``: ``(side, row starts, col starts)``
+        of the tiles in the plane mirrored by ``overlap`` at the model scale,
+        laid out elsewhere, e.g. the tiles of a large image that fall in one of
+        its chunks; default: :func:`tile_layout` of each plane.
 
     Returns
     -------
@@ -473,7 +482,7 @@ def count_cells(
             work = rescale_plane(plane, factor)
             with torch.inference_mode():
                 if kind == "density":
-                    dens = _density_plane(counter, work, tile=tile, overlap=overlap, batch_size=batch_size,
+                    dens = _density_plane(counter, work, grid=tile_grid, tile=tile, overlap=overlap, batch_size=batch_size,
                                           progress=progress, done=done, total=total)
                 else:
                     wins = _regression_plane(counter, work, window=int(counter.config.get("window", tile)),
