@@ -262,7 +262,7 @@ def _plane_tiles(plane: np.ndarray, tile: int, overlap: int, multiple: int, grid
         padded = plane
     rows, cols = padded.shape
     if overlap > 0 and grid is not None:  # laid out by the caller (a chunk of a larger image)
-        (t_r, rs), (t_c, cs) = (int(grid[0]), list(grid[1])), (int(grid[0]), list(grid[2]))
+        (t_r, rs), (t_c, cs) = (int(grid[0]), list(grid[1])), (int(grid[2]), list(grid[3]))
         padded = _pad_to(padded, max(rows, t_r), max(cols, t_c))
     elif overlap > 0:
         (t_r, rs), (t_c, cs) = tile_layout(rows, tile, overlap, multiple), tile_layout(cols, tile, overlap, multiple)
@@ -391,8 +391,8 @@ def count_cells(
         reconciliation, classic counter) computed elsewhere likewise; default:
         Otsu's threshold of each plane.
     tile_grid : tuple, optional
-        Density counters with ``overlap > 0``: ``(side, row starts, col starts)``
-        of the tiles in the plane mirrored by ``overlap`` at the model scale,
+        Density counters with ``overlap > 0``: ``(rows, row starts, cols, col
+        starts)`` of the tiles in the plane mirrored by ``overlap`` at the model scale,
         laid out elsewhere, e.g. the tiles of a large image that fall in one of
         its chunks; default: :func:`tile_layout` of each plane.
 
