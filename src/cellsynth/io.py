@@ -23,7 +23,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +37,7 @@ __all__ = [
     "NotEnoughMemory",
     "read_tiff",
     "write_tiff",
+    "is_ome_zarr",
     "read_points_csv",
     "write_points_csv",
     "read_json",
@@ -208,7 +209,7 @@ def _umask() -> int:
 # ----------------------------------------------------------------------------- TIFF
 
 def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
-    """Read a TIFF / OME-TIFF / ImageJ TIFF.
+    """Read a TIFF / OME-TIFF / ImageJ TIFF, or an OME-Zarr folder (its full-resolution level).
 
     Returns
     -------
@@ -216,7 +217,9 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
         The image as stored (all pages stacked).
     meta : dict
         ``pixel_size`` (float, micrometres per pixel, or None when the file does
-        not say), ``unit`` (str or None) and ``axes`` (tifffile's axes string).
+        not say), ``unit`` (str or None), ``axes`` (tifffile's axes string, or the
+        OME-Zarr axis names as letters, e.g. ``"CYX"``) and ``channel_names``
+        (list of str from OME metadata, or None).
 
     Raises
     ------
@@ -227,6 +230,8 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
     import tifffile
 
     path = Path(path)
+    if is_ome_zarr(path):
+        return _read_ome_zarr(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such image file: {path}")
     try:
@@ -236,8 +241,10 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
             require_memory(nbytes, what=f"reading {path} ({tuple(series.shape)} {np.dtype(series.dtype)})",
                            hint="crop or downsample the image first, or read it in tiles")
             data = tif.asarray()
-            meta = {"axes": series.axes, "pixel_size": None, "unit": None}
+            meta = {"axes": series.axes, "pixel_size": None, "unit": None, "channel_names": None}
             if tif.ome_metadata:
+                names = re.findall(r'<Channel\b[^>]*?\bName="([^"]*)"', tif.ome_metadata)
+                meta["channel_names"] = names or None
                 m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
                 if m:
                     meta["pixel_size"] = float(m.group(1))
@@ -275,20 +282,27 @@ def write_tiff(
     data: np.ndarray,
     *,
     pixel_size: Optional[float] = None,
+    channel_names: Optional[Sequence[str]] = None,
     overwrite: bool = False,
     compression: Optional[str] = "zlib",
 ) -> Path:
-    """Write an array as an ImageJ-compatible TIFF, atomically.
+    """Write an array as an OME-TIFF, atomically.
+
+    The OME metadata carry the axes, the pixel size and the channel names (Fiji's
+    Bio-Formats, QuPath, napari and :func:`read_tiff` read them); the pixel size
+    is also stored as TIFF resolution, which plain ImageJ reads.
 
     Parameters
     ----------
     path : path-like
-        Destination (``.tif``/``.tiff``).
+        Destination (``.tif``/``.tiff``; ``.ome.tif`` is the usual name).
     data : ndarray of shape (M, N) or (P, M, N)
-        uint8, uint16 or float32 data (other dtypes are refused).
+        uint8, uint16, float32, int32 or uint32 data (other dtypes are refused).
     pixel_size : float, optional
-        Micrometres per pixel, stored as resolution so that ImageJ/Fiji and
-        :func:`read_tiff` see it.
+        Micrometres per pixel.
+    channel_names : sequence of str, optional
+        Names of the P planes of a (P, M, N) array, which are then channels
+        (axes ``CYX``); without names a (P, M, N) array is a stack (``ZYX``).
     overwrite : bool
         Replace an existing file.
 
@@ -296,6 +310,15 @@ def write_tiff(
     -------
     Path
         The written path.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = write_tiff(Path(tempfile.mkdtemp()) / "x.ome.tif", np.zeros((2, 4, 4), np.uint16),
+    ...                pixel_size=0.5, channel_names=["DNA", "ER"])
+    >>> meta = read_tiff(p)[1]
+    >>> meta["axes"], meta["pixel_size"], meta["channel_names"]
+    ('CYX', 0.5, ['DNA', 'ER'])
     """
     import tifffile
 
@@ -306,24 +329,90 @@ def write_tiff(
         )
     if data.ndim not in (2, 3):
         raise ValueError(f"expected a 2D or 3D array, got shape {data.shape}")
-    kwargs: dict[str, Any] = {"compression": compression}
-    imagej = data.dtype in (np.uint8, np.uint16, np.float32)
-    if imagej:
-        kwargs["imagej"] = True
-        kwargs["metadata"] = {"axes": "YX" if data.ndim == 2 else "ZYX"}
+    metadata: dict[str, Any] = {"axes": "YX" if data.ndim == 2 else "ZYX"}
+    if channel_names is not None:
+        names = [str(n) for n in channel_names]
+        if data.ndim != 3 or len(names) != data.shape[0]:
+            raise ValueError(f"{len(names)} channel names given for an array of shape {data.shape}; expected one "
+                             "name per plane of a (C, M, N) array")
+        metadata["axes"] = "CYX"
+        metadata["Channel"] = {"Name": names}
+    kwargs: dict[str, Any] = {"compression": compression, "photometric": "minisblack"}
     if pixel_size is not None:
         if not pixel_size > 0:
             raise ValueError(f"pixel_size must be positive, got {pixel_size}")
-        kwargs["resolution"] = (1.0 / pixel_size, 1.0 / pixel_size)
-        if imagej:
-            kwargs["metadata"]["unit"] = "um"
-        else:
-            kwargs["resolutionunit"] = "CENTIMETER"
-            kwargs["resolution"] = (1e4 / pixel_size, 1e4 / pixel_size)
+        metadata.update(PhysicalSizeX=float(pixel_size), PhysicalSizeXUnit="µm",
+                        PhysicalSizeY=float(pixel_size), PhysicalSizeYUnit="µm")
+        kwargs["resolution"] = (1e4 / pixel_size, 1e4 / pixel_size)
+        kwargs["resolutionunit"] = "CENTIMETER"
+    # The OME UUID from the content, so that the same data and metadata give the same bytes (resumed
+    # dataset exports are compared file by file).
+    import hashlib
+    import uuid
+
+    digest = hashlib.sha256(np.ascontiguousarray(data).tobytes())
+    digest.update(json.dumps([str(data.dtype), data.shape, metadata], sort_keys=True).encode())
+    metadata["UUID"] = f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_OID, digest.hexdigest())}"
     with atomic_path(path, overwrite=overwrite) as tmp:
         with open(tmp, "wb") as fh:
-            tifffile.imwrite(fh, data, **kwargs)
+            tifffile.imwrite(fh, data, ome=True, metadata=metadata, **kwargs)
     return Path(path)
+
+
+def is_ome_zarr(path: os.PathLike | str) -> bool:
+    """True for a folder holding an OME-Zarr image (``multiscales`` in its zarr v2 or v3 attributes)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    for name in (".zattrs", "zarr.json"):
+        f = p / name
+        if f.is_file():
+            try:
+                doc = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return False
+            attrs = doc.get("attributes", doc) if name == "zarr.json" else doc
+            return isinstance(attrs, dict) and "multiscales" in attrs.get("ome", attrs)
+    return False
+
+
+_UM = {"micrometer": 1.0, "micron": 1.0, "nanometer": 1e-3, "millimeter": 1e3}
+
+
+def _read_ome_zarr(path: Path) -> tuple[np.ndarray, dict]:
+    """The full-resolution level of an OME-Zarr image, with axes, pixel size and channel names."""
+    try:
+        import zarr
+    except ImportError as exc:
+        raise ValueError(f"{path} is an OME-Zarr image; reading it needs the zarr package (pip install zarr)") from exc
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+        attrs = attrs.get("ome", attrs)
+        ms = attrs["multiscales"][0]
+        level = ms["datasets"][0]
+        arr = group[level["path"]]
+        shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
+    except (KeyError, IndexError, TypeError, ValueError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable OME-Zarr image: {_first_line(exc)}") from exc
+    require_memory(float(np.prod(shape)) * dtype.itemsize, what=f"reading {path} ({shape} {dtype})",
+                   hint="crop or downsample the image first, or read it in tiles")
+    data = np.asarray(arr[...])
+    axes_meta = ms.get("axes") or []
+    names = [a["name"] if isinstance(a, dict) else str(a) for a in axes_meta]
+    meta = {"axes": "".join(n[0].upper() for n in names) if len(names) == data.ndim else "",
+            "pixel_size": None, "unit": None, "channel_names": None}
+    scale = next((t.get("scale") for t in level.get("coordinateTransformations", []) if t.get("type") == "scale"),
+                 None)
+    if scale and "x" in names and len(scale) == len(names):
+        ax = axes_meta[names.index("x")]
+        factor = _UM.get(ax.get("unit", "") if isinstance(ax, dict) else "")
+        if factor is not None:
+            meta["pixel_size"], meta["unit"] = float(scale[names.index("x")]) * factor, "µm"
+    channels = (attrs.get("omero") or {}).get("channels")
+    if isinstance(channels, list):
+        meta["channel_names"] = [str(c.get("label", i)) for i, c in enumerate(channels)] or None
+    return data, meta
 
 
 # ----------------------------------------------------------------------------- points

@@ -89,7 +89,8 @@ def read_image_axes(path: Union[str, os.PathLike]) -> tuple[np.ndarray, Optional
     """Read an image and the index of its channel axis as the file declares it.
 
     TIFF files name their axes (ImageJ and OME TIFF: ``C`` for channels, ``S``
-    for the colour samples of RGB); PNG/JPEG colour images keep their samples last.
+    for the colour samples of RGB), and so do OME-Zarr folders (read by the same
+    :func:`~cellsynth.io.read_tiff`); PNG/JPEG colour images keep their samples last.
 
     Returns
     -------
@@ -98,9 +99,10 @@ def read_image_axes(path: Union[str, os.PathLike]) -> tuple[np.ndarray, Optional
         The channel axis, or None when the file has none (or does not say).
     """
     path = Path(path)
-    if not path.is_file():
+    ome_zarr = io.is_ome_zarr(path)
+    if not path.is_file() and not ome_zarr:
         raise FileNotFoundError(f"no such image file: {path}")
-    if path.suffix.lower() in (".tif", ".tiff"):
+    if path.suffix.lower() in (".tif", ".tiff") or ome_zarr:
         data, meta = io.read_tiff(path)
         axes = str(meta.get("axes") or "")
         axis = None

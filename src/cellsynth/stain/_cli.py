@@ -181,7 +181,8 @@ def _stain(args) -> int:
         out = pipe(image, params=params, progress=callback)
     finally:
         close()
-    io.write_tiff(args.out, out.images, pixel_size=meta.get("pixel_size"), overwrite=args.overwrite)
+    io.write_tiff(args.out, out.images, pixel_size=meta.get("pixel_size"), channel_names=out.channel_names,
+                  overwrite=args.overwrite)
     print(f"wrote {args.out}: channels {', '.join(out.channel_names)}")
     return 0
 
