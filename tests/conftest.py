@@ -1,11 +1,14 @@
 """Shared test set-up: no network, settings in a temporary folder."""
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# counters exported for onnxruntime are cached in a folder of the test run, not the user's cache
+os.environ.setdefault("CELLSYNTH_ONNX_CACHE", tempfile.mkdtemp(prefix="cellsynth-onnx-"))
 
 
 @pytest.fixture(autouse=True)

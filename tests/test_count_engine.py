@@ -1,0 +1,99 @@
+"""onnxruntime runs the counter network on the CPU: same results as PyTorch, cached exports, fallbacks."""
+
+import numpy as np
+import pytest
+import torch
+
+from cellsynth.count import _onnx, count_cells, load_counter
+from cellsynth.count._nets import build_net
+from cellsynth.count.models import Counter, counter_config, save_counter, to_device
+from cellsynth.count.synth import SynthParams, synthetic_nuclei
+
+pytestmark = pytest.mark.skipif(not _onnx.available(), reason="onnxruntime is not installed")
+
+
+@pytest.fixture(scope="module")
+def image():
+    img, centres, _ = synthetic_nuclei(SynthParams(shape=(200, 260), diameter=(12, 14), coverage=(0.2, 0.25)), rng=5)
+    return (img * 3000).astype(np.uint16), centres
+
+
+def _tiny(tmp_path, kind="density"):
+    torch.manual_seed(0)
+    cfg = counter_config(kind, backbone="test_efficientnet", **({"blocks": 3} if kind == "density" else {}))
+    return load_counter(save_counter(build_net(cfg), cfg, tmp_path / kind), device="cpu")
+
+
+@pytest.mark.parametrize("model", ["default", "tiny-density", "tiny-regression"])
+def test_onnxruntime_counts_exactly_as_pytorch(model, image, tmp_path, one_torch_thread):
+    counter = load_counter("default", device="cpu") if model == "default" else _tiny(tmp_path, model.split("-")[1])
+    img, _ = image
+    ref = count_cells(img, counter=counter, diameter=13.0, tile=128, engine="torch")
+    got = count_cells(img, counter=counter, diameter=13.0, tile=128)  # "auto": onnxruntime on the CPU
+    assert ref.meta["engine"] == "torch" and got.meta["engine"] == "onnxruntime"
+    assert got.count == pytest.approx(ref.count, rel=1e-5, abs=1e-6)  # an int for density counters
+    if ref.density is not None:
+        np.testing.assert_allclose(got.density, ref.density, atol=1e-5 * max(1e-6, float(ref.density.max())))
+        np.testing.assert_allclose(got.points, ref.points, atol=1e-3)
+    else:
+        assert [w[-1] for w in got.windows] == pytest.approx([w[-1] for w in ref.windows], rel=1e-4, abs=1e-4)
+
+
+def test_exports_are_cached_on_disk_by_weights_and_a_damaged_file_is_replaced(image, tmp_path, monkeypatch,
+                                                                              one_torch_thread):
+    monkeypatch.setenv("CELLSYNTH_ONNX_CACHE", str(tmp_path / "cache"))
+    img, _ = image
+    counter = _tiny(tmp_path)
+    first = count_cells(img, counter=counter, diameter=13.0)
+    files = list((tmp_path / "cache").glob("*.onnx"))
+    assert len(files) == 1 and first.meta["engine"] == "onnxruntime"
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again")
+
+    real_export = _onnx._export
+    monkeypatch.setattr(_onnx, "_export", no_export)
+    again = load_counter(counter.path, device="cpu")  # a new process would load the file like this
+    assert count_cells(img, counter=again, diameter=13.0).count == first.count
+    # other weights: another file (the old export is never used for them)
+    with torch.no_grad():
+        again.net.head.bias.add_(0.5)
+    monkeypatch.setattr(_onnx, "_export", real_export)
+    changed = count_cells(img, counter=again, diameter=13.0)
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 2
+    assert changed.density_sum != pytest.approx(first.density_sum)
+    # a damaged cache file is exported anew, not trusted
+    files[0].write_bytes(b"not an onnx file")
+    fresh = load_counter(counter.path, device="cpu")
+    assert count_cells(img, counter=fresh, diameter=13.0).count == first.count
+    assert files[0].stat().st_size > 1000
+
+
+def test_engine_choice_and_fallbacks(image, tmp_path, monkeypatch, one_torch_thread):
+    img, _ = image
+    counter = _tiny(tmp_path)
+    monkeypatch.setenv("CELLSYNTH_ENGINE", "torch")
+    assert count_cells(img, counter=counter, diameter=13.0).meta["engine"] == "torch"
+    monkeypatch.setenv("CELLSYNTH_ENGINE", "fast")
+    with pytest.raises(ValueError, match="CELLSYNTH_ENGINE"):
+        count_cells(img, counter=counter, diameter=13.0)
+    monkeypatch.delenv("CELLSYNTH_ENGINE")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        count_cells(img, counter=counter, diameter=13.0, engine="tensorrt")
+    # without onnxruntime: "auto" counts with PyTorch, asking for it explicitly is a clear error
+    monkeypatch.setattr(_onnx, "available", lambda: False)
+    assert count_cells(img, counter=counter, diameter=13.0).meta["engine"] == "torch"
+    with pytest.raises(ValueError, match="pip install onnxruntime"):
+        count_cells(img, counter=counter, diameter=13.0, engine="onnxruntime")
+    monkeypatch.undo()
+    monkeypatch.setenv("CELLSYNTH_ONNX_CACHE", "")  # memory only
+
+    def broken(*a, **k):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(_onnx, "_export", broken)
+    other = to_device(Counter(kind="density", name="other", config=dict(counter.config), net=build_net(counter.config)),
+                      "cpu")
+    res = count_cells(img, counter=other, diameter=13.0)
+    assert res.meta["engine"].startswith("torch (onnxruntime could not")
+    assert res.count == count_cells(img, counter=other, diameter=13.0, engine="torch").count
