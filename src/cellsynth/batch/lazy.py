@@ -12,12 +12,13 @@ quantities fixed and keeps each chunk's points inside its core:
 3. the foreground threshold of the objects reconciliation (classic counter:
    of the seeded watershed), on the plane smoothed with ``map_overlap`` and
    sampled with the same stride;
-4. chunks whose cores are aligned with the network's tile grid of the whole
-   image and whose margins hold every tile that reaches a core (plus the peak
-   neighbourhood), so that at the model's own scale (diameter equal to the
-   counter's) each core sees exactly the tiles it sees in memory and the points
-   are the same; when the image is rescaled the chunks' pixel grids differ by
-   a fraction of a pixel and the points agree to within that.
+4. the network's tiles, laid out once for the whole plane as ``count_cells``
+   lays them out; each chunk reads every tile that reaches its core (and the
+   peak neighbourhood around it) and is given those tiles, so that at the
+   model's own scale (diameter equal to the counter's) each core sees the
+   tiles, the blending and the objects it sees in memory and the points are
+   the same; when the image is rescaled the chunks' pixel grids differ by a
+   fraction of a pixel and the points agree to within about that.
 
 numpy/scipy/dask only; torch is imported by the counter.
 """
@@ -52,39 +53,35 @@ class ChunkPlan:
     cores: list
 
 
-def chunk_plan(length: int, *, core: int, step: int, margin: int) -> ChunkPlan:
-    """Chunks of one axis: cores aligned to a tile grid of ``step``, margins of ``step + margin``.
+def chunk_plan(length: int, *, core: int, halo: int) -> ChunkPlan:
+    """Chunks of one axis: cores of ``core`` pixels, each read with ``halo`` pixels on both sides.
 
-    The first core starts at 0 and ends at ``core + margin``; the next ones are
-    ``core`` long (``core`` a multiple of ``step``), so every core boundary
-    after the first lies ``margin`` past the tile grid; each chunk reads
-    ``step + margin`` pixels on both sides of its core, starting on the grid.
+    A remainder shorter than a quarter core joins the last core; an axis that
+    fits in one chunk is one chunk.
 
     Examples
     --------
-    >>> p = chunk_plan(1200, core=448, step=224, margin=8)
+    >>> p = chunk_plan(1200, core=448, halo=100)
     >>> p.cores
-    [(0, 456), (456, 904), (904, 1200)]
+    [(0, 448), (448, 896), (896, 1200)]
     >>> p.reads
-    [(0, 688), (224, 1136), (672, 1200)]
-    >>> chunk_plan(300, core=448, step=224, margin=8).cores
-    [(0, 300)]
+    [(0, 548), (348, 996), (796, 1200)]
+    >>> chunk_plan(540, core=448, halo=100).cores
+    [(0, 540)]
     """
-    if core % step or core <= 0:
-        raise ValueError(f"core must be a positive multiple of step={step}, got {core}")
-    halo = step + margin
-    if length <= core + margin + halo:
+    if int(core) != core or core < 1 or int(halo) != halo or halo < 0:
+        raise ValueError(f"core must be a positive and halo a non-negative whole number, got {core!r}, {halo!r}")
+    if length <= core + halo:
         return ChunkPlan([(0, length)], [(0, length)])
     cores, reads = [], []
-    start, stop = 0, core + margin
-    while True:
-        if length - stop <= max(step, core // 4):  # a small remainder joins the last core
+    start = 0
+    while start < length:
+        stop = start + core
+        if length - stop <= core // 4:  # a small remainder joins the last core
             stop = length
         cores.append((start, stop))
         reads.append((max(0, start - halo), min(length, stop + halo)))
-        if stop >= length:
-            break
-        start, stop = stop, stop + core
+        start = stop
     return ChunkPlan(reads, cores)
 
 
@@ -239,25 +236,41 @@ def _compute(*arrays):
     return dask.compute(*arrays)
 
 
-def _geometry(counter, stats: dict, *, tile: int, overlap: int, core: Optional[int]):
-    """``(core, step, margin)`` in input pixels for :func:`chunk_plan`."""
+def _geometry(counter, stats: dict, *, tile: int, core: Optional[int]) -> tuple[int, int]:
+    """``(core, halo)`` in input pixels for :func:`chunk_plan`."""
     factor = stats["factor"]
     if counter.kind == "classic":
         d = stats["diameter"] or counter.diameter
-        margin = int(math.ceil(4 * d)) + 8
-        step = max(64, margin)
-        core_px = core or 4096
-        return max(step, (core_px // step) * step), step, margin
-    step_m = tile - overlap if overlap > 0 else tile
-    margin_m = int(math.ceil(counter.diameter)) + 8  # peak neighbourhood and sub-pixel refinement
-    if factor == 1.0:
-        core_px = core or 3584
-        return max(step_m, (core_px // step_m) * step_m), step_m, margin_m
-    # Rescaled: the same geometry in input pixels (the pixel grids of the chunks no longer align exactly).
-    step = max(1, int(round(step_m / factor)))
-    margin = int(math.ceil(margin_m / factor)) + 2
-    core_px = core or int(round(3584 / factor))
-    return max(step, (core_px // step) * step), step, margin
+        return int(core or 4096), int(math.ceil(4 * d)) + 8
+    # Every tile that reaches a core (or the peak neighbourhood around it) lies inside the chunk.
+    margin_m = int(math.ceil(counter.diameter)) + 8
+    halo = int(math.ceil((tile + margin_m) / factor)) + 2
+    return int(core or max(64, round(2048 / factor))), halo
+
+
+def _whole_layout(counter, shape, *, tile: int, overlap: int):
+    """The tiles of the whole plane at the model's scale, as ``count_cells`` lays them out (or None)."""
+    from ..count.infer import tile_layout
+
+    if counter.kind != "density" or overlap <= 0:
+        return None
+    stride = int(getattr(counter.net, "stride", 16))
+    return (tile_layout(shape[0] + 2 * overlap, tile, overlap, stride),
+            tile_layout(shape[1] + 2 * overlap, tile, overlap, stride))
+
+
+def _chunk_grid(layout, reads, shape, overlap: int):
+    """The whole plane's tiles that lie in one chunk (or touch the plane's own edge), in the chunk's coordinates."""
+    if layout is None:
+        return None
+    out = []
+    for (side, starts), (r0, r1), n in zip(layout, reads, shape):
+        mine = [s - r0 for s in starts
+                if (s - overlap >= r0 or r0 == 0) and (s - overlap + side <= r1 or r1 == n)]
+        if not mine:
+            return None
+        out += [side, mine]
+    return tuple(out)
 
 
 def count_large(
@@ -284,8 +297,9 @@ def count_large(
     counter, model, diameter, channel, channel_axis, device, tile, overlap, batch_size
         As in :func:`~cellsynth.count.count_cells`.
     core : int, optional
-        Side of a chunk's core in input pixels (rounded down to the tile grid);
-        default about 3584 pixels at the model's scale. Peak memory grows with it.
+        Side of a chunk's core in input pixels;
+        default about 2048 pixels at the model's scale (about 1.5 GB peak with
+        the default counter on a CPU, torch included). Peak memory grows with it.
     progress : ProgressCallback, optional
         Stage ``"statistics"`` (3 steps), then ``"chunks"`` once per chunk; may
         raise ``Cancelled``.
@@ -338,9 +352,12 @@ def count_large(
     report(progress, "statistics", 0, 3)
     stats = image_statistics(plane, counter, diameter=diameter)
     report(progress, "statistics", 3, 3)
-    core_px, step, margin = _geometry(counter, stats, tile=tile, overlap=overlap, core=core)
-    rows = chunk_plan(plane.shape[0], core=core_px, step=step, margin=margin)
-    cols = chunk_plan(plane.shape[1], core=core_px, step=step, margin=margin)
+    core_px, halo = _geometry(counter, stats, tile=tile, core=core)
+    rows = chunk_plan(plane.shape[0], core=core_px, halo=halo)
+    cols = chunk_plan(plane.shape[1], core=core_px, halo=halo)
+    # At the model's own scale the chunks take their tiles from the whole plane's layout: same tiles, same
+    # blending, same points. Rescaled chunks lay out their own tiles (their pixel grids differ anyway).
+    layout = _whole_layout(counter, plane.shape, tile=tile, overlap=overlap) if stats["factor"] == 1.0 else None
     n = len(rows.cores) * len(cols.cores)
     pts_all, sc_all = [], []
     d_arg = stats["diameter"] if stats["diameter"] is not None else None
@@ -351,7 +368,8 @@ def count_large(
             block = np.asarray(plane[r0:r1, c0:c1])
             res = count_cells(block, counter=counter, diameter=d_arg, tile=tile, overlap=overlap,
                               batch_size=batch_size, percentiles=stats["percentiles"],
-                              foreground=stats["foreground"])
+                              foreground=stats["foreground"],
+                              tile_grid=_chunk_grid(layout, ((r0, r1), (c0, c1)), plane.shape, overlap))
             meta = res.meta
             pts = res.points.reshape(-1, 2) + np.array([r0, c0], float)
             cell = np.floor(pts + 0.5)

@@ -1,0 +1,273 @@
+"""Batch counting on a real dask.distributed LocalCluster, resumable results, and the lazy large-image path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.draw import disk
+
+from cellsynth.batch import (BatchParams, chunk_plan, cluster_client, count_batch, count_large, find_images,
+                             image_statistics, open_image)
+from cellsynth.cli import main
+from cellsynth.count import count_cells, load_counter
+
+CLASSIC = BatchParams(model="classic", diameter=12.0)
+
+
+def _field(seed: int, shape=(96, 112), n=None) -> np.ndarray:
+    """A uint16 field of well separated nuclei (12 px) on a noisy background."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(300, 20, shape)
+    n = int(rng.integers(3, 12)) if n is None else n
+    for _ in range(n):
+        r, c = rng.integers(10, shape[0] - 10), rng.integers(10, shape[1] - 10)
+        img[disk((r, c), 6, shape=shape)] += rng.uniform(800, 1500)
+    return np.clip(img, 0, 65535).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with cluster_client("local", workers=2) as c:
+        yield c
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    folder = tmp_path / "in"
+    (folder / "plate" / "B02").mkdir(parents=True)
+    for i in range(8):
+        tifffile.imwrite(folder / "plate" / f"A{i:02d}.tif", _field(i))
+    tifffile.imwrite(folder / "plate" / "B02" / "A00.tif", _field(50))  # same name, other folder
+    movie = np.stack([_field(100 + t, n=3 + t) for t in range(4)])
+    tifffile.imwrite(folder / "movie.tif", movie, imagej=True, metadata={"axes": "TYX"})
+    return folder
+
+
+def _table(out: Path) -> list[dict]:
+    with open(out / "counts.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _expected(folder: Path) -> dict:
+    """(file name, plane) -> count by the in-process counter, as ``cellsynth count`` gives it plane by plane."""
+    exp = {}
+    for p in find_images([folder]):
+        data = tifffile.imread(p)
+        planes = data if data.ndim == 3 else data[None]
+        for k, plane in enumerate(planes):
+            exp[(str(p.resolve()), k)] = count_cells(plane, model="classic", diameter=12.0).count
+    return exp
+
+
+def test_batch_on_two_workers_survives_a_killed_worker_and_resumes(client, images, tmp_path):
+    out = tmp_path / "out"
+    pids = list(client.run(os.getpid).values())
+    killed = []
+
+    def progress(p):
+        if p.step == 1 and not killed:  # a worker dies while the batch runs
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    res = count_batch([images], out, params=CLASSIC, scheduler=client, progress=progress)
+    assert killed and res.errors == []
+    assert res.counted == 13 and res.skipped == 0
+    rows = _table(out)
+    got = {(r["image"], int(r["plane"])): int(r["count"]) for r in rows}
+    assert got == _expected(images)  # complete and correct, plane by plane
+    assert sum(got.values()) > 40
+    assert {r["stack_index"] for r in rows if r["image"].endswith("movie.tif")} == {"T0", "T1", "T2", "T3"}
+    # one points file per image, agreeing with the table; the two A00 files do not collide
+    names = sorted(p.name for p in (out / "points").glob("*.csv"))
+    assert len(names) == 10 and "plate__A00.csv" in names and "plate__B02__A00.csv" in names
+    with open(out / "points" / "movie.csv", newline="") as fh:
+        movie = list(csv.DictReader(fh))
+    per_t = np.bincount([int(r["t"]) for r in movie], minlength=4)
+    assert per_t.tolist() == [int(r["count"]) for r in sorted(rows, key=lambda r: r["plane"])
+                              if r["image"].endswith("movie.tif")]
+    assert (out / "counts.png").read_bytes()[:4] == b"\x89PNG"
+
+    # a re-run does no work and changes nothing
+    stamps = {p: p.stat().st_mtime_ns for p in (out / ".records").glob("*.json")}
+    again = count_batch([images], out, params=CLASSIC, scheduler=client)
+    assert (again.counted, again.skipped, again.workers) == (0, 13, 0)
+    assert {p: p.stat().st_mtime_ns for p in (out / ".records").glob("*.json")} == stamps
+    assert _table(out) == rows
+
+
+def test_interrupted_run_keeps_finished_planes(client, images, tmp_path):
+    out = tmp_path / "out"
+
+    def stop(p):
+        if p.step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        count_batch([images], out, params=CLASSIC, scheduler=client, progress=stop)
+    assert len(list((out / ".records").glob("*.json"))) == 5
+    assert not list(out.rglob("*.part"))
+    res = count_batch([images], out, params=CLASSIC, scheduler=client)
+    assert (res.counted, res.skipped) == (8, 5)
+    assert {(r["image"], int(r["plane"])): int(r["count"]) for r in _table(out)} == _expected(images)
+
+
+def test_never_overwrites_without_overwrite(client, images, tmp_path):
+    out = tmp_path / "out"
+    count_batch([images / "plate"], out, params=CLASSIC, scheduler=client)
+    before = (out / "counts.csv").read_bytes()
+    with pytest.raises(FileExistsError, match="diameter"):
+        count_batch([images / "plate"], out, params=BatchParams(model="classic", diameter=20.0), scheduler=client)
+    changed = images / "plate" / "A03.tif"
+    tifffile.imwrite(changed, _field(77))
+    with pytest.raises(FileExistsError, match="changed since it was counted"):
+        count_batch([images / "plate"], out, params=CLASSIC, scheduler=client)
+    assert (out / "counts.csv").read_bytes() == before
+    res = count_batch([images / "plate"], out, params=CLASSIC, scheduler=client, overwrite=True)
+    assert res.counted == 9
+    row = [r for r in _table(out) if r["image"] == str(changed.resolve())][0]
+    assert int(row["count"]) == count_cells(_field(77), model="classic", diameter=12.0).count
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no count-batch results"):
+        count_batch([images / "plate"], foreign, params=CLASSIC, scheduler=client)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_cli_count_batch_on_a_scheduler_address(client, images, tmp_path, capsys):
+    out = tmp_path / "res"
+    args = ["count-batch", str(images / "plate" / "A0[0-3].tif"), str(images / "movie.tif"), "--out", str(out),
+            "--model", "classic", "--diameter", "12", "--scheduler", client.scheduler.address, "--quiet", "--json"]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["counted"], doc["skipped"]) == (8, 0)
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["counted"] == 0
+    assert main(args[:-6] + ["--diameter", "15", "--scheduler", client.scheduler.address, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert main(["count-batch", str(tmp_path / "nothing*.tif"), "--out", str(out)]) == 2
+    assert "no image matches" in capsys.readouterr().err
+    assert main(["count-batch", str(images), "--out", str(tmp_path / "r2"), "--scheduler", "tcp://x:1",
+                 "--workers", "2"]) == 2
+
+
+def test_sources_read_ome_zarr_png_and_refuse_bad_input(tmp_path):
+    import zarr
+    from skimage.io import imsave
+
+    stack = np.stack([_field(k) for k in range(3)])
+    root = zarr.open_group(str(tmp_path / "cells.ome.zarr"), mode="w")
+    root.create_array("0", data=stack, chunks=(1, 48, 56))
+    root.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "z", "type": "space"}, {"name": "y"},
+                                                             {"name": "x"}], "datasets": [{"path": "0"}]}]
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    imsave(tmp_path / "rgb.png", rgb, check_contrast=False)
+    (tmp_path / "notes.txt").write_text("x")
+    found = find_images([tmp_path])
+    assert [p.name for p in found] == ["cells.ome.zarr", "rgb.png"]
+    z = open_image(found[0])
+    assert (z.stack_shape, z.stack_axes) == ((3,), "Z")
+    plane, ch = z.plane((2,))
+    assert ch is None and np.array_equal(np.asarray(plane), stack[2])
+    png = open_image(found[1])
+    assert png.stack_shape == () and png.plane(())[1] == 2
+    with pytest.raises(ValueError, match="unsupported image type"):
+        find_images([tmp_path / "notes.txt"])
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        find_images([tmp_path / "missing.tif"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        find_images([tmp_path / "empty"])
+
+
+# ----------------------------------------------------------------------------- lazy path
+
+def test_chunk_plan_cores_partition_the_axis_and_reads_hold_the_halo():
+    for length in (50, 700, 1999, 5000):
+        p = chunk_plan(length, core=448, halo=120)
+        assert p.cores[0][0] == 0 and p.cores[-1][1] == length
+        assert all(a[1] == b[0] for a, b in zip(p.cores, p.cores[1:]))
+        for (r0, r1), (c0, c1) in zip(p.reads, p.cores):
+            assert r0 == max(0, c0 - 120) and r1 == min(length, c1 + 120)
+    assert len(chunk_plan(5000, core=448, halo=120).cores) == 11
+
+
+def test_image_statistics_equal_the_in_memory_ones():
+    """Percentiles and foreground threshold from dask chunks equal those count_cells computes on the whole plane."""
+    import dask.array as da
+    from scipy.ndimage import gaussian_filter
+
+    from cellsynth.count.classic import foreground_threshold
+    from cellsynth.count.preprocess import normalize_image
+
+    img = np.concatenate([_field(s, shape=(400, 1150), n=60) for s in range(3)])  # 1.38 MP: strided samples
+    counter = load_counter("default", device="cpu")
+    stats = image_statistics(da.from_array(img, chunks=(256, 300)), counter, diameter=12.0)
+    step = max(1, int(np.sqrt(img.size / 1e6)))
+    assert step == 1 or img[::step, ::step].size < img.size
+    lo, hi = counter.config["normalize"]["low"], counter.config["normalize"]["high"]
+    expected = np.percentile(img.astype(np.float32)[::step, ::step], [lo, hi, 99.99])
+    assert np.allclose(stats["percentiles"], expected, rtol=0, atol=1e-6)
+    plane = normalize_image(img, low=lo, high=hi)
+    sigma = max(0.5, counter.config["objects"]["outline_sigma"] * 12.0)
+    thr = foreground_threshold(plane, gaussian_filter(plane, sigma), sigma=sigma)
+    assert stats["factor"] == pytest.approx(counter.diameter / 12.0)
+    assert stats["foreground"] == pytest.approx(thr, abs=1e-6)
+
+
+def _nuclei(shape, seed):
+    from cellsynth.count.synth import SynthParams, synthetic_nuclei
+
+    img, _, _ = synthetic_nuclei(SynthParams(shape=shape, diameter=(14.0, 16.0), coverage=(0.25, 0.35)), rng=seed)
+    return (np.clip(img, 0, 4) / 4 * 60000).astype(np.uint16)
+
+
+def test_lazy_count_gives_the_same_points_as_in_memory():
+    """At the counter's own scale the chunked count is the in-memory count: same points, same scores."""
+    counter = load_counter("default", device="cpu")
+    img = _nuclei((360, 420), 3)
+    kw = dict(counter=counter, diameter=counter.diameter, tile=64, overlap=8)
+    ref = count_cells(img, **kw)
+    seen = []
+    lazy = count_large(img, core=112, progress=seen.append, **kw)
+    assert lazy.meta["chunks"] >= 4 and seen[-1].step == seen[-1].total == lazy.meta["chunks"]
+    order = np.lexsort((ref.points[:, 1], ref.points[:, 0]))
+    assert lazy.count == ref.count > 100
+    assert np.allclose(lazy.points, ref.points[order], atol=1e-3)
+    assert np.allclose(lazy.scores, ref.scores[order], atol=1e-3)
+    # rescaled (diameter estimated): the chunks' pixel grids differ by a fraction of a pixel
+    ref2 = count_cells(img, counter=counter, tile=64, overlap=8)
+    lazy2 = count_large(img, counter=counter, tile=64, overlap=8, core=112)
+    assert lazy2.meta["diameter_used"] == ref2.meta["diameter_used"]
+    assert abs(lazy2.count - ref2.count) <= 0.03 * ref2.count
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(ref2.points).query(lazy2.points)
+    assert np.mean(d < 1.5) > 0.95
+
+
+def test_large_plane_in_a_batch_goes_through_chunks(client, tmp_path):
+    img = np.concatenate([_field(s, shape=(150, 300), n=25) for s in range(2)])
+    tifffile.imwrite(tmp_path / "big.tif", img, tile=(64, 64))
+    params = BatchParams(model="classic", diameter=12.0, large_pixels=150 * 150)
+    res = count_batch([tmp_path / "big.tif"], tmp_path / "out", params=params, scheduler=client)
+    row = res.rows[0]
+    assert row["lazy"] is True
+    assert row["count"] == count_large(img, model="classic", diameter=12.0).count
+    assert abs(row["count"] - count_cells(img, model="classic", diameter=12.0).count) <= 1
+
+
+def test_lazy_refuses_stacks_and_regression_counters():
+    with pytest.raises(ValueError, match="one 2D plane"):
+        count_large(np.zeros((6, 40, 50), np.uint16), model="classic", diameter=10.0)
+    with pytest.raises(ValueError, match="tile must be"):
+        count_large(np.zeros((40, 50)), model="classic", tile=100)
