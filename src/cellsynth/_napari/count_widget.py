@@ -11,12 +11,13 @@ from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QLabel, QWidget
 
 from ..device import device_choices
-from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, count_text, count_work, image_data,
+from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, count_text, count_work,
                         refresh_count, result_name, show_points)
 from ._layers import on_layer_renamed, provenance
 from ._models import recent_models, registry_events
 from ._settings import start_with_default_counter
 from ._tasks import TaskRunner, dock_layout
+from .frame_table import estimate_input, is_lazy, layer_pixels, lazy_count_work, show_frame_table
 
 __all__ = ["CountWidget", "model_choices", "result_name"]
 
@@ -141,7 +142,7 @@ class CountWidget(QWidget):
             model = str(path)
         return {
             "layer": layer,
-            "image": image_data(layer),
+            "image": layer_pixels(layer),  # dask and multiscale layers stay lazy
             "model": model,
             "diameter": self.diameter.arg(),
             "channel": int(self.channel.value) if channel_count(layer) else None,
@@ -159,7 +160,7 @@ class CountWidget(QWidget):
         def work(progress):
             from ..count import estimate_diameter
 
-            return estimate_diameter(args["image"], channel=args["channel"])
+            return estimate_diameter(estimate_input(args["image"]), channel=args["channel"])
 
         self.runner.start(work, on_done=lambda d: self.diameter.show(float(d)), label="Estimating the cell diameter")
 
@@ -168,8 +169,9 @@ class CountWidget(QWidget):
         args = self._inputs()
         if args is None or self.runner.running:
             return
-        work = count_work(args["image"], model=args["model"], diameter=args["diameter"], channel=args["channel"],
-                          device=args["device"])
+        make = lazy_count_work if is_lazy(args["image"]) else count_work  # lazy: never loaded whole
+        work = make(args["image"], model=args["model"], diameter=args["diameter"], channel=args["channel"],
+                    device=args["device"])
         self.runner.start(work, on_done=lambda out: self._show(args, *out), label="Counting cells")
 
     # -- layers ------------------------------------------------------------------
@@ -188,6 +190,7 @@ class CountWidget(QWidget):
         self.watch(out)
         self._sync_threshold(out)
         self.count_label.setText(count_text(out))
+        show_frame_table(self, layer, result)
 
     def watch(self, layer: Points) -> None:
         """Follow clicks on ``layer``: its count and this widget's label update at once."""

@@ -1,0 +1,235 @@
+"""Counts per frame in the "Count cells" dock, and counting of dask-backed or multiscale layers without a full load.
+
+:class:`FrameTable` is a section of the dock shown after counting a stack or a
+time-lapse: one row per frame (its index, count and the diameter used), a plot
+of the count over frames, and Export CSV. Clicking a row moves the viewer to
+that frame. :func:`lazy_count_work` counts a dask-backed or multiscale layer
+plane by plane: planes up to :data:`LARGE_PIXELS` are read one at a time,
+larger ones are counted in chunks (:func:`cellsynth.batch.count_large`), with
+progress, never loading the whole layer.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QPushButton, QTableWidget,
+                            QTableWidgetItem, QVBoxLayout, QWidget)
+
+__all__ = ["FrameTable", "LARGE_PIXELS", "estimate_input", "is_lazy", "layer_pixels", "lazy_count_work",
+           "show_frame_table"]
+
+#: Planes with more pixels are counted in chunks, never read whole.
+LARGE_PIXELS = 4096 * 4096
+
+
+def is_lazy(data: Any) -> bool:
+    """True for array-likes that are not in memory (dask, zarr): they go through the lazy path."""
+    return not isinstance(data, np.ndarray)
+
+
+def layer_pixels(layer) -> Any:
+    """The layer's finest level: an ndarray when it is in memory, else the lazy array as it is (never loaded)."""
+    data = layer.data[0] if layer.multiscale else layer.data
+    if isinstance(data, np.ndarray):
+        return data
+    mod = type(data).__module__
+    if mod.startswith(("dask", "zarr", "tensorstore")):
+        return _as_dask(data)
+    return np.asarray(data)
+
+
+def _as_dask(data):
+    import dask.array as da
+
+    return data if isinstance(data, da.Array) else da.from_zarr(data) if type(data).__module__.startswith("zarr") \
+        else da.from_array(data, chunks="auto")
+
+
+def _layout(shape) -> tuple[tuple[int, ...], bool]:
+    """``(stack shape, colour samples last)`` by the rule ``split_planes`` applies."""
+    colour = len(shape) >= 3 and shape[-1] <= 4 and min(shape[-3:-1]) > 4
+    spatial = 3 if colour else 2
+    return tuple(shape[:-spatial]), colour
+
+
+def estimate_input(image: Any) -> Any:
+    """What to estimate a diameter on: the image itself, or for a lazy one the crop the estimate reads (loaded)."""
+    if not is_lazy(image):
+        return image
+    from ..batch.lazy import _central_crop
+
+    lead, colour = _layout(image.shape)
+    plane = image[tuple(s // 2 for s in lead)] if lead else image
+    if colour:
+        rows, cols = plane.shape[:2]
+        side_r = min(rows, int(np.sqrt(640 * 640 * rows / cols)) + 1)
+        side_c = min(cols, 640 * 640 // max(side_r, 1) + 1)
+        r0, c0 = (rows - side_r) // 2, (cols - side_c) // 2
+        return np.asarray(plane[r0:r0 + side_r, c0:c0 + side_c])
+    return _central_crop(plane)
+
+
+def lazy_count_work(image: Any, *, model: str, diameter, channel: Optional[int], device: str):
+    """The TaskRunner function for a lazy layer: ``(counter, CountResult)`` like ``count_work``'s."""
+
+    def work(progress):
+        from ..batch import count_large
+        from ..count import CountResult, count_cells, estimate_diameter, load_counter
+        from ..progress import report
+
+        report(progress, "loading the counter", 0, 1)
+        counter = load_counter(model, device=device)
+        d, source = diameter, "given"
+        if diameter == "auto":  # once for the whole stack, on the middle plane, as in memory
+            report(progress, "estimating the cell diameter", 0, 1)
+            try:
+                d, source = estimate_diameter(estimate_input(image), channel=channel), "estimated"
+            except ValueError:
+                d, source = None, "model scale (no cells found to estimate a diameter)"
+        lead, colour = _layout(image.shape)
+        indices = list(np.ndindex(*lead)) if lead else [()]
+        pts, scores, per, meta = [], [], [], {}
+        for k, idx in enumerate(indices):
+            plane = image[idx] if idx else image
+            rows, cols = plane.shape[:2] if colour else plane.shape[-2:]
+            if rows * cols > LARGE_PIXELS:
+                res = count_large(plane, counter=counter, diameter=d, channel=channel,
+                                  progress=lambda p, k=k: report(progress, f"plane {k + 1} of {len(indices)}: "
+                                                                           f"{p.stage}", p.step, p.total))
+            else:
+                res = count_cells(np.asarray(plane), counter=counter, diameter=d, channel=channel)
+            meta = res.meta
+            p = np.asarray(res.points, float).reshape(-1, 2)
+            if idx:
+                p = np.concatenate([np.broadcast_to(np.array(idx, float), (len(p), len(idx))), p], axis=1)
+            pts.append(p)
+            scores.append(np.asarray(res.scores, float))
+            per.append(res.count)
+            report(progress, "planes", k + 1, len(indices))
+        points = np.concatenate(pts) if pts else np.zeros((0, 2 + len(lead)))
+        meta = {**meta, "diameter_used": d, "diameter_source": source, "n_planes": len(indices), "lazy": True}
+        result = CountResult(count=int(round(float(np.sum(per)))), points=points,
+                             scores=np.concatenate(scores) if scores else np.zeros(0), density=None,
+                             per_plane=np.array(per, float).reshape(lead if lead else (1,)), density_sum=None,
+                             meta=meta)
+        return counter, result
+
+    return work
+
+
+class FrameTable(QWidget):
+    """Counts per frame: a table (click a row: the viewer goes to that frame), a plot and Export CSV."""
+
+    def __init__(self, viewer, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.layer = None
+        self.rows: list[dict] = []
+        self.title = QLabel("Counts per frame")
+        self.table = QTableWidget(0, 3)
+        self.table.setHorizontalHeaderLabels(["frame", "count", "diameter (px)"])
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.verticalHeader().setVisible(False)
+        self.table.setMinimumHeight(140)
+        self.table.cellClicked.connect(lambda row, _col: self.go_to(row))
+        self.export_button = QPushButton("Export CSV")
+        self.export_button.clicked.connect(lambda: self.export())
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(3.2, 1.8), dpi=100)
+        self.axes = self.figure.add_subplot()
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(150)
+        buttons = QHBoxLayout()
+        buttons.addStretch(1)
+        buttons.addWidget(self.export_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.title)
+        layout.addWidget(self.table)
+        layout.addWidget(self.canvas)
+        layout.addLayout(buttons)
+
+    def set_result(self, layer, result) -> None:
+        """Show the per-frame counts of ``result`` (counted on the image layer ``layer``)."""
+        self.layer = layer
+        per = np.asarray(result.per_plane, float)
+        lead = per.shape if per.ndim and result.meta.get("n_planes", per.size) > 1 else ()
+        d = result.meta.get("diameter_used")
+        self.rows = [{"frame": " ".join(map(str, idx)) if len(idx) > 1 else int(idx[0]), "index": idx,
+                      "count": float(per[idx]), "diameter": None if d is None else round(float(d), 2)}
+                     for idx in (np.ndindex(*lead) if lead else [])]
+        self.table.setRowCount(len(self.rows))
+        for i, r in enumerate(self.rows):
+            count = f"{r['count']:.2f}" if result.meta.get("kind") == "regression" else f"{int(r['count'])}"
+            for j, text in enumerate((str(r["frame"]), count, "" if r["diameter"] is None else f"{r['diameter']:g}")):
+                self.table.setItem(i, j, QTableWidgetItem(text))
+        self.title.setText(f"Counts per frame: {len(self.rows)} frames of {layer.name}, "
+                           f"{int(round(sum(r['count'] for r in self.rows)))} cells")
+        self.axes.clear()
+        self.axes.plot(range(len(self.rows)), [r["count"] for r in self.rows], marker=".", color="tab:blue")
+        self.axes.set_xlabel("frame", fontsize="small")
+        self.axes.set_ylabel("cells", fontsize="small")
+        self.axes.tick_params(labelsize="x-small")
+        self.figure.tight_layout()
+        self.canvas.draw_idle()
+        self.setVisible(bool(self.rows))
+
+    def go_to(self, row: int) -> None:
+        """Move the viewer's sliders to the frame of table row ``row``."""
+        if not 0 <= row < len(self.rows) or self.layer is None:
+            return
+        idx = self.rows[row]["index"]
+        offset = self.viewer.dims.ndim - self.layer.ndim
+        world = np.asarray(self.layer.data_to_world(list(idx) + [0] * (self.layer.ndim - len(idx))), float)
+        for axis, value in enumerate(world[: len(idx)]):
+            self.viewer.dims.set_point(offset + axis, float(value))
+
+    def export(self, path: Optional[str] = None) -> Optional[Path]:
+        """Write the table as CSV (asks where when ``path`` is None); never replaces a file without asking."""
+        if not self.rows:
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Export counts per frame",
+                                                  f"{getattr(self.layer, 'name', 'counts')}_counts.csv",
+                                                  "CSV (*.csv)")
+            if not path:
+                return None
+            overwrite = True  # the dialog asked before replacing a file
+        else:
+            overwrite = False
+        from ..io import atomic_path
+
+        try:
+            with atomic_path(path, overwrite=overwrite) as tmp:
+                with open(tmp, "w", newline="") as fh:
+                    w = csv.writer(fh)
+                    w.writerow(["frame", "count", "diameter"])
+                    for r in self.rows:
+                        w.writerow([r["frame"], r["count"] if r["count"] % 1 else int(r["count"]),
+                                    "" if r["diameter"] is None else r["diameter"]])
+        except (OSError, FileExistsError) as exc:
+            show_error(f"Could not export the table: {exc}")
+            return None
+        show_info(f"Counts per frame written to {path}")
+        return Path(path)
+
+
+def show_frame_table(widget: QWidget, layer, result) -> Optional[FrameTable]:
+    """Show (or hide, for one plane) the per-frame section in ``widget``'s dock, created on first use."""
+    table = getattr(widget, "frame_table", None)
+    if table is None:
+        table = FrameTable(widget.viewer)
+        lay = widget.layout()
+        lay.insertWidget(max(0, lay.count() - 1), table)  # above the closing stretch
+        widget.frame_table = table
+    table.set_result(layer, result)
+    return table
