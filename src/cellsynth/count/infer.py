@@ -220,14 +220,15 @@ def _inference_net(counter: Counter):
     from ._nets import fold_batchnorm
 
     net = counter.net
-    with torch.no_grad():
-        stamp = (id(net), float(sum(t.double().sum() for t in net.state_dict().values() if t.is_floating_point())))
+    # every in-place change of a weight (optimiser step, load_state_dict) bumps its tensor's version counter
+    stamp = (id(net),) + tuple((id(t), t._version) for t in list(net.parameters()) + list(net.buffers()))
     cached = counter.extra.get("inference_net")
     if cached is None or cached[0] != stamp:
         fused = fold_batchnorm(net)
         if counter.device is not None and counter.device.type == "cpu":
             fused = fused.to(memory_format=torch.channels_last)
-        counter.extra["inference_net"] = cached = (stamp, fused)
+        # the network itself is kept with its stamp, so its id cannot be reused by another one
+        counter.extra["inference_net"] = cached = (stamp, fused, net)
     return cached[1]
 
 
