@@ -108,8 +108,12 @@ def run_set(label, names, images, points, *, adapt_minutes, retrain_minutes, see
     print(f"adapt accepted: {ad.accepted}  label-free score {ad.report['score_before']['score']:.3f} -> "
           f"{ad.report['score_after']['score']:.3f} (synthetic error {ad.report['score_before']['synthetic_error']:.3f} -> "
           f"{ad.report['score_after']['synthetic_error']:.3f}); {ad.report['training']['steps']} steps")
+    val_b, val_a = rt.report["score_before"].get("validation"), rt.report["score_after"].get("validation")
+    val = (f", validation strip ({val_b['n_true']} cells) error {val_b['error']:.3f} -> {val_a['error']:.3f}, "
+           f"score {val_b['score']:.3f} -> {val_a['score']:.3f}, best at step {rt.report['training']['best_step']}"
+           if val_b and val_a else "")
     print(f"retrain accepted: {rt.accepted}  region error {rt.report['score_before']['region_error']:.3f} -> "
-          f"{rt.report['score_after']['region_error']:.3f}; {rt.report['training']['steps']} steps")
+          f"{rt.report['score_after']['region_error']:.3f}{val}; {rt.report['training']['steps']} steps")
     print(f"seconds: base count {t_base:.1f}, adapt {t_adapt:.1f} (budget {60 * adapt_minutes:.0f}), "
           f"retrain {t_retrain:.1f} (budget {60 * retrain_minutes:.0f})")
     print("adapt steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ad.report["seconds"].items()))

@@ -216,13 +216,19 @@ def test_retraining_ignores_points_outside_the_checked_region(tiny_model, images
 
     monkeypatch.setattr(retrain_mod, "finetune", spy)
     img, centres = images[0]
-    inside = centres[(centres[:, 0] < 40) & (centres[:, 1] < 40)]
+
+    def near(r0, c0):  # true points well inside the 48 px box at (r0, c0)
+        return centres[(np.abs(centres[:, 0] - r0 - 24) < 16) & (np.abs(centres[:, 1] - c0 - 24) < 16)]
+
+    r0, c0 = max([(0, 0), (0, 48), (48, 0), (48, 48)], key=lambda rc: len(near(*rc)))
+    inside = near(r0, c0)
     assert len(inside) >= 2
-    junk = np.array([[85.0, 85.0], [90.0, 70.0], [70.0, 90.0]])  # wrong points far outside the checked box
+    far = (96 - 24 - r0, 96 - 24 - c0)  # the centre of the opposite quadrant
+    junk = np.array([far, (far[0] + 6, far[1] - 8), (far[0] - 8, far[1] + 6)], float)  # wrong points outside the box
 
     def run(points):
-        retrain_counter([img], [points], out=None, base=tiny_model, regions=[[(0, 0, 48, 48)]], diameter=12.0,
-                        minutes=0.05, device="cpu", params=dataclasses.replace(TINY, replay_share=0.0))
+        retrain_counter([img], [points], out=None, base=tiny_model, regions=[[(r0, c0, r0 + 48, c0 + 48)]],
+                        diameter=12.0, minutes=0.05, device="cpu", params=dataclasses.replace(TINY, replay_share=0.0))
 
     run(inside)
     run(np.concatenate([inside, junk]))

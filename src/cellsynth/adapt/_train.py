@@ -207,7 +207,8 @@ def finetune(
         elapsed = time.perf_counter() - t0
         if step >= min_steps and elapsed + per >= seconds:  # stop before a step that would overrun
             break
-        if on_check is not None and next_check < checks and step > 0 and elapsed >= seconds * next_check / checks:
+        if (on_check is not None and seconds > 0 and next_check < checks and step > 0
+                and elapsed >= seconds * next_check / checks):
             check()
             next_check += 1
         frac = min(1.0, max(elapsed / max(seconds, 1e-9), step / max_steps))
