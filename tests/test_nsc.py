@@ -32,8 +32,9 @@ def test_recovers_known_regions():
     # labels are numbered by intensity: nuclei brightest, background darkest
     assert np.all(np.diff(res.cluster_means) > 0)
     assert np.mean(res.labels[truth == 2] == 3) > 0.95 and np.mean(res.labels[truth == 0] == 1) > 0.95
-    # auto foreground: brighter than halfway between darkest and brightest cluster = the nuclei
-    assert np.mean(res.foreground[truth == 2]) > 0.95 and np.mean(res.foreground[truth < 2]) < 0.02
+    # auto foreground: the brighter group by Otsu's criterion over the clusters = the cells (cytoplasm and
+    # nuclei) against the background, as Otsu's threshold splits this image; 'brightest' gives the nuclei
+    assert np.mean(res.foreground[truth >= 1]) > 0.95 and np.mean(res.foreground[truth == 0]) < 0.02
     assert res.backbone == "filters"
 
 
@@ -218,3 +219,26 @@ def test_tiny_timm_dino_backbone():
     bb = TimmDinoBackbone(vit, device="cpu")
     feats = bb.features(np.random.default_rng(0).random((2, 48, 48)), 6)
     assert feats.shape == (2, 6, 6, 32) and np.all(np.isfinite(feats)) and bb.name == "dino-vits8"
+
+
+def test_auto_foreground_follows_otsu_over_clusters_with_pixel_edges():
+    """Dim and bright nuclei on a dark background: 'auto' keeps both (the old halfway rule lost the dim ones),
+    and the refined edges follow the true disc outlines to within a pixel."""
+    from cellsynth.stain.nsc import otsu_split
+
+    rng = np.random.default_rng(1)
+    truth = np.zeros((224, 224), bool)
+    img = np.full(truth.shape, 0.05)
+    for i, (r, c) in enumerate([(40, 40), (40, 120), (120, 60), (170, 170), (110, 180), (180, 80)]):
+        rr, cc = disk((r, c), 14, shape=truth.shape)
+        truth[rr, cc] = True
+        img[rr, cc] = 0.48 if i % 2 else 0.95  # half the nuclei dim (below halfway between 0.05 and 0.95)
+    img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, None)
+    res = nsc_masks(img, params=NSCParams(k=4, r=3, fov=112))
+    inter, union = np.count_nonzero(res.foreground & truth), np.count_nonzero(res.foreground | truth)
+    assert inter / union > 0.85
+    crude = nsc_masks(img, params=NSCParams(k=4, r=3, fov=112, refine_boundaries=False))
+    crude_iou = np.count_nonzero(crude.foreground & truth) / np.count_nonzero(crude.foreground | truth)
+    assert inter / union > crude_iou  # pixel edges beat patch edges
+    cut, t = otsu_split(np.array([0.05, 0.5, 0.9]), np.array([9000, 2000, 1000]))
+    assert cut == 1 and 0.05 < t < 0.5

@@ -96,8 +96,8 @@ class NSCParams(_ParamsMixin):
     patch: int = _f(8, "patch size in backbone input pixels (one graph node per patch)", low=1, high=64)
     backbone: str = _f("filters", "feature backbone: multi-scale filter bank (no weights) or a DINO model",
                        choices=BACKBONES)
-    foreground: str = _f("auto", "foreground clusters: 'auto' (brighter than halfway between the darkest and "
-                         "brightest cluster), 'brightest' (one cluster) or 'all' (keep every cluster label)",
+    foreground: str = _f("auto", "foreground clusters: 'auto' (the brighter group of clusters by Otsu's criterion, "
+                         "edges refined per pixel), 'brightest' (one cluster) or 'all' (keep every cluster label)",
                          choices=FOREGROUND_MODES)
     refine_boundaries: bool = _f(True, "move pixels where patch clusters meet to the neighbouring cluster of "
                                  "closest mean intensity (pixel-accurate edges)")
