@@ -271,3 +271,17 @@ def test_lazy_refuses_stacks_and_regression_counters():
         count_large(np.zeros((6, 40, 50), np.uint16), model="classic", diameter=10.0)
     with pytest.raises(ValueError, match="tile must be"):
         count_large(np.zeros((40, 50)), model="classic", tile=100)
+
+
+def test_uncompressed_tiff_is_read_in_bands_not_as_one_chunk(tmp_path):
+    from cellsynth.batch.sources import _bands
+
+    img = (np.random.default_rng(1).random((300, 220)) * 60000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "big_endian.tif", img, byteorder=">")
+    lazy = open_image(tmp_path / "big_endian.tif")
+    assert lazy.data.dtype == np.uint16 and np.array_equal(np.asarray(lazy.data[40:260, 10:200]), img[40:260, 10:200])
+    with tifffile.TiffFile(tmp_path / "big_endian.tif") as tif:
+        offset, dtype = tif.series[0].dataoffset, np.dtype(">u2")
+    bands = _bands(tmp_path / "big_endian.tif", offset, img.shape, dtype, band_bytes=220 * 2 * 64)
+    assert bands.chunks[0] == (64, 64, 64, 64, 44)
+    assert np.array_equal(np.asarray(bands[100:200]), img[100:200])

@@ -190,8 +190,13 @@ def _tiff(path: Path) -> LazyImage:
             series = tif.series[0]
             axes = str(series.axes)
             shape = tuple(series.shape)
+            offset = series.dataoffset  # None unless the pixels lie in one uncompressed run
+            dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
     except (tifffile.TiffFileError, ValueError, IndexError) as exc:
         raise ValueError(f"{path} is not a readable TIFF file: {exc}") from exc
+    if offset is not None and (len(shape) == 2 or (len(shape) == 3 and axes.endswith("S"))):
+        # An uncompressed image is one zarr chunk: read it in bands of rows instead.
+        return LazyImage(path, _bands(path, offset, shape, dtype), axes, _declared_channel_axis(axes, shape))
     store = tifffile.imread(path, aszarr=True, series=0, level=0)
     z = zarr.open(store, mode="r")
     if isinstance(z, zarr.Group):  # a pyramid: level 0 is full resolution
@@ -200,6 +205,25 @@ def _tiff(path: Path) -> LazyImage:
     if tuple(data.shape) != shape:
         raise ValueError(f"{path}: the TIFF's first series has shape {shape} but reads as {data.shape}")
     return LazyImage(path, data, axes, _declared_channel_axis(axes, shape))
+
+
+def _read_rows(path: str, offset: int, r0: int, r1: int, shape, dtype) -> np.ndarray:
+    row = int(np.prod(shape[1:]))
+    with open(path, "rb") as fh:
+        out = np.fromfile(fh, dtype=dtype, count=(r1 - r0) * row, offset=offset + r0 * row * dtype.itemsize)
+    return out.reshape((r1 - r0,) + tuple(shape[1:])).astype(dtype.newbyteorder("="), copy=False)
+
+
+def _bands(path: Path, offset: int, shape, dtype, band_bytes: int = 32 << 20):
+    """A dask array over an uncompressed TIFF image, read in bands of rows (about ``band_bytes`` each)."""
+    import dask
+    import dask.array as da
+
+    rows = max(1, band_bytes // max(1, int(np.prod(shape[1:])) * dtype.itemsize))
+    blocks = [da.from_delayed(dask.delayed(_read_rows)(str(path), offset, r0, min(shape[0], r0 + rows), shape, dtype),
+                              shape=(min(shape[0], r0 + rows) - r0,) + tuple(shape[1:]), dtype=dtype.newbyteorder("="))
+              for r0 in range(0, shape[0], rows)]
+    return da.concatenate(blocks, axis=0)
 
 
 def _declared_channel_axis(axes: str, shape) -> Optional[int]:
