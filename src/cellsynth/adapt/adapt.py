@@ -217,12 +217,17 @@ def working_planes(images: Sequence[np.ndarray], config: dict, factor: float) ->
 
 
 def count_images(images, counter, diameter: float, progress, stage: str) -> list[int]:
-    """Number of points per image as :func:`count_cells` gives them."""
+    """Number of points per image as :func:`count_cells` gives them.
+
+    PyTorch runs the network here: a candidate's weights change between calls,
+    and exporting each state for onnxruntime would cost more than it saves on a
+    few images (both engines give the same points).
+    """
     from ..count.infer import count_cells
 
     counts = []
     for i, im in enumerate(images):
-        counts.append(int(len(count_cells(im, counter=counter, diameter=diameter).points)))
+        counts.append(int(len(count_cells(im, counter=counter, diameter=diameter, engine="torch").points)))
         report(progress, stage, i + 1, len(images))
     return counts
 

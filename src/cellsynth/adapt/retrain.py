@@ -189,7 +189,7 @@ def validation_error(counter, images, points, val_boxes, diameter: float) -> dic
     for im, pts, vb in zip(images, points, val_boxes):
         if not vb:
             continue
-        res = count_cells(im, counter=counter, diameter=diameter)
+        res = count_cells(im, counter=counter, diameter=diameter, engine="torch")
         mask = region_mask(res.density.shape, vb)
         n_true = int(_inside(pts, mask).sum())
         err += abs(int(_inside(res.points, mask).sum()) - n_true)
