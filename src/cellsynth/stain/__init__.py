@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 from .nsc import NSCResult, cosine_affinity, nsc_channels, nsc_masks, spectral_embedding, synchronise_labels
-from .params import BACKBONES, NSCParams, StainParams
+from .params import BACKBONES, PRESETS, NSCParams, StainParams, stain_preset
 
 _LAZY = {
     "FilterBankBackbone": ".features",
@@ -39,9 +39,11 @@ _LAZY = {
 
 __all__ = [
     "BACKBONES",
+    "PRESETS",
     "NSCParams",
     "NSCResult",
     "StainParams",
+    "stain_preset",
     "cosine_affinity",
     "nsc_channels",
     "nsc_masks",

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .params import BACKBONES, FOREGROUND_MODES, SCHEDULERS
+from .params import BACKBONES, FOREGROUND_MODES, PRESETS, SCHEDULERS
 
 __all__ = ["register"]
 
@@ -100,20 +100,47 @@ def register(sub) -> None:
 
 def _sampling_args(p) -> None:
     p.add_argument("--model", default="default", help="model folder, or 'default' (the shipped demo model)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
-    p.add_argument("--guidance", type=_on_off, default=False, metavar="on|off", help="NSC mask guidance (default off)")
-    p.add_argument("--strength", type=float, default=0.6, help="mask guidance start (fraction of the schedule)")
-    p.add_argument("--refine", type=int, default=1, help="guided rounds")
+    p.add_argument("--preset", choices=PRESETS, default="fast",
+                   help="'fast': 50 DDIM steps, no mask guidance, filter-bank NSC; 'paper': DiffStain as published "
+                   "(full DDPM schedule, mask guidance with refinement, 512 tiles, DINO ViT-S/8 NSC masks; for a "
+                   "GPU). The options below override the preset's values")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (preset: 50)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (preset: fast ddim, paper ddpm)")
+    p.add_argument("--guidance", type=_on_off, default=None, metavar="on|off",
+                   help="NSC mask guidance (preset: fast off, paper on)")
+    p.add_argument("--strength", type=float, default=None, help="mask guidance start (fraction of the schedule)")
+    p.add_argument("--refine", type=int, default=None, help="guided rounds (preset: fast 1, paper 2)")
+    p.add_argument("--tile", type=int, default=None, help="tile size (0: the model's sample size; paper 512)")
+    p.add_argument("--nsc-backbone", choices=BACKBONES, default=None,
+                   help="features of the guidance masks (preset: fast filters, paper dino-vits8)")
+    p.add_argument("--nsc-weights", default=None, help="local folder of the DINO backbone's weights (default: the "
+                   "registry model, from the hub cache or downloaded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
 
 def _params(args):
-    from .params import StainParams
+    """The preset's StainParams and NSCParams with the options given on the command line."""
+    import dataclasses
 
-    return StainParams(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
-                       guidance_strength=args.strength, refine=args.refine, seed=args.seed)
+    from .params import stain_preset
+
+    params, nsc = stain_preset(args.preset)
+    given = {"steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance,
+             "guidance_strength": args.strength, "refine": args.refine, "tile": args.tile, "seed": args.seed}
+    params = dataclasses.replace(params, **{k: v for k, v in given.items() if v is not None})
+    if args.nsc_backbone is not None:
+        nsc = dataclasses.replace(nsc, backbone=args.nsc_backbone)
+    return params, nsc
+
+
+def _guidance_backbone(params, nsc, args):
+    """The NSC backbone of mask guidance, built once (None without guidance)."""
+    if not params.guidance:
+        return None
+    from .features import make_backbone
+
+    return make_backbone(nsc.backbone, device=args.device, weights=args.nsc_weights)
 
 
 def _nsc(args) -> int:
@@ -172,18 +199,20 @@ def _stain(args) -> int:
     from ..progress import tqdm_callback
     from .model import load_stain_model
 
-    params = _params(args)
+    params, nsc = _params(args)
     io.prepare_output(args.out, overwrite=args.overwrite)
     image, meta = io.read_tiff(args.image)
     pipe = load_stain_model(args.model, device=args.device)
+    backbone = _guidance_backbone(params, nsc, args)
     callback, close = tqdm_callback()
     try:
-        out = pipe(image, params=params, progress=callback)
+        out = pipe(image, params=params, nsc_params=nsc, backbone=backbone, progress=callback)
     finally:
         close()
     io.write_tiff(args.out, out.images, pixel_size=meta.get("pixel_size"), channel_names=out.channel_names,
                   overwrite=args.overwrite)
-    print(f"wrote {args.out}: channels {', '.join(out.channel_names)}")
+    guided = f", mask guidance with {nsc.backbone} NSC masks" if params.guidance else ""
+    print(f"wrote {args.out}: channels {', '.join(out.channel_names)} (preset {args.preset}, {params.scheduler}{guided})")
     return 0
 
 
@@ -226,10 +255,13 @@ def _evaluate(args) -> int:
     from .metrics import evaluate_stain
     from .model import load_stain_model
 
+    params, nsc = _params(args)
     pipe = load_stain_model(args.model, device=args.device)
+    backbone = _guidance_backbone(params, nsc, args)
     callback, close = tqdm_callback(disable=False)
     try:
-        res = evaluate_stain(args.data, pipe, params=_params(args), limit=args.limit, progress=callback)
+        res = evaluate_stain(args.data, pipe, params=params, limit=args.limit, progress=callback, nsc_params=nsc,
+                             backbone=backbone)
     finally:
         close()
     if args.json:

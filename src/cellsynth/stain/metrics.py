@@ -73,6 +73,8 @@ def evaluate_stain(
     params=None,
     limit: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
+    nsc_params=None,
+    backbone=None,
 ) -> dict:
     """Stain every field of view of a paired-data folder and average the metrics.
 
@@ -86,6 +88,10 @@ def evaluate_stain(
         Use only the first ``limit`` fields of view.
     progress : ProgressCallback, optional
         One event per field of view (stage ``"evaluate"``).
+    nsc_params : NSCParams, optional
+        NSC settings of mask guidance (see the pipeline).
+    backbone : optional
+        A ready NSC backbone (built once for every field of view).
 
     Returns
     -------
@@ -106,7 +112,7 @@ def evaluate_stain(
     results = []
     for i in range(n):
         bf, fl = ds.load(i)
-        out = pipeline(bf, params=params)
+        out = pipeline(bf, params=params, nsc_params=nsc_params, backbone=backbone)
         results.append(stain_metrics(out.images, to_unit(fl, cfg.target_norm), cfg.channel_names))
         report(progress, "evaluate", i + 1, n)
     summary = _mean_of(results, cfg.channel_names)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["NSCParams", "StainParams", "BACKBONES", "FOREGROUND_MODES", "SCHEDULERS"]
+__all__ = ["NSCParams", "StainParams", "BACKBONES", "FOREGROUND_MODES", "SCHEDULERS", "PRESETS", "stain_preset"]
 
 #: Feature backbones NSC can use: a multi-scale filter bank (no weights) or DINO models.
 BACKBONES = ("filters", "dinov2-small", "dino-vits8")
@@ -155,3 +155,44 @@ class StainParams(_ParamsMixin):
         _validate(self)
         if self.tile and self.overlap >= self.tile:
             raise ValueError(f"overlap ({self.overlap}) must be smaller than tile ({self.tile})")
+
+
+#: Named settings of virtual staining: ``"fast"`` (the default) and ``"paper"``.
+PRESETS = ("fast", "paper")
+
+
+def stain_preset(name: str = "fast") -> tuple[StainParams, NSCParams]:
+    """Sampling and NSC settings of a named preset.
+
+    ``"fast"``: 50 DDIM steps, no mask guidance, filter-bank NSC (no weights): seconds
+    on a CPU. ``"paper"``: DiffStain as published: the model's full training schedule
+    (DDPM, 2000 steps for the paper's models), NSC mask guidance on with one round of
+    refinement from the generated channels, 512-pixel tiles, and NSC on DINO ViT-S/8
+    features as the public code computes them (each 256-pixel quarter of a 512 tile
+    upscaled to 512, 64 x 64 = 4096 patches) with the paper's k = r = 5. It needs the
+    DINO weights (``cellsynth.weights``) and is meant for a GPU.
+
+    Parameters
+    ----------
+    name : {"fast", "paper"}
+
+    Returns
+    -------
+    (StainParams, NSCParams)
+
+    Examples
+    --------
+    >>> params, nsc = stain_preset("paper")
+    >>> params.scheduler, params.guidance, params.tile, nsc.backbone, nsc.grid ** 2
+    ('ddpm', True, 512, 'dino-vits8', 4096)
+    >>> stain_preset("slow")
+    Traceback (most recent call last):
+    ...
+    ValueError: preset must be one of 'fast', 'paper', got 'slow'
+    """
+    if name == "fast":
+        return StainParams(), NSCParams()
+    if name == "paper":
+        return (StainParams(scheduler="ddpm", guidance=True, refine=2, tile=512, overlap=64, batch_size=1),
+                NSCParams(backbone="dino-vits8", fov=256, input_size=512, patch=8, k=5, r=5))
+    raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {name!r}")
