@@ -86,3 +86,18 @@ def test_cli_dino_guidance_without_weights_is_a_clear_error(model, brightfield, 
     assert not out.exists()
     with pytest.raises(SystemExit):
         main(["stain", str(brightfield), "--out", str(out), "--preset", "slow"])
+
+
+def test_widget_preset_sets_sampler_values_and_guidance_masks(make_napari_viewer):
+    from cellsynth._napari.stain_widget import StainWidget
+
+    widget = StainWidget(make_napari_viewer())
+    widget.preset.value = "paper"
+    params = widget.form.params(scheduler=widget.scheduler.value)
+    assert (params.scheduler, params.guidance, params.refine, params.tile) == ("ddpm", True, 2, 512)
+    assert widget.nsc_params() == stain_preset("paper")[1]
+    widget.nsc_backbone.value = "dinov2-small"  # DINO guidance of any backbone, from the widget
+    assert widget.nsc_params().backbone == "dinov2-small" and widget.nsc_params().fov == 256
+    widget.preset.value = "fast"
+    assert widget.form.params(scheduler=widget.scheduler.value) == stain_preset("fast")[0]
+    assert widget.nsc_params() == NSCParams()

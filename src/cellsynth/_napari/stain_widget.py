@@ -10,7 +10,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QLabel, QWidget
 from superqt import QCollapsible
 
-from ..stain.params import SCHEDULERS, NSCParams, StainParams
+from ..stain.params import BACKBONES, PRESETS, SCHEDULERS, NSCParams, StainParams, stain_preset
 from ._layers import on_layer_renamed, provenance, upsert_layer
 from ._params import ParamsForm
 from ._tasks import TaskRunner, dock_layout
@@ -53,6 +53,12 @@ class StainWidget(QWidget):
         self.layer = ComboBox(label="brightfield", choices=self._layer_choices)
         self.model = FileEdit(mode="d", label="model folder (empty: default demo)", value="")
         self.scheduler = ComboBox(value="ddim", choices=list(SCHEDULERS), label="sampler")
+        self.preset = ComboBox(value="fast", choices=list(PRESETS), label="preset",
+                               tooltip="fast: 50 DDIM steps, no guidance; paper: DiffStain as published (full "
+                               "schedule, mask guidance, DINO ViT-S/8 masks; for a GPU)")
+        self.nsc_backbone = ComboBox(value="filters", choices=list(BACKBONES), label="guidance masks",
+                                     tooltip="features of the NSC masks that guide sampling (DINO models need "
+                                     "their weights: cached or downloaded once)")
         from ..device import device_choices
 
         self.device = ComboBox(value="auto", choices=device_choices(), label="device")
@@ -74,7 +80,8 @@ class StainWidget(QWidget):
         self._cache: dict = {}
         box = QCollapsible("Sampling")
         box.addWidget(self.form.native)
-        controls = Container(widgets=[self.layer, self.model, self.scheduler, self.device, self.show_masks,
+        controls = Container(widgets=[self.layer, self.model, self.preset, self.scheduler, self.nsc_backbone,
+                                      self.device, self.show_masks,
                                       self.run_button])
         train_box = QCollapsible("Train a model")
         train_box.addWidget(Container(widgets=[self.train_data, self.train_out, self.train_epochs, self.train_crop,
@@ -87,6 +94,7 @@ class StainWidget(QWidget):
         layout.addWidget(self.info)
         layout.addStretch(1)
         self.run_button.changed.connect(self.run)
+        self.preset.changed.connect(self._apply_preset)
         self.train_button.changed.connect(lambda _value=None: self.train())
         self.runner.busy.connect(self._set_busy)
         self.viewer.layers.events.inserted.connect(self._refresh)
@@ -102,6 +110,19 @@ class StainWidget(QWidget):
     def model_path(self) -> str:
         value = str(self.model.value or "").strip()
         return "default" if value in ("", ".") else value
+
+    def _apply_preset(self, name=None) -> None:
+        """Set the sampler, sampling values and guidance masks of a preset."""
+        params, nsc = stain_preset(self.preset.value if name is None else name)
+        self.scheduler.value = params.scheduler
+        self.form.set_values(params.to_dict())
+        self.nsc_backbone.value = nsc.backbone
+
+    def nsc_params(self) -> NSCParams:
+        """NSC settings of mask guidance: the preset's, with the chosen backbone."""
+        import dataclasses
+
+        return dataclasses.replace(stain_preset(self.preset.value)[1], backbone=self.nsc_backbone.value)
 
     def _pipeline(self, path: str, device: str):
         from ..stain.model import load_stain_model
@@ -128,7 +149,7 @@ class StainWidget(QWidget):
         data = np.asarray(layer.data, dtype=np.float32)
         path, device = self.model_path(), self.device.value
         self.form.save()
-        nsc_params = NSCParams()
+        nsc_params = self.nsc_params()
 
         def work(progress):
             pipe = self._pipeline(path, device)
