@@ -134,6 +134,9 @@ def test_never_overwrites_without_overwrite(client, images, tmp_path):
     assert res.counted == 9
     row = [r for r in _table(out) if r["image"] == str(changed.resolve())][0]
     assert int(row["count"]) == count_cells(_field(77), model="classic", diameter=12.0).count
+    (images / "plate" / "broken.tif").write_bytes(b"not a tiff")
+    res = count_batch([images / "plate"], out, params=CLASSIC, scheduler=client)
+    assert (res.counted, res.skipped) == (0, 9) and len(res.errors) == 1 and "broken.tif" in res.errors[0]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

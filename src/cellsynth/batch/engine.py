@@ -511,7 +511,12 @@ def count_batch(
     folder.check(settings, overwrite)
 
     # 1. plan: one task per plane not done yet
-    images = {p.resolve(): open_image(p) for p in paths}
+    images, errors = {}, []
+    for p in paths:  # an unreadable file is reported and the others are counted
+        try:
+            images[p.resolve()] = open_image(p)
+        except (ValueError, OSError) as exc:
+            errors.append(str(exc))
     names = _names(paths)
     todo, skipped, expected, have = [], 0, {}, {}
     for r, img in images.items():
@@ -531,8 +536,7 @@ def count_batch(
     folder.start(settings, overwrite)
 
     # 2. count on the cluster, recording each plane as it arrives
-    errors: list = []
-    n_workers = 0
+    n_workers = n_new = 0
 
     def finish_image(r: Path) -> None:
         recs = sorted(have[r], key=lambda x: x["plane"])
@@ -570,6 +574,7 @@ def count_batch(
                            "points": np.round(res["points"], 4).tolist(),
                            "scores": np.round(res["scores"], 5).tolist()}
                     folder.write_record(key, rec)
+                    n_new += 1
                     have[r].append(rec)
                     if len(have[r]) == expected[r]:
                         finish_image(r)
@@ -585,7 +590,7 @@ def count_batch(
     rows = _rows(folder.all_records())
     table = _write_table(folder.table, rows)
     plot = _write_plot(folder.plot, rows) if rows else None
-    return BatchResult(rows=rows, counted=len(todo) - len(errors), skipped=skipped, errors=errors, table=table,
+    return BatchResult(rows=rows, counted=n_new, skipped=skipped, errors=errors, table=table,
                        plot=plot, seconds=round(time.perf_counter() - t0, 3), workers=n_workers)
 
 
