@@ -195,3 +195,88 @@ def test_no_private_napari_attributes_are_used():
     found = [f"{p.name}:{i}" for p in NAPARI_DIR.glob("*.py")
              for i, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
     assert not found, found
+
+
+def _sample_nuclei():
+    from cellsynth.io import read_tiff
+
+    path = Path(__file__).resolve().parents[1] / "resources" / "samples" / "neurocyte_010.tif"
+    return read_tiff(path)[0]
+
+
+def test_count_progress_is_determinate_and_cancel_acts_within_a_second(make_napari_viewer, qtbot, one_torch_thread):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.tile(_sample_nuclei(), (2, 2)), name="nuclei")
+    w = CountWidget(viewer)
+    events = []
+    w.runner._bridge.progress.connect(events.append)
+    # let one run reach its tiles: the bar counts tiles
+    with qtbot.waitSignal(w.runner.finished, timeout=120000):
+        w.run_button.native.click()
+        qtbot.waitUntil(lambda: any(e.stage == "tiles" for e in events), timeout=120000)
+        tiles = next(e for e in events if e.stage == "tiles")
+        qtbot.waitUntil(lambda: w.runner.bar.maximum() == tiles.total, timeout=5000)
+        w.runner.cancel_button.click()
+    stages = [e.stage for e in events]
+    assert stages[0] == "loading the counter" and "estimating the cell diameter" in stages
+    assert tiles.total > 1 and all(e.total for e in events)
+    assert [lay.name for lay in viewer.layers] == ["nuclei"]
+    # cancel inside a long step without progress calls (the diameter estimate) frees the panel at once
+    events.clear()
+    with qtbot.waitSignal(w.runner.finished, timeout=120000) as blocker:
+        w.run_button.native.click()
+        qtbot.waitUntil(lambda: any(e.stage == "estimating the cell diameter" for e in events), timeout=120000)
+        start = time.monotonic()
+        w.runner.cancel_button.click()
+    waited = time.monotonic() - start
+    assert blocker.args == ["cancelled"] and waited < 1.5, waited
+    assert not w.runner.running and w.run_button.enabled
+    assert [lay.name for lay in viewer.layers] == ["nuclei"]
+
+
+def test_a_cancelled_export_says_what_was_written_and_a_rerun_resumes(make_napari_viewer, qtbot, tmp_path):
+    from cellsynth import io
+
+    viewer = make_napari_viewer()
+    w = LayoutsWidget(viewer)
+    w.folder.value = tmp_path / "ds"
+    w.n_export.value = 40
+    w.form.set_values({"shape": (48, 48)})
+    with qtbot.waitSignal(w.runner.finished, timeout=120000) as blocker:
+        w.export()
+        qtbot.waitUntil(lambda: w.runner.bar.value() >= 3, timeout=60000)
+        w.runner.cancel_button.click()
+    assert blocker.args == ["cancelled"]
+    text = w.runner.status.text()
+    done = io.read_json(tmp_path / "ds" / "manifest.json")["items"]
+    assert f"{len(done)} of 40 layouts are written" in text and "resume" in text, text
+    assert "nothing was changed" not in text
+    with qtbot.waitSignal(w.runner.finished, timeout=300000) as blocker:
+        w.export()
+    assert blocker.args == ["done"]
+    assert len(io.read_json(tmp_path / "ds" / "manifest.json")["items"]) == 40
+
+
+HEAVY_IMPORTS_IN_A_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    import napari
+    viewer = napari.Viewer(show=True)
+    viewer.add_image(np.zeros((8, 8)))
+    import cellsynth  # as a script or napari's console would, after the window exists
+    import torch, diffusers
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8,), down_block_types=("DownBlock2D",),
+                                 up_block_types=("UpBlock2D",), norm_num_groups=4)
+    print("ok", tuple(unet(torch.zeros(1, 1, 8, 8), 1).sample.shape))
+    viewer.close()
+    """
+)
+
+
+@needs_display
+def test_heavy_imports_from_a_script_after_the_window_do_not_crash():
+    res = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS_IN_A_SCRIPT], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ok (1, 1, 8, 8)" in res.stdout

@@ -29,6 +29,10 @@ LEGEND = ("<span style='color:yellow'>&#9711;</span> found by the model &nbsp; "
           "<span style='color:cyan'>&#9711;</span> added by you &nbsp; (ring = the diameter used)")
 
 
+#: Tiles per forward pass in the widgets: the bar moves and Cancel can act every few tiles.
+TILES_PER_STEP = 4
+
+
 def result_name(image_name: str) -> str:
     """Name of the Points layer holding the cells counted in ``image_name``."""
     return f"{image_name} cells"
@@ -93,11 +97,24 @@ def count_work(image: np.ndarray, *, model: str, diameter, channel: Optional[int
     """The function a TaskRunner runs to count: returns ``(counter, CountResult)``."""
 
     def work(progress):
-        from ..count import count_cells, load_counter
+        from ..count import count_cells, estimate_diameter, load_counter
+        from ..progress import report
 
+        report(progress, "loading the counter", 0, 1)
         counter = load_counter(model, device=device)
-        return counter, count_cells(image, counter=counter, diameter=diameter, channel=channel, device=device,
-                                    progress=progress)
+        d, source = diameter, None
+        if diameter == "auto":  # estimated here, as count_cells would, so that the bar says what is going on
+            report(progress, "estimating the cell diameter", 0, 1)
+            try:
+                d, source = estimate_diameter(image, channel=channel), "estimated"
+            except ValueError:  # nothing cell-like: count at the model's own scale
+                d, source = None, "model scale (no cells found to estimate a diameter)"
+            report(progress, "estimating the cell diameter", 1, 1)
+        result = count_cells(image, counter=counter, diameter=d, channel=channel, device=device,
+                             batch_size=TILES_PER_STEP, progress=progress)
+        if source is not None:
+            result.meta["diameter_source"] = source
+        return counter, result
 
     return work
 
@@ -224,9 +241,11 @@ def show_points(viewer, image_layer: Image, counter, result, *, parameters: dict
     layer = upsert_layer(viewer, name, "points", data, metadata=meta, features=features, like=image_layer,
                          feature_defaults=defaults, size=float(diameter), face_color="transparent", border_color="source",
                          border_color_cycle=COLORS, border_width=0.12, border_width_is_relative=True)
-    layer.size = float(diameter)
-    layer.current_size = float(diameter)
-    layer.feature_defaults = defaults
+    if not np.all(np.asarray(layer.size) == float(diameter)):
+        layer.size = float(diameter)
+    if layer.current_size != float(diameter):
+        layer.current_size = float(diameter)
+    layer.feature_defaults = defaults  # new points added by hand are "manual"
     refresh_count(layer)
     return layer
 

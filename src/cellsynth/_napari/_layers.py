@@ -52,8 +52,8 @@ def upsert_layer(viewer, name: str, layer_type: str, data: Any, *, metadata: Opt
     layer.data = data
     if features is not None:
         layer.features = features
-    for key in ("scale", "translate"):
-        if key in kwargs:
+    for key in ("scale", "translate"):  # set only when changed: each set redraws the layer
+        if key in kwargs and not np.array_equal(np.asarray(getattr(layer, key), float), np.asarray(kwargs[key], float)):
             setattr(layer, key, kwargs[key])
     layer.metadata = {**layer.metadata, **(metadata or {})}
     return layer

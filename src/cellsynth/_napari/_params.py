@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from magicgui.widgets import CheckBox, Container, FloatSpinBox, SpinBox, TupleEdit
+from magicgui.widgets import CheckBox, Container, FloatSpinBox, PushButton, SpinBox, TupleEdit
 
 __all__ = ["ParamsForm", "config_dir"]
 
@@ -54,7 +54,10 @@ class ParamsForm(Container):
         defaults = cls()
         self._fields = [f for f in dataclasses.fields(cls) if f.name not in exclude]
         widgets = [_widget(f.name, getattr(defaults, f.name), dict(f.metadata)) for f in self._fields]
-        super().__init__(widgets=widgets, **kwargs)
+        self.reset_button = PushButton(text="Reset to defaults",
+                                       tooltip="the values remembered from earlier sessions go back to the defaults")
+        super().__init__(widgets=widgets + [self.reset_button], **kwargs)
+        self.reset_button.changed.connect(lambda *_: (self.reset(), self.save()))
         self._load()
 
     @property

@@ -11,7 +11,7 @@ leaves the viewer as it was.
 
 from __future__ import annotations
 
-import sys
+import inspect
 import threading
 import traceback
 from collections.abc import Callable
@@ -22,6 +22,7 @@ from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
+from .._llvm_guard import avoid_llvm_clash
 from ..progress import Cancelled, Progress
 
 __all__ = ["TaskRunner", "avoid_llvm_clash", "dock_layout", "stop_all"]
@@ -49,28 +50,6 @@ def dock_layout(widget: QWidget, footer: QWidget) -> QVBoxLayout:
     return layout
 
 
-def avoid_llvm_clash() -> bool:
-    """Keep triton from loading next to Mesa's software OpenGL; return True when it was blocked.
-
-    torch's compiler stack imports triton, whose bundled LLVM crashes the process
-    when Mesa's llvmpipe (software OpenGL, as on remote desktops and under Xvfb)
-    is already loaded. Nothing in cellsynth uses triton, so before the first heavy
-    import it is marked as absent, which torch, diffusers, transformers and timm
-    all handle as "triton not installed".
-    """
-    if "triton" in sys.modules:
-        return False
-    try:
-        with open("/proc/self/maps") as fh:
-            maps = fh.read()
-    except OSError:
-        return False
-    if "libLLVM" not in maps:
-        return False
-    sys.modules["triton"] = None  # type: ignore[assignment]
-    return True
-
-
 class _Bridge(QObject):
     """Lives on the GUI thread; signals emitted from the worker arrive queued."""
 
@@ -80,9 +59,10 @@ class _Bridge(QObject):
 class _Run:
     """One task's thread-side state: cancel request, end of the work, and the worker kept alive until then."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, detach: bool = False) -> None:
         self.cancel = threading.Event()
         self.ended = threading.Event()
+        self.detach = detach
         self.worker = None
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -90,6 +70,9 @@ class _Run:
         self.cancel.set()
         return self.ended.wait(timeout)
 
+
+#: How long Cancel waits for a detachable run to reach its next step before freeing the panel.
+CANCEL_GRACE_MS = 500
 
 #: Runs whose work has not ended. Their workers stay referenced here, so that a closed widget
 #: (or viewer) never leaves a thread emitting through deleted Qt objects.
@@ -99,7 +82,8 @@ _RUNS: set = set()
 def stop_all(timeout: float = 10.0) -> bool:
     """Cancel every running task of every widget and wait for their threads; True when all ended.
 
-    Called when the application quits; a widget calls it for its own run when it is destroyed.
+    Called when the application quits. A run whose widget napari deleted (a closed viewer) stops at
+    its next progress step on its own.
     """
     ok = True
     for run in list(_RUNS):
@@ -143,11 +127,10 @@ class TaskRunner(QWidget):
         self._bridge = _Bridge()
         self._bridge.progress.connect(self._on_progress)
         self._run: Optional[_Run] = None
-        self._alive = alive = {"yes": True}
+        self._alive = _Alive(self)
         self.worker = None
         self.last_error: Optional[BaseException] = None
-        runs = self._runs = []  # this widget's runs, for its destroyed handler (which must not use self)
-        self.destroyed.connect(lambda *_: _widget_gone(alive, runs))
+        self._runs: list = []  # this widget's runs not yet ended
 
         self.status = QLabel("Ready")
         self.status.setWordWrap(True)
@@ -176,8 +159,21 @@ class TaskRunner(QWidget):
         *,
         on_done: Callable[[Any], None],
         label: str = "Working",
+        detach_on_cancel: bool = False,
+        cancelled_text: Optional[Callable[[Optional[Progress]], str]] = None,
     ) -> None:
         """Run ``fn(progress=callback)`` in a worker thread; then ``on_done(result)`` on the GUI thread.
+
+        ``on_done`` may be a generator: each of its steps (e.g. one result layer) then runs in
+        its own event-loop turn, so the window stays responsive while results are shown;
+        ``finished`` is emitted after the last one.
+
+        ``cancelled_text(last_progress)`` says what a cancel left behind (default: nothing
+        was changed), for work that writes files as it goes.
+
+        With ``detach_on_cancel`` (work that writes nothing: its result is only shown), Cancel
+        frees the panel within :data:`CANCEL_GRACE_MS` even when the work is inside a long step
+        without progress calls; the thread stops at its next step and its result is dropped.
 
         Raises
         ------
@@ -189,10 +185,14 @@ class TaskRunner(QWidget):
         avoid_llvm_clash()
         _hook_quit()
         self.last_error = None
-        run = self._run = _Run()
-        cancel, bridge = run.cancel, self._bridge
+        run = self._run = _Run(detach=detach_on_cancel)
+        self._last_progress: Optional[Progress] = None
+        self._cancelled_text = cancelled_text
+        cancel, bridge, alive = run.cancel, self._bridge, self._alive
 
         def callback(p: Progress) -> None:
+            if not alive["yes"]:  # the widget was closed (e.g. with the viewer): stop here
+                cancel.set()
             if cancel.is_set():
                 raise Cancelled()
             try:
@@ -215,9 +215,9 @@ class TaskRunner(QWidget):
         self.cancel_button.setEnabled(True)
         self.busy.emit(True)
         worker = create_worker(work, _start_thread=False, _ignore_errors=True)
-        alive = self._alive
-        worker.returned.connect(lambda result: alive["yes"] and self._finish("done", result, on_done))
-        worker.errored.connect(lambda exc: alive["yes"] and self._on_error(exc))
+        worker.returned.connect(lambda result: alive["yes"] and run is self._run
+                                and self._finish("done", result, on_done))
+        worker.errored.connect(lambda exc: alive["yes"] and run is self._run and self._on_error(exc))
         worker.finished.connect(lambda: _RUNS.discard(run))
         run.worker = worker
         _RUNS.add(run)
@@ -233,15 +233,29 @@ class TaskRunner(QWidget):
     def cancel(self) -> None:
         """Ask the running task to stop at its next progress step."""
         if self.running and self._run is not None:
-            self._run.cancel.set()
+            run = self._run
+            run.cancel.set()
             self.status.setText("Cancelling…")
             self.cancel_button.setEnabled(False)
+            if run.detach:
+                from qtpy.QtCore import QTimer
+
+                alive = self._alive
+                QTimer.singleShot(CANCEL_GRACE_MS, lambda: alive["yes"] and self._detach(run))
+
+    def _detach(self, run: "_Run") -> None:
+        """Free the panel from a cancelled run still inside a step; its thread ends on its own."""
+        if run is not self._run or run.ended.is_set():
+            return  # finished meanwhile: its own signal updates the panel
+        self._run = None
+        self._finish("cancelled")
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Cancel the running task and wait for its thread to end (for closing); True when it ended."""
-        if self._run is None:
-            return True
-        return self._run.stop(timeout)
+        ok = True
+        for run in self._runs:
+            ok = run.stop(timeout) and ok
+        return ok
 
     def wait(self, timeout_ms: int = 60000) -> None:
         """Block (processing Qt events) until the current task has finished; for scripts and tests."""
@@ -257,6 +271,7 @@ class TaskRunner(QWidget):
     # -- GUI-thread slots ---------------------------------------------------------
 
     def _on_progress(self, p: Progress) -> None:
+        self._last_progress = p
         if p.total:
             self.bar.setRange(0, int(p.total))
             self.bar.setValue(int(min(p.step, p.total)))
@@ -269,10 +284,39 @@ class TaskRunner(QWidget):
     def _finish(self, outcome: str, result: Any = None, on_done: Optional[Callable] = None) -> None:
         try:
             if outcome == "done" and on_done is not None:
-                on_done(result)
+                steps = on_done(result)
+                if inspect.isgenerator(steps):  # one layer update per event-loop turn
+                    self._step(steps)
+                    return
         except Exception as exc:  # a failure while updating layers is an error of the run
             outcome = "error"
             self._report(exc)
+        self._complete(outcome)
+
+    def _step(self, steps) -> None:
+        """Run ``on_done``'s next step, then let the event loop draw and react before the one after."""
+        from qtpy.QtCore import QTimer
+
+        alive = self._alive
+
+        def turn() -> None:
+            if not alive["yes"]:
+                steps.close()
+                return
+            try:
+                next(steps)
+            except StopIteration:
+                self._complete("done")
+                return
+            except Exception as exc:  # a failure while updating layers is an error of the run
+                self._report(exc)
+                self._complete("error")
+                return
+            QTimer.singleShot(0, turn)
+
+        turn()
+
+    def _complete(self, outcome: str) -> None:
         self.worker = None
         self.cancel_button.setEnabled(False)
         self.bar.setRange(0, 1)
@@ -281,7 +325,9 @@ class TaskRunner(QWidget):
         if outcome == "done":
             self.status.setText("Done")
         elif outcome == "cancelled":
-            self.status.setText("Cancelled: nothing was changed")
+            text = getattr(self, "_cancelled_text", None)
+            self.status.setText(text(getattr(self, "_last_progress", None)) if text else
+                                "Cancelled: nothing was changed")
         self.busy.emit(False)
         self.finished.emit(outcome)
 
@@ -305,8 +351,30 @@ class TaskRunner(QWidget):
         show_error(msg)
 
 
-def _widget_gone(alive: dict, runs: list) -> None:
-    """A runner's widget was destroyed: its slots must not run, and its work must stop now."""
-    alive["yes"] = False
-    for run in runs:
-        run.stop()
+class _Alive:
+    """``alive["yes"]``: whether a widget's Qt object still exists (a closed viewer deletes its docks).
+
+    Signals of a worker may arrive after napari deleted the widget; its slots check this first.
+    The widget is held weakly, so this never keeps it alive.
+    """
+
+    def __init__(self, widget: QWidget) -> None:
+        import weakref
+
+        self._ref = weakref.ref(widget)
+
+    def __getitem__(self, key: str) -> bool:
+        widget = self._ref()
+        return widget is not None and not _deleted(widget)
+
+
+def _deleted(obj) -> bool:
+    """Whether the C++ side of a Qt object is gone (PyQt's sip or PySide's shiboken)."""
+    try:
+        from qtpy import sip
+
+        return sip.isdeleted(obj)
+    except ImportError:
+        import shiboken6
+
+        return not shiboken6.isValid(obj)

@@ -162,7 +162,8 @@ class CountWidget(QWidget):
 
             return estimate_diameter(estimate_input(args["image"]), channel=args["channel"])
 
-        self.runner.start(work, on_done=lambda d: self.diameter.show(float(d)), label="Estimating the cell diameter")
+        self.runner.start(work, on_done=lambda d: self.diameter.show(float(d)), label="Estimating the cell diameter",
+                          detach_on_cancel=True)
 
     def run(self) -> None:
         """Count the chosen image; the result layer is added or updated when done."""
@@ -172,7 +173,8 @@ class CountWidget(QWidget):
         make = lazy_count_work if is_lazy(args["image"]) else count_work  # lazy: never loaded whole
         work = make(args["image"], model=args["model"], diameter=args["diameter"], channel=args["channel"],
                     device=args["device"])
-        self.runner.start(work, on_done=lambda out: self._show(args, *out), label="Counting cells")
+        self.runner.start(work, on_done=lambda out: self._show(args, *out), label="Counting cells",
+                          detach_on_cancel=True)
 
     # -- layers ------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -20,6 +21,21 @@ __all__ = ["LayoutsWidget", "IMAGE", "LABELS", "CENTRES", "ELLIPSES", "ellipse_c
 
 IMAGE, LABELS, CENTRES, ELLIPSES = "layout", "layout cells", "layout centres", "layout ellipses"
 _FEATURES = [c for c in CELL_COLUMNS if c not in ("label", "row", "col")]
+
+
+def export_cancelled_text(last, n: int, folder) -> str:
+    """What a cancelled export left in ``folder``: the items its manifest lists (else the last progress event)."""
+    from ..io import read_json
+
+    done = int(last.step) if last is not None and last.stage == "layouts" else 0
+    try:
+        done = len(read_json(Path(folder) / "manifest.json")["items"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if done == 0:
+        return f"Cancelled: no layout was written to {folder}"
+    return (f"Cancelled: {done} of {n} layouts are written in {folder} (each complete, with the manifest); "
+            "export again with the same settings to resume")
 
 
 class LayoutsWidget(QWidget):
@@ -91,7 +107,7 @@ class LayoutsWidget(QWidget):
         self.form.save()
         self.runner.start(
             lambda progress: generate_layout(params, rng=seed),
-            on_done=lambda lay: self._show(lay, params, seed, "layouts.generate"),
+            on_done=lambda lay: self._show_steps(lay, params, seed, "layouts.generate"),
             label="Generating layout",
         )
 
@@ -114,6 +130,7 @@ class LayoutsWidget(QWidget):
             lambda progress: export_dataset(folder, n, params=params, seed=seed, overwrite=overwrite, progress=progress),
             on_done=lambda path: show_info(f"Wrote {n} layouts to {path.parent}"),
             label=f"Exporting {n} layouts",
+            cancelled_text=lambda last: export_cancelled_text(last, n, folder),
         )
 
     def render_from_points(self) -> None:
@@ -140,13 +157,20 @@ class LayoutsWidget(QWidget):
     # -- layers ------------------------------------------------------------------
 
     def _show(self, lay, params: LayoutParams, seed: int, operation: str, points: bool = True) -> None:
+        for _ in self._show_steps(lay, params, seed, operation, points):
+            pass
+
+    def _show_steps(self, lay, params: LayoutParams, seed: int, operation: str, points: bool = True):
+        """Add or update the layout's layers, one per step (a TaskRunner gives each its own event-loop turn)."""
         meta = provenance(operation, params=params.to_dict(), seed=seed, n_cells=lay.n_cells)
         self._updating = True
         try:
             upsert_layer(self.viewer, IMAGE, "image", lay.image, metadata=meta, colormap="gray",
                          contrast_limits=(0, 255))
+            yield
             labels = upsert_layer(self.viewer, LABELS, "labels", lay.labels, metadata=meta, opacity=0.7)
             labels.contour = 1  # outlines, so the image stays visible
+            yield
             if points:
                 feats = {c: lay.cells[c] for c in _FEATURES}
                 layer = upsert_layer(self.viewer, CENTRES, "points", lay.centres, metadata=meta, features=feats,

@@ -113,12 +113,13 @@ class NSCWidget(QWidget):
             return backbone.name, nsc_channels(planes, params=params, backbone=backbone, progress=progress)
 
         self.runner.start(work, on_done=lambda res: self._show(layer, channels, params, *res),
-                          label=f"NSC masks of {layer.name}")
+                          label=f"NSC masks of {layer.name}", detach_on_cancel=True)
 
-    def _show(self, layer, channels, params: NSCParams, backbone: str, results) -> None:
+    def _show(self, layer, channels, params: NSCParams, backbone: str, results):
         for ch, res in zip(channels, results):
             meta = provenance("stain.nsc", backbone=backbone, params=params.to_dict(), source=layer.name,
                               channel=ch, cluster_means=[round(float(m), 4) for m in res.cluster_means])
             upsert_layer(self.viewer, mask_layer_name(layer.name, ch), "labels", res.mask, metadata=meta,
                          like=layer, opacity=0.5)
+            yield  # one layer per event-loop turn
         self.info.setText(f"Masks from {backbone} features (k={params.k}, r={params.r}, {params.foreground})")

@@ -152,14 +152,18 @@ class StainWidget(QWidget):
         nsc_params = self.nsc_params()
 
         def work(progress):
+            from ..progress import report
+
+            report(progress, "loading the staining model", 0, 1)
             pipe = self._pipeline(path, device)
+            report(progress, "loading the staining model", 1, 1)
             planes = data
             if planes.ndim == 2:
                 planes = np.repeat(planes[None], pipe.config.n_condition, axis=0)
             return pipe, pipe(planes, params=params, nsc_params=nsc_params, progress=progress)
 
         self.runner.start(work, on_done=lambda res: self._show(layer, params, nsc_params, *res),
-                          label=f"Staining {layer.name}")
+                          label=f"Staining {layer.name}", detach_on_cancel=True)
 
     def _set_busy(self, busy: bool) -> None:
         self.run_button.enabled = not busy
@@ -200,13 +204,14 @@ class StainWidget(QWidget):
 
         self.runner.start(work, on_done=done, label="Training")
 
-    def _show(self, layer, params: StainParams, nsc_params: NSCParams, pipe, out) -> None:
+    def _show(self, layer, params: StainParams, nsc_params: NSCParams, pipe, out):
         guidance = {"nsc": nsc_params.to_dict()} if params.guidance else {}
         meta = provenance("stain.virtual", model=pipe.source, params=params.to_dict(), seed=params.seed,
                           source=layer.name, **guidance)
         for i, (name, cmap) in enumerate(zip(out.channel_names, out.colormaps)):
-            upsert_layer(self.viewer, stain_layer_name(name, layer.name), "image", out.images[i], metadata=meta, like=layer,
-                         colormap=cmap, blending="additive", contrast_limits=(0.0, 1.0))
+            upsert_layer(self.viewer, stain_layer_name(name, layer.name), "image", out.images[i], metadata=meta,
+                         like=layer, colormap=cmap, blending="additive", contrast_limits=(0.0, 1.0))
+            yield  # one layer per event-loop turn
         keep = {round_mask_name(name, r, layer.name) for r in range(1, len(out.masks) + 1) for name in out.channel_names}
         if not self.show_masks.value:
             keep = set()
@@ -221,8 +226,12 @@ class StainWidget(QWidget):
                                  metadata=provenance("stain.guidance_mask", round=r, channel=name, source=layer.name,
                                                      backbone=nsc_params.backbone),
                                  like=layer, opacity=0.4, visible=False)
+        repeated = ""
+        if np.ndim(layer.data) == 2 and pipe.config.n_condition > 1:
+            repeated = (f" The 2-D image was repeated into the {pipe.config.n_condition} brightfield planes "
+                        "the model expects; give a (planes, rows, cols) image for better results.")
         self.info.setText(f"{len(out.channel_names)} channels from model {pipe.source.get('name')} "
                           f"({params.scheduler}, {out.model_evaluations} model steps"
-                          f"{', mask guidance' if params.guidance else ''})")
+                          f"{', mask guidance' if params.guidance else ''}).{repeated}")
 
 

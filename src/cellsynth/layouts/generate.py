@@ -151,7 +151,7 @@ def requested_count(params: LayoutParams, rng: np.random.Generator) -> int:
     """
     lo, hi = params.count_min, params.count_max
     mean, std = params.count_mean, params.count_std
-    if std == 0 or mean == 0:
+    if mean == 0 or std <= 1e-6 * mean:  # no spread to speak of (and (mean/std)**2 would overflow)
         return int(np.clip(round(mean), lo, hi))
     shape, scale = (mean / std) ** 2, std * std / mean
     for _ in range(64):
