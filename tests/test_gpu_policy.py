@@ -91,3 +91,31 @@ def test_dependency_floors_cover_the_apis_used():
     assert floors["diffusers"] >= (0, 35) and floors["transformers"] >= (4, 56)
     assert "accelerate" in floors  # diffusers loads large models without a second copy only with it
     import accelerate  # noqa: F401  (installed, as the dependency says)
+
+
+def _gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_says_clearly_when_no_gpu_is_present(monkeypatch, capsys):
+    import json
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _gpu_check().main([]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["gpu"] is False and "no CUDA GPU" in doc["error"]
+
+
+def test_gpu_check_builds_the_published_full_size_graphs_on_meta():
+    counts = _gpu_check().param_counts()
+    assert counts["sd_v1_4_unet"] == 859_520_964 and counts["sd_v1_4_vae"] == 83_653_863
+    assert counts["sd_v1_4_text_encoder"] == 123_060_480
+    assert abs(counts["sd_v1_4_image_encoder"] / 1e6 - 304.0) < 1.0  # CLIP ViT-L/14 vision tower + projection
+    assert abs(counts["dinov2_small"] / 1e6 - 22.1) < 0.2 and abs(counts["dino_vits8"] / 1e6 - 21.7) < 0.2

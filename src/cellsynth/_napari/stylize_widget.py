@@ -93,8 +93,10 @@ class StylizeWidget(QWidget):
         self.model = LineEdit(value="sd-v1-4", label="SD model")
         self.image_encoder = LineEdit(value="clip-vit-large-patch14", label="image encoder")
         self.device = ComboBox(label="device", choices=device_choices(), value="auto")
-        self.form = ParamsForm(StylizeParams, key="stylize", exclude=("resize",))
+        self.form = ParamsForm(StylizeParams, key="stylize", exclude=("resize", "scheduler"))
         self.resize = ComboBox(label="resize", choices=["keep", "squash"], value="keep")
+        self.sampler = ComboBox(label="sampler", choices=["ddim", "dpmsolver++", "unipc"], value="ddim",
+                                tooltip="ddim: the paper (50 steps); dpmsolver++ / unipc: about 20 steps suffice")
         self.preview = CheckBox(value=False, text=f"preview (long side {PREVIEW_SIZE} px)")
         self.run_button = PushButton(text="Stylize")
         self.train_form = ParamsForm(TrainParams, key="stylize-train",
@@ -120,7 +122,7 @@ class StylizeWidget(QWidget):
                                  self.image_encoder, self.device])
         params_box = QCollapsible("Parameters")
         params_box.addWidget(self.form.native)
-        params_box.addWidget(Container(widgets=[self.resize]).native)
+        params_box.addWidget(Container(widgets=[self.resize, self.sampler]).native)
         train_box = QCollapsible("Train a token")
         train_box.addWidget(self.train_form.native)
         train_box.addWidget(Container(widgets=[self.learning_rate, self.token_out, self.train_button]).native)
@@ -163,7 +165,7 @@ class StylizeWidget(QWidget):
             self._error("Choose a content and a style image layer")
             return None
         try:
-            params = self.form.params(resize=self.resize.value)
+            params = self.form.params(resize=self.resize.value, scheduler=self.sampler.value)
             if self.preview.value:
                 params = StylizeParams(**{**params.to_dict(), "size": min(params.size or PREVIEW_SIZE, PREVIEW_SIZE)})
         except (TypeError, ValueError) as exc:

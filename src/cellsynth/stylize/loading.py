@@ -9,7 +9,7 @@ from typing import Optional
 
 from ..progress import ProgressCallback
 
-__all__ = ["load_pipeline", "clear_cache", "model_record"]
+__all__ = ["load_pipeline", "clear_cache", "model_record", "optimize_pipeline"]
 
 _CACHE: dict = {}
 _LOCK = threading.Lock()
@@ -48,6 +48,8 @@ def load_pipeline(
     progress: Optional[ProgressCallback] = None,
     cache: bool = True,
     config: os.PathLike | str | None = None,
+    channels_last: Optional[bool] = None,
+    compile: bool = False,
 ):
     """An :class:`~cellsynth.stylize.InSTPipeline` ready on `device`.
 
@@ -77,6 +79,9 @@ def load_pipeline(
         (default :func:`cellsynth.weights.sd_v1_config_dir`, SD v1.4). The
         tokenizer comes from its ``tokenizer`` folder, else from `image_encoder`'s
         folder (CLIP ViT-L/14 carries the tokenizer of SD v1).
+    channels_last, compile : optional
+        Speed settings, see :func:`optimize_pipeline` (default: channels-last on
+        CUDA, no compilation).
 
     Raises
     ------
@@ -92,8 +97,10 @@ def load_pipeline(
 
     dev = resolve_device(device)
     torch_dtype = default_dtype(dev, prefer=dtype)
+    if channels_last is None:
+        channels_last = dev.type == "cuda"
     key = (os.fspath(model), os.fspath(image_encoder), str(dev), str(torch_dtype),
-           None if config is None else os.fspath(config))
+           None if config is None else os.fspath(config), bool(channels_last), bool(compile))
     with _LOCK:
         if cache and key in _CACHE:
             return _CACHE[key]
@@ -101,10 +108,38 @@ def load_pipeline(
     pipe = _load(path, image_encoder, torch_dtype, offline, progress, config)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
+    optimize_pipeline(pipe, channels_last=channels_last, compile=compile)
     if cache:
         with _LOCK:
             _CACHE[key] = pipe
     return pipe
+
+
+def optimize_pipeline(pipe, *, channels_last: bool = True, compile: bool = False) -> dict:
+    """Speed settings for InST on a GPU, applied in place; returns what was applied.
+
+    - attention through PyTorch's fused ``scaled_dot_product_attention``
+      (diffusers' ``AttnProcessor2_0``; flash / memory-efficient kernels on CUDA);
+    - ``channels_last`` memory format of the UNet and VAE (faster convolutions
+      with cuDNN and tensor cores);
+    - optionally ``torch.compile`` of the UNet (compiled on its first call).
+
+    Examples
+    --------
+    >>> from cellsynth.stylize.tiny import tiny_pipeline
+    >>> optimize_pipeline(tiny_pipeline(0), channels_last=True)
+    {'attention': 'sdpa', 'channels_last': True, 'compiled': False}
+    """
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for module in (pipe.unet, pipe.vae):
+        module.set_attn_processor(AttnProcessor2_0())
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
+    if compile and not hasattr(pipe.unet, "_orig_mod"):
+        pipe.unet = torch.compile(pipe.unet)
+    return {"attention": "sdpa", "channels_last": bool(channels_last), "compiled": hasattr(pipe.unet, "_orig_mod")}
 
 
 def _load(path: Path, image_encoder, torch_dtype, offline, progress, config=None):

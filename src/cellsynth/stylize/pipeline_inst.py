@@ -39,16 +39,31 @@ INST_SCHEDULER_CONFIG = {
 """DDIM as the official InST code runs it (scaled-linear betas, eta 0, offset 1)."""
 
 
-def inst_scheduler() -> DDIMScheduler:
-    """A DDIM scheduler configured as InST uses it.
+def inst_scheduler(name: str = "ddim"):
+    """A scheduler on InST's noise schedule: the paper's DDIM, or a few-step multistep solver.
+
+    ``"dpmsolver++"`` is diffusers' DPMSolverMultistepScheduler (second order,
+    DPM-Solver++), ``"unipc"`` its UniPCMultistepScheduler; both share DDIM's
+    betas and timestep spacing, so a strength means the same start timestep.
 
     Examples
     --------
     >>> s = inst_scheduler(); s.set_timesteps(50)
     >>> s.timesteps[:3].tolist(), s.timesteps[-1].item()
     ([981, 961, 941], 1)
+    >>> type(inst_scheduler("dpmsolver++")).__name__, inst_scheduler("dpmsolver++").config.algorithm_type
+    ('DPMSolverMultistepScheduler', 'dpmsolver++')
     """
-    return DDIMScheduler(**INST_SCHEDULER_CONFIG)
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    ddim = DDIMScheduler(**INST_SCHEDULER_CONFIG)
+    if name == "ddim":
+        return ddim
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(ddim.config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "unipc":
+        return UniPCMultistepScheduler.from_config(ddim.config)
+    raise ValueError(f"scheduler must be 'ddim', 'dpmsolver++' or 'unipc', got {name!r}")
 
 
 def start_timesteps(strength: float, num_inference_steps: int, *, num_train_timesteps: int = 1000) -> tuple:
@@ -145,9 +160,8 @@ class InSTPipeline(StableDiffusionImg2ImgPipeline):
                                    guidance_scale=guidance_scale, size=size, resize=resize, adain=adain, seed=seed)
         if not isinstance(token, StyleToken):
             raise TypeError(f"token must be a StyleToken, got {type(token).__name__}")
-        if not isinstance(self.scheduler, DDIMScheduler):
-            raise TypeError(f"InSTPipeline runs DDIM; got a {type(self.scheduler).__name__} scheduler "
-                            "(use inst_scheduler() or load_pipeline)")
+        if type(self.scheduler) is not type(inst_scheduler(params.scheduler)):
+            self.scheduler = inst_scheduler(params.scheduler)  # on InST's schedule, whatever was loaded
         if self.image_encoder is None or self.feature_extractor is None:
             raise ValueError("InSTPipeline needs an image_encoder and a feature_extractor for the style image")
         width = self.text_encoder.config.hidden_size
@@ -198,9 +212,9 @@ class InSTPipeline(StableDiffusionImg2ImgPipeline):
             if n_steps:
                 noise = torch.randn(latent0.shape, generator=generator, dtype=torch.float32).to(device, dtype)
                 t_inv_tensor = torch.tensor([t_inv], device=device)
-                noisy = self.scheduler.add_noise(latent0, noise, t_inv_tensor)
+                noisy = self._noised(latent0, noise, t_inv)
                 eps_hat = self.unet(noisy, t_inv_tensor, encoder_hidden_states=cond).sample
-                latents = self.scheduler.add_noise(latent0, eps_hat, timesteps[:1])
+                latents = self._noised(latent0, eps_hat, int(timesteps[0]))
             report(progress, "stylize", 2, total, f"inverted at t={t_inv}")
 
             # 5. DDIM from the matching timestep, with classifier-free guidance
@@ -210,7 +224,8 @@ class InSTPipeline(StableDiffusionImg2ImgPipeline):
                 if do_cfg:
                     eps_uncond, eps_cond = eps.chunk(2)
                     eps = eps_uncond + params.guidance_scale * (eps_cond - eps_uncond)
-                latents = self.scheduler.step(eps, t, latents, eta=0.0).prev_sample
+                step_kwargs = {"eta": 0.0} if isinstance(self.scheduler, DDIMScheduler) else {}
+                latents = self.scheduler.step(eps, t, latents, **step_kwargs).prev_sample
                 report(progress, "stylize", 3 + i, total, f"denoising step {i + 1}/{n_steps}")
 
             # 6. Decode and return in the input's value range
@@ -232,6 +247,11 @@ class InSTPipeline(StableDiffusionImg2ImgPipeline):
                 "content_sha256": image_sha256(np.asarray(content)),
             }
             return InSTOutput(image=image, metadata=metadata, latents=latents if return_latents else None)
+
+    def _noised(self, x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+        """``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` at training timestep `t` (any scheduler of the run)."""
+        abar = self.scheduler.alphas_cumprod[int(t)].to(torch.float32)
+        return (abar.sqrt() * x0.float() + (1 - abar).sqrt() * eps.float()).to(x0.dtype)
 
     def _posterior(self, rgb: np.ndarray, device):
         """VAE posterior (diffusers' DiagonalGaussianDistribution) of a float RGB image in [0, 1]."""
