@@ -101,3 +101,21 @@ def test_widget_preset_sets_sampler_values_and_guidance_masks(make_napari_viewer
     widget.preset.value = "fast"
     assert widget.form.params(scheduler=widget.scheduler.value) == stain_preset("fast")[0]
     assert widget.nsc_params() == NSCParams()
+
+
+def test_train_stain_paper_preset_uses_diffstains_crops_batch_and_rate(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from cellsynth.stain import train as train_module
+
+    seen = []
+
+    def fake_train(data, out, *, config, resume, progress):
+        seen.append(config)
+        return SimpleNamespace(steps=1, losses=[0.1], seconds=1.0, out=out)
+
+    monkeypatch.setattr(train_module, "train_stain", fake_train)
+    assert main(["train-stain", str(tmp_path), "--out", str(tmp_path / "m"), "--preset", "paper"]) == 0
+    assert main(["train-stain", str(tmp_path), "--out", str(tmp_path / "m"), "--preset", "paper", "--crop", "256"]) == 0
+    assert main(["train-stain", str(tmp_path), "--out", str(tmp_path / "m")]) == 0
+    assert [(c.crop, c.batch_size, c.lr) for c in seen] == [(512, 1, 5e-4), (256, 1, 5e-4), (64, 8, 8e-5)]

@@ -71,9 +71,12 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="model folder")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--steps-per-epoch", type=int, default=0, help="0: one crop per field of view")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--lr", type=float, default=8e-5)
+    p.add_argument("--preset", choices=PRESETS, default="fast",
+                   help="'fast': 64-pixel crops, batch 8, lr 8e-5; 'paper': DiffStain's 512-pixel crops, batch 1, "
+                   "lr 5e-4 (for a GPU). --crop, --batch-size and --lr override it")
+    p.add_argument("--batch-size", type=int, default=None, help="(preset: fast 8, paper 1)")
+    p.add_argument("--crop", type=int, default=None, help="(preset: fast 64, paper 512)")
+    p.add_argument("--lr", type=float, default=None, help="(preset: fast 8e-5, paper 5e-4)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget (0: none)")
     p.add_argument("--seed", type=int, default=0)
@@ -237,8 +240,10 @@ def _train(args) -> int:
     model = {"block_out_channels": args.block_out_channels, "layers_per_block": args.layers_per_block,
              "norm_num_groups": args.norm_num_groups, "dropout": args.dropout,
              "prediction_type": args.prediction_type, "num_train_timesteps": args.timesteps}
-    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                      crop=args.crop, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed, minutes=args.minutes,
+    preset = _TRAIN_PRESETS[args.preset]
+    pick = (lambda name: preset[name] if getattr(args, name) is None else getattr(args, name))  # noqa: E731
+    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=pick("batch_size"),
+                      crop=pick("crop"), lr=pick("lr"), ema_decay=args.ema_decay, seed=args.seed, minutes=args.minutes,
                       device=args.device, save_dtype=args.save_dtype, model=model)
     callback, close = tqdm_callback()
     try:
@@ -248,6 +253,11 @@ def _train(args) -> int:
     print(f"trained {res.steps} steps ({len(res.losses)} epochs, {res.seconds / 60:.1f} min); "
           f"last loss {res.losses[-1]:.4f}; model in {res.out}")
     return 0
+
+
+#: Training settings of the presets: ours for CPUs, and DiffStain's (512-pixel crops, batch 1, lr 5e-4).
+_TRAIN_PRESETS = {"fast": {"crop": 64, "batch_size": 8, "lr": 8e-5},
+                  "paper": {"crop": 512, "batch_size": 1, "lr": 5e-4}}
 
 
 def _evaluate(args) -> int:
