@@ -45,8 +45,8 @@ class LayoutParams:
     """
 
     shape: tuple[int, int] = _f((256, 256), "image size (rows, cols) in pixels", low=8, high=16384)
-    count_mean: float = _f(92.0, "mean of the (gamma) distribution of requested cell counts", low=0.0)
-    count_std: float = _f(80.0, "standard deviation of the requested cell count (0: always count_mean)", low=0.0)
+    count_mean: float = _f(99.0, "mean of the (gamma) distribution of requested cell counts", low=0.0)
+    count_std: float = _f(97.0, "standard deviation of the requested cell count (0: always count_mean)", low=0.0)
     count_min: int = _f(10, "smallest requested cell count (smaller draws are re-drawn)", low=0)
     count_max: int = _f(600, "largest requested cell count (larger draws are re-drawn)", low=0, high=100000)
     clusters: tuple[int, int] = _f((3, 7), "range of the number of cluster centres (inclusive)", low=1, high=1000)
