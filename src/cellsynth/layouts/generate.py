@@ -153,9 +153,15 @@ def requested_count(params: LayoutParams, rng: np.random.Generator) -> int:
     mean, std = params.count_mean, params.count_std
     if mean == 0 or std <= 1e-6 * mean:  # no spread to speak of (and (mean/std)**2 would overflow)
         return int(np.clip(round(mean), lo, hi))
-    shape, scale = (mean / std) ** 2, std * std / mean
+    with np.errstate(all="ignore"):
+        shape, scale = (mean / std) ** 2, std * std / mean
+    if not (np.isfinite(shape) and np.isfinite(scale) and shape > 0 and scale > 0):
+        return int(np.clip(round(mean), lo, hi))  # a degenerate (tiny or huge) mean/std ratio
     for _ in range(64):
-        n = round(rng.gamma(shape, scale))
+        draw = rng.gamma(shape, scale)
+        if not np.isfinite(draw):
+            continue
+        n = round(draw)
         if lo <= n <= hi:
             return int(n)
     return int(np.clip(round(mean), lo, hi))
