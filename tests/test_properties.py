@@ -17,7 +17,7 @@ from hypothesis.extra.numpy import arrays  # noqa: E402
 
 from cellsynth.layouts import LayoutParams, generate_layout  # noqa: E402
 
-FAST = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -106,7 +106,7 @@ def test_a_constant_image_has_no_cells_and_the_estimate_is_positive_or_refused(i
     assert np.isfinite(d) and d > 0
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(image=small_images(), diameter=st.sampled_from(["auto", 6.0, 15.0]))
 def test_the_default_counter_on_random_images(image, diameter):
     import torch
