@@ -16,6 +16,16 @@ def _isolated_settings(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CELLSYNTH_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
 
 
+@pytest.fixture(autouse=True)
+def _no_download_question():
+    """No test inherits the napari plugin's download dialog (a modal dialog nobody answers would hang)."""
+    from cellsynth import settings
+
+    previous = settings.set_download_confirmer(None)
+    yield
+    settings.set_download_confirmer(previous)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models run faster on one thread than split over a shared machine's cores."""
