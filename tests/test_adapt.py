@@ -199,15 +199,18 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_model, images):
         AdaptParams(crop=100)
 
 
-def test_retraining_ignores_points_outside_the_checked_region(tiny_model, images, monkeypatch, one_torch_thread):
+def _loss_spy(monkeypatch, batches: int, seen: dict | None = None) -> list:
+    """Replace retraining's fine-tuning by a probe: the base's loss on the same sampled batches, per run."""
     from cellsynth.adapt import retrain as retrain_mod
     losses = []
 
-    def spy(net, sample, **kw):  # the training loss of the base on the same sampled batches
+    def spy(net, sample, **kw):
         rng = np.random.default_rng(7)
+        if seen is not None:
+            seen.update(kw)
         with torch.no_grad():
             vals = []
-            for _ in range(4):
+            for _ in range(batches):
                 x, y, m = sample(rng, None)
                 vals.append(float(masked_density_loss(net(torch.from_numpy(x)), torch.from_numpy(y),
                                                       None if m is None else torch.from_numpy(m), scale=100.0)))
@@ -215,6 +218,11 @@ def test_retraining_ignores_points_outside_the_checked_region(tiny_model, images
         return net.eval(), {"steps": 0, "seconds": 0.0, "loss_first": None, "loss_last": None}
 
     monkeypatch.setattr(retrain_mod, "finetune", spy)
+    return losses
+
+
+def test_retraining_ignores_points_outside_the_checked_region(tiny_model, images, monkeypatch, one_torch_thread):
+    losses = _loss_spy(monkeypatch, 4)
     img, centres = images[0]
 
     def near(r0, c0):  # true points well inside the 48 px box at (r0, c0)
@@ -238,22 +246,8 @@ def test_retraining_ignores_points_outside_the_checked_region(tiny_model, images
 
 
 def test_retraining_holds_out_a_validation_strip(tiny_model, images, monkeypatch, one_torch_thread):
-    from cellsynth.adapt import retrain as retrain_mod
-    losses, seen = [], {}
-
-    def spy(net, sample, **kw):  # the training loss of the base on the same sampled batches
-        rng = np.random.default_rng(7)
-        seen.update(kw)
-        with torch.no_grad():
-            vals = []
-            for _ in range(6):
-                x, y, m = sample(rng, None)
-                vals.append(float(masked_density_loss(net(torch.from_numpy(x)), torch.from_numpy(y),
-                                                      None if m is None else torch.from_numpy(m), scale=100.0)))
-        losses.append(vals)
-        return net.eval(), {"steps": 0, "seconds": 0.0, "loss_first": None, "loss_last": None}
-
-    monkeypatch.setattr(retrain_mod, "finetune", spy)
+    seen = {}
+    losses = _loss_spy(monkeypatch, 6, seen)
     img, centres = images[0]
     strip = centres[:, 1] >= 72 - 0.5  # the last quarter of the columns, 24 px = two nuclei wide
     assert strip.sum() >= 2 and (centres[:, 1] < 40).any()
