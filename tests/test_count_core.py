@@ -417,7 +417,7 @@ def test_fast_local_maxima_equal_scikit_image_peaks_also_with_ties():
     from scipy.ndimage import gaussian_filter
     from skimage.feature import peak_local_max
 
-    from cellsynth.count.infer import _local_maxima
+    from cellsynth.count.peaks import _local_maxima
 
     rng = np.random.default_rng(0)
     n_ties = 0

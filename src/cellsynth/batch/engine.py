@@ -22,11 +22,8 @@ Layout of ``OUT``::
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
 import logging
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,15 +31,11 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .. import io
 from ..progress import ProgressCallback, report
+from .results import _Folder, _key, _names, _rows, _write_plot, _write_table
 from .sources import find_images, open_image
 
 __all__ = ["BatchParams", "BatchResult", "cluster_client", "count_batch", "count_plane"]
-
-_FORMAT = "cellsynth-count-batch"
-#: Settings that change the counts (a re-run with other values would not resume the same work).
-_RESULT_KEYS = ("model", "model_sha256", "kind", "diameter", "channel", "tile", "overlap")
 
 
 @dataclass(frozen=True)
@@ -273,187 +266,6 @@ def cluster_client(scheduler: Any = None, *, workers: Optional[int] = None, thre
 
 
 # ----------------------------------------------------------------------------- results folder
-
-def _key(path: Path, index: tuple) -> str:
-    h = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-    return h + ("_p" + "-".join(map(str, index)) if index else "")
-
-
-def _names(paths: list[Path]) -> dict:
-    """A points-CSV name per image: its path below the inputs' common folder, ``/`` as ``__``."""
-    resolved = [p.resolve() for p in paths]
-    parents = [str(p.parent) for p in resolved]
-    root = Path(os.path.commonpath(parents)) if parents else Path("/")
-    names, used = {}, set()
-    for p, r in zip(paths, resolved):
-        rel = r.relative_to(root).as_posix()
-        stem = re.sub(r"(\.ome)?\.(tiff?|png|jpe?g|zarr)$", "", rel, flags=re.IGNORECASE)
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem.replace("/", "__")) or "image"
-        if name in used:
-            name = re.sub(r"[^A-Za-z0-9._-]+", "_", rel.replace("/", "__"))
-        used.add(name)
-        names[r] = name
-    return names
-
-
-class _Folder:
-    """The results folder: manifest, records, points files, table and plot."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.records = out / ".records"
-        self.points = out / "points"
-        self.manifest = out / "batch.json"
-        self.table = out / "counts.csv"
-        self.plot = out / "counts.png"
-
-    def check(self, settings: dict, overwrite: bool) -> None:
-        out = self.out
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a folder; expected a results folder for count-batch")
-        for folder in (out, self.records, self.points):
-            io.remove_stale_parts(folder)
-        if not out.exists():
-            return
-        if self.manifest.is_file():
-            old = io.read_json(self.manifest)
-            if not isinstance(old, dict) or old.get("format") != _FORMAT:
-                raise ValueError(f"{self.manifest} was not written by count-batch; choose another --out folder")
-            diff = [k for k in _RESULT_KEYS if old.get("settings", {}).get(k) != settings.get(k)]
-            if diff and not overwrite:
-                was = ", ".join(f"{k}={old.get('settings', {}).get(k)!r}" for k in diff)
-                now = ", ".join(f"{k}={settings.get(k)!r}" for k in diff)
-                raise FileExistsError(f"{out} holds counts made with {was}, not {now}; pass overwrite=True to "
-                                      "recount everything, or choose another --out folder")
-        elif any(out.iterdir()):
-            raise FileExistsError(f"{out} is not empty and holds no count-batch results (no batch.json); choose an "
-                                  "empty or new --out folder")
-
-    def start(self, settings: dict, overwrite: bool) -> None:
-        if overwrite and self.records.is_dir():
-            for p in self.records.glob("*.json"):
-                p.unlink()
-        self.records.mkdir(parents=True, exist_ok=True)
-        self.points.mkdir(parents=True, exist_ok=True)
-        from .. import __version__
-
-        io.write_json(self.manifest, {"format": _FORMAT, "version": 1, "settings": settings,
-                                      "cellsynth_version": __version__}, overwrite=True)
-
-    def record(self, key: str) -> Optional[dict]:
-        """A plane's record when it is intact, else None."""
-        p = self.records / f"{key}.json"
-        if not p.is_file():
-            return None
-        try:
-            r = io.read_json(p)
-        except (ValueError, OSError):
-            return None
-        need = ("source", "index", "fingerprint", "count", "points", "scores", "name")
-        if not isinstance(r, dict) or any(k not in r for k in need):
-            return None
-        if r.get("kind") != "regression" and int(r["count"]) != len(r["points"]):
-            return None
-        if len(r["points"]) != len(r["scores"]):
-            return None
-        return r
-
-    def write_record(self, key: str, rec: dict) -> None:
-        io.write_json(self.records / f"{key}.json", rec, overwrite=True)
-
-    def all_records(self) -> list[dict]:
-        recs = []
-        for p in sorted(self.records.glob("*.json")):
-            r = self.record(p.stem)
-            if r is not None:
-                recs.append(r)
-        recs.sort(key=lambda r: (r["name"], r["index"]))
-        return recs
-
-    def write_points(self, name: str, recs: list[dict], axes: str, *, overwrite: bool) -> Path:
-        path = self.points / f"{name}.csv"
-        stacked = any(r["index"] for r in recs)
-        pts, feats = [], {"score": []}
-        letters = [a.lower() for a in axes] if stacked else []
-        for a in letters:
-            feats[a] = []
-        for r in recs:
-            p = np.asarray(r["points"], float).reshape(-1, 2)
-            if stacked:
-                p = np.concatenate([np.full((len(p), 1), float(r["plane"])), p], axis=1)
-                for a, v in zip(letters, r["index"]):
-                    feats[a].extend([v] * len(p))
-            pts.append(p)
-            feats["score"].extend(r["scores"])
-        points = np.concatenate(pts) if pts else np.zeros((0, 3 if stacked else 2))
-        return io.write_points_csv(path, points, features=feats, overwrite=overwrite)
-
-
-def _rows(recs: list[dict]) -> list[dict]:
-    rows = []
-    for r in recs:
-        rows.append({
-            "image": r["source"],
-            "points_csv": f"points/{r['name']}.csv",
-            "plane": r["plane"],
-            "stack_index": " ".join(f"{a}{v}" for a, v in zip(r.get("axes", ""), r["index"])),
-            "count": r["count"],
-            "diameter": None if r.get("diameter") is None else round(float(r["diameter"]), 3),
-            "diameter_source": r.get("diameter_source"),
-            "model": r.get("model"),
-            "lazy": bool(r.get("lazy")),
-            "seconds": r.get("seconds"),
-        })
-    return rows
-
-
-def _write_table(path: Path, rows: list[dict]) -> Path:
-    cols = ["image", "plane", "stack_index", "count", "diameter", "diameter_source", "model", "lazy", "seconds",
-            "points_csv"]
-    with io.atomic_path(path, overwrite=True) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=cols)
-            w.writeheader()
-            for r in rows:
-                w.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
-    return path
-
-
-def _write_plot(path: Path, rows: list[dict]) -> Path:
-    """Counts per image (bars), or count over planes per image (lines) when there are stacks."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    ax = fig.add_subplot()
-    by_image: dict = {}
-    for r in rows:
-        by_image.setdefault(r["image"], []).append(r)
-    if any(len(v) > 1 for v in by_image.values()):
-        for img, rs in list(by_image.items())[:20]:
-            rs = sorted(rs, key=lambda r: r["plane"])
-            ax.plot([r["plane"] for r in rs], [float(r["count"]) for r in rs], marker=".", label=Path(img).name)
-        ax.set_xlabel("plane (frame)")
-        if len(by_image) <= 10:
-            ax.legend(fontsize="small")
-    else:
-        names = [Path(k).name for k in by_image]
-        counts = [float(v[0]["count"]) for v in by_image.values()]
-        ax.bar(range(len(counts)), counts, color="tab:blue")
-        ax.set_xlabel("image")
-        if len(names) <= 30:
-            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize="small")
-    ax.set_ylabel("cells")
-    ax.set_title(f"Cell counts ({len(rows)} planes, {len(by_image)} images)")
-    fig.tight_layout()
-    with io.atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
-
-
-# ----------------------------------------------------------------------------- the batch
 
 def _settings(params: BatchParams) -> dict:
     from ..count import load_counter

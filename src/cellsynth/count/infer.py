@@ -25,6 +25,8 @@ from .classic import ClassicParams, classic_peaks, estimate_diameter
 from .models import Counter, load_counter
 from .objects import ObjectParams, reconcile_with_objects
 from .preprocess import normalize_image, rescale_plane, split_planes
+from .peaks import density_peaks
+from .tiling import _blend_window, _pad_to, _plane_tiles, tile_layout, tile_starts
 
 __all__ = ["CountResult", "count_cells", "density_peaks", "tile_layout", "tile_starts"]
 
@@ -72,145 +74,6 @@ class CountResult:
     @property
     def n_points(self) -> int:
         return int(len(self.points))
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap`` shared pixels.
-
-    The last tile ends exactly at ``length``; ``length <= tile`` gives one tile.
-
-    Examples
-    --------
-    >>> tile_starts(600, 256, 32)
-    [0, 224, 344]
-    >>> tile_starts(100, 256, 32)
-    [0]
-    """
-    if length <= tile:
-        return [0]
-    step = tile - overlap
-    n = int(np.ceil((length - tile) / step)) + 1
-    starts = [i * step for i in range(n - 1)] + [length - tile]
-    return sorted(set(starts))
-
-
-def tile_layout(length: int, tile: int, overlap: int, multiple: int = 16) -> tuple[int, list[int]]:
-    """Side and start offsets of the fewest tiles of at most ``tile`` pixels covering ``length``.
-
-    Neighbouring tiles share at least ``overlap`` pixels; the tiles are made
-    as small as that allows (a multiple of ``multiple``) and spread evenly, so
-    little is computed twice: 2112 px with ``tile=256, overlap=32`` takes ten
-    tiles of 240 px instead of ten of 256 px. ``length <= tile`` gives one tile
-    (``length`` rounded up to ``multiple``; the caller pads).
-
-    Examples
-    --------
-    >>> tile_layout(2112, 256, 32)
-    (240, [0, 208, 416, 624, 832, 1040, 1248, 1456, 1664, 1872])
-    >>> tile_layout(100, 256, 32)
-    (112, [0])
-    """
-    if length <= tile:
-        return int(np.ceil(length / multiple) * multiple), [0]
-    n = int(np.ceil((length - overlap) / (tile - overlap)))
-    t = min(int(tile), int(np.ceil((length + (n - 1) * overlap) / n / multiple) * multiple))
-    starts = np.round(np.linspace(0, length - t, n)).astype(int)
-    return t, sorted(set(int(x) for x in starts))
-
-
-def _blend_window(tile: int, overlap: int) -> np.ndarray:
-    if overlap <= 0:
-        return np.ones((tile, tile), np.float32)
-    i = np.arange(tile, dtype=np.float32) + 0.5
-    ramp = np.clip(np.minimum(i, tile - i) / overlap, 1e-3, 1.0) ** 2
-    return np.outer(ramp, ramp).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=8)
-def _lone_peak(sigma: float) -> float:
-    from .targets import density_target
-
-    c = int(np.ceil(4 * sigma)) + 2
-    return float(density_target([[c, c]], (2 * c + 1, 2 * c + 1), sigma=sigma).max())
-
-
-def _local_maxima(d: np.ndarray, min_distance: int, threshold: float) -> np.ndarray:
-    """``skimage.feature.peak_local_max(d, min_distance, threshold_abs=threshold, exclude_border=False)``, faster.
-
-    A pixel that is the maximum of its ``(2 min_distance + 1)`` square window is
-    at least ``min_distance`` away (Chebyshev) from every other such pixel, unless
-    the two are equal; only those rare ties go through scikit-image's spacing
-    rule, instead of every peak (the same peaks, in a fraction of the time on
-    images with thousands of cells).
-    """
-    from scipy.ndimage import maximum_filter
-    from scipy.spatial import cKDTree
-    from skimage.feature import peak_local_max
-
-    size = 2 * min_distance + 1
-    cand = np.argwhere((d == maximum_filter(d, size=size, mode="nearest")) & (d > threshold))
-    if len(cand) < 2:
-        return cand.reshape(-1, 2)
-    pairs = cKDTree(cand).query_pairs(r=min_distance, p=np.inf, output_type="ndarray")
-    if len(pairs) == 0:
-        return cand[np.argsort(-d[cand[:, 0], cand[:, 1]], kind="stable")]
-    # ties: let scikit-image's rule pick among them, on a map of the tied pixels only
-    tied = np.zeros(len(cand), bool)
-    tied[pairs.ravel()] = True
-    sub = np.zeros_like(d)
-    sub[cand[tied, 0], cand[tied, 1]] = d[cand[tied, 0], cand[tied, 1]]
-    kept = peak_local_max(sub, min_distance=min_distance, threshold_abs=threshold, exclude_border=False)
-    out = np.concatenate([cand[~tied], kept.reshape(-1, 2)])
-    return out[np.argsort(-d[out[:, 0], out[:, 1]], kind="stable")]
-
-
-def density_peaks(
-    density: np.ndarray, *, min_distance: float, sigma: float = 2.5, threshold: float = 0.3
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cell positions as local maxima of a density map, refined to sub-pixel.
-
-    Parameters
-    ----------
-    density : ndarray of shape (M, N)
-        Cells per pixel.
-    min_distance : float
-        Minimum distance between two peaks in pixels.
-    sigma : float
-        Width of one cell's density in pixels (sets a lone cell's peak height).
-    threshold : float
-        Minimum peak height as a fraction of a lone cell's peak height.
-
-    Returns
-    -------
-    points : ndarray of shape (K, 2)
-        ``(row, col)``, refined by the intensity centroid of the 3x3 neighbourhood.
-    scores : ndarray of shape (K,)
-        Peak heights relative to a lone cell's.
-
-    Examples
-    --------
-    >>> from cellsynth.count.targets import density_target
-    >>> d = density_target([[10, 12], [30, 40]], (48, 64), sigma=2.5)
-    >>> pts, scores = density_peaks(d, min_distance=4)
-    >>> np.round(pts, 2).tolist(), np.round(scores, 2).tolist()
-    ([[10.0, 12.0], [30.0, 40.0]], [1.0, 1.0])
-    """
-    d = np.asarray(density, np.float32)
-    lone = _lone_peak(float(sigma))
-    pts = _local_maxima(d, max(1, int(round(min_distance))), threshold * lone)
-    if len(pts) == 0:
-        return np.zeros((0, 2)), np.zeros(0)
-    scores = d[pts[:, 0], pts[:, 1]] / lone
-    pad = np.pad(d, 1, mode="constant")
-    off = np.arange(-1, 2)
-    win = np.stack([pad[pts[:, 0] + 1 + dr, pts[:, 1] + 1 + dc] for dr in off for dc in off], axis=1)
-    win = np.clip(win, 0, None)
-    w = win.sum(axis=1, keepdims=True)
-    w[w == 0] = 1
-    dr = (win * np.repeat(off, 3)[None]).sum(axis=1) / w[:, 0]
-    dc = (win * np.tile(off, 3)[None]).sum(axis=1) / w[:, 0]
-    refined = np.stack([pts[:, 0] + dr, pts[:, 1] + dc], axis=1)
-    return refined.astype(float), scores.astype(float)
 
 
 def _inference_net(counter: Counter):
@@ -262,36 +125,6 @@ def _run_batches(counter: Counter, tiles: list[np.ndarray], batch_size: int, pro
         done[0] += len(batch)
         report(progress, "tiles", done[0], total)
     return np.concatenate(outs, axis=0) if outs else np.zeros((0,))
-
-
-def _pad_to(x: np.ndarray, rows: int, cols: int, value: float = 0.0) -> np.ndarray:
-    return np.pad(x, ((0, rows - x.shape[0]), (0, cols - x.shape[1])), mode="constant", constant_values=value)
-
-
-def _plane_tiles(plane: np.ndarray, tile: int, overlap: int, multiple: int, grid=None):
-    """Tiles of one (normalised, rescaled) plane and where they go."""
-    if overlap > 0:
-        m = overlap
-        padded = np.pad(plane, m, mode="symmetric")
-    else:
-        m = 0
-        padded = plane
-    rows, cols = padded.shape
-    if overlap > 0 and grid is not None:  # laid out by the caller (a chunk of a larger image)
-        (t_r, rs), (t_c, cs) = (int(grid[0]), list(grid[1])), (int(grid[2]), list(grid[3]))
-        padded = _pad_to(padded, max(rows, t_r), max(cols, t_c))
-    elif overlap > 0:
-        (t_r, rs), (t_c, cs) = tile_layout(rows, tile, overlap, multiple), tile_layout(cols, tile, overlap, multiple)
-        padded = _pad_to(padded, max(rows, t_r), max(cols, t_c))
-    else:
-        t_r = tile if rows >= tile else int(np.ceil(rows / multiple) * multiple)
-        t_c = tile if cols >= tile else int(np.ceil(cols / multiple) * multiple)
-        rs = list(range(0, rows, t_r))
-        cs = list(range(0, cols, t_c))
-        padded = _pad_to(padded, rs[-1] + t_r, cs[-1] + t_c)
-    boxes = [(r, c) for r in rs for c in cs]
-    tiles = [padded[r:r + t_r, c:c + t_c] for r, c in boxes]
-    return tiles, boxes, (t_r, t_c), m, padded.shape
 
 
 def _density_plane(counter, plane, *, grid=None, tile, overlap, batch_size, progress, done, total, runner=None):
@@ -401,7 +234,7 @@ def count_cells(
         classic counter (stage ``"planes"``); may raise ``Cancelled``.
     engine : {"auto", "torch", "onnxruntime"}
         What runs the network: ``"auto"`` (default) uses onnxruntime on the CPU
-        when it is installed (about twice as fast; see :mod:`cellsynth.count._onnx`),
+        when it is installed (faster there; see :mod:`cellsynth.count._onnx`),
         PyTorch otherwise and on GPUs; ``$CELLSYNTH_ENGINE`` overrides ``"auto"``.
         The engine used is in ``meta["engine"]``.
     percentiles : tuple of 3 float, optional
