@@ -1,8 +1,9 @@
 """Counting on the CPU with onnxruntime: the counter's network exported to ONNX once, then run by ORT.
 
-On the CPU, onnxruntime runs the density network about twice as fast as
-PyTorch's eager mode (fused convolution + activation kernels, no per-operator
-dispatch); on a GPU PyTorch is kept. The network (BatchNorm already folded) is
+On the CPU, onnxruntime runs the density network faster than PyTorch's eager
+mode (fused convolution + activation kernels, no per-operator dispatch;
+``benchmarks/bench_count.py``: 1.22x on two idle cores, 2-3x on a busy
+machine); on a GPU PyTorch is kept. The network (BatchNorm already folded) is
 exported with :func:`torch.onnx.export` with dynamic batch and tile sizes, the
 export is cached in memory per weights state and on disk by a hash of the
 weights (``<cache>/onnx/<sha256>.onnx``, the cache being ``$CELLSYNTH_ONNX_CACHE`` or
