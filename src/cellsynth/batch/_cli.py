@@ -43,7 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="device on the workers: auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default tile/8)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per forward pass (default: 2 on the CPU, 8 on a GPU)")
     p.add_argument("--large-pixels", type=int, default=4096 * 4096,
                    help="planes with more pixels are counted in chunks, never read whole (default 4096*4096)")
     p.add_argument("--scheduler", default="local",

@@ -74,7 +74,7 @@ class BatchParams:
     device: str = "auto"
     tile: int = 256
     overlap: Optional[int] = None
-    batch_size: int = 8
+    batch_size: Optional[int] = None
     large_pixels: int = 4096 * 4096
 
     def __post_init__(self) -> None:
@@ -92,7 +92,7 @@ class BatchParams:
             raise ValueError(f"tile must be a multiple of 32 from 64 to 4096, got {self.tile!r}")
         if self.overlap is not None and (int(self.overlap) != self.overlap or not 0 <= self.overlap <= self.tile // 2):
             raise ValueError(f"overlap must be an integer in [0, tile/2 = {self.tile // 2}], got {self.overlap!r}")
-        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+        if self.batch_size is not None and (int(self.batch_size) != self.batch_size or self.batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if int(self.large_pixels) != self.large_pixels or self.large_pixels < 64 * 64:
             raise ValueError(f"large_pixels must be a whole number >= 4096, got {self.large_pixels!r}")

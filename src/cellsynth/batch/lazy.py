@@ -296,7 +296,7 @@ def count_large(
     device: Any = "auto",
     tile: int = 256,
     overlap: Optional[int] = None,
-    batch_size: int = 8,
+    batch_size: Optional[int] = None,
     core: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
 ):

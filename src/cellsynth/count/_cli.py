@@ -108,7 +108,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default tile/8; 0: non-overlapping windows)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per forward pass (default: 2 on the CPU, 8 on a GPU)")
     p.add_argument("--out", default=None, help="write the points to this CSV (row, col[, plane], score)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--json", action="store_true", help="print one JSON object with count and points")

@@ -31,6 +31,10 @@ from .tiling import _blend_window, _pad_to, _plane_tiles, tile_layout, tile_star
 __all__ = ["CountResult", "count_cells", "density_peaks", "tile_layout", "tile_starts"]
 
 
+#: Tiles per forward pass on the CPU (see ``count_cells(batch_size=...)``).
+CPU_BATCH = 2
+
+
 @dataclass
 class CountResult:
     """What :func:`count_cells` returns.
@@ -191,7 +195,7 @@ def count_cells(
     device: Any = "auto",
     tile: int = 256,
     overlap: Optional[int] = None,
-    batch_size: int = 8,
+    batch_size: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
     percentiles: Optional[tuple[float, float, float]] = None,
     foreground: Optional[float] = None,
@@ -227,8 +231,9 @@ def count_cells(
         Density counters: overlap of neighbouring tiles and mirrored margin in
         pixels (default ``tile // 8``); 0 gives non-overlapping windows summed.
         Ignored by regression (always non-overlapping windows) and classic counters.
-    batch_size : int
-        Tiles per forward pass.
+    batch_size : int, optional
+        Tiles per forward pass; default 2 on the CPU (small batches stay in the
+        processor's caches: a 2048x2048 count is ~15 % faster than with 8) and 8 on GPUs.
     progress : ProgressCallback, optional
         Called once per batch of tiles (stage ``"tiles"``), or per plane for the
         classic counter (stage ``"planes"``); may raise ``Cancelled``.
@@ -292,7 +297,7 @@ def count_cells(
     if int(overlap) != overlap or not 0 <= overlap <= tile // 2:
         raise ValueError(f"overlap must be an integer in [0, tile/2 = {tile // 2}], got {overlap!r}")
     overlap = int(overlap)
-    if int(batch_size) != batch_size or batch_size < 1:
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     planes, lead = split_planes(arr, channel=channel, channel_axis=channel_axis)
     if min(planes.shape[1:]) < 2:
@@ -305,6 +310,9 @@ def count_cells(
     elif not isinstance(counter, Counter):
         raise TypeError(f"counter must be a Counter from load_counter, got {type(counter).__name__}")
     kind = counter.kind
+    if batch_size is None:
+        batch_size = CPU_BATCH if counter.device is None or counter.device.type == "cpu" else 8
+    batch_size = int(batch_size)
     norm = counter.config.get("normalize", {})
     objects = ObjectParams(**counter.config["objects"]) if kind == "density" and counter.config.get("objects") else None
     rescale = kind != "classic" and diameter is not None and counter.config.get("rescale", True)
