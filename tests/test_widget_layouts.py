@@ -167,3 +167,68 @@ def test_draw_mode_ellipses_become_cells_with_their_shape(make_napari_viewer, qt
     major = np.linalg.eigh(cov)[1][:, -1]
     assert abs(abs(major[0]) - abs(major[1])) < 0.15 and major[0] * major[1] < 0  # along the anti-diagonal
     assert w.count_label.text() == "Cells: 1"
+
+
+def test_draw_mode_keeps_the_look_of_the_shown_layout(make_napari_viewer, qtbot):
+    """Adding a cell by hand changes that cell's pixels only: noise, background and contrast stay."""
+    viewer = make_napari_viewer()
+    w = LayoutsWidget(viewer)
+    _small(w, (64, 80))
+    w.form.count_mean.value = 4
+    w.seed.value = 7
+    assert _click(qtbot, w, w.generate_button) == "done"
+    before = viewer.layers[IMAGE].data.copy()
+    n = int(viewer.layers[LABELS].data.max())
+    w.draw.value = True
+    viewer.layers[CENTRES].add([[50.0, 70.0]])
+    qtbot.waitUntil(lambda: viewer.layers[LABELS].data.max() == n + 1, timeout=5000)
+    after, labels = viewer.layers[IMAGE].data, viewer.layers[LABELS].data
+    changed = after != before
+    assert changed.any() and np.all(labels[changed] == n + 1), (np.count_nonzero(changed), np.count_nonzero(labels == n + 1))
+    # a second cell: again only its own pixels change
+    step = after.copy()
+    viewer.layers[CENTRES].add([[10.0, 8.0]])
+    qtbot.waitUntil(lambda: viewer.layers[LABELS].data.max() == n + 2, timeout=5000)
+    changed = viewer.layers[IMAGE].data != step
+    assert changed.any() and np.all(viewer.layers[LABELS].data[changed] == n + 2)
+    assert viewer.layers[IMAGE].metadata["cellsynth"]["seed"] == 7
+
+
+def test_add_drawn_layouts_to_a_dataset(make_napari_viewer, qtbot, tmp_path):
+    from cellsynth.layouts import export_dataset, read_dataset
+
+    viewer = make_napari_viewer()
+    w = LayoutsWidget(viewer)
+    _small(w, (48, 56))
+    w.folder.value = tmp_path / "drawn"
+    w.add_button.native.click()  # nothing shown yet
+    assert not (tmp_path / "drawn").exists() and not w.runner.running
+    w.draw.value = True
+    viewer.layers[CENTRES].add([[20.0, 30.0]])
+    viewer.layers[CENTRES].add([[35.0, 10.0]])
+    # added straight away: the pending (debounced) edit is rendered first
+    assert _click(qtbot, w, w.add_button) == "done", w.runner.last_error
+    ds = read_dataset(tmp_path / "drawn")
+    assert len(ds) == 1 and ds.manifest["drawn"] and ds.items[0]["n_cells"] == 2
+    image, centres, labels = ds.load(0)
+    assert np.array_equal(image, viewer.layers[IMAGE].data) and np.array_equal(labels, viewer.layers[LABELS].data)
+    assert np.allclose(centres, [[20, 30], [35, 10]])
+    first = (tmp_path / "drawn" / ds.items[0]["image"]).read_bytes()
+    # a second drawing becomes item 2; item 1 is kept as it was
+    viewer.layers[CENTRES].add([[40.0, 40.0]])
+    qtbot.waitUntil(lambda: viewer.layers[LABELS].data.max() == 3, timeout=5000)
+    assert _click(qtbot, w, w.add_button) == "done"
+    ds = read_dataset(tmp_path / "drawn")
+    assert ds.counts().tolist() == [2, 3] and "layout 2 of" in w.count_label.text()
+    assert (tmp_path / "drawn" / ds.items[0]["image"]).read_bytes() == first
+    # a generated dataset is not replaced unless replacing is allowed
+    export_dataset(tmp_path / "gen", 2, params=w.form.params(), seed=1)
+    manifest = (tmp_path / "gen" / "manifest.json").read_bytes()
+    w.folder.value = tmp_path / "gen"
+    assert _click(qtbot, w, w.add_button) == "error"
+    assert "generated layout dataset" in w.runner.status.text()
+    assert (tmp_path / "gen" / "manifest.json").read_bytes() == manifest
+    w.overwrite.value = True
+    assert _click(qtbot, w, w.add_button) == "done"
+    ds = read_dataset(tmp_path / "gen")
+    assert ds.counts().tolist() == [3] and not (tmp_path / "gen" / "images" / "layout_0001.tif").exists()

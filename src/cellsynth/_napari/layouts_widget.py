@@ -13,6 +13,7 @@ from qtpy.QtWidgets import QLabel, QWidget
 from superqt import QCollapsible
 
 from ..layouts import CELL_COLUMNS, LayoutParams, export_dataset, generate_layout, render_layout
+from ..layouts.dataset import append_layout
 from ._layers import provenance, upsert_layer
 from ._params import ParamsForm
 from ._tasks import TaskRunner, dock_layout
@@ -45,8 +46,10 @@ class LayoutsWidget(QWidget):
     and the Points "layout centres" (features: per-cell axes, angle,
     intensity). In draw mode, adding, moving or deleting centre points, and
     drawing, reshaping or deleting ellipses in the Shapes layer "layout
-    ellipses", re-renders image and labels (debounced) with the same
-    appearance settings.
+    ellipses", re-renders image and labels (debounced) with the same look:
+    the shown layout's background, noise, contrast and brightness are kept,
+    so only the pixels of the edited cells change. "Add shown layout to
+    dataset" appends the shown layout (drawn or edited) to a dataset folder.
     """
 
     def __init__(self, napari_viewer) -> None:
@@ -61,6 +64,9 @@ class LayoutsWidget(QWidget):
         self.n_export = SpinBox(value=100, min=1, max=1_000_000, label="number of layouts")
         self.overwrite = CheckBox(value=False, text="replace a different dataset in that folder")
         self.export_button = PushButton(text="Export dataset")
+        self.add_button = PushButton(text="Add shown layout to dataset",
+                                     tooltip="Append the layout on screen (drawn or edited by hand) as the next item "
+                                     "of a dataset of drawn layouts in the export folder; earlier items are kept")
         self.count_label = QLabel("No layout yet")
         self.runner = TaskRunner()
         self._render_timer = QTimer(self)
@@ -69,11 +75,12 @@ class LayoutsWidget(QWidget):
         self._render_timer.timeout.connect(self.render_from_points)
         self._updating = False
         self._watched = None
+        self._shown = None  # (layout, params, seed) on screen; its look is kept while drawing
 
         params_box = QCollapsible("Parameters")
         params_box.addWidget(self.form.native)
         controls = Container(widgets=[self.seed, self.generate_button, self.next_button, self.draw])
-        export = Container(widgets=[self.folder, self.n_export, self.overwrite, self.export_button])
+        export = Container(widgets=[self.folder, self.n_export, self.overwrite, self.export_button, self.add_button])
         layout = dock_layout(self, self.runner)
         layout.addWidget(params_box)
         layout.addWidget(controls.native)
@@ -85,6 +92,7 @@ class LayoutsWidget(QWidget):
         self.generate_button.changed.connect(self.generate)
         self.next_button.changed.connect(self._next_seed)
         self.export_button.changed.connect(self.export)
+        self.add_button.changed.connect(lambda _value=None: self.add_to_dataset())
         self.draw.changed.connect(self._on_draw_toggled)
         self.runner.busy.connect(self._set_busy)
 
@@ -133,6 +141,33 @@ class LayoutsWidget(QWidget):
             cancelled_text=lambda last: export_cancelled_text(last, n, folder),
         )
 
+    def add_to_dataset(self) -> None:
+        """Append the layout on screen to the dataset of drawn layouts in the export folder (never replaces items)."""
+        if self.runner.running:
+            return
+        if self._render_timer.isActive():  # an edit not rendered yet
+            self._render_timer.stop()
+            self.render_from_points()
+        folder = self.folder.value
+        if self._shown is None or IMAGE not in self.viewer.layers:
+            show_error("Generate or draw a layout first")
+            return
+        if not str(folder) or str(folder) == ".":
+            show_error("Choose an export folder first")
+            return
+        lay, params, seed = self._shown
+        overwrite = bool(self.overwrite.value)
+
+        def done(path) -> None:
+            from ..io import read_json
+
+            n = len(read_json(path)["items"])
+            self.count_label.setText(f"Cells: {lay.n_cells}; added as layout {n} of {path.parent}")
+            show_info(f"Added the layout ({lay.n_cells} cells) to {path.parent}; it holds {n}")
+
+        self.runner.start(lambda progress: append_layout(folder, lay, params=params, seed=seed, overwrite=overwrite),
+                          on_done=done, label="Adding the layout to the dataset")
+
     def render_from_points(self) -> None:
         """Re-render image and labels from the centre points (with their features) and the drawn ellipses."""
         if CENTRES not in self.viewer.layers:
@@ -151,8 +186,11 @@ class LayoutsWidget(QWidget):
         if ELLIPSES in self.viewer.layers:
             drawn = ellipse_cells(self.viewer.layers[ELLIPSES], default_intensity=_default("intensity", params))
             cells = {k: np.concatenate([cells[k], drawn[k]]) for k in cells}
-        lay = render_layout(cells, params=params, rng=int(self.seed.value))
-        self._show(lay, params, int(self.seed.value), "layouts.draw", points=False)
+        look, seed = None, int(self.seed.value)
+        if self._shown is not None:
+            look, seed = self._shown[0].appearance, self._shown[2]
+        lay = render_layout(cells, params=params, rng=seed, appearance=look)
+        self._show(lay, params, seed, "layouts.draw", points=False)
 
     # -- layers ------------------------------------------------------------------
 
@@ -163,6 +201,7 @@ class LayoutsWidget(QWidget):
     def _show_steps(self, lay, params: LayoutParams, seed: int, operation: str, points: bool = True):
         """Add or update the layout's layers, one per step (a TaskRunner gives each its own event-loop turn)."""
         meta = provenance(operation, params=params.to_dict(), seed=seed, n_cells=lay.n_cells)
+        self._shown = (lay, params, seed)
         self._updating = True
         try:
             upsert_layer(self.viewer, IMAGE, "image", lay.image, metadata=meta, colormap="gray",
@@ -211,7 +250,7 @@ class LayoutsWidget(QWidget):
             layer.mode = "add" if on else "pan_zoom"
 
     def _set_busy(self, busy: bool) -> None:
-        for w in (self.generate_button, self.next_button, self.export_button):
+        for w in (self.generate_button, self.next_button, self.export_button, self.add_button):
             w.enabled = not busy
 
 

@@ -12,6 +12,10 @@ to DIR), ``seed`` (``generate_layout(params, rng=seed)`` reproduces it) and
 ``n_cells`` (the true count). Every file is written atomically and the manifest
 is rewritten after each item, so an export stopped by a cancel or a crash
 resumes where it stopped and never leaves partial files behind.
+
+A dataset of layouts drawn or edited by hand (:func:`append_layout`) has the same
+files; its manifest says ``"drawn": true``, has no ``params``/``seed`` of its own
+(``null``), and each item carries the ``params`` it was rendered with.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import numpy as np
 
 from .. import io
 from ..progress import ProgressCallback, report
-from .generate import generate_layout
+from .generate import Layout, generate_layout
 from .params import LayoutParams
 
-__all__ = ["export_dataset", "read_dataset", "LayoutDataset", "FORMAT", "item_seed"]
+__all__ = ["export_dataset", "append_layout", "read_dataset", "LayoutDataset", "FORMAT", "item_seed"]
 
 FORMAT = "cellsynth-layouts"
 VERSION = 1
@@ -119,28 +123,100 @@ def export_dataset(
     return manifest_path
 
 
-def _write_item(root: Path, i: int, params: LayoutParams, s: int) -> dict:
-    lay = generate_layout(params, rng=s)
+def append_layout(
+    out_dir: os.PathLike | str,
+    layout: Layout,
+    *,
+    params: Optional[LayoutParams] = None,
+    seed: Optional[int] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Add one layout (drawn or edited by hand) as the next item of a dataset of drawn layouts.
+
+    The files are those of :func:`export_dataset` (image, labels, centres CSV with the
+    per-cell table), written atomically, then the manifest; earlier items are never
+    rewritten, so a folder grows one layout per call.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Destination folder: new, empty, or a dataset of drawn layouts.
+    layout : Layout
+        What to write (e.g. :func:`render_layout`'s result).
+    params : LayoutParams, optional
+        The parameters it was rendered with, recorded in its item.
+    seed : int, optional
+        The seed of its look, recorded in its item.
+    overwrite : bool
+        Replace a generated dataset (or add to a folder holding other files).
+
+    Returns
+    -------
+    Path
+        The manifest path.
+
+    Raises
+    ------
+    FileExistsError
+        ``out_dir`` holds other files or a generated dataset and ``overwrite`` is
+        False, or a manifest that is not a layout dataset's.
+    ValueError
+        The manifest's items name files other than the ones this module makes.
+    """
+    root = Path(out_dir)
+    manifest_path = root / "manifest.json"
+    old = _our_manifest(root, overwrite)
+    items: list = []
+    if old is not None:
+        if not old.get("drawn"):
+            if not overwrite:
+                raise FileExistsError(f"{root} holds a generated layout dataset ({len(old.get('items', []))} layouts "
+                                      "made from a seed); choose another folder or allow replacing it")
+        else:
+            for it in old.get("items", []):
+                if not all((root / it[k]).is_file() for k in ("image", "labels", "centres")):
+                    break
+                items.append(it)
+        _remove_product_files(root, keep=len(items))
+    doc = {"format": FORMAT, "version": VERSION, "drawn": True, "params": None, "seed": None, "n": len(items),
+           "complete": True, "items": items}
+    if old is not None and not old.get("drawn"):  # a replaced dataset's manifest goes before its files change
+        io.write_json(manifest_path, doc, overwrite=True)
+    item = _write_layout(root, len(items), layout)
+    item.update(drawn=True, seed=None if seed is None else int(seed),
+                params=(params or LayoutParams()).to_dict())
+    items.append(item)
+    doc["n"] = len(items)
+    io.write_json(manifest_path, doc, overwrite=True)
+    return manifest_path
+
+
+def _write_layout(root: Path, i: int, lay: Layout) -> dict:
     names = _names(i)
     io.write_tiff(root / names["image"], lay.image, overwrite=True)
     io.write_tiff(root / names["labels"], lay.labels, overwrite=True)
     feats = {k: v for k, v in lay.cells.items() if k not in ("row", "col")}
     io.write_points_csv(root / names["centres"], lay.centres, features=feats, overwrite=True)
-    return {**names, "seed": s, "n_cells": lay.n_cells}
+    return {**names, "n_cells": lay.n_cells}
 
 
-def _items_to_keep(root: Path, params: LayoutParams, seed: int, n: int, overwrite: bool) -> list:
-    """The finished items of an earlier export of the same settings that a resume keeps.
+def _write_item(root: Path, i: int, params: LayoutParams, s: int) -> dict:
+    item = _write_layout(root, i, generate_layout(params, rng=s))
+    return {**_names(i), "seed": s, "n_cells": item["n_cells"]}
+
+
+def _our_manifest(root: Path, overwrite: bool) -> Optional[dict]:
+    """The manifest of the layout dataset in ``root`` (None when there is none), checked.
 
     Raises FileExistsError for a folder holding something else (a foreign manifest
-    always; other files or another dataset unless ``overwrite``), ValueError for a
-    manifest of ours whose items name files the export did not make.
+    always; other files unless ``overwrite``), ValueError for a manifest of ours
+    whose items name files this module did not make.
     """
     manifest_path = root / "manifest.json"
     if not manifest_path.exists():
         if root.exists() and any(root.iterdir()) and not overwrite:
             raise FileExistsError(f"{root} is not empty and holds no layout dataset; choose an empty or new folder")
-        return []
+        return None
     old = io.read_json(manifest_path)
     if not isinstance(old, dict) or old.get("format") != FORMAT or not isinstance(old.get("items", []), list):
         found = old.get("format") if isinstance(old, dict) else None
@@ -152,6 +228,19 @@ def _items_to_keep(root: Path, params: LayoutParams, seed: int, n: int, overwrit
         if bad:
             raise ValueError(f"{manifest_path}: item {i} names {bad}, expected {_names(i)}; this manifest was not "
                              "written by export_dataset, so nothing in that folder is replaced or removed")
+    return old
+
+
+def _items_to_keep(root: Path, params: LayoutParams, seed: int, n: int, overwrite: bool) -> list:
+    """The finished items of an earlier export of the same settings that a resume keeps.
+
+    Raises FileExistsError for a folder holding something else (a foreign manifest
+    always; other files or another dataset unless ``overwrite``), ValueError for a
+    manifest of ours whose items name files the export did not make.
+    """
+    old = _our_manifest(root, overwrite)
+    if old is None:
+        return []
     if old.get("params") != params.to_dict() or old.get("seed") != seed:
         if not overwrite:
             raise FileExistsError(f"{root} already holds a layout dataset made with other parameters or seed; "

@@ -17,12 +17,38 @@ import numpy as np
 
 from .params import LayoutParams
 
-__all__ = ["Layout", "generate_layout", "render_layout", "ellipse_mask", "requested_count", "CELL_COLUMNS"]
+__all__ = ["Layout", "Appearance", "generate_layout", "render_layout", "ellipse_mask", "requested_count",
+           "CELL_COLUMNS"]
 
 #: Columns of the per-cell table, in order.
 CELL_COLUMNS = ("label", "row", "col", "radius_row", "radius_col", "angle", "intensity")
 
 RngLike = Union[np.random.Generator, int, None]
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """The random draws that give a layout its look, kept so that edited cells keep it.
+
+    Attributes
+    ----------
+    background, contrast, brightness : float
+        Uniform draws in [0, 1): where in the ranges of ``LayoutParams.background``,
+        ``contrast`` and ``brightness`` this layout's values lie.
+    noise : ndarray of shape (M, N), float32, or None
+        The standard-normal noise field (scaled by ``noise_std``); None when it was 0.
+    """
+
+    background: float
+    noise: Optional[np.ndarray]
+    contrast: float
+    brightness: float
+
+    def fits(self, params: LayoutParams) -> bool:
+        """Whether these draws can render an image of ``params`` (same shape; noise drawn if it is needed)."""
+        if params.noise_std > 0:
+            return self.noise is not None and self.noise.shape == tuple(params.shape)
+        return True
 
 
 @dataclass(frozen=True)
@@ -41,12 +67,16 @@ class Layout:
         Per-cell table with the columns :data:`CELL_COLUMNS`: the label, the centre,
         the semi-axes ``radius_row``/``radius_col`` before rotation and ``angle``
         (radians, see :func:`ellipse_mask`), and ``intensity``.
+    appearance : Appearance, optional
+        Background, noise, contrast and brightness draws; ``render_layout(...,
+        appearance=layout.appearance)`` renders edited cells with the same look.
     """
 
     image: np.ndarray
     labels: np.ndarray
     centres: np.ndarray
     cells: dict
+    appearance: Optional[Appearance] = None
 
     @property
     def n_cells(self) -> int:
@@ -267,10 +297,22 @@ def _paint_table(cells: dict, shape) -> np.ndarray:
     return canvas.cropped()
 
 
-def _appearance(labels: np.ndarray, intensity: np.ndarray, params: LayoutParams, rng: np.random.Generator) -> np.ndarray:
+def _draw_appearance(shape, params: LayoutParams, rng: np.random.Generator) -> Appearance:
+    """The look's random draws, in the generator's order: background, noise field, contrast, brightness."""
+    background = rng.random()
+    noise = rng.standard_normal(tuple(shape), dtype=np.float32) if params.noise_std > 0 else None
+    return Appearance(background=background, noise=noise, contrast=rng.random(), brightness=rng.random())
+
+
+def _within(bounds, u: float) -> float:
+    lo, hi = bounds
+    return lo + (hi - lo) * u  # numpy's Generator.uniform(lo, hi) from the same draw, to the bit
+
+
+def _appearance(labels: np.ndarray, intensity: np.ndarray, params: LayoutParams, look: Appearance) -> np.ndarray:
     """Background, cell intensities, blur, noise, contrast and brightness -> uint8."""
     lut = np.concatenate([[0.0], np.asarray(intensity, dtype=np.float32)]).astype(np.float32)
-    background = rng.uniform(*params.background)
+    background = _within(params.background, look.background)
     cells = lut[labels]
     if params.blur_sigma > 0:
         from scipy.ndimage import gaussian_filter
@@ -278,9 +320,9 @@ def _appearance(labels: np.ndarray, intensity: np.ndarray, params: LayoutParams,
         cells = gaussian_filter(cells, params.blur_sigma)
     img = np.maximum(cells, np.float32(background))
     if params.noise_std > 0:
-        img += rng.standard_normal(labels.shape, dtype=np.float32) * np.float32(params.noise_std)
-    alpha = rng.uniform(*params.contrast)
-    beta = rng.uniform(*params.brightness)
+        img += look.noise * np.float32(params.noise_std)
+    alpha = _within(params.contrast, look.contrast)
+    beta = _within(params.brightness, look.brightness)
     img = img * np.float32(alpha) + np.float32(beta)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -313,13 +355,15 @@ def generate_layout(params: Optional[LayoutParams] = None, *, rng: RngLike = Non
         raise TypeError(f"params must be a LayoutParams, got {type(params).__name__}")
     rng = np.random.default_rng(rng)
     labels, table = _sample_geometry(params, rng)
-    image = _appearance(labels, table["intensity"], params, rng)
+    look = _draw_appearance(labels.shape, params, rng)
+    image = _appearance(labels, table["intensity"], params, look)
     centres = np.stack([table["row"], table["col"]], axis=1) if len(table["row"]) else np.zeros((0, 2))
-    return Layout(image=image, labels=labels, centres=centres, cells=table)
+    return Layout(image=image, labels=labels, centres=centres, cells=table, appearance=look)
 
 
 def render_layout(
-    cells: dict, *, params: Optional[LayoutParams] = None, rng: RngLike = None
+    cells: dict, *, params: Optional[LayoutParams] = None, rng: RngLike = None,
+    appearance: Optional[Appearance] = None,
 ) -> Layout:
     """Render a given cell table (e.g. cells drawn by hand) with the generator's appearance.
 
@@ -335,12 +379,22 @@ def render_layout(
         Image shape and appearance.
     rng : numpy.random.Generator or int, optional
         Random source for background, noise, contrast and brightness.
+    appearance : Appearance, optional
+        Reuse these draws instead (e.g. ``layout.appearance`` of the layout being
+        edited): the noise and the look stay, and only the pixels of changed cells
+        (and their blur) change. Ignored when it does not fit ``params``
+        (another shape, or noise now switched on).
 
     Examples
     --------
-    >>> lay = render_layout({"row": [10, 30], "col": [10, 30]}, params=LayoutParams(shape=(40, 40)), rng=1)
+    >>> p = LayoutParams(shape=(40, 40))
+    >>> lay = render_layout({"row": [10, 30], "col": [10, 30]}, params=p, rng=1)
     >>> lay.n_cells, int(lay.labels[10, 10]), int(lay.labels[30, 30])
     (2, 1, 2)
+    >>> more = render_layout({"row": [10, 30, 20], "col": [10, 30, 5]}, params=p, appearance=lay.appearance)
+    >>> changed = more.image != lay.image
+    >>> bool(np.all(more.labels[changed] == 3))
+    True
     """
     params = params or LayoutParams()
     if "row" not in cells or "col" not in cells:
@@ -363,6 +417,8 @@ def render_layout(
     table = {k: v[inside] for k, v in table.items()}
     table["label"] = np.arange(1, len(table["row"]) + 1, dtype=np.uint16)
     labels = _paint_table(table, params.shape)
-    image = _appearance(labels, table["intensity"], params, np.random.default_rng(rng))
+    if appearance is None or not appearance.fits(params):
+        appearance = _draw_appearance(labels.shape, params, np.random.default_rng(rng))
+    image = _appearance(labels, table["intensity"], params, appearance)
     centres = np.stack([table["row"], table["col"]], axis=1).reshape(-1, 2)
-    return Layout(image=image, labels=labels, centres=centres, cells=table)
+    return Layout(image=image, labels=labels, centres=centres, cells=table, appearance=appearance)
