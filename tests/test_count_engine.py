@@ -1,5 +1,10 @@
 """onnxruntime runs the counter network on the CPU: same results as PyTorch, cached exports, fallbacks."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +102,99 @@ def test_engine_choice_and_fallbacks(image, tmp_path, monkeypatch, one_torch_thr
     res = count_cells(img, counter=other, diameter=13.0)
     assert res.meta["engine"].startswith("torch (onnxruntime could not")
     assert res.count == count_cells(img, counter=other, diameter=13.0, engine="torch").count
+
+
+_CHILD = """
+import json, sys
+import numpy as np
+from cellsynth.count import count_cells, load_counter
+counter = load_counter(sys.argv[2], device=sys.argv[3])
+res = count_cells(np.load(sys.argv[1]), counter=counter, diameter=13.0, tile=128)
+print(json.dumps({"engine": res.meta["engine"], "built": counter.network_built, "torch": "torch" in sys.modules,
+                  "timm": "timm" in sys.modules, "points": res.points.tolist()}))
+"""
+
+
+def _accelerator_driver() -> bool:
+    from cellsynth.device import _nvidia_driver_present
+
+    return _nvidia_driver_present() or os.path.exists("/dev/kfd") or sys.platform == "darwin"
+
+
+def test_a_cached_export_counts_in_a_fresh_process_without_torch(image, tmp_path, monkeypatch, one_torch_thread):
+    monkeypatch.setenv("CELLSYNTH_ONNX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CELLSYNTH_ENGINE", raising=False)
+    img, _ = image
+    counter = _tiny(tmp_path)  # nothing cached yet: built as usual
+    assert counter.network_built
+    ref = count_cells(img, counter=counter, diameter=13.0, tile=128, engine="torch")
+    ort = count_cells(img, counter=counter, diameter=13.0, tile=128)  # exports into the cache
+    np.save(tmp_path / "img.npy", img)
+    for device in ["cpu"] + ([] if _accelerator_driver() else ["auto"]):
+        run = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "img.npy"), str(counter.path), device],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        doc = json.loads(run.stdout.splitlines()[-1])
+        assert doc["engine"] == "onnxruntime" and not doc["built"], doc["engine"]
+        assert not doc["torch"] and not doc["timm"]
+        got = np.array(doc["points"]).reshape(-1, 2)
+        np.testing.assert_array_equal(got, ort.points)  # the same export: the same points
+        np.testing.assert_allclose(got, ref.points, atol=1e-3)
+        assert len(got) == ref.count
+
+
+def test_a_damaged_foreign_or_stale_cached_export_is_not_used(image, tmp_path, monkeypatch, one_torch_thread):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CELLSYNTH_ONNX_CACHE", str(cache))
+    monkeypatch.delenv("CELLSYNTH_ENGINE", raising=False)
+    img, _ = image
+    counter = _tiny(tmp_path)
+    first = count_cells(img, counter=counter, diameter=13.0)
+    (export,) = cache.glob("*.onnx")
+    waiting = load_counter(counter.path, device="cpu")
+    assert not waiting.network_built and waiting.stride == counter.net.stride
+    res = count_cells(img, counter=waiting, diameter=13.0)
+    assert not waiting.network_built and np.array_equal(res.points, first.points)
+    assert res.meta["device"] == "cpu" and res.meta["sha256"] == counter.sha256
+
+    # damaged (truncated): loaded as usual, counted the same, and the export made anew
+    export.write_bytes(export.read_bytes()[:400])
+    damaged = load_counter(counter.path, device="cpu")
+    assert damaged.network_built
+    assert np.array_equal(count_cells(img, counter=damaged, diameter=13.0).points, first.points)
+    assert export.stat().st_size > 1000 and not load_counter(counter.path, device="cpu").network_built
+
+    # another counter's export under this counter's name: its key (in the ONNX metadata) differs, so it is not run
+    torch.manual_seed(1)
+    other = load_counter(save_counter(build_net(counter.config), counter.config, tmp_path / "other"), device="cpu")
+    count_cells(img, counter=other, diameter=13.0)
+    foreign = next(p for p in cache.glob("*.onnx") if p != export)
+    good = export.read_bytes()
+    export.write_bytes(foreign.read_bytes())
+    swapped = load_counter(counter.path, device="cpu")
+    assert swapped.network_built
+    assert np.array_equal(count_cells(img, counter=swapped, diameter=13.0).points, first.points)
+    assert export.read_bytes() != foreign.read_bytes()
+
+    # other torch/timm/onnxruntime releases or network code: another key, so the old export is not looked up
+    export.write_bytes(good)
+    with monkeypatch.context() as m:
+        m.setattr(_onnx, "_versions", lambda: "other releases")
+        assert load_counter(counter.path, device="cpu").network_built
+
+    # the weights file replaced after a counter was loaded from the export: its network is not built from the new file
+    waiting = load_counter(counter.path, device="cpu")
+    assert not waiting.network_built
+    torch.manual_seed(2)
+    save_counter(build_net(counter.config), counter.config, counter.path, overwrite=True)
+    with pytest.raises(ValueError, match="changed since the counter was loaded"):
+        _ = waiting.net
+    assert load_counter(counter.path, device="cpu").network_built  # new weights, not exported yet
+
+    # asking for the network, or for PyTorch, builds it from the file: the same counts
+    lazy = load_counter(tmp_path / "other", device="cpu")
+    assert not lazy.network_built
+    by_torch = count_cells(img, counter=lazy, diameter=13.0, engine="torch")
+    assert lazy.network_built and by_torch.meta["engine"] == "torch"
+    np.testing.assert_allclose(by_torch.points, count_cells(img, counter=other, diameter=13.0).points, atol=1e-3)
+    assert all(not t.is_inference() for t in lazy.net.parameters())  # trainable, though built while counting

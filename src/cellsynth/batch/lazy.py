@@ -266,7 +266,7 @@ def _whole_layout(counter, shape, *, tile: int, overlap: int):
 
     if counter.kind != "density" or overlap <= 0:
         return None
-    stride = int(getattr(counter.net, "stride", 16))
+    stride = counter.stride
     return (tile_layout(shape[0] + 2 * overlap, tile, overlap, stride),
             tile_layout(shape[1] + 2 * overlap, tile, overlap, stride))
 

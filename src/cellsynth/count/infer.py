@@ -22,7 +22,7 @@ import numpy as np
 
 from ..progress import ProgressCallback, report
 from .classic import ClassicParams, classic_peaks, estimate_diameter
-from .models import Counter, load_counter
+from .models import Counter, load_counter, net_stamp
 from .objects import ObjectParams, reconcile_with_objects
 from .preprocess import normalize_image, rescale_plane, split_planes
 from .peaks import density_peaks
@@ -88,7 +88,7 @@ def _inference_net(counter: Counter):
 
     net = counter.net
     # every in-place change of a weight (optimiser step, load_state_dict) bumps its tensor's version counter
-    stamp = (id(net),) + tuple((id(t), t._version) for t in list(net.parameters()) + list(net.buffers()))
+    stamp = net_stamp(net)
     cached = counter.extra.get("inference_net")
     if cached is None or cached[0] != stamp:
         fused = fold_batchnorm(net)
@@ -103,18 +103,15 @@ def _engine(counter: Counter, engine: Optional[str]):
     """``(name, ORT runner or None)``: onnxruntime on the CPU when installed and the network exports."""
     from . import _onnx
 
-    name = _onnx.resolve_engine(engine, counter.device)
+    name = _onnx.resolve_engine(engine, counter.device_name)
     if name != "onnxruntime":
         return "torch", None
-    net = _inference_net(counter)
-    runner = _onnx.session_for(counter, net, counter.extra["inference_net"][0])
+    runner = _onnx.session_for(counter)
     return ("onnxruntime", runner) if runner is not None else ("torch (onnxruntime could not run this counter)", None)
 
 
 def _run_batches(counter: Counter, tiles: list[np.ndarray], batch_size: int, progress, done: list, total: int,
                  runner=None):
-    import torch
-
     net = _inference_net(counter) if runner is None else None
     outs = []
     for i in range(0, len(tiles), batch_size):
@@ -122,6 +119,8 @@ def _run_batches(counter: Counter, tiles: list[np.ndarray], batch_size: int, pro
         if runner is not None:
             outs.append(runner(batch))
         else:
+            import torch
+
             x = torch.from_numpy(batch).to(device=counter.device, dtype=counter.dtype)
             if counter.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -132,7 +131,7 @@ def _run_batches(counter: Counter, tiles: list[np.ndarray], batch_size: int, pro
 
 
 def _density_plane(counter, plane, *, grid=None, tile, overlap, batch_size, progress, done, total, runner=None):
-    stride = int(getattr(counter.net, "stride", 16))
+    stride = counter.stride
     tiles, boxes, (t_r, t_c), m, pshape = _plane_tiles(plane, tile, overlap, stride, grid)
     preds = _run_batches(counter, tiles, batch_size, progress, done, total, runner)[:, 0]
     scale = float(counter.config.get("density_scale", 1.0))
@@ -311,7 +310,7 @@ def count_cells(
         raise TypeError(f"counter must be a Counter from load_counter, got {type(counter).__name__}")
     kind = counter.kind
     if batch_size is None:
-        batch_size = CPU_BATCH if counter.device is None or counter.device.type == "cpu" else 8
+        batch_size = CPU_BATCH if counter.device_name == "cpu" else 8
     batch_size = int(batch_size)
     norm = counter.config.get("normalize", {})
     objects = ObjectParams(**counter.config["objects"]) if kind == "density" and counter.config.get("objects") else None
@@ -341,10 +340,8 @@ def count_cells(
             per_plane.append(float(len(pts)))
             report(progress, "planes", p + 1, n_planes)
         else:
-            import torch
-
             work = rescale_plane(plane, factor)
-            with torch.inference_mode():
+            with _no_autograd(runner):
                 if kind == "density":
                     dens = _density_plane(counter, work, grid=tile_grid, tile=tile, overlap=overlap, batch_size=batch_size,
                                           progress=progress, done=done, total=total, runner=runner)
@@ -398,7 +395,7 @@ def count_cells(
         "tile": tile,
         "overlap": overlap if kind == "density" else 0,
         "channel": channel,
-        "device": str(counter.device) if counter.device is not None else "cpu",
+        "device": counter.device_name,
         "engine": engine_used,
         "n_planes": n_planes,
         "cellsynth_version": __version__,
@@ -416,6 +413,17 @@ def count_cells(
         density_sum=float(np.sum(dens_sums)) if dens_sums else None,
         meta=meta,
     )
+
+
+def _no_autograd(runner):
+    """torch's inference mode around PyTorch counting; nothing (no torch import) when onnxruntime runs the network."""
+    if runner is not None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.inference_mode()
 
 
 def _check_memory(planes, factor, tile, batch_size, kind, n_planes) -> None:

@@ -7,13 +7,19 @@ A trained counter is a folder with ``model.safetensors`` (the state dict) and
 ``.safetensors`` file or a foreign ``.pt``/``.pth`` state dict (read with
 ``torch.load(weights_only=True)``, never unpickling code) into a :class:`Counter`.
 
-torch is imported inside the functions, so importing this module is cheap.
+torch is imported inside the functions, so importing this module is cheap. On
+the CPU, a counter whose onnxruntime export is already cached is loaded without
+building its network (see :mod:`cellsynth.count._onnx`): counting with it
+imports neither torch nor timm, and the network is built from the file the
+first time something asks for ``counter.net`` (training, the torch engine,
+export).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -76,6 +82,30 @@ def counter_config(kind: str = "density", *, backbone: str = "efficientnet_b0", 
     return cfg
 
 
+class _Waiting:
+    """``Counter.net``, ``.device`` and ``.dtype``: a counter loaded without its network builds it when one is read."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None  # the dataclass default
+        build = obj.__dict__.get("_build")
+        if build is not None:
+            build(obj)
+            obj.__dict__["_build"] = None
+        return obj.__dict__.get(self.slot)
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = value
+
+
+def net_stamp(net) -> tuple:
+    """Identity of a network's weights state: every in-place change of a weight bumps its tensor's version."""
+    return (id(net),) + tuple((id(t), t._version) for t in list(net.parameters()) + list(net.buffers()))
+
+
 @dataclass
 class Counter:
     """A counter ready to run.
@@ -90,7 +120,8 @@ class Counter:
     config : dict
         See :func:`counter_config`.
     net : torch.nn.Module or None
-        The network in eval mode on ``device`` (None for ``classic``).
+        The network in eval mode on ``device`` (None for ``classic``). A counter
+        loaded without its network (see the module's description) builds it here.
     device : torch.device or None
     dtype : torch.dtype or None
     sha256 : str or None
@@ -102,9 +133,9 @@ class Counter:
     kind: str
     name: str
     config: dict
-    net: Any = None
-    device: Any = None
-    dtype: Any = None
+    net: Any = _Waiting()
+    device: Any = _Waiting()
+    dtype: Any = _Waiting()
     sha256: Optional[str] = None
     path: Optional[Path] = None
     extra: dict = field(default_factory=dict)
@@ -113,6 +144,25 @@ class Counter:
     def diameter(self) -> float:
         """Cell diameter in pixels at the scale the model was trained on."""
         return float(self.config.get("diameter", 15.0))
+
+    @property
+    def network_built(self) -> bool:
+        """False while a counter loaded from a cached export has not built its network yet."""
+        return self.__dict__.get("_build") is None
+
+    @property
+    def device_name(self) -> str:
+        """``"cpu"``, ``"cuda:0"``...: where the counter runs, without building a waiting network."""
+        if not self.network_built:
+            return "cpu"
+        return str(self.device) if self.device is not None else "cpu"
+
+    @property
+    def stride(self) -> int:
+        """The input multiple of the network (from the cached export while the network waits)."""
+        if not self.network_built:
+            return int(self.extra.get("stride", 16))
+        return int(getattr(self.net, "stride", 16))
 
     def describe(self) -> dict:
         """Provenance record: name, kind, file hash, path, training scale."""
@@ -271,6 +321,9 @@ def load_counter(model: str | os.PathLike | Counter = "default", *, device: Any 
             raise FileNotFoundError(f"{p} holds no {WEIGHTS_FILE}; expected a counter folder written by training")
     else:
         weights, cfg_path = p, p.with_name(CONFIG_FILE)
+    waiting = _from_cached_export(name, p, weights, cfg_path, device)
+    if waiting is not None:
+        return waiting
     state = _state_dict_from_file(weights)
     if cfg_path.is_file():
         cfg = io.read_json(cfg_path)
@@ -285,7 +338,83 @@ def load_counter(model: str | os.PathLike | Counter = "default", *, device: Any 
 
     net = _build_loaded(cfg, _adapt_keys(state, cfg["kind"]), weights)
     counter = Counter(kind=cfg["kind"], name=name, config=cfg, net=net, sha256=file_sha256(weights), path=p)
-    return to_device(counter, device)
+    counter = to_device(counter, device)
+    if _file_keyed(weights, cfg_path) and counter.device.type == "cpu":
+        from ._onnx import file_key
+
+        counter.extra["onnx_source"] = {"key": file_key(counter.sha256, cfg), "stamp": net_stamp(counter.net)}
+    return counter
+
+
+def _file_keyed(weights: Path, cfg_path: Path) -> bool:
+    """Counters whose ONNX export is keyed by their files (a safetensors file and its config)."""
+    return weights.suffix == ".safetensors" and cfg_path.is_file()
+
+
+def _cpu_without_torch(device: Any) -> bool:
+    """Whether ``device`` is the CPU, decided without importing torch (False when only torch can tell)."""
+    if not isinstance(device, str):
+        return getattr(device, "type", None) == "cpu"
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    if "torch" in sys.modules:
+        from ..device import resolve_device
+
+        return resolve_device("auto").type == "cpu"
+    from ..device import _nvidia_driver_present
+
+    # "auto" is the CPU where there is no accelerator torch could use (no NVIDIA or ROCm driver, no Apple silicon)
+    return not (_nvidia_driver_present() or os.path.exists("/dev/kfd")
+                or (sys.platform == "darwin" and os.uname().machine == "arm64"))
+
+
+def _from_cached_export(name: str, p: Path, weights: Path, cfg_path: Path, device: Any) -> Optional[Counter]:
+    """A counter that waits to build its network, when its onnxruntime export is cached; else None."""
+    if not _file_keyed(weights, cfg_path) or not weights.is_file() or not _cpu_without_torch(device):
+        return None
+    from . import _onnx
+
+    if _onnx.resolve_engine(None, "cpu") != "onnxruntime":
+        return None
+    cfg = io.read_json(cfg_path)
+    if not isinstance(cfg, dict) or cfg.get("format") != COUNTER_FORMAT or cfg.get("kind") not in KINDS:
+        raise ValueError(f"{cfg_path} is not a counter config (format {COUNTER_FORMAT!r}, kind in {KINDS})")
+    _check_config_numbers(cfg, cfg_path)
+    if cfg["kind"] == "classic":
+        return None
+    from ..weights import file_sha256
+
+    sha = file_sha256(weights)
+    key = _onnx.file_key(sha, cfg)
+    threads = _onnx.default_threads()
+    runner = _onnx.cached_runner(key, threads)
+    if runner is None:  # not exported yet, or a damaged export: load as usual (the next count exports again)
+        return None
+    counter = Counter(kind=cfg["kind"], name=name, config=cfg, sha256=sha, path=p)
+    counter.extra.update(onnx_source={"key": key, "stamp": None}, onnx_runner=((("file", key), threads), runner),
+                         stride=runner.stride)
+    counter.__dict__["_build"] = _build_waiting
+    return counter
+
+
+def _build_waiting(counter: Counter) -> None:
+    """Build the network of a counter loaded from a cached export: from its file, as load_counter does."""
+    import torch
+
+    from ..weights import file_sha256
+
+    p = Path(counter.path)
+    weights = p / WEIGHTS_FILE if p.is_dir() else p
+    if file_sha256(weights) != counter.sha256:
+        raise ValueError(f"{weights} changed since the counter was loaded; load it again")
+    with torch.inference_mode(False):  # ordinary tensors, even when first asked for while counting
+        net = _build_loaded(counter.config, _adapt_keys(_state_dict_from_file(weights), counter.kind), weights)
+        counter.__dict__["_build"] = None
+        counter.net = net
+        to_device(counter, "cpu")
+    counter.extra["onnx_source"]["stamp"] = net_stamp(counter.net)
 
 
 def _build_loaded(cfg: dict, state: dict, where: Path):
