@@ -5,6 +5,10 @@ an explicit local path first, then weights shipped in ``resources/``, then the
 Hugging Face hub cache, then a download with progress. Offline, a missing model
 raises :class:`WeightsNotFoundError` that says how to provide the files.
 
+:func:`check` says where a model's files are without any network access (for a
+status line); :func:`download` fetches a registry model's pinned snapshot with
+byte progress, failing within seconds when the hub cannot be reached.
+
 huggingface_hub is imported inside the functions that need it.
 
 Examples
@@ -30,15 +34,19 @@ from typing import Optional
 from cellsynth.progress import Cancelled, ProgressCallback, report
 
 __all__ = [
-    "REGISTRY", "ModelSpec", "WeightsNotFoundError", "file_sha256", "read_state_dict", "resolve",
-    "resources_dir", "sd_v1_config_dir",
+    "REGISTRY", "ModelSpec", "WeightsNotFoundError", "WeightsStatus", "check", "download", "file_sha256",
+    "human_size", "read_state_dict", "resolve", "resources_dir", "sd_v1_config_dir",
 ]
 
 _TRUE_VALUES = {"1", "on", "yes", "true"}
 
 
 class WeightsNotFoundError(FileNotFoundError):
-    """Model files are neither on disk nor downloadable; the message says how to provide them."""
+    """Model files are neither on disk nor downloadable; the message says how to provide them.
+
+    The first line of the message says what is missing and why, in a sentence; the
+    lines after it (expected files, how to provide them) are details.
+    """
 
 
 @dataclass(frozen=True)
@@ -195,28 +203,57 @@ def _missing_files(folder: Path, patterns: Iterable[str]) -> list[str]:
     return [pat for pat in patterns if not any(fnmatch.fnmatchcase(f, pat) for f in present)]
 
 
-def _not_found(spec: ModelSpec, reason: str) -> WeightsNotFoundError:
+def human_size(nbytes: float) -> str:
+    """A byte count for people.
+
+    Examples
+    --------
+    >>> human_size(4270e6), human_size(88e6), human_size(5000)
+    ('4.3 GB', '88 MB', '5 kB')
+    """
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.1f} {unit}" if unit == "GB" else f"{value:.0f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    text = (str(err).strip().splitlines() or [""])[0].strip()
+    text = text.removeprefix("Got: ")
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def _not_found(spec: ModelSpec, reason: str, *, offline: str = "") -> WeightsNotFoundError:
+    """The error for missing weights: one sentence first, then the details.
+
+    `offline` is ``"env"`` when ``HF_HUB_OFFLINE`` turned downloads off, ``"arg"``
+    when the caller did (``offline=True``); only then does the message say how to
+    allow downloads.
+    """
     include = " ".join(f'--include "{pattern}"' for pattern in spec.files)
+    allow = {"env": "\n  - or allow downloads: unset HF_HUB_OFFLINE.",
+             "arg": "\n  - or allow downloads: call with offline=False."}.get(offline, "")
     return WeightsNotFoundError(
-        f"Weights for model {spec.name!r} ({spec.repo_id} at revision {spec.revision}, "
-        f"about {spec.size_mb:g} MB) are not available: {reason}\n"
-        f"Expected files: {', '.join(spec.files)}\n"
+        f"Weights {spec.name!r} (about {human_size(spec.size_mb * 1e6)}) are not available: {reason}\n"
+        f"Expected files ({spec.repo_id} at revision {spec.revision}): {', '.join(spec.files)}\n"
         "Ways to provide them:\n"
         f"  - pass the path of a local folder holding these files instead of {spec.name!r};\n"
         f"  - on a machine with network, run `hf download {spec.repo_id} "
         f"--revision {spec.revision} {include} --local-dir DIR` (the `hf` command comes "
-        "with huggingface_hub), copy DIR here and pass its path;\n"
-        "  - or allow downloads: unset HF_HUB_OFFLINE and call with offline=False."
+        f"with huggingface_hub), copy DIR here and pass its path;{allow}"
     )
 
 
-def _progress_tqdm(progress: ProgressCallback, stage: str) -> type:
+def _progress_tqdm(progress: ProgressCallback, stage: str, known_total: Optional[int] = None) -> type:
     """A tqdm class for ``snapshot_download`` that forwards byte counts to `progress`.
 
     The hub opens several bars; the first one counting bytes (the snapshot's
     overall counter) is forwarded, the others (files done, per-stage counters)
     are ignored so that a progress bar does not jump between counters. Nothing
     is printed. Events follow tqdm's refresh rate (about ten per second).
+    The hub's byte counter grows its total as each file starts; `known_total`
+    (the bytes to fetch, asked of the hub beforehand) keeps the bar's total fixed.
     """
     from tqdm.std import tqdm
 
@@ -237,9 +274,10 @@ def _progress_tqdm(progress: ProgressCallback, stage: str) -> type:
             if self.unit == "B" and not forwarded:
                 forwarded.append(self)
             if forwarded and forwarded[0] is self and self._pending is None:
-                total = int(self.total) if self.total else None
+                total = max(int(self.total or 0), int(known_total or 0)) or None
+                done = f"{human_size(self.n)} of {human_size(total)}" if total else human_size(self.n)
                 try:
-                    report(progress, stage, int(self.n), total, self.desc)
+                    report(progress, stage, int(self.n), total, f"{stage}: {done}")
                 except BaseException as exc:  # re-raised by refresh(), outside the lock
                     self._pending = exc
             return True
@@ -295,8 +333,9 @@ def resolve(
     ValueError
         If `name_or_path` is neither an existing path nor a registry name.
     WeightsNotFoundError
-        If the files are missing and cannot be downloaded (offline, or a network
-        error, chained as ``__cause__``), or a local folder lacks expected files.
+        If the files are missing and cannot be downloaded (offline, the hub out of
+        reach, or a network error, chained as ``__cause__``), or a local folder
+        lacks expected files.
 
     Examples
     --------
@@ -314,59 +353,255 @@ def resolve(
                 raise _not_found(spec, f"the folder {str(path)!r} lacks {', '.join(missing)}.")
         return path.resolve()
 
-    spec = REGISTRY.get(os.fspath(name_or_path))
-    if spec is None:
-        raise ValueError(
-            f"unknown model {os.fspath(name_or_path)!r}: not an existing path and not one of "
-            f"{', '.join(sorted(REGISTRY))}"
-        )
-
+    spec = _registry_spec(name_or_path)
     if spec.bundled is not None:
-        bundled = resources_dir() / spec.bundled
-        if not bundled.exists():
-            raise WeightsNotFoundError(
-                f"bundled weights for model {spec.name!r} are missing at {bundled}; "
-                "the installation is incomplete, reinstall cellsynth"
-            )
-        missing = _missing_files(bundled, spec.files) if bundled.is_dir() else []
-        if missing:
-            raise WeightsNotFoundError(
-                f"bundled weights for model {spec.name!r} at {bundled} lack {', '.join(missing)}"
-            )
-        return bundled
+        return _bundled(spec)
 
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    if cache_dir is None:
-        from .settings import load_settings
-
-        cache_dir = load_settings().cache_dir or None
-    hub_args = dict(revision=spec.revision, allow_patterns=list(spec.files), cache_dir=cache_dir)
-    try:
-        cached = Path(snapshot_download(spec.repo_id, local_files_only=True, **hub_args))
-    except LocalEntryNotFoundError:
-        cached = None
+    cached = _cached_snapshot(spec, cache_dir)
     if cached is not None and not _missing_files(cached, spec.files):
         return cached
 
+    env_offline = _offline_from_env()
     if offline is None:
-        offline = _offline_from_env()
+        offline = env_offline
     if offline:
-        raise _not_found(spec, "offline mode is on and the hub cache does not hold them.")
+        raise _not_found(spec, "offline mode is on and the hub cache does not hold them.",
+                         offline="env" if env_offline else "arg")
     from .settings import confirm_download
 
     if not confirm_download(f"{spec.description}: {spec.repo_id}, about {spec.size_mb:g} MB"):
         raise _not_found(spec, "the download was declined (set download_without_asking to download without "
                                "a question).")
+    return _download(spec, _cache_dir(cache_dir), cached, progress, HUB_TIMEOUT)
 
-    tqdm_class = None if progress is None else _progress_tqdm(progress, f"download {spec.name}")
+
+def _registry_spec(name: str | os.PathLike) -> ModelSpec:
+    spec = REGISTRY.get(os.fspath(name))
+    if spec is None:
+        raise ValueError(
+            f"unknown model {os.fspath(name)!r}: not an existing path and not one of "
+            f"{', '.join(sorted(REGISTRY))}"
+        )
+    return spec
+
+
+def _bundled(spec: ModelSpec) -> Path:
+    bundled = resources_dir() / spec.bundled
+    if not bundled.exists():
+        raise WeightsNotFoundError(
+            f"bundled weights for model {spec.name!r} are missing at {bundled}; "
+            "the installation is incomplete, reinstall cellsynth"
+        )
+    missing = _missing_files(bundled, spec.files) if bundled.is_dir() else []
+    if missing:
+        raise WeightsNotFoundError(
+            f"bundled weights for model {spec.name!r} at {bundled} lack {', '.join(missing)}"
+        )
+    return bundled
+
+
+def _cache_dir(cache_dir: str | os.PathLike | None) -> str | os.PathLike | None:
+    if cache_dir is None:
+        from .settings import load_settings
+
+        cache_dir = load_settings().cache_dir or None
+    return cache_dir
+
+
+def _cached_snapshot(spec: ModelSpec, cache_dir: str | os.PathLike | None) -> Optional[Path]:
+    """The hub cache's snapshot folder of `spec`'s pinned revision (complete or not), or None; no network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(spec.repo_id, local_files_only=True, revision=spec.revision,
+                                      allow_patterns=list(spec.files), cache_dir=_cache_dir(cache_dir)))
+    except LocalEntryNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class WeightsStatus:
+    """Where a model's files are, as :func:`check` found them (no network involved).
+
+    Attributes
+    ----------
+    requested : str
+        The model argument checked (registry name or path).
+    available : bool
+        The files are on this computer.
+    where : str
+        ``"folder"``, ``"file"``, ``"bundled"``, ``"hub cache"``; ``""`` when not available.
+    path : Path or None
+        The folder or file holding the model, when available.
+    spec : ModelSpec or None
+        The registry entry, for a registry name (or a folder named like one).
+    problem : str
+        One sentence saying what is missing; ``""`` when available.
+    """
+
+    requested: str
+    available: bool
+    where: str = ""
+    path: Optional[Path] = None
+    spec: Optional[ModelSpec] = None
+    problem: str = ""
+
+    @property
+    def downloadable(self) -> bool:
+        """Missing, and a registry model that :func:`download` can fetch."""
+        return not self.available and self.spec is not None and self.spec.bundled is None \
+            and not Path(self.requested).expanduser().exists()
+
+    @property
+    def size_bytes(self) -> int:
+        """Approximate download size of the registry model (0 when not a registry model)."""
+        return int(self.spec.size_mb * 1e6) if self.spec is not None else 0
+
+
+def check(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> WeightsStatus:
+    """Where a model's files are, looked up on this computer only (never the network, never raises).
+
+    The same order as :func:`resolve`: an existing path, bundled weights, the hub
+    cache at the pinned revision. Fast enough for a status line (no file is read).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> check(tempfile.mkdtemp()).where
+    'folder'
+    >>> status = check("no-such-model")
+    >>> status.available, status.problem
+    (False, "unknown model 'no-such-model': not an existing path and not one of clip-vit-large-patch14, \
+dino-vits8, dinov2-small, efficientnet_b0-imagenet, sd-v1-4")
+    """
+    text = os.fspath(name_or_path).strip()
+    if not text:
+        return WeightsStatus(text, False, problem="no model given")
+    path = Path(text).expanduser()
+    if path.exists():
+        spec = REGISTRY.get(path.name)
+        if path.is_dir():
+            missing = _missing_files(path, spec.files) if spec is not None else []
+            if missing:
+                return WeightsStatus(text, False, spec=spec, problem=f"the folder {path.name!r} lacks "
+                                     f"{', '.join(missing)}")
+            return WeightsStatus(text, True, "folder", path.resolve(), spec)
+        return WeightsStatus(text, True, "file", path.resolve(), spec)
+    try:
+        spec = _registry_spec(text)
+    except ValueError as err:
+        return WeightsStatus(text, False, problem=str(err))
+    if spec.bundled is not None:
+        try:
+            return WeightsStatus(text, True, "bundled", _bundled(spec), spec)
+        except WeightsNotFoundError as err:
+            return WeightsStatus(text, False, spec=spec, problem=str(err))
+    cached = _cached_snapshot(spec, cache_dir)
+    if cached is not None and not _missing_files(cached, spec.files):
+        return WeightsStatus(text, True, "hub cache", cached, spec)
+    return WeightsStatus(text, False, spec=spec,
+                         problem=f"{spec.name} is not on this computer (about {human_size(spec.size_mb * 1e6)})")
+
+
+#: Seconds the hub gets to answer before :func:`download` says it cannot be reached.
+HUB_TIMEOUT = 10.0
+
+
+def _bytes_to_fetch(spec: ModelSpec, cached: Optional[Path], timeout: float) -> Optional[int]:
+    """Bytes of `spec`'s files not yet in the cache, asked of the hub in one request (no retries).
+
+    None when the hub does not say (or offline mode of the hub library is on: the
+    download then gives its own error). Raises WeightsNotFoundError at once when
+    the hub cannot be reached, instead of the download's retries.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        info = HfApi().model_info(spec.repo_id, revision=spec.revision, files_metadata=True, timeout=timeout)
+    except OfflineModeIsEnabled:
+        return None
+    except HfHubHTTPError as err:
+        raise _not_found(spec, f"the hub refused the request ({_first_line(err)}).") from err
+    except Exception as err:  # the HTTP client's transport errors (no network, DNS, proxy, timeout)
+        host = constants.ENDPOINT.split("://")[-1]
+        raise _not_found(spec, f"{host} cannot be reached ({_first_line(err) or type(err).__name__}).") from err
+    sizes = []
+    for sibling in info.siblings or []:
+        if not any(fnmatch.fnmatchcase(sibling.rfilename, pat) for pat in spec.files):
+            continue
+        if cached is not None and (cached / sibling.rfilename).is_file():
+            continue
+        sizes.append(sibling.size)
+    if not sizes or any(size is None for size in sizes):
+        return None
+    return int(sum(sizes))
+
+
+def download(
+    name: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: ProgressCallback | None = None,
+    timeout: float = HUB_TIMEOUT,
+) -> Path:
+    """Download a registry model's pinned snapshot into the hub cache, with byte progress.
+
+    Asks no question (a person who pressed a Download button has answered it;
+    :func:`resolve` asks first). One request asks the hub for the size of the
+    files still missing; when the hub cannot be reached the error comes at once,
+    without the hub library's retries.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`REGISTRY` with a hub repository.
+    cache_dir : str or os.PathLike, optional
+        As for :func:`resolve`.
+    progress : ProgressCallback, optional
+        Receives byte progress, stage ``"download <name>"`` (total: the bytes
+        still missing when the hub says). It may raise
+        :class:`~cellsynth.progress.Cancelled`, which propagates; files already
+        complete stay in the cache, and a later download continues from them.
+    timeout : float
+        Seconds the hub gets to answer the first request.
+
+    Returns
+    -------
+    Path
+        The snapshot folder in the hub cache.
+
+    Raises
+    ------
+    ValueError
+        If `name` is not a registry model downloadable from the hub.
+    WeightsNotFoundError
+        If the hub cannot be reached, refuses, or the download fails; the first
+        line of the message says why.
+    """
+    spec = _registry_spec(name)
+    if spec.bundled is not None:
+        raise ValueError(f"model {spec.name!r} is shipped with cellsynth; there is nothing to download")
+    cache_dir = _cache_dir(cache_dir)
+    return _download(spec, cache_dir, _cached_snapshot(spec, cache_dir), progress, timeout)
+
+
+def _download(spec: ModelSpec, cache_dir, cached: Optional[Path], progress, timeout: float) -> Path:
+    from huggingface_hub import snapshot_download
+
+    stage = f"download {spec.name}"
+    total = _bytes_to_fetch(spec, cached, timeout)
+    if total:
+        report(progress, stage, 0, total, f"{stage}: {human_size(total)} to fetch")
+    tqdm_class = None if progress is None else _progress_tqdm(progress, stage, total)
+    hub_args = dict(revision=spec.revision, allow_patterns=list(spec.files), cache_dir=cache_dir)
     try:
         folder = Path(snapshot_download(spec.repo_id, tqdm_class=tqdm_class, **hub_args))
     except Cancelled:
         raise
     except Exception as err:  # hub errors are OSError; its HTTP client's transport errors are not
-        raise _not_found(spec, f"the download failed ({type(err).__name__}: {err}).") from err
+        raise _not_found(spec, f"the download failed ({type(err).__name__}: {_first_line(err)}).") from err
     missing = _missing_files(folder, spec.files)
     if missing:
         raise _not_found(spec, f"the hub snapshot at {folder} lacks {', '.join(missing)}.")

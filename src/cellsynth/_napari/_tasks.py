@@ -7,6 +7,9 @@ and Cancel makes the next callback raise :class:`cellsynth.progress.Cancelled`.
 ``on_done(result)`` runs on the GUI thread after the worker returns; it is the
 only place where layers are added or updated, so a cancelled or failed run
 leaves the viewer as it was.
+
+Each run also appears in napari's activity dock (a :class:`napari.utils.progress`
+bar with the same progress and its own Cancel), closed when the run ends.
 """
 
 from __future__ import annotations
@@ -64,6 +67,14 @@ class _Run:
         self.ended = threading.Event()
         self.detach = detach
         self.worker = None
+        self.activity = None  # its bar in napari's activity dock (GUI thread only)
+        self.activity_desc = ""
+
+    def close_activity(self) -> None:
+        """Remove the run's bar from the activity dock (GUI thread; idempotent)."""
+        bar, self.activity = self.activity, None
+        if bar is not None:
+            bar.close()
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Ask the work to stop at its next progress step and wait for it; True when it ended."""
@@ -73,6 +84,37 @@ class _Run:
 
 #: How long Cancel waits for a detachable run to reach its next step before freeing the panel.
 CANCEL_GRACE_MS = 500
+
+#: Qt progress bars count in 32-bit integers; larger totals (bytes of a download) are scaled down.
+_BAR_MAX = 2**31 - 1
+
+
+def _bar_range(step: int, total: int) -> tuple:
+    """``(value, maximum)`` for a Qt progress bar: `step` of `total`, scaled to fit 32 bits."""
+    if total <= _BAR_MAX:
+        return int(min(step, total)), int(total)
+    scale = -(-total // 1_000_000)  # a million steps are finer than any bar is drawn
+    return int(min(step, total) // scale), int(total // scale)
+
+
+def _activity_bar(label: str, cancel: Callable[[], None]):
+    """A bar in napari's activity dock whose Cancel button cancels the run.
+
+    :class:`napari.utils.progress` is napari's public way to show long work in the
+    activity dock; :class:`~napari.utils.progress.cancelable_progress` gives it a
+    Cancel button, which here asks the run to stop. Without a napari window the
+    bar only writes to a discarded text stream.
+    """
+    import io
+
+    from napari.utils.progress import cancelable_progress
+
+    class _ActivityBar(cancelable_progress):
+        def cancel(self) -> None:
+            super().cancel()
+            cancel()
+
+    return _ActivityBar(desc=label, total=0, file=io.StringIO(), leave=False)
 
 #: Runs whose work has not ended. Their workers stay referenced here, so that a closed widget
 #: (or viewer) never leaves a thread emitting through deleted Qt objects.
@@ -211,6 +253,8 @@ class TaskRunner(QWidget):
                 run.ended.set()
 
         self.status.setText(f"{label}…")
+        self.status.setToolTip("")
+        self._label = label
         self.bar.setRange(0, 0)  # busy until the first progress event
         self.cancel_button.setEnabled(True)
         self.busy.emit(True)
@@ -218,12 +262,26 @@ class TaskRunner(QWidget):
         worker.returned.connect(lambda result: alive["yes"] and run is self._run
                                 and self._finish("done", result, on_done))
         worker.errored.connect(lambda exc: alive["yes"] and run is self._run and self._on_error(exc))
-        worker.finished.connect(lambda: _RUNS.discard(run))
+        worker.finished.connect(lambda: (_RUNS.discard(run), run.close_activity()))
         run.worker = worker
         _RUNS.add(run)
         self._runs[:] = [r for r in self._runs if not r.ended.is_set()] + [run]
         self.worker = worker
         worker.start()
+        self._open_activity(run, worker, label)
+
+    def _open_activity(self, run: "_Run", worker, label: str) -> None:
+        """Show the run in napari's activity dock (napari processes events while adding the bar)."""
+        alive = self._alive
+        try:
+            bar = _activity_bar(label, lambda: run is self._run and alive["yes"] and self.cancel())
+        except Exception:  # the activity dock is a courtesy: never a reason for a run to fail
+            return
+        run.activity, run.activity_desc = bar, label
+        if self.worker is not worker:  # the run ended while the bar was being added
+            run.close_activity()
+        elif self._last_progress is not None:  # progress that arrived while the bar was being added
+            self._show_activity(run, self._last_progress)
 
     @property
     def _cancel(self) -> threading.Event:
@@ -248,6 +306,7 @@ class TaskRunner(QWidget):
         if run is not self._run or run.ended.is_set():
             return  # finished meanwhile: its own signal updates the panel
         self._run = None
+        run.close_activity()
         self._finish("cancelled")
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -273,13 +332,37 @@ class TaskRunner(QWidget):
     def _on_progress(self, p: Progress) -> None:
         self._last_progress = p
         if p.total:
-            self.bar.setRange(0, int(p.total))
-            self.bar.setValue(int(min(p.step, p.total)))
-            self.bar.setFormat(f"{p.stage}: %v/%m")
+            value, maximum = _bar_range(p.step, p.total)
+            self.bar.setRange(0, maximum)
+            self.bar.setValue(value)
+            self.bar.setFormat(f"{p.stage}: %v/%m" if maximum == p.total else f"{p.stage}: %p%")
         else:
             self.bar.setRange(0, 0)
         if p.message:
             self.status.setText(p.message)
+        run = self._run
+        if run is not None and run.activity is not None:
+            self._show_activity(run, p)
+
+    def _show_activity(self, run: "_Run", p: Progress) -> None:
+        """Mirror a progress event in the run's activity-dock bar (only when what it shows changes).
+
+        napari's bar processes Qt events while it redraws, so a later slot (the run's end)
+        may run inside this call: the bar is looked up again after each step.
+        """
+        bar = run.activity
+        value, maximum = _bar_range(p.step, p.total) if p.total else (0, 0)
+        description = f"{self._label}: {p.stage}" if p.stage else self._label
+        if run.activity_desc != description:
+            run.activity_desc = description
+            bar.set_description(description)
+            if run.activity is not bar:
+                return
+        if bar.total != maximum:
+            bar.total = maximum
+        if bar.n != value:
+            bar.n = value
+            bar.update(0)
 
     def _finish(self, outcome: str, result: Any = None, on_done: Optional[Callable] = None) -> None:
         try:
@@ -317,6 +400,8 @@ class TaskRunner(QWidget):
         turn()
 
     def _complete(self, outcome: str) -> None:
+        if self._run is not None:
+            self._run.close_activity()
         self.worker = None
         self.cancel_button.setEnabled(False)
         self.bar.setRange(0, 1)
@@ -343,9 +428,12 @@ class TaskRunner(QWidget):
         super().closeEvent(event)
 
     def _report(self, exc: BaseException) -> None:
+        """Show an error as one line; a message's further lines (details) go to the tooltip."""
         self.last_error = exc
-        msg = str(exc) or type(exc).__name__
+        full = str(exc).strip() or type(exc).__name__
+        msg = full.splitlines()[0]
         self.status.setText(f"Error: {msg}")
+        self.status.setToolTip(full if full != msg else "")
         if not isinstance(exc, (ValueError, TypeError, FileNotFoundError, FileExistsError)):
             traceback.print_exception(type(exc), exc, exc.__traceback__)
         show_error(msg)

@@ -9,9 +9,9 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit, PushButton
 from napari.layers import Image
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QObject, QPointF, Signal
+from qtpy.QtCore import QObject, QPointF, QTimer, Signal
 from qtpy.QtGui import QPainter, QPen, QPolygonF
-from qtpy.QtWidgets import QLabel, QSizePolicy, QWidget
+from qtpy.QtWidgets import QFileDialog, QLabel, QSizePolicy, QWidget
 from superqt import QCollapsible
 
 from ..stylize.params import StylizeParams, TrainParams
@@ -69,6 +69,18 @@ class _LossBridge(QObject):
     """Carries losses from the training worker to the GUI thread (queued to the curve's thread)."""
 
     loss = Signal(float)
+    weights = Signal(object, object)  # (what was checked, PipelineWeights) from the weights check thread
+
+
+#: Wait after the last keystroke in the model fields before checking the weights again.
+CHECK_DELAY_MS = 300
+
+
+def _is_layout(layer) -> bool:
+    """A layer made by the layout generator or drawn as a layout (its provenance says so)."""
+    meta = getattr(layer, "metadata", None) or {}
+    record = meta.get("cellsynth") if isinstance(meta, dict) else None
+    return isinstance(record, dict) and str(record.get("operation", "")).startswith("layouts")
 
 
 class StylizeWidget(QWidget):
@@ -87,11 +99,22 @@ class StylizeWidget(QWidget):
         self.viewer = napari_viewer
         self.token = None  # a token trained in this session
         self.content = ComboBox(label="content", choices=self._image_layers)
-        self.style = ComboBox(label="style", choices=self._image_layers)
+        self.style = ComboBox(label="style", choices=self._image_layers, nullable=True)
         self.token_source = ComboBox(label="token", choices=[TOKEN_FILE, TOKEN_TRAINED], value=TOKEN_FILE)
         self.token_file = FileEdit(mode="r", label="token file", filter="*.json *.pt")
-        self.model = LineEdit(value="sd-v1-4", label="SD model")
-        self.image_encoder = LineEdit(value="clip-vit-large-patch14", label="image encoder")
+        self.model = LineEdit(value="sd-v1-4", label="SD model",
+                              tooltip="sd-v1-4 (the hub's Stable Diffusion v1.4), a diffusers folder, or a single "
+                                      ".safetensors / .ckpt checkpoint")
+        self.pick_folder = PushButton(text="Folder…", tooltip="Choose a Stable Diffusion folder (diffusers layout)")
+        self.pick_file = PushButton(text="File…", tooltip="Choose a single Stable Diffusion v1 checkpoint "
+                                                          "(.safetensors or .ckpt)")
+        self.image_encoder = LineEdit(value="clip-vit-large-patch14", label="image encoder",
+                                      tooltip="clip-vit-large-patch14 (from the hub) or a CLIP image encoder folder")
+        self.pick_encoder = PushButton(text="Folder…", tooltip="Choose a CLIP image encoder folder")
+        self.weights_label = QLabel("Checking the weights…")
+        self.weights_label.setWordWrap(True)
+        self.download_button = PushButton(text="Download", visible=False)
+        self.weights: Optional[object] = None  # the last PipelineWeights found
         self.device = ComboBox(label="device", choices=device_choices(), value="auto")
         self.form = ParamsForm(StylizeParams, key="stylize", exclude=("resize", "scheduler"))
         self.resize = ComboBox(label="resize", choices=["keep", "squash"], value="keep")
@@ -118,8 +141,14 @@ class StylizeWidget(QWidget):
         self._bridge = _LossBridge()
         self._bridge.loss.connect(self.loss_curve.add)  # a QObject's method: runs on the GUI thread
 
-        top = Container(widgets=[self.content, self.style, self.token_source, self.token_file, self.model,
-                                 self.image_encoder, self.device])
+        model_row = Container(layout="horizontal", label="SD model", labels=False,
+                              widgets=[self.model, self.pick_folder, self.pick_file])
+        encoder_row = Container(layout="horizontal", label="image encoder", labels=False,
+                                widgets=[self.image_encoder, self.pick_encoder])
+        for row in (model_row, encoder_row):
+            row.margins = (0, 0, 0, 0)
+        top = Container(widgets=[self.content, self.style, self.token_source, self.token_file, model_row,
+                                 encoder_row, self.device])
         params_box = QCollapsible("Parameters")
         params_box.addWidget(self.form.native)
         params_box.addWidget(Container(widgets=[self.resize, self.sampler]).native)
@@ -130,6 +159,10 @@ class StylizeWidget(QWidget):
         train_box.addWidget(self.token_label)
         layout = dock_layout(self, self.runner)
         layout.addWidget(top.native)
+        weights_row = Container(layout="horizontal", labels=False, widgets=[self.download_button])
+        weights_row.margins = (0, 0, 0, 0)
+        layout.addWidget(self.weights_label)
+        layout.addWidget(weights_row.native)
         layout.addWidget(params_box)
         layout.addWidget(Container(widgets=[self.preview, self.run_button]).native)
         layout.addWidget(train_box)
@@ -143,10 +176,24 @@ class StylizeWidget(QWidget):
         self.run_button.changed.connect(self.run)
         self.train_button.changed.connect(self.train)
         self.batch_button.changed.connect(self.stylize_dataset)
+        self.download_button.changed.connect(self.download_weights)
+        self.pick_folder.changed.connect(lambda: self._pick("folder"))
+        self.pick_file.changed.connect(lambda: self._pick("file"))
+        self.pick_encoder.changed.connect(lambda: self._pick("encoder"))
         self.runner.busy.connect(self._set_busy)
+        self._bridge.weights.connect(self._on_weights_checked)
+        self._check_timer = QTimer(self)
+        self._check_timer.setSingleShot(True)
+        self._check_timer.setInterval(CHECK_DELAY_MS)
+        self._check_timer.timeout.connect(self._check_in_background)
+        self.model.changed.connect(lambda *_: self._check_timer.start())
+        self.image_encoder.changed.connect(lambda *_: self._check_timer.start())
+        self.content.changed.connect(self._style_not_content)
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
         on_layer_renamed(self.viewer, self._refresh)
+        self._default_layers()
+        self._check_in_background()
 
     # -- choices -----------------------------------------------------------------
 
@@ -156,6 +203,148 @@ class StylizeWidget(QWidget):
     def _refresh(self, event=None) -> None:
         self.content.reset_choices()
         self.style.reset_choices()
+        self._style_not_content()
+
+    def _default_layers(self) -> None:
+        """Start on a layout as content (when there is one) and another image as style."""
+        layers = self._image_layers()
+        layouts = [layer for layer in layers if _is_layout(layer)]
+        if layouts:
+            self.content.value = layouts[-1]
+        self._style_not_content()
+
+    def _style_not_content(self, *_) -> None:
+        """Never leave the style picker on the content layer (nor empty while another image exists).
+
+        Prefers an image that is not a layout (a real image), else any other image
+        layer, else no style.
+        """
+        content, style = self.content.value, self.style.value
+        if style is not None and style is not content:
+            return
+        others = [layer for layer in self._image_layers() if layer is not content]
+        real = [layer for layer in others if not _is_layout(layer)]
+        self.style.value = (real or others or [None])[0]
+
+    # -- weights -----------------------------------------------------------------
+
+    def _weights_args(self) -> tuple:
+        return self.model.value.strip(), self.image_encoder.value.strip()
+
+    def check_weights(self):
+        """Check the weights now (on this computer only) and show what was found; returns it."""
+        from ..stylize.loading import check_weights
+
+        model, encoder = args = self._weights_args()
+        found = check_weights(model, encoder)
+        self._show_weights(args, found)
+        return found
+
+    def _check_in_background(self) -> None:
+        """Check the weights off the GUI thread (the first check imports the hub library)."""
+        import threading
+
+        args, bridge = self._weights_args(), self._bridge
+
+        def job() -> None:
+            from ..stylize.loading import check_weights
+
+            try:
+                found = check_weights(*args)
+            except Exception as exc:  # a status line must never take the widget down
+                found = exc
+            try:
+                bridge.weights.emit(args, found)
+            except RuntimeError:  # the widget was closed meanwhile
+                pass
+
+        threading.Thread(target=job, name="cellsynth-weights-check", daemon=True).start()
+
+    def _on_weights_checked(self, args, found) -> None:
+        if args != self._weights_args():  # the fields changed since: a newer check is coming
+            return
+        if isinstance(found, Exception):
+            self.weights_label.setText(f"Weights not checked: {found}")
+            return
+        self._show_weights(args, found)
+
+    def _show_weights(self, args, found) -> None:
+        from ..weights import _offline_from_env, human_size
+
+        self.weights = found
+        text = found.summary()
+        self.download_button.visible = bool(found.to_download)
+        if found.to_download:
+            names = " and ".join(s.spec.name for s in found.to_download)
+            self.download_button.text = f"Download ({human_size(found.download_bytes)})"
+            if _offline_from_env():
+                self.download_button.enabled = False
+                self.download_button.tooltip = "Downloads are off: HF_HUB_OFFLINE is set"
+                text += " Downloads are off (HF_HUB_OFFLINE is set): choose a local folder or file."
+            else:
+                self.download_button.enabled = not self.runner.running
+                self.download_button.tooltip = f"Download {names} from the Hugging Face hub into its cache"
+                text += " Download them, or choose a local folder or .safetensors/.ckpt file."
+        self.weights_label.setText(text)
+        self.weights_label.setToolTip("\n".join(s.problem for s in found.parts if s.problem))
+
+    def _pick(self, what: str) -> None:
+        """Ask for a local weights folder or file and use it."""
+        field = self.image_encoder if what == "encoder" else self.model
+        current = Path(field.value.strip()).expanduser()
+        start = str(current if current.is_dir() else current.parent if current.parent.is_dir() else Path.home())
+        if what == "file":
+            path, _ = QFileDialog.getOpenFileName(self, "Stable Diffusion v1 checkpoint", start,
+                                                  "Checkpoints (*.safetensors *.ckpt)")
+        else:
+            title = "CLIP image encoder folder" if what == "encoder" else "Stable Diffusion folder (diffusers)"
+            path = QFileDialog.getExistingDirectory(self, title, start)
+        if path:
+            field.value = str(path)
+            self._check_timer.stop()
+            self.check_weights()
+
+    def _weights_missing(self) -> bool:
+        """True (and a one-line error shown) when a run would need weights that must be downloaded first.
+
+        A model argument that is wrong in itself (not a Stable Diffusion folder or file,
+        an unknown name) is left to the run, whose loader names the exact problem.
+        """
+        found = self.check_weights()
+        if not found.to_download or not (found.model.available or found.model.downloadable):
+            return False
+        from ..weights import human_size
+
+        names = " and ".join(s.spec.name for s in found.to_download)
+        self._error(f"The weights {names} are not on this computer: press Download "
+                    f"({human_size(found.download_bytes)}) or choose a local folder or .safetensors/.ckpt file")
+        return True
+
+    def download_weights(self) -> None:
+        """Download the missing registry weights into the hub cache, with progress and Cancel."""
+        found = self.check_weights()
+        names = [s.spec.name for s in found.to_download]
+        if not names:
+            return
+        from ..weights import _offline_from_env
+
+        if _offline_from_env():
+            self._error("Downloads are off because HF_HUB_OFFLINE is set; choose a local folder or file instead")
+            return
+
+        def work(progress):
+            from ..weights import download
+
+            return [download(name, progress=progress) for name in names]
+
+        def done(paths) -> None:
+            self.check_weights()
+
+        def cancelled(_last) -> str:
+            return "Download cancelled: files already complete stay in the hub cache; Download again continues"
+
+        self.runner.start(work, on_done=done, label="Downloading weights", detach_on_cancel=True,
+                          cancelled_text=cancelled)
 
     # -- actions -----------------------------------------------------------------
 
@@ -178,7 +367,7 @@ class StylizeWidget(QWidget):
         """Stylize the content layer in a worker; add or update its result layer when done."""
         s = self._settings()
         token_spec = self._token_spec() if s is not None else None
-        if token_spec is None:
+        if token_spec is None or self._weights_missing():
             return
         content_layer, style_layer = s["content"], s["style"]
         content, style = np.asarray(content_layer.data), np.asarray(style_layer.data)
@@ -223,7 +412,7 @@ class StylizeWidget(QWidget):
         """Stylize a layout dataset folder into a new folder (resumable), with count QC; adds no layers."""
         s = self._settings()
         token_spec = self._token_spec() if s is not None else None
-        if token_spec is None:
+        if token_spec is None or self._weights_missing():
             return
         src, dst = str(self.batch_in.value).strip(), str(self.batch_out.value).strip()
         if src in ("", ".") or dst in ("", "."):
@@ -266,6 +455,8 @@ class StylizeWidget(QWidget):
         except (TypeError, ValueError) as exc:
             self._error(f"Training parameters: {exc}")
             return
+        if self._weights_missing():
+            return
         style = np.asarray(style_layer.data)
         model, encoder, device = self.model.value.strip(), self.image_encoder.value.strip(), self.device.value
         out_dir = str(self.token_out.value).strip()
@@ -304,8 +495,10 @@ class StylizeWidget(QWidget):
         show_error(message)
 
     def _set_busy(self, busy: bool) -> None:
-        for w in (self.run_button, self.train_button, self.batch_button):
+        for w in (self.run_button, self.train_button, self.batch_button, self.download_button):
             w.enabled = not busy
+        if not busy and self.weights is not None:
+            self._show_weights(self._weights_args(), self.weights)  # the Download button's own state
 
 
 def _limits(image: np.ndarray) -> tuple:

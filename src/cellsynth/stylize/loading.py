@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..progress import ProgressCallback
 
-__all__ = ["load_pipeline", "clear_cache", "model_record", "optimize_pipeline"]
+if TYPE_CHECKING:
+    from ..weights import WeightsStatus
+
+__all__ = ["PipelineWeights", "check_weights", "load_pipeline", "clear_cache", "model_record", "optimize_pipeline"]
 
 _CACHE: dict = {}
 _LOCK = threading.Lock()
@@ -30,6 +34,86 @@ def model_record(model: os.PathLike | str) -> dict:
     if spec is not None and not Path(model).exists():
         return {"model": spec.name, "repo_id": spec.repo_id, "revision": spec.revision}
     return {"model": str(Path(model).expanduser().resolve())}
+
+
+@dataclass(frozen=True)
+class PipelineWeights:
+    """What :func:`check_weights` found: the Stable Diffusion model and the CLIP image encoder.
+
+    ``encoder`` is None when the model folder carries its own ``image_encoder``.
+    """
+
+    model: "WeightsStatus"
+    encoder: Optional["WeightsStatus"]
+
+    @property
+    def parts(self) -> list:
+        return [s for s in (self.model, self.encoder) if s is not None]
+
+    @property
+    def ready(self) -> bool:
+        """Everything InST needs is on this computer."""
+        return all(s.available for s in self.parts)
+
+    @property
+    def to_download(self) -> list:
+        """The missing registry models that a download can fetch."""
+        return [s for s in self.parts if s.downloadable]
+
+    @property
+    def download_bytes(self) -> int:
+        """Approximate size of :attr:`to_download`, in bytes."""
+        return sum(s.size_bytes for s in self.to_download)
+
+    def summary(self) -> str:
+        """One line for a status display."""
+        from ..weights import human_size
+
+        def describe(status, what: str) -> str:
+            if status.available:
+                where = {"folder": f"folder {status.path.name!r}", "file": f"file {status.path.name!r}"}
+                return f"{what}: {where.get(status.where, status.where)}"
+            if status.downloadable:
+                return f"{what} missing ({human_size(status.size_bytes)})"
+            return f"{what}: {status.problem}"
+
+        parts = [describe(self.model, "Stable Diffusion")]
+        if self.encoder is not None:
+            parts.append(describe(self.encoder, "image encoder"))
+        head = "Weights ready" if self.ready else "Weights not ready"
+        return f"{head}: {'; '.join(parts)}."
+
+
+def check_weights(model: os.PathLike | str = "sd-v1-4", image_encoder: os.PathLike | str = "clip-vit-large-patch14",
+                  *, cache_dir: os.PathLike | str | None = None) -> PipelineWeights:
+    """Whether the weights :func:`load_pipeline` needs are on this computer; no network, no file read.
+
+    A folder must be a diffusers pipeline (``model_index.json``); a single file must
+    be a ``.ckpt`` or ``.safetensors`` checkpoint; the image encoder is needed unless
+    the folder carries one.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> found = check_weights(tempfile.mkdtemp(), "/no/such/encoder")
+    >>> found.ready, found.model.problem.endswith("(no model_index.json)")
+    (False, True)
+    """
+    from ..weights import check
+
+    status = check(model, cache_dir=cache_dir)
+    path = status.path
+    has_encoder = False
+    if status.available and status.where in ("folder", "hub cache", "bundled") and path.is_dir():
+        if not (path / "model_index.json").is_file():
+            status = replace(status, available=False, problem=f"{path.name!r} is not a Stable Diffusion folder "
+                                                              "(no model_index.json)")
+        has_encoder = (path / "image_encoder" / "config.json").is_file()
+    elif status.available and path.suffix.lower() not in _SINGLE_FILE_SUFFIXES:
+        status = replace(status, available=False, problem=f"{path.name!r} is not a Stable Diffusion checkpoint "
+                                                          f"(expected {' or '.join(_SINGLE_FILE_SUFFIXES)})")
+    encoder = None if has_encoder else check(image_encoder, cache_dir=cache_dir)
+    return PipelineWeights(status, encoder)
 
 
 def clear_cache() -> None:
