@@ -322,8 +322,11 @@ def estimate_diameter(
     LoG scale space and the median size of the connected foreground components,
     start a fixed-point iteration: segment the nuclei at the current diameter
     (:func:`segment_nuclei`) and take the median equivalent diameter of the
-    objects, until it changes by less than 2 %. The plane (the middle one of a
-    stack) is analysed on a central crop of at most ``max_pixels`` pixels.
+    objects, until it changes by less than 2 %. When small debris outnumbers
+    large nuclei the iteration can settle on the debris; restarts from 2, 4 and 8
+    times that size look for a larger size of convex, nucleus-like objects
+    (see :func:`_larger_mode`). The plane (the middle one of a stack) is analysed
+    on a central crop of at most ``max_pixels`` pixels.
 
     Parameters
     ----------
@@ -374,14 +377,57 @@ def estimate_diameter(
     guesses = [g for g in (_log_diameter(plane, min_diameter, log_max), comp) if g]
     if not guesses:
         raise ValueError("could not estimate a cell diameter: no blob-like cells found in the image")
-    d = float(np.clip(max(guesses), min_diameter, max_diameter))
+    d = _fixed_point(plane, float(np.clip(max(guesses), min_diameter, max_diameter)), min_diameter, max_diameter)
+    return _larger_mode(plane, d, min_diameter, max_diameter)
+
+
+def _fixed_point(plane: np.ndarray, d: float, min_d: float, max_d: float) -> float:
+    """Iterate ``d <- median diameter of the objects segmented at d`` until it moves by <= 2 %."""
     for _ in range(10):
         nxt = _diameter_of_objects(plane, d)
         if nxt is None:
             break
-        nxt = float(np.clip(nxt, min_diameter, max_diameter))
+        nxt = float(np.clip(nxt, min_d, max_d))
         done = abs(nxt - d) <= 0.02 * d
         d = nxt
         if done:
             break
     return d
+
+
+def _convexity(plane: np.ndarray, d: float) -> tuple[float, int]:
+    """Median solidity of the objects segmented at ``d``, and their number."""
+    from skimage.measure import regionprops
+
+    labels, peaks = segment_nuclei(plane, ClassicParams(diameter=d))
+    if len(peaks) == 0:
+        return 0.0, 0
+    sol = [r.solidity for r in regionprops(labels)]
+    return float(np.median(sol)), len(sol)
+
+
+def _larger_mode(plane: np.ndarray, d0: float, min_d: float, max_d: float, *, ratio: float = 1.5) -> float:
+    """The nuclei's size when ``d0`` is the size of something more numerous but smaller (debris, spots).
+
+    The median object size has more than one fixed point when small bright
+    debris outnumbers large nuclei: started small it settles on the debris.
+    Started at 2, 4 and 8 times ``d0`` it can settle on a larger size; such a
+    size is taken when it is at least ``ratio`` times ``d0``, its objects are
+    convex like nuclei (median solidity >= 0.9 and within 0.02 of the most
+    convex segmentation; clusters merged by too large a size are less convex),
+    there are at least 3 of them and the size is not the search's upper bound.
+    The largest such size wins; otherwise ``d0``.
+    """
+    found = [d0]
+    for k in (2, 4, 8):
+        if d0 * k > max_d:
+            break
+        f = _fixed_point(plane, d0 * k, min_d, max_d)
+        if f < 0.99 * max_d and all(abs(f - g) > 0.1 * g for g in found):
+            found.append(f)
+    if len(found) == 1:
+        return d0
+    stats = {f: _convexity(plane, f) for f in found}
+    best = max(sol for sol, _ in stats.values())
+    ok = [f for f, (sol, n) in stats.items() if f >= ratio * d0 and n >= 3 and sol >= max(0.9, best - 0.02)]
+    return max(ok) if ok else d0
