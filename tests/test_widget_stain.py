@@ -172,3 +172,41 @@ def test_train_from_the_widget_then_stain_with_it(make_napari_viewer, qtbot, tmp
     assert _click(qtbot, w, w.train_button, timeout=120000) == "done", w.runner.last_error
     assert (tmp_path / "model" / "model.safetensors").is_file() and w.model_path() == str(tmp_path / "model")
     assert "Trained 1 steps" in w.info.text()
+
+
+def _saturation(rgba) -> float:
+    rgb = rgba[..., :3].astype(float) / 255
+    top = rgb.max(-1)
+    return float(np.mean(np.where(top > 0, (top - rgb.min(-1)) / np.maximum(top, 1e-6), 0.0)))
+
+
+def test_stained_channels_read_clearly_over_the_brightfield(make_napari_viewer, qtbot, tiny_model):
+    """Channels get robust contrast limits and the brightfield is dimmed, not left to wash the colours out."""
+    from cellsynth._napari.stain_widget import BRIGHTFIELD_OPACITY, CHANNEL_PERCENTILES
+
+    viewer = make_napari_viewer(show=True)
+    bf = viewer.add_image(_brightfield(shape=(48, 48)) // 2 + 120, name="bf")  # a grey brightfield, as a camera gives
+    w = StainWidget(viewer)
+    w.model.value = tiny_model
+    w.form.steps.value = 2
+    w.form.guidance.value = False
+    assert _click(qtbot, w, w.run_button) == "done", w.runner.last_error
+    channels = [viewer.layers[stain_layer_name(c, "bf")] for c in CHANNELS]
+    for lay in channels:
+        assert np.allclose(lay.contrast_limits, np.percentile(lay.data, CHANNEL_PERCENTILES), rtol=1e-5)
+    assert bf.visible and bf.opacity == BRIGHTFIELD_OPACITY and "opacity" in w.info.text()
+    qtbot.wait(50)
+    shown = viewer.screenshot(canvas_only=True, flash=False)
+    # baseline: the full brightfield under channels spanning 0..1 (how they were shown before)
+    bf.opacity = 1.0
+    for lay in channels:
+        lay.contrast_limits = (0.0, 1.0)
+    qtbot.wait(50)
+    baseline = viewer.screenshot(canvas_only=True, flash=False)
+    assert _saturation(shown) > _saturation(baseline) + 0.1, (_saturation(shown), _saturation(baseline))
+    # a re-run leaves the brightfield as the user set it and gives the new data its own limits
+    bf.opacity = 0.8
+    w.form.seed.value = 3
+    assert _click(qtbot, w, w.run_button) == "done"
+    assert bf.opacity == 0.8 and "opacity" not in w.info.text()
+    assert np.allclose(channels[0].contrast_limits, np.percentile(channels[0].data, CHANNEL_PERCENTILES), rtol=1e-5)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["upsert_layer", "provenance", "layer_class", "on_layer_renamed"]
+__all__ = ["upsert_layer", "provenance", "layer_class", "on_layer_renamed", "robust_limits"]
 
 
 def provenance(operation: str, **fields: Any) -> dict:
@@ -55,8 +55,36 @@ def upsert_layer(viewer, name: str, layer_type: str, data: Any, *, metadata: Opt
     for key in ("scale", "translate"):  # set only when changed: each set redraws the layer
         if key in kwargs and not np.array_equal(np.asarray(getattr(layer, key), float), np.asarray(kwargs[key], float)):
             setattr(layer, key, kwargs[key])
+    limits = kwargs.get("contrast_limits")
+    if limits is not None and hasattr(layer, "contrast_limits") and not np.allclose(layer.contrast_limits, limits):
+        layer.contrast_limits = limits  # a re-run's data has its own range
     layer.metadata = {**layer.metadata, **(metadata or {})}
     return layer
+
+
+def robust_limits(data: Any, low: float = 1.0, high: float = 99.8, max_samples: int = 1 << 20) -> tuple:
+    """Contrast limits at the ``low``/``high`` percentiles of an image, from at most ``max_samples`` pixels.
+
+    Meant for worker threads: a layer added with these limits needs no reduction over its
+    data on the GUI thread, and a few bright outliers do not dim everything else.
+
+    Examples
+    --------
+    >>> robust_limits(np.arange(1001.0), low=10, high=90)
+    (100.0, 900.0)
+    >>> robust_limits(np.zeros((4, 4)))
+    (0.0, 1.0)
+    """
+    a = np.asarray(data)
+    step = max(1, int(np.ceil(a.size / max_samples)))
+    sample = a.reshape(-1)[::step]
+    sample = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample
+    if sample.size == 0:
+        return (0.0, 1.0)
+    lo, hi = (float(v) for v in np.percentile(sample, (low, high)))
+    if not hi > lo:
+        hi = lo + 1.0
+    return (lo, hi)
 
 
 def on_layer_renamed(viewer, callback) -> None:

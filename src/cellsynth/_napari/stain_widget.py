@@ -11,12 +11,20 @@ from qtpy.QtWidgets import QLabel, QWidget
 from superqt import QCollapsible
 
 from ..stain.params import BACKBONES, PRESETS, SCHEDULERS, NSCParams, StainParams, stain_preset
-from ._layers import on_layer_renamed, provenance, upsert_layer
+from ._layers import on_layer_renamed, provenance, robust_limits, upsert_layer
 from ._params import ParamsForm
 from ._tasks import TaskRunner, dock_layout
 from .nsc_widget import image_layers
 
-__all__ = ["StainWidget", "stain_layer_name", "round_mask_name"]
+__all__ = ["StainWidget", "stain_layer_name", "round_mask_name", "CHANNEL_PERCENTILES", "BRIGHTFIELD_OPACITY"]
+
+#: Percentiles of each virtual channel mapped to its colormap's ends: the dim background
+#: goes dark, so the channels add up to colours rather than to white over the brightfield.
+CHANNEL_PERCENTILES = (50.0, 99.8)
+
+#: Opacity given to a fully opaque brightfield layer under its first virtual channels:
+#: it stays visible as context without drowning the additive colours.
+BRIGHTFIELD_OPACITY = 0.35
 
 
 def stain_layer_name(channel: str, source: str) -> str:
@@ -43,8 +51,11 @@ class StainWidget(QWidget):
     The input layer holds the brightfield planes as (B, M, N) (B as the model
     expects; a 2-D layer is repeated into every plane). The model is the shipped
     demo model unless a model folder is chosen. Output: one Image layer per
-    channel (names and colormaps from the model config, additive blending), and
-    optionally each guided round's NSC masks as Labels layers.
+    channel (names and colormaps from the model config, additive blending,
+    contrast limits at :data:`CHANNEL_PERCENTILES` of the channel), and
+    optionally each guided round's NSC masks as Labels layers. When the channels
+    are first shown, an opaque brightfield layer is dimmed to
+    :data:`BRIGHTFIELD_OPACITY` (said in the info line; its data is untouched).
     """
 
     def __init__(self, napari_viewer) -> None:
@@ -146,7 +157,7 @@ class StainWidget(QWidget):
             self.runner.status.setText(f"Error: {exc}")
             show_error(f"Staining parameters: {exc}")
             return
-        data = np.asarray(layer.data, dtype=np.float32)
+        raw = layer.data  # read and converted in the worker: a large layer never stalls the window
         path, device = self.model_path(), self.device.value
         self.form.save()
         nsc_params = self.nsc_params()
@@ -157,10 +168,11 @@ class StainWidget(QWidget):
             report(progress, "loading the staining model", 0, 1)
             pipe = self._pipeline(path, device)
             report(progress, "loading the staining model", 1, 1)
-            planes = data
+            planes = np.asarray(raw, dtype=np.float32)
             if planes.ndim == 2:
                 planes = np.repeat(planes[None], pipe.config.n_condition, axis=0)
-            return pipe, pipe(planes, params=params, nsc_params=nsc_params, progress=progress)
+            out = pipe(planes, params=params, nsc_params=nsc_params, progress=progress)
+            return pipe, out, [robust_limits(img, *CHANNEL_PERCENTILES) for img in out.images]
 
         self.runner.start(work, on_done=lambda res: self._show(layer, params, nsc_params, *res),
                           label=f"Staining {layer.name}", detach_on_cancel=True)
@@ -204,13 +216,20 @@ class StainWidget(QWidget):
 
         self.runner.start(work, on_done=done, label="Training")
 
-    def _show(self, layer, params: StainParams, nsc_params: NSCParams, pipe, out):
+    def _show(self, layer, params: StainParams, nsc_params: NSCParams, pipe, out, limits=None):
         guidance = {"nsc": nsc_params.to_dict()} if params.guidance else {}
         meta = provenance("stain.virtual", model=pipe.source, params=params.to_dict(), seed=params.seed,
                           source=layer.name, **guidance)
-        for i, (name, cmap) in enumerate(zip(out.channel_names, out.colormaps)):
-            upsert_layer(self.viewer, stain_layer_name(name, layer.name), "image", out.images[i], metadata=meta,
-                         like=layer, colormap=cmap, blending="additive", contrast_limits=(0.0, 1.0))
+        names = [stain_layer_name(name, layer.name) for name in out.channel_names]
+        dimmed = ""
+        if not any(n in self.viewer.layers for n in names) and layer.opacity >= 1.0 and layer.blending != "additive":
+            layer.opacity = BRIGHTFIELD_OPACITY  # first channels of this input: brightfield as dim context
+            dimmed = (f" {layer.name} is shown at {BRIGHTFIELD_OPACITY:.0%} opacity under the channels "
+                      "(raise it in the layer controls).")
+        for i, (name, cmap) in enumerate(zip(names, out.colormaps)):
+            clim = limits[i] if limits is not None else robust_limits(out.images[i], *CHANNEL_PERCENTILES)
+            upsert_layer(self.viewer, name, "image", out.images[i], metadata=meta, like=layer, colormap=cmap,
+                         blending="additive", contrast_limits=clim)
             yield  # one layer per event-loop turn
         keep = {round_mask_name(name, r, layer.name) for r in range(1, len(out.masks) + 1) for name in out.channel_names}
         if not self.show_masks.value:
@@ -232,6 +251,6 @@ class StainWidget(QWidget):
                         "the model expects; give a (planes, rows, cols) image for better results.")
         self.info.setText(f"{len(out.channel_names)} channels from model {pipe.source.get('name')} "
                           f"({params.scheduler}, {out.model_evaluations} model steps"
-                          f"{', mask guidance' if params.guidance else ''}).{repeated}")
+                          f"{', mask guidance' if params.guidance else ''}).{repeated}{dimmed}")
 
 
