@@ -15,10 +15,9 @@ import huggingface_hub
 import numpy as np
 import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.hf_api import RepoSibling
 
-from cellsynth import weights
-from cellsynth.stylize.loading import check_weights
-from cellsynth.weights import REGISTRY, WeightsNotFoundError, check, download, resolve
+from cellsynth.weights import REGISTRY, WeightsNotFoundError, resolve
 
 SD, CLIP = REGISTRY["sd-v1-4"], REGISTRY["clip-vit-large-patch14"]
 
@@ -62,9 +61,9 @@ class FakeHub:
                 if not hub.reachable:
                     raise ConnectionError("[Errno -2] Name or service not known")
                 files = spec_files(hub.specs[repo_id])
-                siblings = [huggingface_hub.hf_api.RepoSibling(rfilename=name, size=len(data))
+                siblings = [RepoSibling(rfilename=name, size=len(data))
                             for name, data in files.items()]
-                siblings.append(huggingface_hub.hf_api.RepoSibling(rfilename="sd-v1-4.ckpt", size=4 * 10**9))
+                siblings.append(RepoSibling(rfilename="sd-v1-4.ckpt", size=4 * 10**9))
                 return types.SimpleNamespace(id=repo_id, siblings=siblings)
 
         monkeypatch.setattr(huggingface_hub, "HfApi", HfApi)
@@ -142,6 +141,9 @@ def test_offline_advice_names_what_turned_downloads_off(tmp_path, monkeypatch):
 
 
 def test_check_looks_on_this_computer_only(hub, tmp_path):
+    from cellsynth.stylize.loading import check_weights
+    from cellsynth.weights import check
+
     hub.reachable = False
     status = check("sd-v1-4")
     assert not status.available and status.downloadable and status.size_bytes == 4270 * 10**6
@@ -168,6 +170,8 @@ def test_check_looks_on_this_computer_only(hub, tmp_path):
 
 
 def test_download_reports_the_size_asked_of_the_hub(hub):
+    from cellsynth.weights import download
+
     events = []
     folder = download("sd-v1-4", progress=events.append)
     total = sum(len(d) for d in spec_files(SD).values())
@@ -277,14 +281,16 @@ def test_folder_and_file_pickers(make_napari_viewer, qtbot, hub, tmp_path, monke
 
 
 def test_style_picker_does_not_default_to_the_content(make_napari_viewer, qtbot, hub):
-    viewer, w = _dock(make_napari_viewer, qtbot, REAL)
+    from cellsynth._napari.stylize_widget import StylizeWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((16, 16), np.uint8), name=REAL[0])
+    w = StylizeWidget(viewer)
     assert w.content.value.name == "real" and w.style.value is None  # one image: no style yet
     viewer.add_image(np.zeros((16, 16), np.uint8), name=LAYOUT[0], metadata=LAYOUT[1])
     assert w.style.value is not None and w.style.value is not w.content.value
     w.content.value = w.style.value  # content switched to the style image: style moves off it
     assert w.style.value is not None and w.style.value is not w.content.value
-
-    from cellsynth._napari.stylize_widget import StylizeWidget
 
     viewer.add_image(np.zeros((16, 16), np.uint8), name="real 2")
     w = StylizeWidget(viewer)  # a layout is the content, a real image the style

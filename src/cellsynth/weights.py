@@ -524,6 +524,8 @@ def _bytes_to_fetch(spec: ModelSpec, cached: Optional[Path], timeout: float) -> 
         return None
     except HfHubHTTPError as err:
         raise _not_found(spec, f"the hub refused the request ({_first_line(err)}).") from err
+    except (AttributeError, NameError, TypeError):  # a programming error, not the network
+        raise
     except Exception as err:  # the HTTP client's transport errors (no network, DNS, proxy, timeout)
         host = constants.ENDPOINT.split("://")[-1]
         raise _not_found(spec, f"{host} cannot be reached ({_first_line(err) or type(err).__name__}).") from err

@@ -69,11 +69,23 @@ class _Run:
         self.worker = None
         self.activity = None  # its bar in napari's activity dock (GUI thread only)
         self.activity_desc = ""
+        self.activity_pending = False  # an update of the bar is scheduled
+        self.showing = False  # the bar is being updated (napari processes events meanwhile)
 
     def close_activity(self) -> None:
-        """Remove the run's bar from the activity dock (GUI thread; idempotent)."""
+        """Remove the run's bar from the activity dock (GUI thread; idempotent).
+
+        While the bar is being redrawn (napari processes events inside that), the
+        close waits for the next event-loop turn.
+        """
         bar, self.activity = self.activity, None
-        if bar is not None:
+        if bar is None:
+            return
+        if self.showing:
+            from qtpy.QtCore import QTimer
+
+            QTimer.singleShot(0, bar.close)
+        else:
             bar.close()
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -84,6 +96,9 @@ class _Run:
 
 #: How long Cancel waits for a detachable run to reach its next step before freeing the panel.
 CANCEL_GRACE_MS = 500
+
+#: The activity dock's bar is updated at most this often (each update processes Qt events).
+ACTIVITY_INTERVAL_MS = 100
 
 #: Qt progress bars count in 32-bit integers; larger totals (bytes of a download) are scaled down.
 _BAR_MAX = 2**31 - 1
@@ -281,7 +296,7 @@ class TaskRunner(QWidget):
         if self.worker is not worker:  # the run ended while the bar was being added
             run.close_activity()
         elif self._last_progress is not None:  # progress that arrived while the bar was being added
-            self._show_activity(run, self._last_progress)
+            self._activity_later(run)
 
     @property
     def _cancel(self) -> threading.Event:
@@ -342,13 +357,41 @@ class TaskRunner(QWidget):
             self.status.setText(p.message)
         run = self._run
         if run is not None and run.activity is not None:
+            self._activity_later(run)
+
+    def _activity_later(self, run: "_Run") -> None:
+        """Schedule one update of the activity-dock bar (at most every ACTIVITY_INTERVAL_MS).
+
+        napari's bar processes Qt events while it redraws, so it is never updated from
+        inside a progress slot: that nested further progress slots without bound.
+        """
+        if run.activity_pending:
+            return
+        from qtpy.QtCore import QTimer
+
+        run.activity_pending = True
+        alive = self._alive
+        QTimer.singleShot(ACTIVITY_INTERVAL_MS, lambda: alive["yes"] and self._flush_activity(run))
+
+    def _flush_activity(self, run: "_Run") -> None:
+        run.activity_pending = False
+        p = self._last_progress
+        if run is not self._run or run.activity is None or p is None:
+            return
+        if run.showing:  # inside an update already: try again later
+            self._activity_later(run)
+            return
+        run.showing = True
+        try:
             self._show_activity(run, p)
+        finally:
+            run.showing = False
 
     def _show_activity(self, run: "_Run", p: Progress) -> None:
-        """Mirror a progress event in the run's activity-dock bar (only when what it shows changes).
+        """Mirror a progress event in the run's activity-dock bar (only what changed).
 
-        napari's bar processes Qt events while it redraws, so a later slot (the run's end)
-        may run inside this call: the bar is looked up again after each step.
+        The run may end inside this call (napari processes events while redrawing):
+        the bar is looked up again after each step.
         """
         bar = run.activity
         value, maximum = _bar_range(p.step, p.total) if p.total else (0, 0)
@@ -360,7 +403,7 @@ class TaskRunner(QWidget):
                 return
         if bar.total != maximum:
             bar.total = maximum
-        if bar.n != value:
+        if run.activity is bar and bar.n != value:
             bar.n = value
             bar.update(0)
 

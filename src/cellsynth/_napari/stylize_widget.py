@@ -343,7 +343,7 @@ class StylizeWidget(QWidget):
         def cancelled(_last) -> str:
             return "Download cancelled: files already complete stay in the hub cache; Download again continues"
 
-        self.runner.start(work, on_done=done, label="Downloading weights", detach_on_cancel=True,
+        self.runner.start(work, on_done=done, label="Weights", detach_on_cancel=True,
                           cancelled_text=cancelled)
 
     # -- actions -----------------------------------------------------------------
