@@ -45,8 +45,14 @@ class WeightsNotFoundError(FileNotFoundError):
     """Model files are neither on disk nor downloadable; the message says how to provide them.
 
     The first line of the message says what is missing and why, in a sentence; the
-    lines after it (expected files, how to provide them) are details.
+    lines after it (expected files, how to provide them) are details. ``reason``
+    is the why alone (e.g. ``"huggingface.co cannot be reached (…)."``), for a
+    display that already names the model.
     """
+
+    def __init__(self, message: str = "", *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or (message.splitlines()[0] if message else "")
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,8 @@ def _not_found(spec: ModelSpec, reason: str, *, offline: str = "") -> WeightsNot
         f"  - pass the path of a local folder holding these files instead of {spec.name!r};\n"
         f"  - on a machine with network, run `hf download {spec.repo_id} "
         f"--revision {spec.revision} {include} --local-dir DIR` (the `hf` command comes "
-        f"with huggingface_hub), copy DIR here and pass its path;{allow}"
+        f"with huggingface_hub), copy DIR here and pass its path;{allow}",
+        reason=reason,
     )
 
 

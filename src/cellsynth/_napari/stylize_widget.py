@@ -333,9 +333,15 @@ class StylizeWidget(QWidget):
             return
 
         def work(progress):
-            from ..weights import download
+            from ..weights import WeightsNotFoundError, download
 
-            return [download(name, progress=progress) for name in names]
+            paths = []
+            for name in names:
+                try:
+                    paths.append(download(name, progress=progress))
+                except WeightsNotFoundError as exc:  # the dock names the weights already: say why, briefly
+                    raise WeightsNotFoundError(f"Download of {name} failed: {exc.reason}") from exc
+            return paths
 
         def done(paths) -> None:
             self.check_weights()
