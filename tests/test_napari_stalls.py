@@ -22,10 +22,14 @@ from qtpy.QtCore import QElapsedTimer, QTimer  # noqa: E402
 from cellsynth._napari.count_widget import CountWidget  # noqa: E402
 from cellsynth._napari.layouts_widget import LayoutsWidget  # noqa: E402
 from cellsynth._napari.nsc_widget import NSCWidget  # noqa: E402
+from cellsynth._napari.stain_widget import StainWidget  # noqa: E402
 
-#: The longest stall accepted on a shared, loaded test machine (measured there: 200-500 ms after
-#: warm-up, from napari updating and drawing the result layers); the goal on a desktop is 100 ms.
-STALL_LIMIT_MS = 1000
+#: The longest stall accepted per job on a shared, loaded test machine under Xvfb. There, one
+#: repaint of the window (software OpenGL composing the canvas) alone takes 100-250 ms (printed
+#: as "frame"), and napari takes 15-80 ms to update a result layer; layouts, NSC and staining
+#: measured 150-550 ms there. The goal on a desktop with a GPU is 100 ms. Count keeps its
+#: earlier, wider limit.
+STALL_LIMIT_MS = {"count": 1000, "layout": 800, "nsc": 800, "stain": 800}
 
 
 class StallProbe:
@@ -53,6 +57,22 @@ class StallProbe:
         self.longest = 0
 
 
+def _frame_ms(qtbot) -> float:
+    """Median time of one synchronous repaint of the main window: the floor of any stall that redraws."""
+    import time
+
+    from qtpy.QtWidgets import QApplication, QMainWindow
+
+    window = next(w for w in QApplication.topLevelWidgets() if isinstance(w, QMainWindow) and w.isVisible())
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        window.repaint()
+        times.append((time.perf_counter() - t) * 1000)
+        qtbot.wait(10)
+    return float(np.median(times))
+
+
 def _run(qtbot, widget, start, probe, timeout=180000) -> int:
     with qtbot.waitSignal(widget.runner.finished, timeout=timeout) as blocker:
         start()
@@ -61,28 +81,47 @@ def _run(qtbot, widget, start, probe, timeout=180000) -> int:
     return probe.longest
 
 
+def _tiny_stain_model(folder):
+    import torch
+
+    from cellsynth.stain.model import StainModelConfig, build_unet, save_stain_model
+
+    torch.manual_seed(0)
+    cfg = StainModelConfig(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8, sample_size=16,
+                           num_train_timesteps=20, attention_head_dim=4, dropout=0.0,
+                           condition_norm={"low": [0.0] * 3, "high": [255.0] * 3, "mean": [0.5] * 3, "std": [0.3] * 3})
+    save_stain_model(build_unet(cfg), cfg, folder)
+    return folder
+
+
 @pytest.mark.usefixtures("one_torch_thread")
-def test_long_jobs_never_stall_the_event_loop(make_napari_viewer, qtbot, capsys):
+def test_long_jobs_never_stall_the_event_loop(make_napari_viewer, qtbot, capsys, tmp_path):
     from cellsynth.io import read_tiff
 
     viewer = make_napari_viewer(show=True)
     nuclei = read_tiff(Path(__file__).resolve().parents[1] / "resources" / "samples" / "neurocyte_010.tif")[0]
     viewer.add_image(nuclei[:256, :256], name="nuclei")
-    count, layouts, nsc = CountWidget(viewer), LayoutsWidget(viewer), NSCWidget(viewer)
-    for w in (count, layouts, nsc):
+    bf = viewer.add_image(np.random.default_rng(0).integers(0, 255, (3, 64, 64)).astype(np.uint8), name="bf")
+    count, layouts, nsc, stain = CountWidget(viewer), LayoutsWidget(viewer), NSCWidget(viewer), StainWidget(viewer)
+    for w in (count, layouts, nsc, stain):
         viewer.window.add_dock_widget(w)
     layouts.form.set_values({"shape": (256, 256)})
     nsc.layer.value = viewer.layers["nuclei"]
+    stain.layer.value, stain.model.value = bf, _tiny_stain_model(tmp_path / "stain")
+    stain.form.set_values({"steps": 2, "guidance": False})
     probe = StallProbe()
-    jobs = {"count": (count, count.run), "layout": (layouts, layouts.generate), "nsc": (nsc, nsc.run)}
+    jobs = {"count": (count, count.run), "layout": (layouts, layouts.generate), "nsc": (nsc, nsc.run),
+            "stain": (stain, stain.run)}
     stalls = {}
     for name, (widget, start) in jobs.items():
         _run(qtbot, widget, start, probe)  # warm-up
         probe.reset()
         stalls[name] = _run(qtbot, widget, start, probe)
+    frame = _frame_ms(qtbot)
     with capsys.disabled():
-        print("\nlongest event-loop stall per job (ms):", stalls)
-    assert all(ms < STALL_LIMIT_MS for ms in stalls.values()), stalls
+        print(f"\nlongest event-loop stall per job (ms): {stalls}; one window repaint (frame): {frame:.0f} ms")
+    over = {name: ms for name, ms in stalls.items() if ms >= STALL_LIMIT_MS[name]}
+    assert not over, f"stalls over the limits {STALL_LIMIT_MS}: {over} (all: {stalls})"
 
 
 def test_the_probe_sees_a_stall_on_the_gui_thread(qtbot):

@@ -210,3 +210,36 @@ def test_stained_channels_read_clearly_over_the_brightfield(make_napari_viewer, 
     assert _click(qtbot, w, w.run_button) == "done"
     assert bf.opacity == 0.8 and "opacity" not in w.info.text()
     assert np.allclose(channels[0].contrast_limits, np.percentile(channels[0].data, CHANNEL_PERCENTILES), rtol=1e-5)
+
+
+def test_input_pixels_are_read_in_the_worker_not_the_window(make_napari_viewer, qtbot, tiny_model):
+    """A lazy (dask) input is computed by the worker; clicking Stain or Compute masks reads no pixels.
+
+    dask's synchronous scheduler computes blocks in the thread that asks for them.
+    """
+    import threading
+
+    da = pytest.importorskip("dask.array")
+    on_gui = []
+
+    def record(block):
+        on_gui.append(threading.current_thread() is threading.main_thread())
+        return block
+
+    viewer = make_napari_viewer()
+    bf = _brightfield(shape=(32, 32))
+    viewer.add_image(da.from_array(bf, chunks=bf.shape).map_blocks(record, dtype=bf.dtype), name="bf")
+    stain, nsc = StainWidget(viewer), NSCWidget(viewer)
+    stain.model.value = tiny_model
+    stain.form.steps.value = 2
+    stain.form.guidance.value = False
+    nsc.form.k.value, nsc.form.r.value, nsc.form.fov.value = 2, 1, 32
+    dask = pytest.importorskip("dask")
+    for widget, button in ((stain, stain.run_button), (nsc, nsc.run_button)):
+        finished = qtbot.waitSignal(widget.runner.finished, timeout=60000)
+        with dask.config.set(scheduler="synchronous"), finished as blocker:
+            on_gui.clear()
+            button.native.click()
+            read_by_click = list(on_gui)
+        assert blocker.args[0] == "done", widget.runner.last_error
+        assert True not in read_by_click and False in on_gui, on_gui  # read by the worker, not by the click

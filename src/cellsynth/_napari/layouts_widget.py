@@ -76,6 +76,7 @@ class LayoutsWidget(QWidget):
         self._updating = False
         self._watched = None
         self._shown = None  # (layout, params, seed) on screen; its look is kept while drawing
+        self._defaults_set = None  # (points layer, feature defaults) last set
 
         params_box = QCollapsible("Parameters")
         params_box.addWidget(self.form.native)
@@ -208,13 +209,17 @@ class LayoutsWidget(QWidget):
                          contrast_limits=(0, 255))
             yield
             labels = upsert_layer(self.viewer, LABELS, "labels", lay.labels, metadata=meta, opacity=0.7)
-            labels.contour = 1  # outlines, so the image stays visible
+            if labels.contour != 1:  # each set redraws the layer: only when it changes
+                labels.contour = 1  # outlines, so the image stays visible
             yield
             if points:
                 feats = {c: lay.cells[c] for c in _FEATURES}
                 layer = upsert_layer(self.viewer, CENTRES, "points", lay.centres, metadata=meta, features=feats,
                                      size=max(3.0, params.cell_size / 3), face_color="yellow", border_width=0)
-                layer.feature_defaults = {c: _default(c, params) for c in _FEATURES}
+                defaults = {c: _default(c, params) for c in _FEATURES}
+                if self._defaults_set != (layer, defaults):  # each set re-derives the features table
+                    layer.feature_defaults = defaults
+                    self._defaults_set = (layer, defaults)
                 self._watch(layer)
         finally:
             self._updating = False
@@ -224,7 +229,7 @@ class LayoutsWidget(QWidget):
         if self._watched is not layer:
             layer.events.data.connect(self._on_points_edited)
             self._watched = layer
-        if self.draw.value:
+        if self.draw.value and layer.mode != "add":
             layer.mode = "add"
 
     def _on_points_edited(self, event=None) -> None:

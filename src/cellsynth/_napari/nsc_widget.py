@@ -87,20 +87,20 @@ class NSCWidget(QWidget):
             self.runner.status.setText(f"Error: {exc}")
             show_error(f"NSC parameters: {exc}")
             return
-        data = np.asarray(layer.data)
-        if data.ndim == 3 and data.shape[-1] in (3, 4) and layer.rgb:
-            data = data[..., :3].mean(axis=-1)
+        raw, rgb = layer.data, bool(layer.rgb)  # the pixels are read and converted in the worker
+        shape = tuple(np.shape(raw))
+        if rgb and len(shape) == 3 and shape[-1] in (3, 4):
+            shape = shape[:-1]
         channel = int(self.channel.value)
-        if data.ndim == 2:
-            planes, channels = data[None], [None]
-        elif data.ndim == 3:
-            if channel >= data.shape[0]:
-                self.runner.status.setText(f"Error: channel {channel} does not exist; the layer has {data.shape[0]}")
+        if len(shape) == 2:
+            channels = [None]
+        elif len(shape) == 3:
+            if channel >= shape[0]:
+                self.runner.status.setText(f"Error: channel {channel} does not exist; the layer has {shape[0]}")
                 return
-            idx = range(data.shape[0]) if channel < 0 else [channel]
-            planes, channels = data[list(idx)], list(idx)
+            channels = list(range(shape[0])) if channel < 0 else [channel]
         else:
-            self.runner.status.setText(f"Error: expected a 2-D or (C, M, N) layer, got shape {data.shape}")
+            self.runner.status.setText(f"Error: expected a 2-D or (C, M, N) layer, got shape {shape}")
             return
         device = self.device.value
         self.form.save()
@@ -109,6 +109,10 @@ class NSCWidget(QWidget):
             from ..stain.features import make_backbone
             from ..stain.nsc import nsc_channels
 
+            data = np.asarray(raw)
+            if rgb and data.ndim == 3 and data.shape[-1] in (3, 4):
+                data = data[..., :3].mean(axis=-1)
+            planes = data[None] if data.ndim == 2 else data[channels]
             backbone = make_backbone(params.backbone, device=device, progress=progress)
             return backbone.name, nsc_channels(planes, params=params, backbone=backbone, progress=progress)
 
