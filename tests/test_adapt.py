@@ -130,9 +130,10 @@ def test_adapt_writes_a_counter_that_counts_and_says_what_it_did(tmp_path, tiny_
     c = load_counter(out, device="cpu")
     assert np.isfinite(count_cells(images[0][0], counter=c, diameter=12.0).density.sum())
     r = json.loads((out / "adapt_report.json").read_text())
-    for key in ("accepted", "diameter", "stats", "stylization", "n_layouts", "seconds", "score_before",
+    for key in ("accepted", "decision", "diameter", "stats", "stylization", "n_layouts", "seconds", "score_before",
                 "score_after", "counts_before", "counts_after", "working_scale"):
         assert key in r, key
+    assert r["decision"].startswith("accepted" if r["accepted"] else "kept the base: ")
     assert r["stylization"] == "fast" and r["n_layouts"] == 3 and r["training"]["steps"] == 2
     assert 9 < r["diameter"]["used"] < 16 and r["seconds"]["total"] > 0
     assert len(res.counts_before) == len(res.counts_after) == 2

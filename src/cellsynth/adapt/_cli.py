@@ -78,6 +78,8 @@ def _summary(res, name: str) -> str:
     before, after = r["score_before"], r["score_after"]
     key = "score" if "score" in before else "region_error"
     lines.append(f"check ({key}): before {before[key]:.3f}, after {after[key]:.3f}")
+    if "decision" in r:
+        lines.append(r["decision"])
     lines.append("counts before: " + " ".join(str(c) for c in res.counts_before))
     lines.append("counts after:  " + " ".join(str(c) for c in res.counts_after))
     if "note" in r:

@@ -15,7 +15,8 @@ Steps of :func:`adapt_counter`:
    stylized labelled crops and, DACS-style, labelled crops with a box of a user
    crop pasted in, labelled there by an EMA teacher's density peaks;
 7. score the candidate the same way and keep it only when it scores better
-   than the base (else the base is returned, ``accepted=False``);
+   than the base and is not less consistent on the user's images (else the base
+   is returned, ``accepted=False``; see :func:`accept`);
 8. count the images with the kept counter, write the report and the counter.
 
 The label-free score (lower is better) is the relative count error on the
@@ -284,17 +285,45 @@ def label_free_score(net, config: dict, user: Sequence[np.ndarray], holdout: Seq
             "peak_density_gap": g, "counts": counts}
 
 
-def accept(before: dict, after: dict, margin: float = 0.0) -> bool:
-    """The candidate is kept when its score is lower by ``margin`` and its synthetic error is not higher.
+def _user_part(score: dict) -> float:
+    return 0.5 * float(score.get("tta_inconsistency", 0.0)) + 0.5 * float(score.get("peak_density_gap", 0.0))
+
+
+def accept(before: dict, after: dict, margin: float = 0.0, tolerance: float = 0.005) -> bool:
+    """The candidate is kept when it scores better without doing worse on any part that could show it.
+
+    Three conditions: its score is lower by ``margin``; its synthetic error is not
+    higher; and its consistency on the user's own images (half the transpose
+    inconsistency plus half the peak/density gap) is not worse by more than
+    ``tolerance``. The held-out stylized layouts are drawn like the training
+    layouts, so the synthetic error alone improves with almost any fine-tuning;
+    only the user-image terms see the user's images, and a candidate that is less
+    consistent there is refused even when its total score is lower.
 
     Examples
     --------
-    >>> accept({"score": 0.3, "synthetic_error": 0.2}, {"score": 0.2, "synthetic_error": 0.1})
+    >>> base = {"score": 0.3, "synthetic_error": 0.2, "tta_inconsistency": 0.1, "peak_density_gap": 0.1}
+    >>> accept(base, {"score": 0.2, "synthetic_error": 0.1, "tta_inconsistency": 0.1, "peak_density_gap": 0.1})
     True
-    >>> accept({"score": 0.3, "synthetic_error": 0.2}, {"score": 0.2, "synthetic_error": 0.25})
+    >>> accept(base, {"score": 0.2, "synthetic_error": 0.25, "tta_inconsistency": 0.0, "peak_density_gap": 0.0})
+    False
+    >>> accept(base, {"score": 0.25, "synthetic_error": 0.05, "tta_inconsistency": 0.2, "peak_density_gap": 0.2})
     False
     """
-    return bool(after["score"] < before["score"] - margin and after["synthetic_error"] <= before["synthetic_error"] + 1e-9)
+    return refusal(before, after, margin, tolerance) is None
+
+
+def refusal(before: dict, after: dict, margin: float = 0.0, tolerance: float = 0.005) -> Optional[str]:
+    """Why :func:`accept` refuses the candidate (one line), or None when it accepts it."""
+    if not after["score"] < before["score"] - margin:
+        return f"its label-free score is not lower ({before['score']:.3f} -> {after['score']:.3f})"
+    if not after["synthetic_error"] <= before["synthetic_error"] + 1e-9:
+        return (f"it counts the held-out stylized layouts worse ({before['synthetic_error']:.3f} -> "
+                f"{after['synthetic_error']:.3f})")
+    if not _user_part(after) <= _user_part(before) + tolerance:
+        return (f"it is less consistent on your images (transpose and peak/density checks "
+                f"{_user_part(before):.3f} -> {_user_part(after):.3f})")
+    return None
 
 
 def finish(*, base, candidate, net, accepted: bool, config: dict, out, overwrite: bool, report_doc: dict):
@@ -498,7 +527,8 @@ def adapt_counter(
 
     # 7. label-free check
     score_after = label_free_score(net, config, user_planes, holdout, dev)
-    accepted = accept(score_before, score_after, p.margin)
+    why_not = refusal(score_before, score_after, p.margin)
+    accepted = why_not is None
     report(progress, "check", 2, 2, "accepted" if accepted else "kept the base")
     t = lap("check_after", t)
 
@@ -513,6 +543,8 @@ def adapt_counter(
     doc = {
         "operation": "adapt-counter",
         "accepted": accepted,
+        "decision": "accepted: a lower label-free score, no worse on any part of it" if accepted else
+                    f"kept the base: {why_not}",
         "base": base_counter.describe(),
         "n_images": len(imgs),
         "diameter": {"used": d_user, "given": None if isinstance(diameter, str) else float(diameter),
