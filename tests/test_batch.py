@@ -163,6 +163,34 @@ def test_cli_count_batch_on_a_scheduler_address(client, images, tmp_path, capsys
                  "--workers", "2"]) == 2
 
 
+def test_workers_count_from_the_clients_onnx_export_without_torch(client, images, tmp_path, monkeypatch):
+    import sys
+
+    torch = pytest.importorskip("torch")
+    from cellsynth.count import _onnx, counter_config, save_counter
+    from cellsynth.count._nets import build_net
+
+    if not _onnx.available():
+        pytest.skip("onnxruntime is not installed")
+    monkeypatch.setenv("CELLSYNTH_ONNX_CACHE", "")  # the export lives in this process only: workers get it sent
+    monkeypatch.delenv("CELLSYNTH_ENGINE", raising=False)
+    torch.manual_seed(0)
+    cfg = counter_config("density", backbone="test_efficientnet", blocks=3)
+    model = save_counter(build_net(cfg), cfg, tmp_path / "tiny")
+    params = BatchParams(model=str(model), diameter=12.0, tile=128)
+    plate = sorted((images / "plate").glob("A0[0-3].tif"))
+    res = count_batch(plate, tmp_path / "out", params=params, scheduler=client)
+    assert res.errors == [] and res.counted == 4
+    counter = load_counter(model, device="cpu")
+    for row in res.rows:
+        ref = count_cells(tifffile.imread(row["image"]), counter=counter, diameter=12.0, tile=128)
+        assert int(row["count"]) == ref.count and ref.meta["engine"] == "onnxruntime"
+    # the workers counted with the client's export (in their memory) and never imported torch or timm
+    key = _onnx.export_bytes(counter)[0]
+    assert all(client.run(lambda k=key: k in __import__("cellsynth.count._onnx").count._onnx._MEMORY).values())
+    assert not any(client.run(lambda: "torch" in sys.modules or "timm" in sys.modules).values())
+
+
 def test_sources_read_ome_zarr_png_and_refuse_bad_input(tmp_path):
     import zarr
     from skimage.io import imsave
@@ -288,3 +316,69 @@ def test_uncompressed_tiff_is_read_in_bands_not_as_one_chunk(tmp_path):
     bands = _bands(tmp_path / "big_endian.tif", offset, img.shape, dtype, band_bytes=220 * 2 * 64)
     assert bands.chunks[0] == (64, 64, 64, 64, 44)
     assert np.array_equal(np.asarray(bands[100:200]), img[100:200])
+
+
+def _same_dataset(a: Path, b: Path) -> dict:
+    """Two dataset folders hold the same manifest and the same files (TIFF pixels, CSV text)."""
+    from cellsynth import io
+
+    ma, mb = json.loads((a / "manifest.json").read_text()), json.loads((b / "manifest.json").read_text())
+    assert ma == mb
+    for item in ma["items"]:
+        for key in ("image", "labels", "centres"):
+            if item.get(key) is None:
+                continue
+            if item[key].endswith(".tif"):
+                assert np.array_equal(io.read_tiff(a / item[key])[0], io.read_tiff(b / item[key])[0])
+            else:
+                assert (a / item[key]).read_text() == (b / item[key]).read_text()
+    return ma
+
+
+_LAYOUTS = ["layouts", "--size", "32", "32", "--count-mean", "5", "--count-std", "0", "--count-min", "2",
+            "--count-max", "8", "--cell-size", "8", "--seed", "3"]
+
+
+def test_layouts_on_the_cluster_equal_the_serial_command_and_resume(client, tmp_path, capsys):
+    addr = client.scheduler.address
+    lay = _LAYOUTS
+    assert main(lay + ["--n", "5", "--out", str(tmp_path / "serial")]) == 0
+    # an export stopped after 3 layouts, resumed to 5 on the cluster: the 3 are kept, the whole equals the serial one
+    assert main(lay + ["--n", "3", "--out", str(tmp_path / "dask"), "--scheduler", addr]) == 0
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "dask").rglob("layout_*")}
+    assert len(kept) == 9
+    assert main(lay + ["--n", "5", "--out", str(tmp_path / "dask"), "--scheduler", addr]) == 0
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    doc = _same_dataset(tmp_path / "serial", tmp_path / "dask")
+    assert len(doc["items"]) == 5 and doc["complete"]
+    before = (tmp_path / "dask" / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert main(lay[:-1] + ["4", "--n", "5", "--out", str(tmp_path / "dask"), "--scheduler", addr]) == 2
+    assert "other parameters or seed" in capsys.readouterr().err
+    assert (tmp_path / "dask" / "manifest.json").read_bytes() == before
+    assert main(lay + ["--n", "2", "--out", str(tmp_path / "x"), "--scheduler", addr, "--workers", "2"]) == 2
+
+
+def test_stylization_on_the_cluster_equals_the_serial_command(client, tmp_path, one_torch_thread):
+    """Last in this file: its workers import torch and diffusers."""
+    pytest.importorskip("diffusers")
+    from cellsynth import io
+    from cellsynth.stylize import save_token
+    from cellsynth.stylize.tiny import save_tiny_pipeline, tiny_token
+
+    addr = client.scheduler.address
+    assert main(_LAYOUTS + ["--n", "2", "--out", str(tmp_path / "lay")]) == 0
+    model = save_tiny_pipeline(tmp_path / "tiny-sd", seed=0)
+    token = save_token(tiny_token(0), tmp_path / "token")
+    io.write_tiff(tmp_path / "style.tif", (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8))
+    sty = ["stylize-dataset", str(tmp_path / "lay"), "--style", str(tmp_path / "style.tif"), "--token", str(token),
+           "--model", str(model), "--steps", "2", "--size", "32", "--device", "cpu", "--qc-model", "classic",
+           "--tolerance", "5"]
+    assert main(sty + ["--out", str(tmp_path / "syn")]) == 0
+    # the workers load the pipeline once each and stylize; this process writes: the same manifest and images
+    assert main(sty + ["--out", str(tmp_path / "syn_dask"), "--dask-scheduler", addr]) == 0
+    doc = _same_dataset(tmp_path / "syn", tmp_path / "syn_dask")
+    assert len(doc["items"]) == 2 and doc["stylize"]["model"]
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "syn_dask" / "images").iterdir()}
+    assert main(sty + ["--out", str(tmp_path / "syn_dask"), "--dask-scheduler", addr]) == 0  # done: nothing redone
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -10,7 +10,26 @@ import argparse
 import json
 import sys
 
-__all__ = ["register"]
+__all__ = ["register", "cluster_args"]
+
+
+def cluster_args(scheduler, workers) -> dict:
+    """``scheduler``/``workers`` keywords of a dask run from command-line values, or none (run in this process).
+
+    Examples
+    --------
+    >>> cluster_args(None, None), cluster_args(None, 2), cluster_args("tcp://h:8786", None)
+    ({}, {'scheduler': 'local', 'workers': 2}, {'scheduler': 'tcp://h:8786', 'workers': None})
+    >>> cluster_args("tcp://h:8786", 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: --workers applies to a local cluster; size a remote cluster where it runs
+    """
+    if workers is not None and (isinstance(workers, bool) or int(workers) != workers or workers < 1):
+        raise ValueError(f"--workers must be a whole number >= 1, got {workers!r}")
+    if workers is not None and scheduler not in (None, "local"):
+        raise ValueError("--workers applies to a local cluster; size a remote cluster where it runs")
+    return {} if scheduler is None and workers is None else {"scheduler": scheduler or "local", "workers": workers}
 
 
 def _workers(text: str) -> int:

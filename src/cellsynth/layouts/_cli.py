@@ -26,6 +26,11 @@ def register(sub) -> None:
     p.add_argument("--size", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
                    help="image size (default 256 256)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
+    p.add_argument("--scheduler", "--dask-scheduler", dest="dask_scheduler", default=None, metavar="local|ADDRESS",
+                   help="generate on dask.distributed: 'local' (a local cluster of processes) or the address of a "
+                        "running scheduler, e.g. tcp://host:8786 (default: in this process)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local dask worker processes (implies --scheduler local; default: one per core)")
     for f in dataclasses.fields(LayoutParams):
         if f.name == "shape":
             continue
@@ -42,6 +47,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
+    from ..batch._cli import cluster_args
     from ..progress import tqdm_callback
     from .dataset import export_dataset, read_dataset
 
@@ -52,7 +58,7 @@ def _run(args) -> int:
     callback, close = tqdm_callback()
     try:
         manifest = export_dataset(args.out, args.n, params=params, seed=args.seed, overwrite=args.overwrite,
-                                  progress=callback)
+                                  progress=callback, **cluster_args(args.dask_scheduler, args.workers))
     finally:
         close()
     counts = read_dataset(manifest).counts()

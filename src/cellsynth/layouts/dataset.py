@@ -20,11 +20,12 @@ files; its manifest says ``"drawn": true``, has no ``params``/``seed`` of its ow
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -63,6 +64,8 @@ def export_dataset(
     seed: int = 0,
     overwrite: bool = False,
     progress: Optional[ProgressCallback] = None,
+    scheduler: Any = None,
+    workers: Optional[int] = None,
 ) -> Path:
     """Write ``n`` layouts to ``out_dir``; resume an interrupted export of the same settings.
 
@@ -80,6 +83,12 @@ def export_dataset(
         Replace a dataset made with other settings (its files only).
     progress : ProgressCallback, optional
         Called once per layout (stage ``"layouts"``); may raise ``Cancelled``.
+    scheduler, workers : optional
+        Generate the layouts on dask.distributed: ``scheduler`` ``"local"`` (or
+        ``workers`` alone) starts a local cluster of ``workers`` processes, an
+        address (``tcp://host:8786``) uses a running scheduler (see
+        :func:`cellsynth.batch.cluster_client`). The files are written here, in
+        order, and are the serial export's. Default: generated in this process.
 
     Returns
     -------
@@ -115,11 +124,19 @@ def export_dataset(
            "complete": len(items) == n, "items": items}
     io.write_json(manifest_path, doc, overwrite=True)
     report(progress, "layouts", len(items), n)
-    for i in range(len(items), n):
-        items.append(_write_item(root, i, params, item_seed(seed, i)))
-        doc["complete"] = len(items) == n
-        io.write_json(manifest_path, doc, overwrite=True)
-        report(progress, "layouts", i + 1, n)
+    todo = range(len(items), n)
+    if scheduler is None and workers is None:
+        made = (_write_item(root, i, params, item_seed(seed, i)) for i in todo)
+    else:
+        from ..batch.tasks import layouts_on_cluster
+
+        made = layouts_on_cluster(root, todo, params, seed, scheduler=scheduler, workers=workers)
+    with contextlib.closing(made):
+        for i, item in zip(todo, made):
+            items.append(item)
+            doc["complete"] = len(items) == n
+            io.write_json(manifest_path, doc, overwrite=True)
+            report(progress, "layouts", i + 1, n)
     return manifest_path
 
 

@@ -73,6 +73,12 @@ def register(sub) -> None:
     p.add_argument("--qc-model", default="default", help="counter for QC: default, classic or a model path")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset with other settings in --out")
+    p.add_argument("--dask-scheduler", default=None, metavar="local|ADDRESS",
+                   help="stylize on dask.distributed: 'local' (a local cluster of processes, each loading the model "
+                        "once) or the address of a running scheduler, e.g. tcp://host:8786 (default: in this "
+                        "process; --scheduler is the sampler)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local dask worker processes (implies --dask-scheduler local; default: one per core)")
     p.set_defaults(func=_stylize_dataset)
 
     from .params import TrainParams
@@ -197,12 +203,19 @@ def _stylize_dataset(args) -> int:
     _check_images(np.zeros((2, 2), np.uint8), style)
     token = read_token(args.token)
     qc_counter(args.qc_model)  # a misspelt --qc-model fails here, not after loading the model
+    from ..batch._cli import cluster_args
+
+    cluster = cluster_args(args.dask_scheduler, args.workers)
     callback, close = tqdm_callback()
     try:
-        pipe = _pipeline(args, callback)
+        if cluster:  # each worker loads the pipeline once
+            pipe = dict(model=args.model, image_encoder=args.image_encoder, device=args.device, dtype=args.dtype,
+                        offline=True if args.offline else None, compile=bool(getattr(args, "compile", False)))
+        else:
+            pipe = _pipeline(args, callback)
         manifest = stylize_dataset(args.in_dir, args.out, pipe=pipe, token=token, style=style, params=params,
                                    tolerance=args.tolerance, qc_model=args.qc_model, limit=args.limit,
-                                   overwrite=args.overwrite, progress=callback)
+                                   overwrite=args.overwrite, progress=callback, **cluster)
     finally:
         close()
     qc = read_json(manifest).get("qc", {})

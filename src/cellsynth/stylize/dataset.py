@@ -8,11 +8,12 @@ count of its stylized image, the drift from the true count and a keep flag.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -97,6 +98,8 @@ def stylize_dataset(
     limit: Optional[int] = None,
     overwrite: bool = False,
     progress: Optional[ProgressCallback] = None,
+    scheduler: Any = None,
+    workers: Optional[int] = None,
 ) -> Path:
     """Stylize every image of a layout dataset into `out_dir`, resumably, with count QC.
 
@@ -106,7 +109,10 @@ def stylize_dataset(
         A layout dataset (``manifest.json``) as written by ``export_dataset``.
     out_dir : path-like
         Destination; a run stopped part-way resumes here with the same settings.
-    pipe : InSTPipeline
+    pipe : InSTPipeline or dict
+        The pipeline; on a cluster, the keyword arguments of
+        :func:`~cellsynth.stylize.load_pipeline` (``model``, ``image_encoder``,
+        ``device``, ``dtype``, ``offline``...), which each worker loads once.
     token : StyleToken
     style : ndarray
         The style image.
@@ -122,6 +128,12 @@ def stylize_dataset(
         Replace a dataset made with other settings in `out_dir`.
     progress : ProgressCallback, optional
         Stage ``"images"``, once per image; may raise ``Cancelled``.
+    scheduler, workers : optional
+        Stylize on dask.distributed: ``scheduler`` ``"local"`` (or ``workers``
+        alone) starts a local cluster of ``workers`` processes, an address
+        (``tcp://host:8786``) uses a running scheduler (see
+        :func:`cellsynth.batch.cluster_client`). The files and the manifest are
+        written here, in order, as a serial run writes them. Default: this process.
 
     Returns
     -------
@@ -135,6 +147,20 @@ def stylize_dataset(
     ValueError
         Bad tolerance or limit, or `out_dir` equal to `in_dir`.
     """
+    if scheduler is not None or workers is not None:
+        from ..batch.tasks import StylizeOnCluster
+
+        with StylizeOnCluster(pipe, token=token, style=style, qc_model=qc_model, scheduler=scheduler or "local",
+                              workers=workers) as remote:
+            return _stylize_dataset(in_dir, out_dir, pipe=None, token=token, style=style, params=params,
+                                    tolerance=tolerance, qc_model=qc_model, limit=limit, overwrite=overwrite,
+                                    progress=progress, remote=remote)
+    return _stylize_dataset(in_dir, out_dir, pipe=pipe, token=token, style=style, params=params, tolerance=tolerance,
+                            qc_model=qc_model, limit=limit, overwrite=overwrite, progress=progress, remote=None)
+
+
+def _stylize_dataset(in_dir, out_dir, *, pipe, token, style, params, tolerance, qc_model, limit, overwrite, progress,
+                     remote) -> Path:
     from ..layouts.dataset import FORMAT, VERSION, item_seed, read_dataset
     from ..weights import file_sha256
     from .tokens import image_sha256
@@ -154,7 +180,7 @@ def stylize_dataset(
         "params": params.to_dict(), "token": token.describe(), "style_sha256": image_sha256(np.asarray(style)),
         "source": {"path": str(source.root.resolve()), "manifest_sha256": file_sha256(source.root / "manifest.json")},
         "tolerance": float(tolerance), "qc_model": qc_model,
-        "model": str(getattr(pipe, "name_or_path", None) or ""),
+        "model": remote.model_name if remote is not None else str(getattr(pipe, "name_or_path", None) or ""),
     }
 
     counter = qc_counter(qc_model)
@@ -172,28 +198,35 @@ def stylize_dataset(
     io.write_json(manifest_path, doc, overwrite=True)
     report(progress, "images", len(items), n)
 
-    # 3. Loop with progress: stylize, copy labels and centres, QC count
-    for i in range(len(items), n):
-        src = source.items[i]
-        image, _ = io.read_tiff(source.root / src["image"])
-        seed = item_seed(params.seed, i)
-        out = pipe(image, style, token, params=StylizeParams(**{**params.to_dict(), "seed": seed}))
-        names = _names(i)
-        io.write_tiff(root / names["image"], out.image, overwrite=True)
-        for key in ("labels", "centres"):
-            if src.get(key):
-                (root / names[key]).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source.root / src[key], root / names[key])
-            else:
-                names[key] = None
-        counted, used = qc_count(out.image, diameter=diameter, counter=counter)
-        drift = count_drift(counted, src["n_cells"])
-        items.append({**names, "seed": seed, "n_cells": int(src["n_cells"]), "source_image": src["image"],
-                      "qc": {"count": counted, "counter": used, "drift": drift, "keep": abs(drift) <= tolerance}})
-        doc["complete"] = len(items) == n
-        _summarise(doc)
-        io.write_json(manifest_path, doc, overwrite=True)
-        report(progress, "images", i + 1, n, f"image {i + 1}/{n}: drift {drift:+.0%}")
+    # 3. Loop with progress: stylize, QC count, write, copy labels and centres (on a cluster: the workers
+    #    stylize and count, this process writes)
+    todo = range(len(items), n)
+    inputs = ((io.read_tiff(source.root / source.items[i]["image"])[0],
+               StylizeParams(**{**params.to_dict(), "seed": item_seed(params.seed, i)})) for i in todo)
+    if remote is None:
+        made = ((out.image, *qc_count(out.image, diameter=diameter, counter=counter))
+                for out in (pipe(image, style, token, params=p) for image, p in inputs))
+    else:
+        made = remote.results(inputs, diameter)
+    with contextlib.closing(made):
+        for i, (styled, counted, used) in zip(todo, made):
+            src = source.items[i]
+            seed = item_seed(params.seed, i)
+            names = _names(i)
+            io.write_tiff(root / names["image"], styled, overwrite=True)
+            for key in ("labels", "centres"):
+                if src.get(key):
+                    (root / names[key]).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source.root / src[key], root / names[key])
+                else:
+                    names[key] = None
+            drift = count_drift(counted, src["n_cells"])
+            items.append({**names, "seed": seed, "n_cells": int(src["n_cells"]), "source_image": src["image"],
+                          "qc": {"count": counted, "counter": used, "drift": drift, "keep": abs(drift) <= tolerance}})
+            doc["complete"] = len(items) == n
+            _summarise(doc)
+            io.write_json(manifest_path, doc, overwrite=True)
+            report(progress, "images", i + 1, n, f"image {i + 1}/{n}: drift {drift:+.0%}")
     return manifest_path
 
 
