@@ -1,25 +1,39 @@
-"""Batch counting on dask.distributed: 2 local workers vs a serial loop, and the memory of a large image.
+"""Batch counting on dask.distributed: 2 local workers vs a serial loop, start-up, and the memory of a large image.
 
 Prints
-- ``ratio``: the time of a serial loop (read the image, ``count_cells`` with the
-  shipped default counter and the diameter estimated, as ``cellsynth count``
-  does, one image after the other in this process) divided by the time of
-  ``count_batch`` on a 2-worker ``LocalCluster`` (one thread each), on
-  ``--images`` generated 512x512 uint16 TIFFs (goal >= 1.6 on 2 cores).
-  Both are timed warm (counter loaded, workers started) and the batch also end
-  to end (cluster start, model loads, table and plot included); the counts of
-  the two must be equal image by image;
+- ``ratio``: serial loop vs ``count-batch`` on a 2-worker ``LocalCluster`` (one
+  thread each) over ``--images`` generated 512x512 uint16 TIFFs, with the shipped
+  default counter and the diameter estimated (goal >= 1.6 on 2 cores), the ONNX
+  export of the counter cached beforehand (as after any first use):
+
+  * end to end, both sides as a user runs them, each in a fresh process timed
+    from its start (interpreter start, imports, counter load included on both
+    sides): the serial side is one Python process that loads the counter once
+    and, image after image, reads it, counts it (``count_cells``, all cores:
+    onnxruntime's threads) and writes its points CSV; the batch side is the
+    ``cellsynth count-batch --workers 2`` command (cluster start, the workers'
+    imports and counter loads, records, points CSVs, ``counts.csv`` and the plot
+    included);
+  * warm: the serial loop alone (counter loaded) vs ``count_batch`` on a cluster
+    already started whose workers have each counted one plane.
+
+  The counts of the two must be equal image by image.
+- ``start-up``: ``cellsynth count IMAGE`` on a 256x256 image in a fresh process
+  (cached export: neither torch nor timm imported), the same command in a
+  process that imports torch and timm first (what it paid before counters
+  loaded from a cached export), and with ``CELLSYNTH_ENGINE=torch``.
 - the peak resident memory (RSS) of a separate process that counts a
   ``--large`` x ``--large`` uint16 tiled TIFF with ``count_large`` (never read
   whole; goal <= 2 GB for 20000 x 20000), with its count and time.
 
-Run: ``python benchmarks/bench_batch.py [--images 100] [--large 20000] [--skip-ratio] [--skip-large]``.
-The machine's other load changes the times: compare the ratio, measured in one run.
+Run: ``python benchmarks/bench_batch.py [--images 100] [--large 20000] [--skip-ratio] [--skip-startup] [--skip-large]``.
+The machine's other load changes the times: compare the ratios, measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -30,6 +44,28 @@ from pathlib import Path
 
 import numpy as np
 
+_CLI = "import sys; from cellsynth.cli import main; sys.exit(main(sys.argv[1:]))"
+
+_SERIAL = r"""
+import json, sys, time
+from pathlib import Path
+from cellsynth import io
+from cellsynth.count import count_cells, load_counter
+from cellsynth.count._onnx import default_threads
+from cellsynth.count.data import read_image_axes
+counter = load_counter("default", device="cpu")
+out = Path(sys.argv[2])
+out.mkdir()
+counts, t0 = {}, time.perf_counter()
+for p in sorted(Path(sys.argv[1]).glob("*.tif")):
+    image, ch = read_image_axes(p)
+    res = count_cells(image, counter=counter, channel_axis=ch)
+    io.write_points_csv(out / (p.stem + ".csv"), res.points, features={"score": res.scores})
+    counts[p.name] = res.count
+print(json.dumps({"loop_s": time.perf_counter() - t0, "engine": res.meta["engine"], "threads": default_threads(),
+                  "torch": "torch" in sys.modules, "counts": counts}))
+"""
+
 
 def _synthetic_uint16(shape, seed, diameter=(14.0, 16.0)) -> np.ndarray:
     from cellsynth.count.synth import SynthParams, synthetic_nuclei
@@ -38,57 +74,86 @@ def _synthetic_uint16(shape, seed, diameter=(14.0, 16.0)) -> np.ndarray:
     return (np.clip(img, 0, 4) / 4 * 60000).astype(np.uint16)
 
 
+def _timed(cmd: list, env: dict | None = None) -> tuple:
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed: {out.stderr[-2000:]}")
+    return wall, out.stdout
+
+
+def _warm_export() -> None:
+    """The default counter's ONNX export in the cache (made once, with torch, when missing)."""
+    from cellsynth.count import _onnx, load_counter
+
+    _onnx.export_bytes(load_counter("default", device="cpu"))
+
+
 def _ratio(n_images: int, workdir: Path) -> dict:
     import tifffile
 
     from cellsynth.batch import BatchParams, cluster_client, count_batch
-    from cellsynth.count import count_cells, load_counter
-    from cellsynth.count.data import read_image_axes
 
     folder = workdir / "images"
     folder.mkdir()
     for i in range(n_images):
         tifffile.imwrite(folder / f"field_{i:03d}.tif", _synthetic_uint16((512, 512), i))
     paths = sorted(folder.glob("*.tif"))
+    _warm_export()
 
-    counter = load_counter("default", device="cpu")
-    count_cells(read_image_axes(paths[0])[0], counter=counter)  # warm-up
-    t0 = time.perf_counter()
-    serial = {}
-    for p in paths:
-        image, ch = read_image_axes(p)
-        serial[p.name] = count_cells(image, counter=counter, channel_axis=ch).count
-    t_serial = time.perf_counter() - t0
+    # end to end, each side a fresh process
+    t_serial, text = _timed([sys.executable, "-c", _SERIAL, str(folder), str(workdir / "serial")])
+    doc = json.loads(text.strip().splitlines()[-1])
+    serial = doc["counts"]
+    t_cold, _ = _timed([sys.executable, "-c", _CLI, "count-batch", str(folder), "--out", str(workdir / "cold"),
+                        "--workers", "2", "--device", "cpu", "--quiet"])
+    with open(workdir / "cold" / "counts.csv", newline="") as fh:
+        cold_counts = {Path(r["image"]).name: int(r["count"]) for r in csv.DictReader(fh)}
 
+    # warm: cluster started, each worker has counted one plane
     params = BatchParams(model="default", device="cpu")
-    t0 = time.perf_counter()
-    cold = count_batch([folder], workdir / "cold", params=params, workers=2)
-    t_cold = time.perf_counter() - t0
-
     with cluster_client("local", workers=2) as client:
         from cellsynth.batch.engine import count_plane
 
-        # Warm each worker: torch imported and the counter loaded once, as after the first plane.
         for w in client.scheduler_info(n_workers=-1)["workers"]:
             client.submit(count_plane, str(paths[0]), (), params, workers=[w], pure=False).result()
         t0 = time.perf_counter()
         warm = count_batch([folder], workdir / "warm", params=params, scheduler=client)
         t_warm = time.perf_counter() - t0
+        workers_torch = any(client.run(lambda: "torch" in sys.modules or "timm" in sys.modules).values())
     batch = {Path(r["image"]).name: r["count"] for r in warm.rows}
-    cold_counts = {Path(r["image"]).name: r["count"] for r in cold.rows}
     return {
-        "images": n_images, "serial_s": round(t_serial, 2), "batch_warm_s": round(t_warm, 2),
-        "batch_end_to_end_s": round(t_cold, 2), "ratio_warm": round(t_serial / t_warm, 3),
-        "ratio_end_to_end": round(t_serial / t_cold, 3), "torch_threads_serial": _torch_threads(),
-        "counts_equal": batch == serial and cold_counts == serial,
-        "total_cells": int(sum(serial.values())),
+        "images": n_images, "serial_end_to_end_s": round(t_serial, 2), "serial_loop_s": round(doc["loop_s"], 2),
+        "batch_end_to_end_s": round(t_cold, 2), "batch_warm_s": round(t_warm, 2),
+        "ratio_end_to_end": round(t_serial / t_cold, 3), "ratio_warm": round(doc["loop_s"] / t_warm, 3),
+        "serial_engine": doc["engine"], "serial_threads": doc["threads"], "serial_torch": doc["torch"],
+        "workers_torch": workers_torch,
+        "counts_equal": batch == serial and cold_counts == serial, "total_cells": int(sum(serial.values())),
     }
 
 
-def _torch_threads() -> int:
-    import torch
+def _startup(workdir: Path, repeats: int = 2) -> dict:
+    import tifffile
 
-    return torch.get_num_threads()
+    img = workdir / "startup.tif"
+    tifffile.imwrite(img, _synthetic_uint16((256, 256), 7))
+    _warm_export()
+    count = [str(img), "--quiet", "--json"]
+    runs = {
+        "onnx_cached": ([sys.executable, "-c", _CLI, "count", *count], None),
+        "torch_timm_imported_first": ([sys.executable, "-c", "import torch, timm; " + _CLI, "count", *count], None),
+        "torch_engine": ([sys.executable, "-c", _CLI, "count", *count], {"CELLSYNTH_ENGINE": "torch"}),
+    }
+    out = {}
+    for name, (cmd, env) in runs.items():
+        times = []
+        for _ in range(repeats):
+            wall, text = _timed(cmd, env)
+            times.append(round(wall, 2))
+        doc = json.loads(text.strip().splitlines()[-1])
+        out[name] = {"seconds": times, "count": doc["count"], "engine": doc["meta"]["engine"]}
+    return out
 
 
 def _write_large(path: Path, side: int, tile: int = 400) -> None:
@@ -143,16 +208,28 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=20000)
     ap.add_argument("--large-model", default="default", help="counter of the large image (default: default)")
     ap.add_argument("--skip-ratio", action="store_true")
+    ap.add_argument("--skip-startup", action="store_true")
     ap.add_argument("--skip-large", action="store_true")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if not a.skip_startup:
+            s = _startup(work)
+            print("start-up, `cellsynth count` of a 256x256 image in a fresh process (two runs each):")
+            for name, label in (("onnx_cached", "cached ONNX export, no torch/timm import"),
+                                ("torch_timm_imported_first", "same, torch and timm imported first"),
+                                ("torch_engine", "CELLSYNTH_ENGINE=torch")):
+                print(f"  {label}: {' / '.join(f'{t:.1f}' for t in s[name]['seconds'])} s "
+                      f"({s[name]['count']} cells, engine {s[name]['engine']})")
         if not a.skip_ratio:
             r = _ratio(a.images, work)
-            print(f"{r['images']} images of 512x512: serial {r['serial_s']} s ({r['torch_threads_serial']} torch "
-                  f"threads), 2 workers {r['batch_warm_s']} s warm / {r['batch_end_to_end_s']} s end to end")
-            print(f"ratio serial / 2 workers: {r['ratio_warm']:.2f} warm, {r['ratio_end_to_end']:.2f} end to end "
-                  f"(goal >= 1.6); counts equal image by image: {r['counts_equal']} ({r['total_cells']} cells)")
+            print(f"{r['images']} images of 512x512, end to end (fresh processes, imports and model loads counted on "
+                  f"both sides): serial {r['serial_end_to_end_s']} s, 2 workers {r['batch_end_to_end_s']} s")
+            print(f"warm (counter loaded, workers started): serial loop {r['serial_loop_s']} s "
+                  f"({r['serial_engine']}, {r['serial_threads']} threads), 2 workers {r['batch_warm_s']} s")
+            print(f"ratio serial / 2 workers: {r['ratio_end_to_end']:.2f} end to end, {r['ratio_warm']:.2f} warm "
+                  f"(goal >= 1.6); counts equal image by image: {r['counts_equal']} ({r['total_cells']} cells); "
+                  f"torch imported by the serial process: {r['serial_torch']}, by the workers: {r['workers_torch']}")
         if not a.skip_large:
             g = _large(a.large, work, a.large_model)
             print(f"large image ({g['model']} counter) {g['side']}x{g['side']} uint16 ({g['image_gb_in_memory']} GB in memory, "
