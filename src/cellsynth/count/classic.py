@@ -398,15 +398,17 @@ def _fixed_point(plane: np.ndarray, d: float, min_d: float, max_d: float, floor:
     return d
 
 
-def _convexity(plane: np.ndarray, d: float) -> tuple[float, int]:
-    """Median solidity of the objects segmented at ``d``, and their number."""
+def _shape_stats(plane: np.ndarray, d: float) -> tuple[float, float, int]:
+    """Median solidity and median minor/major axis ratio of the objects segmented at ``d``, and their number."""
     from skimage.measure import regionprops
 
     labels, peaks = segment_nuclei(plane, ClassicParams(diameter=d))
     if len(peaks) == 0:
-        return 0.0, 0
-    sol = [r.solidity for r in regionprops(labels)]
-    return float(np.median(sol)), len(sol)
+        return 0.0, 0.0, 0
+    props = regionprops(labels)
+    sol = [r.solidity for r in props]
+    ratio = [r.axis_minor_length / r.axis_major_length if r.axis_major_length > 0 else 1.0 for r in props]
+    return float(np.median(sol)), float(np.median(ratio)), len(props)
 
 
 def _larger_mode(plane: np.ndarray, d0: float, min_d: float, max_d: float, *, ratio: float = 1.5) -> float:
@@ -416,8 +418,9 @@ def _larger_mode(plane: np.ndarray, d0: float, min_d: float, max_d: float, *, ra
     debris outnumbers large nuclei: started small it settles on the debris.
     Started at 2, 4 and 8 times ``d0`` it can settle on a larger size; such a
     size is taken when it is at least ``ratio`` times ``d0``, its objects are
-    convex like nuclei (median solidity >= 0.9 and within 0.02 of the most
-    convex segmentation; clusters merged by too large a size are less convex),
+    convex and roundish like nuclei (median solidity >= 0.9 and within 0.02 of
+    the most convex segmentation, median minor/major axis ratio >= 0.5: clusters
+    and rows of cells merged by too large a size are less convex or elongated),
     there are at least 3 of them and the size is not the search's upper bound.
     The largest such size wins; otherwise ``d0``.
     """
@@ -437,7 +440,8 @@ def _larger_mode(plane: np.ndarray, d0: float, min_d: float, max_d: float, *, ra
             found.append(f)
     if len(found) == 1:
         return d0
-    stats = {f: _convexity(plane, f) for f in found}  # at full resolution: solidity drops with block size
-    best = max(sol for sol, _ in stats.values())
-    ok = [f for f, (sol, n) in stats.items() if f >= ratio * d0 and n >= 3 and sol >= max(0.9, best - 0.02)]
+    stats = {f: _shape_stats(plane, f) for f in found}  # at full resolution: solidity drops with block size
+    best = max(sol for sol, _, _ in stats.values())
+    ok = [f for f, (sol, round_, n) in stats.items()
+          if f >= ratio * d0 and n >= 3 and sol >= max(0.9, best - 0.02) and round_ >= 0.5]
     return max(ok) if ok else d0
