@@ -49,16 +49,10 @@ def real_cases(folder: Path):
 
 
 def synthetic_cases(n: int, seed: int = 12345):
-    """Held-out synthetic images with nuclei from 8 to 60 px (log-uniform)."""
-    from cellsynth.count.synth import SynthParams, synthetic_nuclei
+    """Held-out synthetic images with nuclei from 8 to 60 px (log-uniform); seed 12345 is this benchmark's."""
+    from cellsynth.count.calibrate import synthetic_cases as cases
 
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        d = float(np.exp(rng.uniform(np.log(8), np.log(60))))
-        side = int(np.clip(round(d * 24 / 32) * 32, 256, 1024))
-        params = SynthParams(shape=(side, side), diameter=(d, d), coverage=(0.05, 0.4))
-        img, centres, dd = synthetic_nuclei(params, rng=[seed, 7919, i])
-        yield f"synthetic_{i:02d}", (img * 2000).clip(0, 65535).astype(np.uint16), centres, dd
+    return cases(n, seed)
 
 
 def run_one(image, centres, diameter, model, counters):

@@ -45,7 +45,8 @@ def test_default_model_is_small_documented_and_fp16(default):
     assert "train_default" in cfg["training"]["command"] and len(default.sha256) == 64
     from cellsynth.count.objects import ObjectParams
 
-    assert ObjectParams(**cfg["objects"]) == ObjectParams()  # points reconciled with foreground objects
+    # points reconciled with foreground objects; keep_outside comes from the calibration (test below)
+    assert ObjectParams(**{**cfg["objects"], "keep_outside": ObjectParams().keep_outside}) == ObjectParams()
 
 
 def test_default_counts_held_out_layouts_within_5_percent(default):
@@ -94,3 +95,32 @@ def test_default_counts_an_empty_image_as_nearly_zero(default):
     img = np.random.default_rng(1).normal(100, 5, (200, 300)).clip(0).astype(np.uint16)
     res = count_cells(img, counter=default)
     assert res.count < 3 and len(res.points) <= 2
+
+
+def test_calibration_picks_the_lowest_error_and_restores_the_config(default):
+    from cellsynth.count.calibrate import calibrate_keep_outside, synthetic_cases
+
+    cases = list(synthetic_cases(2, seed=5))
+    before = dict(default.config["objects"])
+    res = calibrate_keep_outside(default, cases, grid=(0.0, 0.5, 5.0))
+    assert default.config["objects"] == before
+    assert set(res["errors"]) == {0.0, 0.5, 5.0} and res["n_images"] == 2
+    assert res["best"] == min(res["errors"], key=lambda v: (res["errors"][v], v))
+    # a threshold above every score drops every peak outside the objects: a different count
+    assert res["errors"][5.0] != res["errors"][0.0]
+
+
+def test_shipped_keep_outside_is_the_recorded_calibration(default):
+    cal = default.config.get("calibration")
+    assert cal is not None, "the default counter's peak filtering must come from cellsynth.count.calibrate"
+    assert cal["parameter"] == "objects.keep_outside"
+    assert default.config["objects"]["keep_outside"] == cal["chosen"]
+    errors = cal["mean_rel_error"]
+    assert float(min(errors, key=lambda k: (errors[k], float(k)))) == cal["chosen"]
+
+
+def test_calibrate_cli_refuses_a_folder_without_a_counter(tmp_path, capsys):
+    from cellsynth.count.calibrate import main
+
+    assert main([str(tmp_path), "--n", "1"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
