@@ -238,8 +238,11 @@ class LoopWidget(QWidget):
         if d:
             self.diameter.show(float(d))
         counts = "; ".join(f"{lay.name}: {b} → {a}" for lay, b, a in zip(layers, res.counts_before, res.counts_after))
+        why = res.report.get("decision", "") if isinstance(res.report, dict) else ""
+        why = why.split(": ", 1)[1] if why.startswith("kept the base: ") else ""
         verdict = ("" if res.accepted else
-                   " It did not beat the starting counter on the check, so the saved counter is a copy of that one.")
+                   " It did not beat the starting counter on the check"
+                   + (f" ({why})" if why else "") + ", so the saved counter is a copy of that one.")
         self.result_label.setText(f"{kind.capitalize()} counter saved as {res.path.name} and selected in step 3. "
                                   f"Cells counted before → after: {counts}.{verdict}")
 
