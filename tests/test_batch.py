@@ -173,6 +173,7 @@ def test_workers_count_from_the_clients_onnx_export_without_torch(client, images
     if not _onnx.available():
         pytest.skip("onnxruntime is not installed")
     monkeypatch.setenv("CELLSYNTH_ONNX_CACHE", "")  # the export lives in this process only: workers get it sent
+    monkeypatch.setattr(_onnx, "_MEMORY", {})  # and is forgotten after this test
     monkeypatch.delenv("CELLSYNTH_ENGINE", raising=False)
     torch.manual_seed(0)
     cfg = counter_config("density", backbone="test_efficientnet", blocks=3)

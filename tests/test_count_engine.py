@@ -17,6 +17,12 @@ from cellsynth.count.synth import SynthParams, synthetic_nuclei
 pytestmark = pytest.mark.skipif(not _onnx.available(), reason="onnxruntime is not installed")
 
 
+@pytest.fixture(autouse=True)
+def _no_exports_in_memory(monkeypatch):
+    """Exports kept in this process by earlier tests (e.g. of the same seeded tiny counter) stay out of these."""
+    monkeypatch.setattr(_onnx, "_MEMORY", {})
+
+
 @pytest.fixture(scope="module")
 def image():
     img, centres, _ = synthetic_nuclei(SynthParams(shape=(200, 260), diameter=(12, 14), coverage=(0.2, 0.25)), rng=5)
