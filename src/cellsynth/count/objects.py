@@ -126,7 +126,10 @@ def reconcile_with_objects(
     if k == 0:
         keep = scores >= params.keep_outside
         return points[keep], scores[keep]
-    areas = np.bincount(labels.ravel(), minlength=k + 1)[1:]
+    # every per-object sum runs over the foreground pixels only (label 0 is never used)
+    fg = np.flatnonzero(labels)
+    flat = labels.ravel()[fg]
+    areas = np.bincount(flat, minlength=k + 1)[1:]
     idx = np.clip(np.round(points).astype(int), 0, np.array(plane.shape) - 1)
     owner = labels[idx[:, 0], idx[:, 1]] if len(points) else np.zeros(0, int)
     n_peaks = np.bincount(owner, minlength=k + 1)[1:]
@@ -138,14 +141,12 @@ def reconcile_with_objects(
     outside = (owner == 0) & (scores >= params.keep_outside)
     in_split = (owner > 0) & split[np.maximum(owner, 1) - 1]
     # intensity-weighted centroids (scipy's center_of_mass, by bincount: ~10x faster on large images)
-    fg = np.flatnonzero(labels)
-    flat = labels.ravel()[fg]
     w = np.clip(plane.ravel()[fg], 0, None).astype(np.float64) + 1e-6
     rows, cols = np.divmod(fg, plane.shape[1])
     wsum = np.bincount(flat, weights=w, minlength=k + 1)[1:]
     centroids = np.stack([np.bincount(flat, weights=w * rows, minlength=k + 1)[1:] / wsum,
                           np.bincount(flat, weights=w * cols, minlength=k + 1)[1:] / wsum], axis=1)
-    mass = np.bincount(labels.ravel(), weights=np.asarray(density, np.float64).ravel(), minlength=k + 1)[1:]
+    mass = np.bincount(flat, weights=np.asarray(density).ravel()[fg].astype(np.float64), minlength=k + 1)[1:]
     single_scores = np.where(n_peaks > 0, best[1:], mass)
     out_pts = np.concatenate([points[outside | in_split], centroids[single]], axis=0)
     out_scores = np.concatenate([scores[outside | in_split], single_scores[single]])
