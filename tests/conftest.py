@@ -1,5 +1,6 @@
 """Shared test set-up: no network, settings in a temporary folder."""
 
+import hashlib
 import os
 import tempfile
 
@@ -35,3 +36,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _make_hub_cache(cache_dir, repo_id, commit, files):
+    """Lay out files the way huggingface_hub's cache does: blobs, snapshot links, refs."""
+    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for rel, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def make_hub_cache():
+    """``make_hub_cache(cache_dir, repo_id, commit, files) -> snapshot folder``: a local stand-in for the hub cache."""
+    return _make_hub_cache

@@ -5,8 +5,6 @@ The hub is stood in for: ``HfApi.model_info`` (the size request) and
 its cache). No test touches the network.
 """
 
-import hashlib
-import os
 import threading
 import time
 import types
@@ -25,23 +23,6 @@ SD, CLIP = REGISTRY["sd-v1-4"], REGISTRY["clip-vit-large-patch14"]
 def spec_files(spec, size=3000):
     """One small file per pattern of a registry entry (``scheduler/*`` -> ``scheduler/x.json``)."""
     return {pattern.replace("*", "x.json"): bytes([i % 251]) * (size + i) for i, pattern in enumerate(spec.files)}
-
-
-def make_hub_cache(cache_dir, repo_id, commit, files):
-    """Lay out files the way huggingface_hub's cache does: blobs, snapshot links, refs."""
-    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    for rel, data in files.items():
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 class FakeHub:
@@ -88,17 +69,18 @@ class FakeHub:
                 bar.update(min(self.chunk, len(data) - start))
                 bar.refresh()
         bar.close()
-        return str(make_hub_cache(self.cache_dir, repo_id, revision, files))
+        return str(self.make_cache(self.cache_dir, repo_id, revision, files))
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
+def hub(tmp_path, monkeypatch, make_hub_cache):
     """A stand-in hub with an empty cache (the ``cache_dir`` setting), downloads allowed."""
     from cellsynth.settings import save_settings
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     save_settings(cache_dir=str(tmp_path / "cache"))
     fake = FakeHub(tmp_path / "cache")
+    fake.make_cache = make_hub_cache
     fake.install(monkeypatch)
     return fake
 
@@ -148,7 +130,7 @@ def test_check_looks_on_this_computer_only(hub, tmp_path):
     status = check("sd-v1-4")
     assert not status.available and status.downloadable and status.size_bytes == 4270 * 10**6
     assert hub.info_calls == [] and hub.downloads == []
-    make_hub_cache(hub.cache_dir, SD.repo_id, SD.revision, spec_files(SD))
+    hub.make_cache(hub.cache_dir, SD.repo_id, SD.revision, spec_files(SD))
     status = check("sd-v1-4")
     assert status.available and status.where == "hub cache" and (status.path / "model_index.json").is_file()
 

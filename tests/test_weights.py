@@ -25,22 +25,6 @@ FILES = {
 }
 
 
-def make_hub_cache(cache_dir, repo_id, commit, files):
-    """Lay out files the way huggingface_hub's cache does: blobs, snapshot links, refs."""
-    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    for rel, data in files.items():
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
-
-
 @pytest.fixture
 def no_download(monkeypatch):
     """Fail the test if the resolver asks the hub to download anything."""
@@ -137,7 +121,7 @@ def test_bundled_entry_missing_is_an_error(tiny_bundled, online):
         resolve("tiny-counter")
 
 
-def test_hub_cache_is_found_offline(tmp_path, monkeypatch, no_download):
+def test_hub_cache_is_found_offline(tmp_path, monkeypatch, no_download, make_hub_cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     snapshot = make_hub_cache(tmp_path, DINO.repo_id, DINO.revision, FILES)
     make_hub_cache(tmp_path, DINO.repo_id, "0" * 40, FILES)  # another revision: not ours
@@ -157,13 +141,13 @@ def test_offline_without_cache_explains_how_to_provide(tmp_path, monkeypatch, no
         assert needle in message
 
 
-def test_offline_argument_and_incomplete_cache(tmp_path, online):
+def test_offline_argument_and_incomplete_cache(tmp_path, online, make_hub_cache):
     make_hub_cache(tmp_path, DINO.repo_id, DINO.revision, {"config.json": b"{}"})
     with pytest.raises(WeightsNotFoundError, match="offline mode is on"):
         resolve("dinov2-small", cache_dir=tmp_path, offline=True)
 
 
-def fake_download(cache_dir, *, nbytes, fail=None):
+def fake_download(cache_dir, make_hub_cache, *, nbytes, fail=None):
     """A stand-in for snapshot_download that drives tqdm_class like the hub does."""
     calls = []
 
@@ -190,10 +174,10 @@ def fake_download(cache_dir, *, nbytes, fail=None):
     return snapshot_download, calls
 
 
-def test_download_reports_byte_progress(tmp_path, monkeypatch):
+def test_download_reports_byte_progress(tmp_path, monkeypatch, make_hub_cache):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     nbytes = sum(len(data) for data in FILES.values())
-    fake, calls = fake_download(tmp_path, nbytes=nbytes)
+    fake, calls = fake_download(tmp_path, make_hub_cache, nbytes=nbytes)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     events = []
     found = resolve("dinov2-small", cache_dir=tmp_path, progress=events.append)
@@ -206,10 +190,10 @@ def test_download_reports_byte_progress(tmp_path, monkeypatch):
     assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == nbytes
 
 
-def test_network_error_becomes_weights_not_found(tmp_path, monkeypatch):
+def test_network_error_becomes_weights_not_found(tmp_path, monkeypatch, make_hub_cache):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     error = ConnectionError("Name or service not known")
-    fake, _ = fake_download(tmp_path, nbytes=3000, fail=error)
+    fake, _ = fake_download(tmp_path, make_hub_cache, nbytes=3000, fail=error)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     with pytest.raises(WeightsNotFoundError, match="download failed") as info:
         resolve("dinov2-small", cache_dir=tmp_path, progress=lambda p: None)
@@ -217,9 +201,9 @@ def test_network_error_becomes_weights_not_found(tmp_path, monkeypatch):
     assert DINO.repo_id in str(info.value) and "model.safetensors" in str(info.value)
 
 
-def test_cancel_during_download_propagates(tmp_path, monkeypatch):
+def test_cancel_during_download_propagates(tmp_path, monkeypatch, make_hub_cache):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    fake, _ = fake_download(tmp_path, nbytes=3000)
+    fake, _ = fake_download(tmp_path, make_hub_cache, nbytes=3000)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
 
     def cancel(progress):
