@@ -289,13 +289,13 @@ def _user_part(score: dict) -> float:
     return 0.5 * float(score.get("tta_inconsistency", 0.0)) + 0.5 * float(score.get("peak_density_gap", 0.0))
 
 
-def accept(before: dict, after: dict, margin: float = 0.0, tolerance: float = 0.005) -> bool:
+def accept(before: dict, after: dict, margin: float = 0.0, tolerance: float = 0.0) -> bool:
     """The candidate is kept when it scores better without doing worse on any part that could show it.
 
     Three conditions: its score is lower by ``margin``; its synthetic error is not
     higher; and its consistency on the user's own images (half the transpose
     inconsistency plus half the peak/density gap) is not worse by more than
-    ``tolerance``. The held-out stylized layouts are drawn like the training
+    ``tolerance`` (default 0: worse by no measure computed without labels). The held-out stylized layouts are drawn like the training
     layouts, so the synthetic error alone improves with almost any fine-tuning;
     only the user-image terms see the user's images, and a candidate that is less
     consistent there is refused even when its total score is lower.
@@ -313,7 +313,7 @@ def accept(before: dict, after: dict, margin: float = 0.0, tolerance: float = 0.
     return refusal(before, after, margin, tolerance) is None
 
 
-def refusal(before: dict, after: dict, margin: float = 0.0, tolerance: float = 0.005) -> Optional[str]:
+def refusal(before: dict, after: dict, margin: float = 0.0, tolerance: float = 0.0) -> Optional[str]:
     """Why :func:`accept` refuses the candidate (one line), or None when it accepts it."""
     if not after["score"] < before["score"] - margin:
         return f"its label-free score is not lower ({before['score']:.3f} -> {after['score']:.3f})"
