@@ -241,6 +241,7 @@ def cluster_client(scheduler: Any = None, *, workers: Optional[int] = None, thre
     ValueError
         ``workers`` with a scheduler address, or a scheduler that cannot be reached.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     if isinstance(scheduler, Client):
@@ -250,8 +251,12 @@ def cluster_client(scheduler: Any = None, *, workers: Optional[int] = None, thre
         n = _local_workers(workers)
         threads = int(threads_per_worker)
         env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-        cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
-                               silence_logs=logging.ERROR, env=env)
+        # dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers, which fixes glibc's mmap threshold
+        # at 128 kB: every array of a count is then mapped and unmapped anew (0.67 -> 1.14 s per 512x512
+        # image here). The workers keep glibc's default, as the serial process does.
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
+                                   silence_logs=logging.ERROR, env=env)
         try:
             client = Client(cluster)
             try:
