@@ -253,8 +253,10 @@ def cluster_client(scheduler: Any = None, *, workers: Optional[int] = None, thre
         env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
         # dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers, which fixes glibc's mmap threshold
         # at 128 kB: every array of a count is then mapped and unmapped anew (0.67 -> 1.14 s per 512x512
-        # image here). The workers keep glibc's default, as the serial process does.
-        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        # image here). The workers keep glibc's default, as the serial process does. Nor do they sample their
+        # own stacks every 10 ms for the dashboard's profile (~8 % of a count).
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                              "distributed.worker.profile.enabled": False}):
             cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
                                    silence_logs=logging.ERROR, env=env)
         try:
