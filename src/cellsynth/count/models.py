@@ -178,9 +178,14 @@ class Counter:
         return f"Counter(kind={self.kind!r}, name={self.name!r}, diameter={self.diameter:g})"
 
 
-def _state_dict_from_file(path: Path) -> dict:
+def _check_weights_size(path: Path) -> None:
+    """Refuse weights larger than the free memory before reading (or hashing) them."""
     io.require_memory(2.0 * path.stat().st_size, what=f"loading the weights in {path}",
                       hint="is this really a counter? the shipped one is under 1 MB")
+
+
+def _state_dict_from_file(path: Path) -> dict:
+    _check_weights_size(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -386,6 +391,7 @@ def _from_cached_export(name: str, p: Path, weights: Path, cfg_path: Path, devic
         return None
     from ..weights import file_sha256
 
+    _check_weights_size(weights)  # before hashing: a file claiming a terabyte is refused at once
     sha = file_sha256(weights)
     key = _onnx.file_key(sha, cfg)
     threads = _onnx.default_threads()
