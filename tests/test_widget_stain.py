@@ -144,6 +144,20 @@ def test_nsc_cancel_leaves_viewer_unchanged(make_napari_viewer, qtbot):
     assert [l.name for l in viewer.layers] == ["img"]
 
 
+def test_nsc_channel_box_only_for_layers_with_channels(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="gray")
+    w = NSCWidget(viewer)
+    hidden = w.channel.native.isHidden  # the dock itself is not shown here
+    assert w.layer.value.name == "gray" and hidden()
+    viewer.add_image(np.zeros((3, 32, 32), np.float32), name="stack")
+    w.layer.value = viewer.layers["stack"]
+    assert not hidden()
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="rgb", rgb=True)
+    w.layer.value = viewer.layers["rgb"]
+    assert hidden()
+
+
 def test_nsc_bad_parameters_and_channel(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((32, 32), np.float32), name="img")

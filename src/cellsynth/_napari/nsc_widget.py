@@ -62,6 +62,8 @@ class NSCWidget(QWidget):
         layout.addWidget(self.info)
         layout.addStretch(1)
         self.run_button.changed.connect(self.run)
+        self.layer.changed.connect(self._update_channel)
+        self._update_channel()
         self.runner.busy.connect(lambda busy: setattr(self.run_button, "enabled", not busy))
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
@@ -72,6 +74,15 @@ class NSCWidget(QWidget):
 
     def _refresh(self, event=None) -> None:
         self.layer.reset_choices()
+        self._update_channel()
+
+    def _update_channel(self, _value=None) -> None:
+        """The channel box shows only for a layer with channels ((C, M, N)); a grayscale plane has none."""
+        layer = self.layer.value
+        shape = tuple(np.shape(layer.data)) if layer is not None else ()
+        if layer is not None and layer.rgb and len(shape) == 3 and shape[-1] in (3, 4):
+            shape = shape[:-1]
+        self.channel.visible = len(shape) == 3
 
     def run(self) -> None:
         """Compute masks of the chosen layer in a worker thread."""
