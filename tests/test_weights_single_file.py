@@ -16,7 +16,8 @@ import torch
 
 from cellsynth.stylize import loading
 from cellsynth.stylize.tiny import save_tiny_pipeline, tiny_pipeline
-from cellsynth.weights import read_state_dict, sd_v1_config_dir
+from cellsynth.state_dicts import read_state_dict
+from cellsynth.weights import sd_v1_config_dir
 
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
            ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))

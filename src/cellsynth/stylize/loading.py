@@ -262,7 +262,7 @@ _UNET_PREFIX, _TEXT_PREFIX = "model.diffusion_model.", "cond_stage_model.transfo
 
 def _read_sd_v1(path: Path) -> dict:
     """The state dict of a single-file SD v1 checkpoint, read without running code, its layout checked."""
-    from ..weights import read_state_dict
+    from ..state_dicts import read_state_dict
 
     state = read_state_dict(path)
     if not any(k.startswith(_UNET_PREFIX) for k in state):
