@@ -97,6 +97,45 @@ def test_remove_stale_parts_only_removes_temporary_files_of_the_given_names(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == [".b.tif.12345678.part", "a.tif"]
 
 
+def test_interrupt_while_a_write_is_set_up_leaves_no_temporary_file(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def open_then_interrupt(*args, **kwargs):
+        fd = real_open(*args, **kwargs)  # the temporary file exists, then Ctrl-C arrives
+        os.close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io.os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_path(tmp_path / "a.tif"):
+            pass
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_inside_a_writes_cleanup_is_swept_up_by_remove_unfinished(tmp_path, monkeypatch):
+    import pathlib
+
+    real_unlink = pathlib.Path.unlink
+    calls = []
+
+    def unlink_interrupted_once(self, missing_ok=False):
+        if not calls:
+            calls.append(self)
+            raise KeyboardInterrupt  # arrives as the write's ``finally`` starts
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink_interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_path(tmp_path / "a.tif") as tmp:
+            raise RuntimeError("the write failed")
+    assert [p.name for p in tmp_path.iterdir()] == [tmp.name]  # left behind by the interrupt
+    assert io.remove_unfinished() == [tmp]
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    assert io.remove_unfinished() == []  # forgotten once removed
+
+
 def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     out = tmp_path / "ds"
     code = ("import sys; from cellsynth.cli import main; "

@@ -119,6 +119,13 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _remove_unfinished() -> None:
+    """After an interrupt: remove the temporary files of writes it cut short outside their ``finally``."""
+    from .io import remove_unfinished
+
+    remove_unfinished()
+
+
 #: Library arguments named in error messages, and the flags a person types instead.
 _FLAGS = (("call with offline=False", "run without --offline"), ("offline=False", "no --offline"),
           ("offline=True", "--offline"), ("overwrite=True", "--overwrite"), ("resume=True", "--resume"))
@@ -158,10 +165,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: ran out of memory; use a smaller image, crop, tile or batch size", file=sys.stderr)
         return 2
     except _Terminated:
+        _remove_unfinished()
         print("error: terminated (SIGTERM); unfinished files were removed, a re-run resumes where it can",
               file=sys.stderr)
         return 143
     except KeyboardInterrupt:
+        _remove_unfinished()
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`

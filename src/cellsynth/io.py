@@ -22,7 +22,8 @@ import csv
 import json
 import os
 import re
-import tempfile
+import secrets
+import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +33,7 @@ import numpy as np
 __all__ = [
     "atomic_path",
     "remove_stale_parts",
+    "remove_unfinished",
     "prepare_output",
     "require_memory",
     "NotEnoughMemory",
@@ -67,21 +69,73 @@ def atomic_path(path: os.PathLike | str, *, overwrite: bool = False) -> Iterator
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _new_part(path)
     try:
         yield tmp
         if not overwrite and path.exists():
             raise FileExistsError(f"{path} appeared while writing; not replaced")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        tmp.unlink(missing_ok=True)
+        with _UNFINISHED_LOCK:
+            _UNFINISHED.discard(tmp)
+
+
+#: Temporary files of the writes under way in this process (see :func:`remove_unfinished`).
+_UNFINISHED: set[Path] = set()
+_UNFINISHED_LOCK = threading.Lock()
+
+
+def _new_part(path: Path) -> Path:
+    """Create an empty temporary file beside ``path``, recorded before it exists.
+
+    The name is recorded first, so an interrupt that arrives between creating
+    the file and entering the ``try`` of :func:`atomic_path` cannot leave it
+    behind unrecorded: :func:`remove_unfinished` removes it.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+        with _UNFINISHED_LOCK:
+            _UNFINISHED.add(tmp)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # less the umask
+            return tmp
+        except FileExistsError:
+            with _UNFINISHED_LOCK:
+                _UNFINISHED.discard(tmp)
+        except BaseException:  # an error or an interrupt, perhaps after the file was made
+            tmp.unlink(missing_ok=True)
+            with _UNFINISHED_LOCK:
+                _UNFINISHED.discard(tmp)
+            raise
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def remove_unfinished() -> list[Path]:
+    """Remove the temporary files of this process's unfinished writes.
+
+    Called after an interrupt (Ctrl-C, SIGTERM) that may have arrived while a
+    write was being set up or torn down, outside the reach of its ``finally``.
+
+    Returns
+    -------
+    list of Path
+        The removed files.
+    """
+    with _UNFINISHED_LOCK:
+        left = sorted(_UNFINISHED)
+        _UNFINISHED.clear()
+    removed = []
+    for tmp in left:
+        try:
             tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
-#: Temporary names made by :func:`atomic_path`: ``.NAME.XXXXXXXX.part`` (mkstemp's 8 random characters).
+#: Temporary names made by :func:`atomic_path`: ``.NAME.XXXXXXXX.part`` (8 random hexadecimal digits).
 _PART = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.part$")
 
 
@@ -198,12 +252,6 @@ def state_dict_mismatch(expected: Mapping[str, Any], given: Mapping[str, Any]) -
 
 def _size(nbytes: float) -> str:
     return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------- TIFF
