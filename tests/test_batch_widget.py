@@ -54,8 +54,12 @@ def test_stack_count_shows_a_table_per_frame_and_a_click_moves_the_viewer(make_n
     # a single image hides the section again
     viewer.add_image(stack[1], name="one")
     w.image.value = viewer.layers["one"]
+    drawn = []
+    table.figure.canvas.mpl_connect("draw_event", lambda event: drawn.append(event))
     assert _run(qtbot, w) == "done"
     assert not table.isVisibleTo(w)
+    qtbot.wait(50)
+    assert drawn == []  # the hidden plot is not redrawn (drawing a figure holds the GUI thread ~0.1 s)
 
 
 def test_dask_layer_is_counted_lazily_with_the_same_points(make_napari_viewer, qtbot):

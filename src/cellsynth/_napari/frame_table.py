@@ -174,6 +174,9 @@ class FrameTable(QWidget):
                 self.table.setItem(i, j, QTableWidgetItem(text))
         self.title.setText(f"Counts per frame: {len(self.rows)} frames of {layer.name}, "
                            f"{int(round(sum(r['count'] for r in self.rows)))} cells")
+        self.setVisible(bool(self.rows))
+        if not self.rows:  # one plane: nothing to plot (drawing the figure costs the GUI thread ~0.1 s)
+            return
         self.axes.clear()
         self.axes.plot(range(len(self.rows)), [r["count"] for r in self.rows], marker=".", color="tab:blue")
         self.axes.set_xlabel("frame", fontsize="small")
@@ -181,7 +184,6 @@ class FrameTable(QWidget):
         self.axes.tick_params(labelsize="x-small")
         self.figure.tight_layout()
         self.canvas.draw_idle()
-        self.setVisible(bool(self.rows))
 
     def go_to(self, row: int) -> None:
         """Move the viewer's sliders to the frame of table row ``row``."""
