@@ -63,12 +63,12 @@ def test_points_csv_round_trip_with_world_coordinates_and_features(tmp_path):
     path = io.write_points_csv(tmp_path / "p.csv", pts, features={"score": [0.5, 0.9], "source": ["model", "manual"]},
                                scale=(0.5, 0.5), translate=(1.0, 2.0))
     header = path.read_text().splitlines()[0].split(",")
-    assert header == ["row", "col", "row_world", "col_world", "score", "source"]
+    assert header == ["row", "col", "row_world", "col_world", "axis-0", "axis-1", "score", "source"]
     back, feats = io.read_points_csv(path)
     np.testing.assert_allclose(back, pts)
     np.testing.assert_allclose(feats["score"], [0.5, 0.9])
     assert feats["source"].tolist() == ["model", "manual"]
-    assert "row_world" not in feats
+    assert "row_world" not in feats and "axis-0" not in feats
     first = path.read_text().splitlines()[1].split(",")
     assert float(first[2]) == pytest.approx(1.25 * 0.5 + 1.0) and float(first[3]) == pytest.approx(2.5 * 0.5 + 2.0)
 
@@ -107,3 +107,10 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert mode == 0o666 & ~mask
+
+
+def test_points_csv_without_scale_still_names_napari_axes(tmp_path):
+    path = io.write_points_csv(tmp_path / "p.csv", np.array([[0.0, 1.0, 2.0]]), features={"score": [0.5]})
+    assert path.read_text().splitlines() == ["row,col,plane,axis-0,axis-1,axis-2,score", "1.0,2.0,0.0,0.0,1.0,2.0,0.5"]
+    with pytest.raises(ValueError, match="clashes"):
+        io.write_points_csv(tmp_path / "q.csv", np.zeros((1, 2)), features={"axis-1": [1.0]})

@@ -152,7 +152,7 @@ def test_points_csv_writer_and_reader_round_trip(make_napari_viewer, tmp_path):
     path = tmp_path / "cells.csv"
     viewer.layers.save(str(path), selected=False, plugin="napari-cellsynth")
     text = path.read_text().splitlines()
-    assert text[0] == "row,col,row_world,col_world,score,source"
+    assert text[0] == "row,col,row_world,col_world,axis-0,axis-1,score,source"
     assert text[2].split(",")[2:4] == ["7.0", "9.0"]
     reader = get_points_reader(str(path))
     assert reader is not None and get_points_reader(str(tmp_path / "other.txt")) is None
@@ -162,6 +162,10 @@ def test_points_csv_writer_and_reader_round_trip(make_napari_viewer, tmp_path):
     assert back.features["source"].tolist() == ["model", "manual"]
     np.testing.assert_allclose(back.features["score"], [0.5, 1.0])
     assert write_points(str(tmp_path / "d.csv"), pts.data, {"features": pts.features}) == [str(tmp_path / "d.csv")]
+    # a script's viewer.open(path) uses napari's built-in reader: the points land where they were saved
+    plain = viewer.open(str(path))[0]
+    np.testing.assert_allclose([plain.data_to_world(p) for p in plain.data], [pts.data_to_world(p) for p in pts.data])
+    assert plain.features["source"].tolist() == ["model", "manual"]
 
 
 def test_regression_model_shows_window_counts_not_points(make_napari_viewer, qtbot, tmp_path):

@@ -489,6 +489,11 @@ def write_points_csv(
     scale, translate : tuple of float, optional
         When given, columns ``row_world``, ``col_world`` (``plane_world``) hold
         ``points * scale + translate``.
+
+    Columns ``axis-0``, ``axis-1`` (, ``axis-2``) repeat the world coordinates
+    (the pixel ones without ``scale``/``translate``) under napari's own column
+    names, so that napari's built-in reader (``viewer.open(path)`` in a script)
+    also opens the file and puts the points where they were, features included.
     """
     pts = np.asarray(points, dtype=float).reshape(-1, np.asarray(points).shape[-1] if np.size(points) else 2)
     if pts.ndim != 2 or pts.shape[1] not in (2, 3):
@@ -496,12 +501,15 @@ def write_points_csv(
     n, d = pts.shape
     names = ["row", "col"] if d == 2 else ["plane", "row", "col"]
     columns: dict[str, np.ndarray] = {name: pts[:, i] for i, name in enumerate(names)}
+    world = pts
     if scale is not None or translate is not None:
         s = np.ones(d) if scale is None else np.asarray(scale, float)[-d:]
         t = np.zeros(d) if translate is None else np.asarray(translate, float)[-d:]
         world = pts * s + t
         for i, name in enumerate(names):
             columns[f"{name}_world"] = world[:, i]
+    for i in range(d):
+        columns[f"axis-{i}"] = world[:, i]
     for key, values in (features or {}).items():
         values = np.asarray(values)
         if len(values) != n:
@@ -529,11 +537,16 @@ def _fmt(v: Any) -> Any:
     return v
 
 
+#: napari's coordinate columns (``axis-0``, ...), written beside ours; not features.
+_NAPARI_AXIS = re.compile(r"^axis-\d+$")
+
+
 def read_points_csv(path: os.PathLike | str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Read a points CSV written by :func:`write_points_csv` (or with x/y columns).
 
     Columns ``row``/``col``/``plane`` (or ``y``/``x``/``z``, any case) give the
-    pixel coordinates; world-coordinate columns are skipped; every other column
+    pixel coordinates; world-coordinate columns (``*_world``, napari's
+    ``axis-N``) are skipped; every other column
     becomes a feature (numeric where all its values parse as numbers).
 
     Returns
@@ -558,7 +571,8 @@ def read_points_csv(path: os.PathLike | str) -> tuple[np.ndarray, dict[str, np.n
         key = _ALIASES.get(key, key)
         if key in _COORDS and key not in coord_idx:
             coord_idx[key] = i
-        elif key and not key.endswith("_world") and key not in ("index", "", None) and not h.startswith("Unnamed"):
+        elif (key and not key.endswith("_world") and not _NAPARI_AXIS.match(key) and key != "index"
+              and not h.startswith("Unnamed")):
             feature_idx[h] = i
     if "row" not in coord_idx or "col" not in coord_idx:
         raise ValueError(

@@ -46,7 +46,8 @@ def _read_points(path: Any) -> list:
 def world_transform(path: Path, points: np.ndarray) -> Optional[tuple[tuple, tuple]]:
     """``(scale, translate)`` that map the pixel columns of a points CSV onto its world columns.
 
-    The writer stores both (``row``/``col`` and ``row_world``/``col_world``); fitting
+    The writer stores both (``row``/``col`` and ``row_world``/``col_world``, the latter
+    also as napari's ``axis-0``/``axis-1``, used when the ``*_world`` columns are absent); fitting
     ``world = pixel * scale + translate`` per axis gives the points back their place next
     to the image they were counted in. An axis whose pixel values do not vary keeps scale 1
     (its translate still puts the points at their world position). None without world columns.
@@ -58,6 +59,9 @@ def world_transform(path: Path, points: np.ndarray) -> Optional[tuple[tuple, tup
     header = [h.strip().lower() for h in rows[0]] if rows else []
     names = (["plane"] if points.shape[1] == 3 else []) + ["row", "col"]
     cols = [header.index(f"{n}_world") if f"{n}_world" in header else -1 for n in names]
+    if min(cols) < 0:
+        axes = [f"axis-{k}" for k in range(len(names))]
+        cols = [header.index(a) if a in header else -1 for a in axes]
     if len(points) == 0 or min(cols) < 0:
         return None
     body = [r for r in rows[1:] if any(c.strip() for c in r)]
