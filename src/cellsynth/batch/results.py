@@ -105,6 +105,10 @@ class _Folder:
             return None
         return r
 
+    def has_records(self) -> bool:
+        """Whether any plane was recorded (a re-run may then have nothing to do)."""
+        return self.records.is_dir() and any(self.records.glob("*.json"))
+
     def write_record(self, key: str, rec: dict) -> None:
         io.write_json(self.records / f"{key}.json", rec, overwrite=True)
 
