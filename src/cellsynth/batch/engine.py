@@ -239,6 +239,15 @@ class _ClusterInBackground:
     def __init__(self, scheduler: Any, workers: Optional[int], threads_per_worker: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        # Imported here, in the calling thread, before the other one starts: the cluster's thread imports
+        # distributed (and with it dask) while the caller's planning imports dask.array, tifffile and zarr,
+        # and two threads importing one package at once can meet it half imported (KeyError: 'dask').
+        import dask.array  # noqa: F401
+        import distributed  # noqa: F401
+        import distributed.deploy.local  # noqa: F401
+        import tifffile  # noqa: F401
+        import zarr  # noqa: F401
+
         self._cm = cluster_client(scheduler, workers=workers, threads_per_worker=threads_per_worker)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cellsynth-cluster")
         self._started = self._pool.submit(self._cm.__enter__)
@@ -298,11 +307,13 @@ def cluster_client(scheduler: Any = None, *, workers: Optional[int] = None, thre
         # dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers, which fixes glibc's mmap threshold
         # at 128 kB: every array of a count is then mapped and unmapped anew (0.67 -> 1.14 s per 512x512
         # image here). The workers keep glibc's default, as the serial process does. Nor do they sample their
-        # own stacks every 10 ms for the dashboard's profile (~8 % of a count).
+        # own stacks every 10 ms for the dashboard's profile (~8 % of a count). Only critical log records are
+        # printed: the callers report failed tasks themselves, and a worker's heartbeat that meets the
+        # scheduler closing would print an ERROR with a traceback at the end of a good run.
         with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
                               "distributed.worker.profile.enabled": False, **_LOCAL_INTERVALS}):
             cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
-                                   silence_logs=logging.ERROR, env=env)
+                                   silence_logs=logging.CRITICAL, env=env)
         try:
             client = Client(cluster)
             try:
