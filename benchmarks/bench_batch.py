@@ -13,7 +13,9 @@ Prints
     onnxruntime's threads) and writes its points CSV; the batch side is the
     ``cellsynth count-batch --workers 2`` command (cluster start, the workers'
     imports and counter loads, records, points CSVs, ``counts.csv`` and the plot
-    included);
+    included); ``--rounds`` runs of each side in the order serial, batch, batch,
+    serial, ... (the speed of a shared machine drifts over minutes), their means
+    compared;
   * warm: the serial loop alone (counter loaded) vs ``count_batch`` on a cluster
     already started whose workers have each counted one plane.
 
@@ -26,7 +28,7 @@ Prints
   ``--large`` x ``--large`` uint16 tiled TIFF with ``count_large`` (never read
   whole; goal <= 2 GB for 20000 x 20000), with its count and time.
 
-Run: ``python benchmarks/bench_batch.py [--images 100] [--large 20000] [--skip-ratio] [--skip-startup] [--skip-large]``.
+Run: ``python benchmarks/bench_batch.py [--images 100] [--rounds 2] [--large 20000] [--skip-ratio] [--skip-startup] [--skip-large]``.
 The machine's other load changes the times: compare the ratios, measured in one run.
 """
 
@@ -90,7 +92,7 @@ def _warm_export() -> None:
     _onnx.export_bytes(load_counter("default", device="cpu"))
 
 
-def _ratio(n_images: int, workdir: Path) -> dict:
+def _ratio(n_images: int, workdir: Path, rounds: int = 2) -> dict:
     import tifffile
 
     from cellsynth.batch import BatchParams, cluster_client, count_batch
@@ -102,14 +104,30 @@ def _ratio(n_images: int, workdir: Path) -> dict:
     paths = sorted(folder.glob("*.tif"))
     _warm_export()
 
-    # end to end, each side a fresh process
-    t_serial, text = _timed([sys.executable, "-c", _SERIAL, str(folder), str(workdir / "serial")])
-    doc = json.loads(text.strip().splitlines()[-1])
+    # end to end, each side a fresh process, in the order serial, batch, batch, serial (the machine's speed
+    # drifts over minutes on shared hosts; this order gives both sides the same average moment)
+    serial_times, batch_times = [], []
+
+    def serial_run(k: int) -> dict:
+        wall, text = _timed([sys.executable, "-c", _SERIAL, str(folder), str(workdir / f"serial{k}")])
+        serial_times.append(wall)
+        return json.loads(text.strip().splitlines()[-1])
+
+    def batch_run(k: int) -> dict:
+        wall, _ = _timed([sys.executable, "-c", _CLI, "count-batch", str(folder), "--out", str(workdir / f"cold{k}"),
+                          "--workers", "2", "--device", "cpu", "--quiet"])
+        batch_times.append(wall)
+        with open(workdir / f"cold{k}" / "counts.csv", newline="") as fh:
+            return {Path(r["image"]).name: int(r["count"]) for r in csv.DictReader(fh)}
+
+    doc = serial_run(0)
+    cold_counts = batch_run(0)
+    if rounds > 1:
+        for k in range(1, rounds):
+            batch_run(k) if k % 2 else serial_run(k)
+            serial_run(k) if k % 2 else batch_run(k)
     serial = doc["counts"]
-    t_cold, _ = _timed([sys.executable, "-c", _CLI, "count-batch", str(folder), "--out", str(workdir / "cold"),
-                        "--workers", "2", "--device", "cpu", "--quiet"])
-    with open(workdir / "cold" / "counts.csv", newline="") as fh:
-        cold_counts = {Path(r["image"]).name: int(r["count"]) for r in csv.DictReader(fh)}
+    t_serial, t_cold = float(np.mean(serial_times)), float(np.mean(batch_times))
 
     # warm: cluster started, each worker has counted one plane
     params = BatchParams(model="default", device="cpu")
@@ -124,7 +142,8 @@ def _ratio(n_images: int, workdir: Path) -> dict:
         workers_torch = any(client.run(lambda: "torch" in sys.modules or "timm" in sys.modules).values())
     batch = {Path(r["image"]).name: r["count"] for r in warm.rows}
     return {
-        "images": n_images, "serial_end_to_end_s": round(t_serial, 2), "serial_loop_s": round(doc["loop_s"], 2),
+        "images": n_images, "serial_runs_s": [round(t, 1) for t in serial_times],
+        "batch_runs_s": [round(t, 1) for t in batch_times], "serial_end_to_end_s": round(t_serial, 2), "serial_loop_s": round(doc["loop_s"], 2),
         "batch_end_to_end_s": round(t_cold, 2), "batch_warm_s": round(t_warm, 2),
         "ratio_end_to_end": round(t_serial / t_cold, 3), "ratio_warm": round(doc["loop_s"] / t_warm, 3),
         "serial_engine": doc["engine"], "serial_threads": doc["threads"], "serial_torch": doc["torch"],
@@ -207,6 +226,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--large", type=int, default=20000)
     ap.add_argument("--large-model", default="default", help="counter of the large image (default: default)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="end-to-end runs of each side, in the order serial, batch, batch, serial, ... (default 2)")
     ap.add_argument("--skip-ratio", action="store_true")
     ap.add_argument("--skip-startup", action="store_true")
     ap.add_argument("--skip-large", action="store_true")
@@ -222,9 +243,10 @@ def main() -> None:
                 print(f"  {label}: {' / '.join(f'{t:.1f}' for t in s[name]['seconds'])} s "
                       f"({s[name]['count']} cells, engine {s[name]['engine']})")
         if not a.skip_ratio:
-            r = _ratio(a.images, work)
+            r = _ratio(a.images, work, max(1, a.rounds))
             print(f"{r['images']} images of 512x512, end to end (fresh processes, imports and model loads counted on "
-                  f"both sides): serial {r['serial_end_to_end_s']} s, 2 workers {r['batch_end_to_end_s']} s")
+                  f"both sides; mean of {len(r['serial_runs_s'])} runs each): serial {r['serial_end_to_end_s']} s "
+                  f"{r['serial_runs_s']}, 2 workers {r['batch_end_to_end_s']} s {r['batch_runs_s']}")
             print(f"warm (counter loaded, workers started): serial loop {r['serial_loop_s']} s "
                   f"({r['serial_engine']}, {r['serial_threads']} threads), 2 workers {r['batch_warm_s']} s")
             print(f"ratio serial / 2 workers: {r['ratio_end_to_end']:.2f} end to end, {r['ratio_warm']:.2f} warm "
