@@ -263,6 +263,39 @@ def test_sources_read_ome_zarr_png_and_refuse_bad_input(tmp_path):
 
 # ----------------------------------------------------------------------------- lazy path
 
+def test_small_planes_are_read_as_open_image_reads_them_without_dask_array(tmp_path):
+    import subprocess
+    import sys
+
+    from cellsynth.batch.sources import read_small_plane
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 60000, (40, 50)).astype(np.uint16)
+    cases = {"plain.tif": dict(data=img), "big_endian.tif": dict(data=img, byteorder=">"),
+             "compressed.tif": dict(data=img, compression="zlib"),
+             "cyx.tif": dict(data=np.stack([img, img // 2]), imagej=True, metadata={"axes": "CYX"}),
+             "rgb.tif": dict(data=rng.integers(0, 255, (40, 50, 3)).astype(np.uint8), photometric="rgb")}
+    for name, kw in cases.items():
+        tifffile.imwrite(tmp_path / name, **kw)
+        fast, ch = read_small_plane(tmp_path / name, 10_000)
+        lazy, lazy_ch = open_image(tmp_path / name).plane(())
+        assert ch == lazy_ch and fast.dtype == lazy.dtype and fast.dtype.isnative, name
+        np.testing.assert_array_equal(fast, np.asarray(lazy), err_msg=name)
+    tifffile.imwrite(tmp_path / "movie.tif", np.stack([img, img]), imagej=True, metadata={"axes": "TYX"})
+    assert read_small_plane(tmp_path / "movie.tif", 10_000) is None  # stacks: open_image
+    assert read_small_plane(tmp_path / "plain.tif", 1_999) is None  # large: counted in chunks
+    (tmp_path / "bad.tif").write_bytes(b"not a tiff")
+    assert read_small_plane(tmp_path / "bad.tif", 10_000) is None  # open_image says what is wrong
+    # a worker counting a small image imports neither dask.array nor zarr (1.4 s per worker)
+    code = ("import sys; from cellsynth.batch.engine import count_plane, BatchParams; "
+            f"r = count_plane({str(tmp_path / 'plain.tif')!r}, (), BatchParams(model='classic', diameter=8)); "
+            "print(r['count'], 'dask.array' in sys.modules, 'zarr' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1:] == ["False", "False"]
+    expected = count_cells(img, model="classic", diameter=8).count
+    assert int(out[0]) == expected
+
+
 def test_chunk_plan_cores_partition_the_axis_and_reads_hold_the_halo():
     for length in (50, 700, 1999, 5000):
         p = chunk_plan(length, core=448, halo=120)

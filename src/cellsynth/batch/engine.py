@@ -174,10 +174,10 @@ def count_plane(path: str, index: tuple, params: BatchParams, export: Optional[t
     """
     from ..count import count_cells
     from .lazy import count_large
-    from .sources import open_image
+    from .sources import open_image, read_small_plane
 
-    img = open_image(path)
-    arr, ch = img.plane(tuple(index))
+    small = None if index else read_small_plane(path, params.large_pixels)  # without dask.array when small
+    arr, ch = small if small is not None else open_image(path).plane(tuple(index))
     if export is not None:
         from ..count import _onnx
 
