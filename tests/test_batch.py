@@ -280,7 +280,7 @@ def test_small_planes_are_read_as_open_image_reads_them_without_dask_array(tmp_p
         fast, ch = read_small_plane(tmp_path / name, 10_000)
         lazy, lazy_ch = open_image(tmp_path / name).plane(())
         assert ch == lazy_ch and fast.dtype == lazy.dtype and fast.dtype.isnative, name
-        np.testing.assert_array_equal(fast, np.asarray(lazy), err_msg=name)
+        np.testing.assert_array_equal(fast, lazy.compute(scheduler="synchronous"), err_msg=name)
     tifffile.imwrite(tmp_path / "movie.tif", np.stack([img, img]), imagej=True, metadata={"axes": "TYX"})
     assert read_small_plane(tmp_path / "movie.tif", 10_000) is None  # stacks: open_image
     assert read_small_plane(tmp_path / "plain.tif", 1_999) is None  # large: counted in chunks
