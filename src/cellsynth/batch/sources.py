@@ -317,8 +317,8 @@ def read_small_plane(path: os.PathLike | str, max_pixels: int) -> Optional[tuple
             if not (len(shape) == 2 or (len(shape) == 3 and ch is not None)):
                 return None
             spatial = [s for i, s in enumerate(shape) if i != ch]
-            if spatial[0] * spatial[1] > max_pixels:
-                return None
+            if spatial[0] * spatial[1] > max_pixels or int(np.prod(shape)) > 4 * max_pixels:
+                return None  # large planes, or more than 4 channels' worth: read as open_image does
             data = series.asarray(level=0)
     except (tifffile.TiffFileError, ValueError, IndexError, OSError):
         return None
