@@ -133,14 +133,61 @@ def test_a_fresh_batch_starts_the_cluster_before_planning_and_a_finished_one_sta
             events.append("cluster")
             super().__init__(*args, **kwargs)
 
+    real_settings = engine._settings
     monkeypatch.setattr(engine, "open_image", lambda p: (events.append("plan"), real_open(p))[1])
+    monkeypatch.setattr(engine, "_settings", lambda params: (events.append("settings"), real_settings(params))[1])
     monkeypatch.setattr(engine, "_ClusterInBackground", Recorded)
     out = tmp_path / "out"
     assert count_batch([images / "plate"], out, params=CLASSIC, scheduler=client).counted == 9
-    assert events[0] == "cluster" and events.count("plan") == 9  # the cluster starts while the images are opened
+    # a new results folder: the cluster starts while the counter loads and the images are opened
+    assert events[:2] == ["cluster", "settings"] and events.count("plan") == 9
     events.clear()
     again = count_batch([images / "plate"], out, params=CLASSIC, scheduler=client)
     assert again.counted == 0 and "cluster" not in events and client.status == "running"
+
+
+def test_a_bad_model_is_refused_before_anything_is_written_and_the_early_cluster_closes(images, tmp_path):
+    import psutil
+
+    out = tmp_path / "new"
+    with pytest.raises(FileNotFoundError, match="no counter model"):  # a typo: refused before any cluster starts
+        count_batch([images / "plate"], out, params=BatchParams(model=str(tmp_path / "no-such-model")),
+                    scheduler="local", workers=1)
+    (tmp_path / "bad.safetensors").write_bytes(b"junk" * 10)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ValueError, match="bad.safetensors is not a readable"):  # found out while the cluster starts
+        count_batch([images / "plate"], out, params=BatchParams(model=str(tmp_path / "bad.safetensors")),
+                    scheduler="local", workers=1)
+    assert not out.exists()
+
+    def ours(p):
+        try:
+            return "resource_tracker" not in " ".join(p.cmdline())  # multiprocessing's, one per process for good
+        except psutil.Error:
+            return False
+
+    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and ours(p)]
+    gone, alive = psutil.wait_procs(new, timeout=10)
+    assert alive == [], [p.cmdline() for p in alive]  # the cluster started for the batch was closed
+
+
+def test_opening_an_image_reads_only_its_header(tmp_path):
+    # planning a batch opens every file: no pixels, no dask.array (which imports xarray and pandas), no zarr
+    import subprocess
+    import sys
+
+    img = np.arange(30 * 40 * 3, dtype=np.uint16).reshape(3, 30, 40)
+    tifffile.imwrite(tmp_path / "raw.tif", img, imagej=True, metadata={"axes": "TYX"})
+    tifffile.imwrite(tmp_path / "zip.tif", img[0], compression="zlib")
+    code = ("import sys; from cellsynth.batch.sources import open_image\n"
+            f"a, b = open_image({str(tmp_path / 'raw.tif')!r}), open_image({str(tmp_path / 'zip.tif')!r})\n"
+            "print(a.shape, a.stack_shape, a.stack_axes, a.n_planes, a.fingerprint()['shape'], b.shape, b.stack_shape,"
+            " 'dask.array' in sys.modules, 'zarr' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == "(3, 30, 40) (3,) T 3 [3, 30, 40] (30, 40) () False False".split(), out
+    a = open_image(tmp_path / "raw.tif")
+    np.testing.assert_array_equal(a.plane((2,))[0].compute(scheduler="synchronous"), img[2])
+    np.testing.assert_array_equal(open_image(tmp_path / "zip.tif").data.compute(scheduler="synchronous"), img[0])
 
 
 def test_interrupted_run_keeps_finished_planes(client, images, tmp_path):

@@ -239,14 +239,15 @@ class _ClusterInBackground:
     def __init__(self, scheduler: Any, workers: Optional[int], threads_per_worker: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        # Imported here, in the calling thread, before the other one starts: the cluster's thread imports
-        # distributed (and with it dask) while the caller's planning imports dask.array, tifffile and zarr,
-        # and two threads importing one package at once can meet it half imported (KeyError: 'dask').
-        import dask.array  # noqa: F401
+        # Imported here, in the calling thread, before the other one starts: two threads importing one package
+        # at once can meet it half imported (a plan that imported dask.array while the cluster's thread
+        # imported distributed, and with it dask, failed with KeyError: 'dask'). Meanwhile the caller loads the
+        # counter (scipy, scikit-image, onnxruntime) and reads the files' headers (tifffile; zarr for
+        # OME-Zarr); of what the cluster's start imports after these, only the standard library is common.
         import distributed  # noqa: F401
         import distributed.deploy.local  # noqa: F401
+        import psutil  # noqa: F401 (also imported by the counter's memory checks)
         import tifffile  # noqa: F401
-        import zarr  # noqa: F401
 
         self._cm = cluster_client(scheduler, workers=workers, threads_per_worker=threads_per_worker)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cellsynth-cluster")
@@ -402,12 +403,17 @@ def count_batch(
     params = params or BatchParams()
     out = Path(out)
     paths = find_images(list(inputs) if isinstance(inputs, (list, tuple)) else [inputs], skip=out)
-    settings, counter = _settings(params)
     folder = _Folder(out)
-    folder.check(settings, overwrite)
     with contextlib.ExitStack() as stack:
         cluster = None
-        if paths and (overwrite or not folder.has_records()):  # work ahead: start the cluster while planning
+        if paths and folder.is_new() and (params.model in ("default", "classic") or Path(params.model).exists()):
+            # all is work (a mistyped model is refused first): the cluster starts while the counter loads and
+            # the plan is made
+            cluster = _ClusterInBackground(scheduler, workers, threads_per_worker)
+            stack.callback(cluster.join)
+        settings, counter = _settings(params)
+        folder.check(settings, overwrite)
+        if cluster is None and paths and (overwrite or not folder.has_records()):
             cluster = _ClusterInBackground(scheduler, workers, threads_per_worker)
             stack.callback(cluster.join)
         return _count_batch(paths, out, params, settings, counter, folder, cluster, stack, scheduler=scheduler,

@@ -105,6 +105,13 @@ class _Folder:
             return None
         return r
 
+    def is_new(self) -> bool:
+        """Whether the folder does not exist yet or is empty (nothing in it to check or resume)."""
+        try:
+            return not self.out.exists() or (self.out.is_dir() and not any(self.out.iterdir()))
+        except OSError:
+            return False
+
     def has_records(self) -> bool:
         """Whether any plane was recorded (a re-run may then have nothing to do)."""
         return self.records.is_dir() and any(self.records.glob("*.json"))

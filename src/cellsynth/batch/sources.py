@@ -3,9 +3,10 @@
 TIFF and OME-TIFF open through tifffile's zarr store (only the strips or tiles
 read are decoded), OME-Zarr through zarr (the full-resolution level of its
 multiscales), PNG and JPEG are decoded whole (they are small by nature). Each
-image is a :class:`LazyImage`: a dask array, the axis that holds channels (as
-the file declares it, like ``cellsynth count`` reads it), and the stack axes
-whose planes are counted one by one.
+image is a :class:`LazyImage`: its shape and axes from the file's header, a
+dask array made on first use, the axis that holds channels (as the file
+declares it, like ``cellsynth count`` reads it), and the stack axes whose
+planes are counted one by one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import glob
 import itertools
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -112,39 +112,66 @@ def find_images(inputs: Iterable[Any], *, skip: Optional[os.PathLike] = None) ->
     return out
 
 
-@dataclass
 class LazyImage:
     """An image opened without reading its pixels.
+
+    Opening reads only the file's header (shape, axes); the dask array over the
+    pixels is made on first use of :attr:`data` (or :meth:`plane`), so planning
+    a batch of many files needs neither dask.array nor zarr.
 
     Attributes
     ----------
     path : Path
-    data : dask.array.Array
-        All of it, as stored.
+    shape : tuple of int
+        Shape of all of it, as stored.
     axes : str
         One letter per axis (``T``, ``Z``, ``C``, ``Y``, ``X``, ``S`` ...), ``""`` when unknown.
     channel_axis : int or None
         The axis holding channels, as the file declares it (None: none declared).
     """
 
-    path: Path
-    data: Any
-    axes: str
-    channel_axis: Optional[int]
+    def __init__(self, path: Path, data: Any, axes: str, channel_axis: Optional[int]) -> None:
+        self.path, self.axes, self.channel_axis = Path(path), axes, channel_axis
+        self._make, self._data, self.shape = None, data, tuple(int(s) for s in data.shape)
+
+    def __repr__(self) -> str:
+        return f"LazyImage({str(self.path)!r}, shape={self.shape}, axes={self.axes!r}, channel_axis={self.channel_axis})"
+
+    @classmethod
+    def deferred(cls, path: Path, shape, make, axes: str, channel_axis: Optional[int]) -> "LazyImage":
+        """An image whose dask array ``make()`` builds when first needed."""
+        img = cls.__new__(cls)
+        img.path, img.axes, img.channel_axis = Path(path), axes, channel_axis
+        img._make, img._data, img.shape = make, None, tuple(int(s) for s in shape)
+        return img
+
+    @property
+    def data(self):
+        """All of it, as stored: a dask array (made on first use)."""
+        if self._data is None:
+            data = self._make()
+            if tuple(data.shape) != self.shape:
+                raise ValueError(f"{self.path}: the file's header gives shape {self.shape} but it reads as {data.shape}")
+            self._data = data
+        return self._data
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
     @property
     def stack_shape(self) -> tuple[int, ...]:
         """Shape of the axes whose planes are counted one by one (``()`` for one plane)."""
-        shape = [s for i, s in enumerate(self.data.shape) if i != self.channel_axis]
-        if self.channel_axis is None and self.data.ndim >= 3 and self.data.shape[-1] <= 4 \
-                and min(self.data.shape[-3:-1]) > 4:
+        shape = [s for i, s in enumerate(self.shape) if i != self.channel_axis]
+        if self.channel_axis is None and self.ndim >= 3 and self.shape[-1] <= 4 \
+                and min(self.shape[-3:-1]) > 4:
             shape = shape[:-1]  # colour samples last (PNG, JPEG, RGB TIFF without axes)
         return tuple(shape[:-2])
 
     @property
     def stack_axes(self) -> str:
         """Letters of the stack axes (``"T"``, ``"ZT"``...), ``"P"`` per axis when the file does not say."""
-        if len(self.axes) == self.data.ndim:
+        if len(self.axes) == self.ndim:
             letters = [a for i, a in enumerate(self.axes) if i != self.channel_axis]
             return "".join(letters[: len(self.stack_shape)])
         return "P" * len(self.stack_shape)
@@ -175,15 +202,13 @@ class LazyImage:
         if p.is_dir():
             files = [f for f in (p / "zarr.json", p / ".zattrs", p / ".zgroup") if f.is_file()]
             st = [f.stat() for f in files]
-            return {"shape": list(self.data.shape), "mtime_ns": max(s.st_mtime_ns for s in st) if st else 0}
+            return {"shape": list(self.shape), "mtime_ns": max(s.st_mtime_ns for s in st) if st else 0}
         st = p.stat()
-        return {"shape": list(self.data.shape), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {"shape": list(self.shape), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _tiff(path: Path) -> LazyImage:
-    import dask.array as da
     import tifffile
-    import zarr
 
     try:
         with tifffile.TiffFile(path) as tif:
@@ -194,17 +219,24 @@ def _tiff(path: Path) -> LazyImage:
             dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
     except (tifffile.TiffFileError, ValueError, IndexError) as exc:
         raise ValueError(f"{path} is not a readable TIFF file: {exc}") from exc
+    ch = _declared_channel_axis(axes, shape)
     if offset is not None and (len(shape) == 2 or (len(shape) == 3 and axes.endswith("S"))):
         # An uncompressed image is one zarr chunk: read it in bands of rows instead.
-        return LazyImage(path, _bands(path, offset, shape, dtype), axes, _declared_channel_axis(axes, shape))
+        return LazyImage.deferred(path, shape, lambda: _bands(path, offset, shape, dtype), axes, ch)
+    return LazyImage.deferred(path, shape, lambda: _tiff_zarr(path), axes, ch)
+
+
+def _tiff_zarr(path: Path):
+    """A dask array over a TIFF's first series (full resolution) through tifffile's zarr store."""
+    import dask.array as da
+    import tifffile
+    import zarr
+
     store = tifffile.imread(path, aszarr=True, series=0, level=0)
     z = zarr.open(store, mode="r")
     if isinstance(z, zarr.Group):  # a pyramid: level 0 is full resolution
         z = z["0"]
-    data = da.from_zarr(z)
-    if tuple(data.shape) != shape:
-        raise ValueError(f"{path}: the TIFF's first series has shape {shape} but reads as {data.shape}")
-    return LazyImage(path, data, axes, _declared_channel_axis(axes, shape))
+    return da.from_zarr(z)
 
 
 def _read_rows(path: str, offset: int, r0: int, r1: int, shape, dtype) -> np.ndarray:
@@ -236,33 +268,41 @@ def _declared_channel_axis(axes: str, shape) -> Optional[int]:
 
 
 def _ome_zarr(path: Path) -> LazyImage:
-    import dask.array as da
     import zarr
+
+    def lazy(z):
+        import dask.array as da
+
+        return lambda: da.from_zarr(z)
 
     try:
         root = zarr.open(str(path), mode="r")
     except Exception as exc:  # whatever a broken store raises
         raise ValueError(f"{path} is not a readable zarr store: {exc}") from exc
     if isinstance(root, zarr.Array):
-        return LazyImage(path, da.from_zarr(root), "", None)
+        return LazyImage.deferred(path, root.shape, lazy(root), "", None)
     attrs = dict(root.attrs)
     ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
     if not ms:
         raise ValueError(f"{path} is a zarr group without OME-Zarr 'multiscales' metadata; expected an OME-Zarr image")
     level = ms[0]["datasets"][0]["path"]
-    arr = da.from_zarr(root[level])
+    arr = root[level]
     names = [a["name"] if isinstance(a, dict) else str(a) for a in ms[0].get("axes", [])]
     axes = "".join(n[:1].upper() for n in names) if len(names) == arr.ndim else ""
-    return LazyImage(path, arr, axes, _declared_channel_axis(axes, arr.shape))
+    return LazyImage.deferred(path, arr.shape, lazy(arr), axes, _declared_channel_axis(axes, arr.shape))
 
 
 def _flat(path: Path) -> LazyImage:
-    import dask.array as da
-
     from ..count.data import read_image_axes
 
     data, axis = read_image_axes(path)
-    return LazyImage(path, da.from_array(data, chunks=data.shape), "", axis)
+
+    def make():
+        import dask.array as da
+
+        return da.from_array(data, chunks=data.shape)
+
+    return LazyImage.deferred(path, data.shape, make, "", axis)
 
 
 def open_image(path: os.PathLike | str) -> LazyImage:
