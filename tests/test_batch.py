@@ -55,6 +55,9 @@ def test_local_cluster_bookkeeping_wakes_up_less_often_than_dasks_defaults(clien
     got = client.run(lambda: (dask.config.get("distributed.admin.tick.interval"),
                               dask.config.get("distributed.worker.memory.monitor-interval")))
     assert set(got.values()) == {("200ms", "500ms")}, got
+    # one task per worker thread: distributed's 1.1 gave a one-thread worker a second plane to wait behind its
+    # first, and at the end of a batch one worker could hold two while the other had none
+    assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) == 1.0
 
 
 @pytest.fixture()

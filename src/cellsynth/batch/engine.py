@@ -229,6 +229,11 @@ _LOCAL_INTERVALS = {"distributed.admin.tick.interval": "200ms", "distributed.adm
                     "distributed.worker.memory.monitor-interval": "500ms",
                     "distributed.scheduler.work-stealing-interval": "500ms"}
 
+#: Tasks a local worker holds per thread: one. distributed's 1.1 gives a one-thread worker a second task to
+#: wait behind the first, so at the end of a batch one worker can still hold two planes while the other has
+#: none (until work stealing moves one).
+_LOCAL_SATURATION = {"distributed.scheduler.worker-saturation": 1.0}
+
 
 class _ClusterInBackground:
     """:func:`cluster_client`, entered in a thread (the cluster starts while the caller plans), closed likewise.
@@ -312,7 +317,8 @@ def cluster_client(scheduler: Any = None, *, workers: Optional[int] = None, thre
         # printed: the callers report failed tasks themselves, and a worker's heartbeat that meets the
         # scheduler closing would print an ERROR with a traceback at the end of a good run.
         with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-                              "distributed.worker.profile.enabled": False, **_LOCAL_INTERVALS}):
+                              "distributed.worker.profile.enabled": False, **_LOCAL_INTERVALS,
+                              **_LOCAL_SATURATION}):
             cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
                                    silence_logs=logging.CRITICAL, env=env)
         try:
