@@ -37,7 +37,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..progress import ProgressCallback, report
-from .results import _Folder, _key, _names, _rows, _write_plot, _write_table
+from .results import _Folder, _key, _names, _prepare_plot, _rows, _write_plot, _write_table
 from .sources import find_images, open_image
 
 __all__ = ["BatchParams", "BatchResult", "cluster_client", "count_batch", "count_plane"]
@@ -485,7 +485,7 @@ def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, 
             f = client.submit(count_plane, str(r), index, params, export, key=f"count-plane-{key}", pure=False)
             futures[f] = (key, r, flat, index, fp)
         total = len(todo)
-        k = 0
+        k, plot_ready = 0, False
         try:
             for fut in as_completed(list(futures)):
                 key, r, flat, index, fp = futures[fut]
@@ -508,6 +508,8 @@ def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, 
                 if len(have[r]) == expected[r]:
                     finish_image(r)
                 report(progress, "planes", k, total, r.name)
+                if total - k < max(1, n_workers) and not plot_ready:  # a core is idle from now on
+                    plot_ready = _prepare_plot()
         finally:
             for fut in futures:
                 fut.cancel()

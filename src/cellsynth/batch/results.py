@@ -177,11 +177,18 @@ def _write_table(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def _prepare_plot() -> bool:
+    """Import what :func:`_write_plot` draws with (about half a second), e.g. while the last planes are counted."""
+    import matplotlib
+    import matplotlib.backends.backend_agg  # noqa: F401 (what savefig draws PNGs with)
+    import matplotlib.figure  # noqa: F401
+
+    return True
+
+
 def _write_plot(path: Path, rows: list[dict]) -> Path:
     """Counts per image (bars), or count over planes per image (lines) when there are stacks."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    _prepare_plot()
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 4.5), dpi=100)
@@ -199,10 +206,12 @@ def _write_plot(path: Path, rows: list[dict]) -> Path:
     else:
         names = [Path(k).name for k in by_image]
         counts = [float(v[0]["count"]) for v in by_image.values()]
-        ax.bar(range(len(counts)), counts, color="tab:blue")
         ax.set_xlabel("image")
         if len(names) <= 30:
+            ax.bar(range(len(counts)), counts, color="tab:blue")
             ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize="small")
+        else:  # one filled outline instead of a patch per image (100 bars take 0.16 s to place, 10,000 half a minute)
+            ax.stairs(counts, np.arange(len(counts) + 1) - 0.5, fill=True, color="tab:blue")
     ax.set_ylabel("cells")
     ax.set_title(f"Cell counts ({len(rows)} planes, {len(by_image)} images)")
     fig.tight_layout()
