@@ -51,6 +51,34 @@ def test_cli_parser_builds_without_heavy_imports():
     assert not loaded & set(HEAVY + GUI)
 
 
+def test_cli_command_map_lists_what_each_module_registers():
+    import argparse
+    import importlib
+
+    from cellsynth.cli import _COMMAND_MODULES, build_parser
+
+    for name, commands in _COMMAND_MODULES.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(name).register(sub)
+        assert tuple(sub.choices) == commands, name
+    everything = build_parser()._subparsers._group_actions[0].choices
+    for name, commands in _COMMAND_MODULES.items():
+        for command in commands:
+            one = build_parser(command)._subparsers._group_actions[0].choices
+            assert set(one) == set(commands) | {"demo", "settings"}
+            assert one[command].format_help() == everything[command].format_help()
+
+
+def test_a_batch_command_line_parses_without_scipy():
+    # the parser of one subcommand imports only its module: count-batch starts its workers sooner
+    loaded = _loaded_after("from cellsynth.cli import build_parser, _command\n"
+                           "argv = ['count-batch', 'in', '--out', 'o', '--diameter', '12']\n"
+                           "a = build_parser(_command(argv)).parse_args(argv)\n"
+                           "assert a.diameter == 12.0 and a.inputs == ['in'], a")
+    assert "scipy" not in loaded and "torch" not in loaded
+    assert _loaded_after("from cellsynth.cli import build_parser; build_parser('count')") >= {"scipy"}
+
+
 def test_napari_discovers_the_plugin_with_every_contribution():
     from npe2 import PluginManager
 

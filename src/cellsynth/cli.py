@@ -16,18 +16,30 @@ from typing import Optional, Sequence
 
 from . import __version__
 
-# Modules that provide ``register(subparsers)``; those not present are skipped.
-_COMMAND_MODULES = (
-    "cellsynth.layouts._cli",
-    "cellsynth.count._cli",
-    "cellsynth.stylize._cli",
-    "cellsynth.stain._cli",
-    "cellsynth.adapt._cli",
-    "cellsynth.batch._cli",
-)
+# Modules that provide ``register(subparsers)``, with the subcommands each registers (a test keeps the two
+# in step); those not present are skipped.
+_COMMAND_MODULES = {
+    "cellsynth.layouts._cli": ("layouts",),
+    "cellsynth.count._cli": ("count", "train-counter", "evaluate-counter", "export-counter"),
+    "cellsynth.stylize._cli": ("stylize", "stylize-dataset", "train-style", "import-token"),
+    "cellsynth.stain._cli": ("nsc", "stain", "simulate-stain-pairs", "train-stain", "evaluate-stain"),
+    "cellsynth.adapt._cli": ("adapt-counter", "retrain-counter"),
+    "cellsynth.batch._cli": ("count-batch",),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand named on a command line (its first word not starting with ``-``), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or only of ``command`` when a module registers it.
+
+    Importing a subcommand's module can take most of a second (numpy, scipy), and
+    a command line names one: ``main`` builds the parser of that one alone (a
+    batch then starts its workers sooner). Help and unknown commands get all.
+    """
     parser = argparse.ArgumentParser(
         prog="cellsynth",
         description="Synthetic cell layouts, stylization, virtual staining and cell counting.",
@@ -35,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cellsynth {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in _COMMAND_MODULES:
+    if command in ("demo", "settings"):
+        modules = []
+    else:
+        modules = [m for m, names in _COMMAND_MODULES.items() if command in names] or list(_COMMAND_MODULES)
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -144,7 +160,8 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if sys.stdin is not None and sys.stdin.isatty():
         from .settings import set_download_confirmer

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .. import io
-from ..count._cli import _diameter, _positive_float
+from .._cli_types import diameter_or_auto as _diameter, positive_float as _positive_float
 
 __all__ = ["register"]
 

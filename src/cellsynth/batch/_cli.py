@@ -44,7 +44,7 @@ def _workers(text: str) -> int:
 
 def register(subparsers) -> None:
     """Add ``count-batch`` to ``subparsers``."""
-    from ..count._cli import _diameter
+    from .._cli_types import diameter_or_auto as _diameter
 
     p = subparsers.add_parser(
         "count-batch", help="count cells in many images (folders, stacks, large images) on a dask cluster",

@@ -15,35 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
+from .._cli_types import cell_diameter, diameter_or_auto, positive_float
 
 __all__ = ["register"]
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
-#: Cell diameters a person can mean, in pixels: below one pixel there is nothing to count, and
-#: images are rescaled by (the model's diameter / this), so extreme values make absurd image sizes.
-DIAMETER_RANGE = (1.0, 4096.0)
-
-
-def _cell_diameter(text: str) -> float:
-    v = _positive_float(text)
-    low, high = DIAMETER_RANGE
-    if not low <= v <= high:
-        raise argparse.ArgumentTypeError(f"expected a cell diameter from {low:g} to {high:g} pixels, got {text!r}")
-    return v
-
-
-def _diameter(text: str):
-    return "auto" if text == "auto" else _cell_diameter(text)
+# the argument types live where a parser can import them without numpy; the names below are kept for callers
+_positive_float, _cell_diameter, _diameter = positive_float, cell_diameter, diameter_or_auto
 
 
 def check_scale(shape: tuple, diameter, model_diameter: float, *, what: str = "the image") -> None:
