@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-_CLI = "import sys; from cellsynth.cli import main; sys.exit(main(sys.argv[1:]))"
+_CLI = "import sys; from cellsynth.cli import run; sys.exit(run())"  # what the `cellsynth` command runs
 
 _SERIAL = r"""
 import json, sys, time

@@ -40,3 +40,21 @@ def test_console_script_help_documents_every_parameter():
         if f.name != "shape":
             assert "--" + f.name.replace("_", "-") in res.stdout
     assert "--size" in res.stdout and "--overwrite" in res.stdout
+
+
+def test_console_entry_point_output_and_exit_status(tmp_path):
+    # `cellsynth` runs cli.run: main, then an exit that skips the final garbage collection; what was printed
+    # to a pipe and written to files must all be there, and the status must be main's
+    from importlib.metadata import entry_points
+
+    entry = "import sys; from cellsynth.cli import run; sys.exit(run())"
+    out = tmp_path / "ds"
+    res = subprocess.run([sys.executable, "-c", entry, "layouts", "--n", "2", "--size", "40", "40", "--out", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("wrote 2 layouts") and res.stdout.endswith("\n")
+    assert len(io.read_json(out / "manifest.json")["items"]) == 2
+    bad = subprocess.run([sys.executable, "-c", entry, "layouts", "--n", "2", "--out", str(out)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and bad.stdout == ""
+    assert [e.value for e in entry_points(group="console_scripts") if e.name == "cellsynth"] == ["cellsynth.cli:run"]

@@ -122,6 +122,6 @@ def test_wheel_carries_the_manifest_and_resources(tmp_path):
         assert zf.read("cellsynth/napari.yaml").decode() == (ROOT / "napari.yaml").read_text()
         entry = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "napari-cellsynth = cellsynth:napari.yaml" in entry
-    assert "cellsynth = cellsynth.cli:main" in entry
+    assert "cellsynth = cellsynth.cli:run" in entry
     shipped = {p.relative_to(ROOT / "resources").as_posix() for p in (ROOT / "resources").rglob("*") if p.is_file()}
     assert {f"cellsynth/_resources/{s}" for s in shipped} <= names
