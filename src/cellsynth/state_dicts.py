@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["read_state_dict"]
+__all__ = ["read_state_dict", "load_restricted"]
 
 
 # Globals a training checkpoint (PyTorch Lightning, as the official Stable Diffusion and
@@ -74,9 +74,6 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     >>> read_state_dict(path)
     {'w': tensor([1., 1.])}
     """
-    import pickle
-    import zipfile
-
     import torch
 
     path = Path(path)
@@ -94,26 +91,59 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
     else:
-        try:
-            named = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except (zipfile.BadZipFile, RuntimeError, pickle.UnpicklingError, ValueError, EOFError) as err:
-            raise ValueError(f"{path} is not a readable torch checkpoint ({err})") from err
-        refused = sorted(name for name in named if not _inert_global(name))
-        if refused:
-            raise ValueError(
-                f"refusing to load {path}: it names globals that could run code when unpickled: "
-                f"{', '.join(refused)}. It was not loaded; convert it to .safetensors where it was made."
-            )
-        try:
-            with torch.serialization.safe_globals([(_Inert, name) for name in named]):
-                doc = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
-        except pickle.UnpicklingError as err:
-            raise ValueError(f"refusing to load {path}: {str(err).splitlines()[0]}") from err
-        except Exception as err:  # anything a crafted file can provoke is a bad file, not a crash
-            raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+        doc = load_restricted(path, _inert_global, _Inert, what="checkpoint",
+                              refusal="that could run code when unpickled: {names}. It was not loaded; convert it "
+                                      "to .safetensors where it was made.")
     while isinstance(doc, dict) and isinstance(doc.get("state_dict"), dict):
         doc = doc["state_dict"]
     tensors = {k: v for k, v in doc.items() if isinstance(v, torch.Tensor)} if isinstance(doc, dict) else {}
     if not tensors:
         raise ValueError(f"{path} holds no weights (no tensors in it or in its 'state_dict')")
     return tensors
+
+
+def load_restricted(path: str | os.PathLike, allowed, stand_in: type, *, refusal: str, what: str):
+    """``torch.load`` of a pickle checkpoint whose every named global passes ``allowed``, each read as ``stand_in``.
+
+    The globals are listed before anything is unpickled; a file naming one that
+    ``allowed(name)`` refuses is not loaded. Loading uses torch's restricted
+    (``weights_only``) unpickler, so nothing the file names is called.
+
+    Parameters
+    ----------
+    allowed : callable
+        ``allowed(name) -> bool`` for each global (``"module.Name"``) the file names.
+    stand_in : type
+        Read in place of every allowed global (it must only store what it is given).
+    refusal : str
+        The end of the refusal message: why such globals are refused, with
+        ``{names}`` where the refused names go.
+    what : str
+        What the file should be ("checkpoint", "InST embeddings file"), for the
+        message about an unreadable file.
+
+    Raises
+    ------
+    ValueError
+        Not a readable torch checkpoint, a refused global, or anything a
+        crafted file provokes while it is read.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        named = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (zipfile.BadZipFile, RuntimeError, pickle.UnpicklingError, ValueError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({err})") from err
+    refused = sorted(name for name in named if not allowed(name))
+    if refused:
+        raise ValueError(f"refusing to load {path}: it names globals " + refusal.format(names=", ".join(refused)))
+    try:
+        with torch.serialization.safe_globals([(stand_in, name) for name in named]):
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"refusing to load {path}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # anything a crafted file can provoke is a bad file, not a crash
+        raise ValueError(f"{path} is not a readable {what} ({type(err).__name__}: {err})") from err

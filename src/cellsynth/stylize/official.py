@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..state_dicts import load_restricted
 from ..weights import file_sha256
 from .mapper import StyleMapper
 from .tokens import StyleToken, load_token
@@ -121,29 +122,12 @@ def import_official_token(
         example code to execute), is not a readable checkpoint, or lacks the
         official keys.
     """
-    import pickle
-    import zipfile
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such token file: {path}")
-    try:
-        named = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except (zipfile.BadZipFile, RuntimeError, pickle.UnpicklingError, ValueError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({err})") from err
-    refused = sorted(set(named) - set(OFFICIAL_GLOBALS))
-    if refused:
-        raise ValueError(
-            f"refusing to load {path}: it names globals other than the known InST classes: "
-            f"{', '.join(refused)}. It may run code when unpickled; it was not loaded."
-        )
-    try:
-        with torch.serialization.safe_globals([(_StandIn, name) for name in OFFICIAL_GLOBALS]):
-            doc = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"refusing to load {path}: {str(err).splitlines()[0]}") from err
-    except Exception as err:  # anything else a crafted file can provoke is a bad file, not a crash
-        raise ValueError(f"{path} is not a readable InST embeddings file ({type(err).__name__}: {err})") from err
+    doc = load_restricted(path, set(OFFICIAL_GLOBALS).__contains__, _StandIn, what="InST embeddings file",
+                          refusal="other than the known InST classes: {names}. It may run code when unpickled; it "
+                                  "was not loaded.")
     if not isinstance(doc, dict) or "string_to_token" not in doc or "attention" not in doc:
         keys = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
         raise ValueError(f"{path} is not an InST embeddings file: expected keys 'string_to_token' and "
