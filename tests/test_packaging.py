@@ -55,7 +55,7 @@ def test_cli_command_map_lists_what_each_module_registers():
     import argparse
     import importlib
 
-    from cellsynth.cli import _COMMAND_MODULES, build_parser
+    from cellsynth.cli import _COMMAND_MODULES, _command, build_parser
 
     for name, commands in _COMMAND_MODULES.items():
         sub = argparse.ArgumentParser().add_subparsers()
@@ -67,6 +67,8 @@ def test_cli_command_map_lists_what_each_module_registers():
             one = build_parser(command)._subparsers._group_actions[0].choices
             assert set(one) == set(commands) | {"demo", "settings"}
             assert one[command].format_help() == everything[command].format_help()
+    # top-level help lists every command, whatever follows it
+    assert set(build_parser(_command(["-h", "count"]))._subparsers._group_actions[0].choices) == set(everything)
 
 
 def test_a_batch_command_line_parses_without_scipy():

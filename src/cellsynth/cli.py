@@ -30,8 +30,12 @@ _COMMAND_MODULES = {
 
 
 def _command(argv: Sequence[str]) -> Optional[str]:
-    """The subcommand named on a command line (its first word not starting with ``-``), or None."""
-    return next((a for a in argv if not a.startswith("-")), None)
+    """The subcommand a command line starts with, or None (no words, or a top-level option such as ``-h`` first).
+
+    >>> _command(["count-batch", "in/", "--out", "o"]), _command(["-h", "count"]), _command([])
+    ('count-batch', None, None)
+    """
+    return argv[0] if argv and not argv[0].startswith("-") else None
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
