@@ -135,7 +135,8 @@ class LazyImage:
         self._make, self._data, self.shape = None, data, tuple(int(s) for s in data.shape)
 
     def __repr__(self) -> str:
-        return f"LazyImage({str(self.path)!r}, shape={self.shape}, axes={self.axes!r}, channel_axis={self.channel_axis})"
+        return (f"LazyImage({str(self.path)!r}, shape={self.shape}, axes={self.axes!r}, "
+                f"channel_axis={self.channel_axis})")
 
     @classmethod
     def deferred(cls, path: Path, shape, make, axes: str, channel_axis: Optional[int]) -> "LazyImage":
@@ -151,7 +152,8 @@ class LazyImage:
         if self._data is None:
             data = self._make()
             if tuple(data.shape) != self.shape:
-                raise ValueError(f"{self.path}: the file's header gives shape {self.shape} but it reads as {data.shape}")
+                raise ValueError(f"{self.path}: the file's header gives shape {self.shape} but it reads as "
+                                 f"{data.shape}")
             self._data = data
         return self._data
 
