@@ -59,3 +59,23 @@ def _make_hub_cache(cache_dir, repo_id, commit, files):
 def make_hub_cache():
     """``make_hub_cache(cache_dir, repo_id, commit, files) -> snapshot folder``: a local stand-in for the hub cache."""
     return _make_hub_cache
+
+
+#: The docks as napari.yaml names them (Plugins > CellSynth > ...).
+DOCKS = {"CountWidget": "Count cells", "LoopWidget": "Counting loop", "LayoutsWidget": "Cell layouts",
+         "StylizeWidget": "Stylize (InST)", "StainWidget": "Virtual staining", "NSCWidget": "NSC masks"}
+
+
+@pytest.fixture
+def open_dock():
+    """``open_dock(viewer, "Count cells") -> widget``, opened the way the Plugins menu opens it.
+
+    napari then hands the widget a proxy of the viewer (every layer read through
+    it is a new proxy object), which a widget built directly never sees.
+    """
+
+    def _open(viewer, name: str):
+        _, widget = viewer.window.add_plugin_dock_widget("napari-cellsynth", name)
+        return widget
+
+    return _open

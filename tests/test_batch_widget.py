@@ -28,11 +28,11 @@ def _run(qtbot, w):
     return blocker.args[0]
 
 
-def test_stack_count_shows_a_table_per_frame_and_a_click_moves_the_viewer(make_napari_viewer, qtbot, tmp_path):
+def test_stack_count_shows_a_table_per_frame_and_a_click_moves_the_viewer(open_dock, make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     stack = _stack()
     viewer.add_image(stack, name="movie", scale=(2.0, 0.5, 0.5))
-    w = CountWidget(viewer)
+    w = open_dock(viewer, "Count cells")
     w.model.value = "classic"
     w.diameter.value.value = 12.0
     assert _run(qtbot, w) == "done"
@@ -62,14 +62,14 @@ def test_stack_count_shows_a_table_per_frame_and_a_click_moves_the_viewer(make_n
     assert drawn == []  # the hidden plot is not redrawn (drawing a figure holds the GUI thread ~0.1 s)
 
 
-def test_dask_layer_is_counted_lazily_with_the_same_points(make_napari_viewer, qtbot):
+def test_dask_layer_is_counted_lazily_with_the_same_points(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     stack = _stack(3)
     lazy = da.from_array(stack, chunks=(1, 40, 48))
     layer = viewer.add_image(lazy, name="lazy movie")
     assert is_lazy(layer_pixels(layer)) and not is_lazy(np.zeros(3))
     assert estimate_input(lazy).shape == (80, 96)  # the middle plane's crop, not the stack
-    w = CountWidget(viewer)
+    w = open_dock(viewer, "Count cells")
     w.model.value = "classic"
     w.diameter.value.value = 12.0
     assert _run(qtbot, w) == "done"

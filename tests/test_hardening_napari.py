@@ -105,12 +105,12 @@ def tiny_stain_model(tmp_path_factory):
     return out
 
 
-def test_stain_results_are_named_after_their_input(make_napari_viewer, qtbot, tiny_stain_model, one_torch_thread):
+def test_stain_results_are_named_after_their_input(open_dock, make_napari_viewer, qtbot, tiny_stain_model, one_torch_thread):
     viewer = make_napari_viewer()
     rng = np.random.default_rng(0)
     a = viewer.add_image(rng.integers(0, 255, (3, 24, 24)).astype(np.uint8), name="well A", scale=(1, 0.5, 0.5))
     b = viewer.add_image(rng.integers(0, 255, (3, 16, 16)).astype(np.uint8), name="well B", scale=(1, 2.0, 2.0))
-    w = StainWidget(viewer)
+    w = open_dock(viewer, "Virtual staining")
     w.model.value = tiny_stain_model
     w.form.steps.value = 2
     w.form.guidance.value = False
@@ -189,10 +189,10 @@ def test_device_menus_offer_only_devices_this_machine_has(make_napari_viewer, mo
         assert set(w.device.choices) <= real | {"auto", "cpu"}, (cls.__name__, w.device.choices)
 
 
-def test_layer_pickers_follow_a_renamed_layer(make_napari_viewer):
+def test_layer_pickers_follow_a_renamed_layer(open_dock, make_napari_viewer):
     viewer = make_napari_viewer()
     layer = viewer.add_image(np.zeros((3, 16, 16), np.uint8), name="before")
-    count, stain, nsc = CountWidget(viewer), StainWidget(viewer), NSCWidget(viewer)
+    count, stain, nsc = open_dock(viewer, "Count cells"), open_dock(viewer, "Virtual staining"), open_dock(viewer, "NSC masks")
     layer.name = "after"
 
     def labels(combo):
@@ -217,10 +217,10 @@ def _sample_nuclei():
     return read_tiff(path)[0]
 
 
-def test_count_progress_is_determinate_and_cancel_acts_within_a_second(make_napari_viewer, qtbot, one_torch_thread):
+def test_count_progress_is_determinate_and_cancel_acts_within_a_second(open_dock, make_napari_viewer, qtbot, one_torch_thread):
     viewer = make_napari_viewer()
     viewer.add_image(np.tile(_sample_nuclei(), (2, 2)), name="nuclei")
-    w = CountWidget(viewer)
+    w = open_dock(viewer, "Count cells")
     events = []
     w.runner._bridge.progress.connect(events.append)
     # let one run reach its tiles: the bar counts tiles
@@ -247,11 +247,11 @@ def test_count_progress_is_determinate_and_cancel_acts_within_a_second(make_napa
     assert [lay.name for lay in viewer.layers] == ["nuclei"]
 
 
-def test_a_cancelled_export_says_what_was_written_and_a_rerun_resumes(make_napari_viewer, qtbot, tmp_path):
+def test_a_cancelled_export_says_what_was_written_and_a_rerun_resumes(open_dock, make_napari_viewer, qtbot, tmp_path):
     from cellsynth import io
 
     viewer = make_napari_viewer()
-    w = LayoutsWidget(viewer)
+    w = open_dock(viewer, "Cell layouts")
     w.folder.value = tmp_path / "ds"
     w.n_export.value = 40
     w.form.set_values({"shape": (48, 48)})

@@ -61,7 +61,7 @@ def test_samples_hold_what_their_widgets_need():
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_each_widget_runs_on_its_sample(make_napari_viewer, qtbot):
+def test_each_widget_runs_on_its_sample(open_dock, make_napari_viewer, qtbot):
     """Count cells, Virtual staining and NSC masks run on their samples; the loop and Stylize pick theirs up."""
     from cellsynth._napari.count_widget import CountWidget, result_name
     from cellsynth._napari.loop_widget import LoopWidget
@@ -80,14 +80,14 @@ def test_each_widget_runs_on_its_sample(make_napari_viewer, qtbot):
             w.run_button.native.click()
         assert blocker.args[0] == "done", w.runner.last_error
 
-    count = CountWidget(viewer)
+    count = open_dock(viewer, "Count cells")
     count.image.value = viewer.layers["neurocyte_010"]
     run(count)
     n = len(viewer.layers[result_name("neurocyte_010")].data)
     assert 55 <= n <= 75  # 65 nuclei annotated in this image
 
     bf = viewer.layers["brightfield (simulated)"]
-    stain = StainWidget(viewer)
+    stain = open_dock(viewer, "Virtual staining")
     stain.layer.value = bf
     stain.form.steps.value = 4
     stain.form.guidance.value = False
@@ -98,7 +98,7 @@ def test_each_widget_runs_on_its_sample(make_napari_viewer, qtbot):
     baseline = max(abs(np.corrcoef(p.astype(float).ravel(), truth.ravel())[0, 1]) for p in bf.data)
     assert pcc > baseline + 0.2, (pcc, baseline)  # the stain says more about DNA than any brightfield plane
 
-    nsc = NSCWidget(viewer)
+    nsc = open_dock(viewer, "NSC masks")
     nsc.layer.value = bf
     nsc.channel.value = 1  # the in-focus plane
     run(nsc)
@@ -108,9 +108,9 @@ def test_each_widget_runs_on_its_sample(make_napari_viewer, qtbot):
     enrichment = abs(mask[cells].mean() - mask[~cells].mean())  # the masks follow structure, not noise
     assert enrichment > 0.1, enrichment
 
-    loop = LoopWidget(viewer)
+    loop = open_dock(viewer, "Counting loop")
     loop.image.value = viewer.layers["neurocyte_010"]
-    style = StylizeWidget(viewer)
+    style = open_dock(viewer, "Stylize (InST)")
     style.content.value = viewer.layers["content (layout)"]
     style.style.value = viewer.layers["style (real nuclei)"]
     assert loop.image.value.name == "neurocyte_010" and style.style.value.name == "style (real nuclei)"

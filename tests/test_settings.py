@@ -112,12 +112,12 @@ def test_cli_count_uses_the_default_counter_setting(tmp_path, capsys):
     assert doc["settings"]["default_counter"] == {"value": "classic", "source": str(settings_path())}
 
 
-def test_count_widget_starts_with_the_default_counter_setting(make_napari_viewer, monkeypatch, tmp_path):
+def test_count_widget_starts_with_the_default_counter_setting(open_dock, make_napari_viewer, monkeypatch, tmp_path):
     from cellsynth._napari.count_widget import CountWidget
 
     viewer = make_napari_viewer()
     monkeypatch.setenv("CELLSYNTH_COUNTER", "classic")
-    assert CountWidget(viewer).model.value == "classic"
+    assert open_dock(viewer, "Count cells").model.value == "classic"
     package = tmp_path / "mine.zip"
     package.write_bytes(b"")
     monkeypatch.setenv("CELLSYNTH_COUNTER", str(package))

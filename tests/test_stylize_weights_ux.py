@@ -151,7 +151,7 @@ def test_check_looks_on_this_computer_only(hub, tmp_path):
     assert hub.info_calls == [] and hub.downloads == []
 
 
-def test_download_reports_the_size_asked_of_the_hub(hub):
+def test_download_reports_the_size_asked_of_the_hub(open_dock, hub):
     from cellsynth.weights import download
 
     events = []
@@ -168,12 +168,10 @@ def test_download_reports_the_size_asked_of_the_hub(hub):
 
 
 def _dock(make_napari_viewer, qtbot, *images):
-    from cellsynth._napari.stylize_widget import StylizeWidget
-
     viewer = make_napari_viewer()
     for name, meta in images:
         viewer.add_image(np.zeros((16, 16), np.uint8), name=name, metadata=meta)
-    w = StylizeWidget(viewer)
+    _, w = viewer.window.add_plugin_dock_widget("napari-cellsynth", "Stylize (InST)")  # as the Plugins menu does
     qtbot.waitUntil(lambda: w.weights is not None, timeout=10000)  # the check at opening
     return viewer, w
 
@@ -263,12 +261,12 @@ def test_folder_and_file_pickers(make_napari_viewer, qtbot, hub, tmp_path, monke
     assert w.image_encoder.value == str(folder) and w.weights_label.text().startswith("Weights ready")
 
 
-def test_style_picker_does_not_default_to_the_content(make_napari_viewer, qtbot, hub):
+def test_style_picker_does_not_default_to_the_content(open_dock, make_napari_viewer, qtbot, hub):
     from cellsynth._napari.stylize_widget import StylizeWidget
 
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((16, 16), np.uint8), name=REAL[0])
-    w = StylizeWidget(viewer)
+    w = open_dock(viewer, "Stylize (InST)")
     assert w.content.value.name == "real" and w.style.value is None  # one image: no style yet
     viewer.add_image(np.zeros((16, 16), np.uint8), name=LAYOUT[0], metadata=LAYOUT[1])
     assert w.style.value is not None and w.style.value is not w.content.value
@@ -280,7 +278,7 @@ def test_style_picker_does_not_default_to_the_content(make_napari_viewer, qtbot,
     assert w.content.value.name == "layout" and w.style.value.name == "real"
 
 
-def test_weights_check_never_blocks_opening(make_napari_viewer, qtbot, hub, monkeypatch):
+def test_weights_check_never_blocks_opening(open_dock, make_napari_viewer, qtbot, hub, monkeypatch):
     """The check at opening runs off the GUI thread: a slow disk does not freeze the window."""
     from cellsynth.stylize import loading
 
@@ -296,7 +294,7 @@ def test_weights_check_never_blocks_opening(make_napari_viewer, qtbot, hub, monk
 
     viewer = make_napari_viewer()
     start = time.perf_counter()
-    w = StylizeWidget(viewer)
+    w = open_dock(viewer, "Stylize (InST)")
     assert time.perf_counter() - start < 2.0 and w.weights is None
     assert w.weights_label.text() == "Checking the weights…"
     gate.set()

@@ -19,11 +19,11 @@ def _run(qtbot, w):
     return blocker.args[0]
 
 
-def test_classic_count_gives_points_and_clicks_change_the_count(make_napari_viewer, qtbot):
+def test_classic_count_gives_points_and_clicks_change_the_count(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     lay = _layout()
     img = viewer.add_image(lay.image, name="nuclei", scale=(0.5, 0.5), translate=(3.0, 4.0))
-    w = CountWidget(viewer)
+    w = open_dock(viewer, "Count cells")
     assert w.image.value is img
     w.model.value = "classic"
     w.diameter.value.value = 15.0  # typing a diameter turns the estimate off
@@ -65,10 +65,10 @@ def _first(w):
     return w.count_label.text().splitlines()[0]
 
 
-def test_default_diameter_is_estimated_and_shown(make_napari_viewer, qtbot):
+def test_default_diameter_is_estimated_and_shown(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.add_image(_layout().image, name="nuclei")
-    w = CountWidget(viewer)
+    w = open_dock(viewer, "Count cells")
     assert w.diameter.auto.value is True and w.diameter.arg() == "auto"
     assert w.diameter.value.native.text() == "auto"
     w.model.value = "classic"
@@ -82,22 +82,22 @@ def test_default_diameter_is_estimated_and_shown(make_napari_viewer, qtbot):
     assert "found by the model" in w.legend.text() and "added by you" in w.legend.text()
 
 
-def test_channel_box_only_for_rgb_images(make_napari_viewer):
+def test_channel_box_only_for_rgb_images(open_dock, make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.add_image(_layout().image, name="gray")
     rgb = np.repeat(_layout().image[..., None], 3, axis=2)
     viewer.add_image(rgb, name="colour", rgb=True)
-    w = CountWidget(viewer)
+    w = open_dock(viewer, "Count cells")
     w.image.value = viewer.layers["colour"]
     assert w.channel.native.isVisibleTo(w) and w.channel.max == 2
     w.image.value = viewer.layers["gray"]
     assert not w.channel.native.isVisibleTo(w)
 
 
-def test_score_threshold_hides_low_points_and_the_count_follows(make_napari_viewer, qtbot):
+def test_score_threshold_hides_low_points_and_the_count_follows(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.add_image(_layout().image, name="nuclei")
-    w = CountWidget(viewer)
+    w = open_dock(viewer, "Count cells")
     w.model.value = "classic"
     w.diameter.value.value = 15.0
     assert _run(qtbot, w) == "done"
@@ -122,10 +122,10 @@ def test_score_threshold_hides_low_points_and_the_count_follows(make_napari_view
     assert (pts.features["source"] == "manual").sum() == 1
 
 
-def test_bad_model_file_reports_an_error_and_adds_nothing(make_napari_viewer, qtbot, tmp_path):
+def test_bad_model_file_reports_an_error_and_adds_nothing(open_dock, make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     viewer.add_image(_layout().image, name="nuclei")
-    w = CountWidget(viewer)
+    w = open_dock(viewer, "Count cells")
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"not weights")
     w.model.value = "file"
@@ -135,10 +135,10 @@ def test_bad_model_file_reports_an_error_and_adds_nothing(make_napari_viewer, qt
     assert len(viewer.layers) == 1
 
 
-def test_estimate_diameter_fills_the_field(make_napari_viewer, qtbot):
+def test_estimate_diameter_fills_the_field(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.add_image(_layout().image, name="nuclei")
-    w = CountWidget(viewer)
+    w = open_dock(viewer, "Count cells")
     with qtbot.waitSignal(w.runner.finished, timeout=60000):
         w.estimate_button.native.click()
     assert 9.0 <= w.diameter.value.value <= 22.0  # cells of the layout are ~15 px across
@@ -168,7 +168,7 @@ def test_points_csv_writer_and_reader_round_trip(make_napari_viewer, tmp_path):
     assert plain.features["source"].tolist() == ["model", "manual"]
 
 
-def test_regression_model_shows_window_counts_not_points(make_napari_viewer, qtbot, tmp_path):
+def test_regression_model_shows_window_counts_not_points(open_dock, make_napari_viewer, qtbot, tmp_path):
     import torch
 
     from cellsynth.count.models import counter_config, new_counter, save_counter
@@ -178,7 +178,7 @@ def test_regression_model_shows_window_counts_not_points(make_napari_viewer, qtb
     save_counter(counter.net, counter.config, tmp_path / "reg")
     viewer = make_napari_viewer()
     viewer.add_image(_layout().image, name="nuclei")
-    w = CountWidget(viewer)
+    w = open_dock(viewer, "Count cells")
     w.model.value = "file"
     w.model_file.value = tmp_path / "reg" / "model.safetensors"
     w.diameter.value.value = counter.diameter  # at the model's own scale: windows of 64 image pixels

@@ -19,9 +19,9 @@ def _click(qtbot, widget, button):
     return blocker.args[0]
 
 
-def test_generate_adds_then_updates_three_layers(make_napari_viewer, qtbot):
+def test_generate_adds_then_updates_three_layers(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
-    w = LayoutsWidget(viewer)
+    w = open_dock(viewer, "Cell layouts")
     _small(w)
     w.seed.value = 4
     assert _click(qtbot, w, w.generate_button) == "done"
@@ -41,9 +41,9 @@ def test_generate_adds_then_updates_three_layers(make_napari_viewer, qtbot):
     assert viewer.layers[IMAGE].metadata["cellsynth"]["seed"] == 5
 
 
-def test_parameters_persist_between_sessions(make_napari_viewer, qtbot):
+def test_parameters_persist_between_sessions(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
-    w = LayoutsWidget(viewer)
+    w = open_dock(viewer, "Cell layouts")
     _small(w, (48, 48))
     w.form.cell_size.value = 9.0
     _click(qtbot, w, w.generate_button)
@@ -51,9 +51,9 @@ def test_parameters_persist_between_sessions(make_napari_viewer, qtbot):
     assert w2.form.cell_size.value == 9.0 and tuple(w2.form.shape.value) == (48, 48)
 
 
-def test_bad_parameters_show_an_error_and_change_nothing(make_napari_viewer, qtbot):
+def test_bad_parameters_show_an_error_and_change_nothing(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
-    w = LayoutsWidget(viewer)
+    w = open_dock(viewer, "Cell layouts")
     w.form.count_min.value = 500
     w.form.count_max.value = 10
     w.generate_button.native.click()
@@ -61,9 +61,9 @@ def test_bad_parameters_show_an_error_and_change_nothing(make_napari_viewer, qtb
     assert len(viewer.layers) == 0 and not w.runner.running
 
 
-def test_draw_mode_edits_rerender_image_and_labels(make_napari_viewer, qtbot):
+def test_draw_mode_edits_rerender_image_and_labels(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
-    w = LayoutsWidget(viewer)
+    w = open_dock(viewer, "Cell layouts")
     _small(w)
     w.draw.value = True  # no layout yet: an empty canvas to draw on
     pts = viewer.layers[CENTRES]
@@ -87,9 +87,9 @@ def test_draw_mode_edits_rerender_image_and_labels(make_napari_viewer, qtbot):
     assert viewer.layers[IMAGE].metadata["cellsynth"]["operation"] == "layouts.draw"
 
 
-def test_export_with_progress_then_cancel_and_resume(make_napari_viewer, qtbot, tmp_path):
+def test_export_with_progress_then_cancel_and_resume(open_dock, make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
-    w = LayoutsWidget(viewer)
+    w = open_dock(viewer, "Cell layouts")
     _small(w, (40, 40))
     w.folder.value = tmp_path / "ds"
     w.n_export.value = 6
@@ -113,9 +113,9 @@ def test_export_with_progress_then_cancel_and_resume(make_napari_viewer, qtbot, 
     assert len(viewer.layers) == 0
 
 
-def test_export_into_a_foreign_folder_is_refused(make_napari_viewer, qtbot, tmp_path):
+def test_export_into_a_foreign_folder_is_refused(open_dock, make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
-    w = LayoutsWidget(viewer)
+    w = open_dock(viewer, "Cell layouts")
     _small(w, (40, 40))
     (tmp_path / "notes.txt").write_text("mine")
     w.folder.value = tmp_path
@@ -137,11 +137,11 @@ def test_plugin_widget_docks_from_the_manifest(make_napari_viewer):
     assert isinstance(widget, LayoutsWidget)
 
 
-def test_draw_mode_ellipses_become_cells_with_their_shape(make_napari_viewer, qtbot):
+def test_draw_mode_ellipses_become_cells_with_their_shape(open_dock, make_napari_viewer, qtbot):
     from cellsynth._napari.layouts_widget import ELLIPSES
 
     viewer = make_napari_viewer()
-    w = LayoutsWidget(viewer)
+    w = open_dock(viewer, "Cell layouts")
     _small(w, (64, 80))
     w.draw.value = True
     shapes = viewer.layers[ELLIPSES]
@@ -169,10 +169,10 @@ def test_draw_mode_ellipses_become_cells_with_their_shape(make_napari_viewer, qt
     assert w.count_label.text() == "Cells: 1"
 
 
-def test_draw_mode_keeps_the_look_of_the_shown_layout(make_napari_viewer, qtbot):
+def test_draw_mode_keeps_the_look_of_the_shown_layout(open_dock, make_napari_viewer, qtbot):
     """Adding a cell by hand changes that cell's pixels only: noise, background and contrast stay."""
     viewer = make_napari_viewer()
-    w = LayoutsWidget(viewer)
+    w = open_dock(viewer, "Cell layouts")
     _small(w, (64, 80))
     w.form.count_mean.value = 4
     w.seed.value = 7
@@ -194,11 +194,11 @@ def test_draw_mode_keeps_the_look_of_the_shown_layout(make_napari_viewer, qtbot)
     assert viewer.layers[IMAGE].metadata["cellsynth"]["seed"] == 7
 
 
-def test_add_drawn_layouts_to_a_dataset(make_napari_viewer, qtbot, tmp_path):
+def test_add_drawn_layouts_to_a_dataset(open_dock, make_napari_viewer, qtbot, tmp_path):
     from cellsynth.layouts import export_dataset, read_dataset
 
     viewer = make_napari_viewer()
-    w = LayoutsWidget(viewer)
+    w = open_dock(viewer, "Cell layouts")
     _small(w, (48, 56))
     w.folder.value = tmp_path / "drawn"
     w.add_button.native.click()  # nothing shown yet

@@ -65,15 +65,15 @@ def _fake_adapt(tiny_model, calls, delay=0.0):
     return fake
 
 
-def test_adapted_counter_is_saved_listed_and_counts(make_napari_viewer, qtbot, monkeypatch, tiny_model, _data_dir):
+def test_adapted_counter_is_saved_listed_and_counts(open_dock, make_napari_viewer, qtbot, monkeypatch, tiny_model, _data_dir):
     import cellsynth.adapt
 
     calls = []
     monkeypatch.setattr(cellsynth.adapt, "adapt_counter", _fake_adapt(tiny_model, calls))
     viewer = make_napari_viewer()
     viewer.add_image(_image(), name="nuclei", scale=(2.0, 2.0))
-    loop = LoopWidget(viewer)
-    count = CountWidget(viewer)
+    loop = open_dock(viewer, "Counting loop")
+    count = open_dock(viewer, "Count cells")
     assert loop.diameter.arg() == "auto"
     assert _click(qtbot, loop, loop.adapt_button) == "done"
     out = calls[0]["out"]
@@ -94,10 +94,21 @@ def test_adapted_counter_is_saved_listed_and_counts(make_napari_viewer, qtbot, m
     assert _click(qtbot, loop, loop.count_button) == "done"
     pts = viewer.layers[result_name("nuclei")]
     assert pts.metadata["cellsynth"]["path"] == str(out) and tuple(pts.scale) == (2.0, 2.0)
-    assert loop.count_label.text().startswith(f"Count: {len(pts.data)} ")
+    n = len(pts.data)
+    assert loop.count_label.text().startswith(f"Count: {n} ")
+    # clicks on the layer: the count in both docks (opened from the Plugins menu) follows at once
+    pts.add([[1.0, 1.0], [2.0, 60.0], [60.0, 2.0]])
+    pts.selected_data = {0, 1}
+    pts.remove_selected()
+    assert pts.metadata["count"] == n + 1
+    assert loop.count_label.text().startswith(f"Count: {n + 1} ")
+    count.image.value = viewer.layers["nuclei"]
+    pts.add([[3.0, 3.0]])
+    assert count.count_label.text().startswith(f"Count: {n + 2} ")
+    assert loop.count_label.text().startswith(f"Count: {n + 2} ")
 
 
-def test_cancel_leaves_layers_and_models_untouched(make_napari_viewer, qtbot, monkeypatch, tiny_model, _data_dir):
+def test_cancel_leaves_layers_and_models_untouched(open_dock, make_napari_viewer, qtbot, monkeypatch, tiny_model, _data_dir):
     import cellsynth.adapt
 
     calls = []
@@ -105,7 +116,7 @@ def test_cancel_leaves_layers_and_models_untouched(make_napari_viewer, qtbot, mo
     viewer = make_napari_viewer()
     viewer.add_image(_image(), name="nuclei")
     viewer.add_points(np.array([[5.0, 5.0]]), name=result_name("nuclei"))
-    loop = LoopWidget(viewer)
+    loop = open_dock(viewer, "Counting loop")
     before = [(lay.name, np.asarray(lay.data).copy()) for lay in viewer.layers]
     with qtbot.waitSignal(loop.runner.finished, timeout=60000) as blocker:
         loop.adapt_button.native.click()
@@ -119,7 +130,7 @@ def test_cancel_leaves_layers_and_models_untouched(make_napari_viewer, qtbot, mo
     assert recent_models() == [] and loop.model.value == "default" and loop.result_label.text() == ""
 
 
-def test_correct_mark_regions_and_retrain(make_napari_viewer, qtbot, monkeypatch, tiny_model, _data_dir,
+def test_correct_mark_regions_and_retrain(open_dock, make_napari_viewer, qtbot, monkeypatch, tiny_model, _data_dir,
                                           one_torch_thread):
     """Count (classic), correct by hand, mark a checked box, retrain the tiny counter for real."""
     import cellsynth.adapt
@@ -135,7 +146,7 @@ def test_correct_mark_regions_and_retrain(make_napari_viewer, qtbot, monkeypatch
     monkeypatch.setattr(cellsynth.adapt, "retrain_counter", spy)
     viewer = make_napari_viewer()
     viewer.add_image(_image(shape=(96, 96)), name="nuclei")
-    loop = LoopWidget(viewer)
+    loop = open_dock(viewer, "Counting loop")
     remember_model(tiny_model, kind="adapted", image="nuclei")  # as if adapted earlier
     assert str(tiny_model) in loop.model.choices
     loop.model.value = "classic"
@@ -166,11 +177,11 @@ def test_correct_mark_regions_and_retrain(make_napari_viewer, qtbot, monkeypatch
     assert recent_models()[0]["path"] == str(out)
 
 
-def test_count_all_open_images_keeps_edits(make_napari_viewer, qtbot):
+def test_count_all_open_images_keeps_edits(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.add_image(_image(3), name="a")
     viewer.add_image(_image(4), name="b")
-    loop = LoopWidget(viewer)
+    loop = open_dock(viewer, "Counting loop")
     loop.model.value = "classic"
     assert _click(qtbot, loop, loop.count_all_button) == "done"
     pa, pb = viewer.layers[result_name("a")], viewer.layers[result_name("b")]

@@ -36,10 +36,10 @@ def _brightfield(seed=0, shape=(32, 40)):
     return np.random.default_rng(seed).integers(0, 255, (3,) + shape).astype(np.uint8)
 
 
-def test_stain_adds_one_layer_per_channel_then_updates_in_place(make_napari_viewer, qtbot, tiny_model):
+def test_stain_adds_one_layer_per_channel_then_updates_in_place(open_dock, make_napari_viewer, qtbot, tiny_model):
     viewer = make_napari_viewer()
     src = viewer.add_image(_brightfield(), name="bf", scale=(1, 0.5, 0.5), translate=(0, 3, 4))
-    w = StainWidget(viewer)
+    w = open_dock(viewer, "Virtual staining")
     w.model.value = tiny_model
     w.form.steps.value = 2
     w.form.guidance.value = False
@@ -62,10 +62,10 @@ def test_stain_adds_one_layer_per_channel_then_updates_in_place(make_napari_view
     assert not np.array_equal(dna.data, first) and dna.metadata["cellsynth"]["seed"] == 5
 
 
-def test_stain_with_guidance_shows_round_masks(make_napari_viewer, qtbot, tiny_model):
+def test_stain_with_guidance_shows_round_masks(open_dock, make_napari_viewer, qtbot, tiny_model):
     viewer = make_napari_viewer()
     viewer.add_image(_brightfield(shape=(24, 24)), name="bf")
-    w = StainWidget(viewer)
+    w = open_dock(viewer, "Virtual staining")
     w.model.value = tiny_model
     w.form.steps.value = 2
     w.form.guidance.value = True
@@ -85,10 +85,10 @@ def test_stain_with_guidance_shows_round_masks(make_napari_viewer, qtbot, tiny_m
     assert stain_layer_name("DNA", "bf") in viewer.layers and "bf" in viewer.layers
 
 
-def test_stain_cancel_leaves_viewer_unchanged(make_napari_viewer, qtbot, tiny_model):
+def test_stain_cancel_leaves_viewer_unchanged(open_dock, make_napari_viewer, qtbot, tiny_model):
     viewer = make_napari_viewer()
     viewer.add_image(_brightfield(shape=(64, 64)), name="bf")
-    w = StainWidget(viewer)
+    w = open_dock(viewer, "Virtual staining")
     w.model.value = tiny_model
     w.form.steps.value = 200
     w.form.guidance.value = False
@@ -100,23 +100,23 @@ def test_stain_cancel_leaves_viewer_unchanged(make_napari_viewer, qtbot, tiny_mo
     assert [l.name for l in viewer.layers] == ["bf"]
 
 
-def test_stain_errors_are_shown(make_napari_viewer, qtbot, tiny_model):
+def test_stain_errors_are_shown(open_dock, make_napari_viewer, qtbot, tiny_model):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((2, 16, 16), np.float32), name="two planes")
-    w = StainWidget(viewer)
+    w = open_dock(viewer, "Virtual staining")
     w.model.value = tiny_model
     w.form.steps.value = 2
     assert _click(qtbot, w, w.run_button) == "error"
     assert "(3, M, N)" in w.runner.status.text() and len(viewer.layers) == 1
 
 
-def test_nsc_masks_per_channel_with_provenance(make_napari_viewer, qtbot):
+def test_nsc_masks_per_channel_with_provenance(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     stack = np.full((2, 64, 64), 10.0, np.float32)
     stack[0, 10:40, 10:40] = 200
     stack[1, 30:60, 30:60] = 200
     src = viewer.add_image(stack, name="cells", scale=(1, 2, 2))
-    w = NSCWidget(viewer)
+    w = open_dock(viewer, "NSC masks")
     w.form.k.value, w.form.r.value, w.form.fov.value = 2, 1, 64
     assert w.layer.value is src
     assert _click(qtbot, w, w.run_button) == "done", w.runner.last_error
@@ -131,11 +131,11 @@ def test_nsc_masks_per_channel_with_provenance(make_napari_viewer, qtbot):
     assert viewer.layers[mask_layer_name("cells", 1)] is m1 and len(viewer.layers) == 3
 
 
-def test_nsc_cancel_leaves_viewer_unchanged(make_napari_viewer, qtbot):
+def test_nsc_cancel_leaves_viewer_unchanged(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     img = np.random.default_rng(0).random((768, 768)).astype(np.float32)  # 49 fields of view
     viewer.add_image(img, name="img")
-    w = NSCWidget(viewer)
+    w = open_dock(viewer, "NSC masks")
     with qtbot.waitSignal(w.runner.finished, timeout=60000) as blocker:
         w.run_button.native.click()
         qtbot.waitUntil(lambda: w.runner.bar.value() >= 1, timeout=30000)
@@ -144,10 +144,10 @@ def test_nsc_cancel_leaves_viewer_unchanged(make_napari_viewer, qtbot):
     assert [l.name for l in viewer.layers] == ["img"]
 
 
-def test_nsc_channel_box_only_for_layers_with_channels(make_napari_viewer):
+def test_nsc_channel_box_only_for_layers_with_channels(open_dock, make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((32, 32), np.float32), name="gray")
-    w = NSCWidget(viewer)
+    w = open_dock(viewer, "NSC masks")
     hidden = w.channel.native.isHidden  # the dock itself is not shown here
     assert w.layer.value.name == "gray" and hidden()
     viewer.add_image(np.zeros((3, 32, 32), np.float32), name="stack")
@@ -158,10 +158,10 @@ def test_nsc_channel_box_only_for_layers_with_channels(make_napari_viewer):
     assert hidden()
 
 
-def test_nsc_bad_parameters_and_channel(make_napari_viewer, qtbot):
+def test_nsc_bad_parameters_and_channel(open_dock, make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((32, 32), np.float32), name="img")
-    w = NSCWidget(viewer)
+    w = open_dock(viewer, "NSC masks")
     w.form.input_size.value = 100  # not a multiple of the patch size
     w.run_button.native.click()
     assert "multiple of patch" in w.runner.status.text() and len(viewer.layers) == 1
@@ -173,13 +173,13 @@ def test_nsc_bad_parameters_and_channel(make_napari_viewer, qtbot):
     assert "channel 4" in w2.runner.status.text() and len(viewer.layers) == 2
 
 
-def test_train_from_the_widget_then_stain_with_it(make_napari_viewer, qtbot, tmp_path):
+def test_train_from_the_widget_then_stain_with_it(open_dock, make_napari_viewer, qtbot, tmp_path):
     from cellsynth.stain.simulate import simulate_stain_pairs
 
     data = simulate_stain_pairs(tmp_path / "pairs", 2, shape=(32, 32))
     viewer = make_napari_viewer()
     viewer.add_image(_brightfield(shape=(32, 32)), name="bf")
-    w = StainWidget(viewer)
+    w = open_dock(viewer, "Virtual staining")
     w.train_data.value, w.train_out.value = data, tmp_path / "model"
     w.train_epochs.value, w.train_crop.value = 1, 16
     # the Train button itself (one step per epoch: 2 fields of view fit in one batch)
@@ -194,13 +194,13 @@ def _saturation(rgba) -> float:
     return float(np.mean(np.where(top > 0, (top - rgb.min(-1)) / np.maximum(top, 1e-6), 0.0)))
 
 
-def test_stained_channels_read_clearly_over_the_brightfield(make_napari_viewer, qtbot, tiny_model):
+def test_stained_channels_read_clearly_over_the_brightfield(open_dock, make_napari_viewer, qtbot, tiny_model):
     """Channels get robust contrast limits and the brightfield is dimmed, not left to wash the colours out."""
     from cellsynth._napari.stain_widget import BRIGHTFIELD_OPACITY, CHANNEL_PERCENTILES
 
     viewer = make_napari_viewer(show=True)
     bf = viewer.add_image(_brightfield(shape=(48, 48)) // 2 + 120, name="bf")  # a grey brightfield, as a camera gives
-    w = StainWidget(viewer)
+    w = open_dock(viewer, "Virtual staining")
     w.model.value = tiny_model
     w.form.steps.value = 2
     w.form.guidance.value = False
@@ -226,7 +226,7 @@ def test_stained_channels_read_clearly_over_the_brightfield(make_napari_viewer, 
     assert np.allclose(channels[0].contrast_limits, np.percentile(channels[0].data, CHANNEL_PERCENTILES), rtol=1e-5)
 
 
-def test_input_pixels_are_read_in_the_worker_not_the_window(make_napari_viewer, qtbot, tiny_model):
+def test_input_pixels_are_read_in_the_worker_not_the_window(open_dock, make_napari_viewer, qtbot, tiny_model):
     """A lazy (dask) input is computed by the worker; clicking Stain or Compute masks reads no pixels.
 
     dask's synchronous scheduler computes blocks in the thread that asks for them.
@@ -243,7 +243,7 @@ def test_input_pixels_are_read_in_the_worker_not_the_window(make_napari_viewer, 
     viewer = make_napari_viewer()
     bf = _brightfield(shape=(32, 32))
     viewer.add_image(da.from_array(bf, chunks=bf.shape).map_blocks(record, dtype=bf.dtype), name="bf")
-    stain, nsc = StainWidget(viewer), NSCWidget(viewer)
+    stain, nsc = open_dock(viewer, "Virtual staining"), open_dock(viewer, "NSC masks")
     stain.model.value = tiny_model
     stain.form.steps.value = 2
     stain.form.guidance.value = False

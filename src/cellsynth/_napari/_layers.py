@@ -6,7 +6,21 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["upsert_layer", "provenance", "layer_class", "on_layer_renamed", "robust_limits"]
+__all__ = ["upsert_layer", "provenance", "layer_class", "on_layer_renamed", "robust_limits", "real_viewer"]
+
+
+def real_viewer(viewer):
+    """The viewer itself, where napari handed a widget a proxy of it.
+
+    napari gives widgets opened from the Plugins menu a ``PublicOnlyProxy`` of
+    the viewer, and every layer read through it is a new proxy object: ``is``
+    between two reads of the same layer is False, an ``id`` differs on each
+    read, and each attribute access inspects the caller's frame. The widgets
+    compare layers by identity (which result belongs to which image, which
+    layer's clicks to follow), so they keep the viewer behind the proxy and use
+    its public API only.
+    """
+    return getattr(viewer, "__wrapped__", viewer)
 
 
 def provenance(operation: str, **fields: Any) -> dict:

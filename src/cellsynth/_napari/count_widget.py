@@ -13,7 +13,7 @@ from qtpy.QtWidgets import QLabel, QWidget
 from ..device import device_choices
 from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, count_text, count_work,
                         refresh_count, result_name, show_points)
-from ._layers import on_layer_renamed, provenance
+from ._layers import on_layer_renamed, provenance, real_viewer
 from ._models import recent_models, registry_events
 from ._settings import start_with_default_counter
 from ._tasks import TaskRunner, dock_layout
@@ -46,7 +46,7 @@ class CountWidget(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        self.viewer = napari_viewer
+        self.viewer = real_viewer(napari_viewer)
         self.image = ComboBox(label="image", choices=self._image_layers)
         self.model = ComboBox(label="model", choices=model_choices, value="default",
                               tooltip="default: the shipped density counter; classic: seeded watershed in an "
@@ -86,6 +86,7 @@ class CountWidget(QWidget):
         self.image.changed.connect(self._on_image)
         self.runner.busy.connect(lambda b: [setattr(w, "enabled", not b) for w in (self.run_button, self.estimate_button)])
         self.viewer.layers.events.inserted.connect(self.image.reset_choices)
+        self.viewer.layers.events.inserted.connect(lambda e: self._on_image(self.image.value))
         self.viewer.layers.events.removed.connect(self.image.reset_choices)
         on_layer_renamed(self.viewer, self.image.reset_choices)
         self.viewer.layers.events.moved.connect(self.image.reset_choices)
@@ -116,7 +117,8 @@ class CountWidget(QWidget):
         if n:
             self.channel.max = n - 1
         points = self._points_layer()
-        if points is not None:
+        if points is not None:  # a result made here, in the Counting loop, or opened from a file
+            self.watch(points)
             self._sync_threshold(points)
             self.count_label.setText(count_text(points))
 

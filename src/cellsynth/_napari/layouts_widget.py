@@ -14,7 +14,7 @@ from superqt import QCollapsible
 
 from ..layouts import CELL_COLUMNS, LayoutParams, export_dataset, generate_layout, render_layout
 from ..layouts.dataset import append_layout
-from ._layers import provenance, upsert_layer
+from ._layers import provenance, real_viewer, upsert_layer
 from ._params import ParamsForm
 from ._tasks import TaskRunner, dock_layout
 
@@ -54,7 +54,7 @@ class LayoutsWidget(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        self.viewer = napari_viewer
+        self.viewer = real_viewer(napari_viewer)
         self.form = ParamsForm(LayoutParams, key="layouts")
         self.seed = SpinBox(value=0, min=0, max=2**31 - 1, label="seed")
         self.generate_button = PushButton(text="Generate")

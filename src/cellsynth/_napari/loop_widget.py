@@ -14,7 +14,7 @@ from qtpy.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QVBoxLayout, 
 from ..device import device_choices
 from ._counting import (LEGEND, DiameterField, channel_count, count_text, count_work, image_data, refresh_count,
                         result_name, show_points)
-from ._layers import on_layer_renamed
+from ._layers import on_layer_renamed, real_viewer
 from ._models import new_model_dir, registry_events, remember_model
 from ._tasks import TaskRunner
 from .count_widget import model_choices
@@ -77,7 +77,7 @@ class LoopWidget(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        self.viewer = napari_viewer
+        self.viewer = real_viewer(napari_viewer)
         self.params = None  # AdaptParams for adapting and retraining; None: the defaults
         # 1
         self.image = ComboBox(label="image", choices=self._image_layers)
@@ -149,6 +149,7 @@ class LoopWidget(QWidget):
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
                    self.viewer.layers.events.moved):
             ev.connect(self.image.reset_choices)
+        self.viewer.layers.events.inserted.connect(lambda e: self._on_image(self.image.value))
         on_layer_renamed(self.viewer, self.image.reset_choices)
         registry_events.changed.connect(self._models_changed)
 
@@ -165,6 +166,8 @@ class LoopWidget(QWidget):
 
     def _on_image(self, layer: Optional[Image]) -> None:
         pts = self._points_layer(layer)
+        if pts is not None:  # a result made here, in Count cells, or opened from a file
+            self._watch(pts)
         self.count_label.setText(count_text(pts) if pts is not None else "No count yet")
 
     def _points_layer(self, image: Optional[Image]) -> Optional[Points]:

@@ -11,7 +11,7 @@ from qtpy.QtWidgets import QLabel, QWidget
 from superqt import QCollapsible
 
 from ..stain.params import BACKBONES, FOREGROUND_MODES, NSCParams
-from ._layers import on_layer_renamed, provenance, upsert_layer
+from ._layers import on_layer_renamed, provenance, real_viewer, upsert_layer
 from ._params import ParamsForm
 from ._tasks import TaskRunner, dock_layout
 
@@ -39,7 +39,7 @@ class NSCWidget(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        self.viewer = napari_viewer
+        self.viewer = real_viewer(napari_viewer)
         self.layer = ComboBox(label="image", choices=self._layer_choices)
         self.channel = SpinBox(value=-1, min=-1, max=1024, label="channel (-1: all)")
         self.backbone = ComboBox(value="filters", choices=list(BACKBONES), label="backbone")

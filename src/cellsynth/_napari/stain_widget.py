@@ -11,7 +11,7 @@ from qtpy.QtWidgets import QLabel, QWidget
 from superqt import QCollapsible
 
 from ..stain.params import BACKBONES, PRESETS, SCHEDULERS, NSCParams, StainParams, stain_preset
-from ._layers import on_layer_renamed, provenance, robust_limits, upsert_layer
+from ._layers import on_layer_renamed, provenance, real_viewer, robust_limits, upsert_layer
 from ._params import ParamsForm
 from ._tasks import TaskRunner, dock_layout
 from .nsc_widget import image_layers
@@ -60,7 +60,7 @@ class StainWidget(QWidget):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        self.viewer = napari_viewer
+        self.viewer = real_viewer(napari_viewer)
         self.layer = ComboBox(label="brightfield", choices=self._layer_choices)
         self.model = FileEdit(mode="d", label="model folder (empty: default demo)", value="")
         self.scheduler = ComboBox(value="ddim", choices=list(SCHEDULERS), label="sampler")

@@ -15,7 +15,7 @@ from qtpy.QtWidgets import QFileDialog, QLabel, QSizePolicy, QWidget
 from superqt import QCollapsible
 
 from ..stylize.params import StylizeParams, TrainParams
-from ._layers import on_layer_renamed, provenance, upsert_layer
+from ._layers import on_layer_renamed, provenance, real_viewer, upsert_layer
 from ._params import ParamsForm
 from ._tasks import TaskRunner, dock_layout
 
@@ -96,7 +96,7 @@ class StylizeWidget(QWidget):
         super().__init__()
         from ..device import device_choices
 
-        self.viewer = napari_viewer
+        self.viewer = real_viewer(napari_viewer)
         self.token = None  # a token trained in this session
         self.content = ComboBox(label="content", choices=self._image_layers)
         self.style = ComboBox(label="style", choices=self._image_layers, nullable=True)
