@@ -569,3 +569,32 @@ def test_train_stain_and_save_token_remove_their_stale_part_files(tmp_path, one_
     train_stain(root, tmp_path / "m", config=_stain_cfg())
     _tiny_token(tmp_path / "tok")
     assert not any(p.exists() for p in stale)
+
+
+@pytest.mark.parametrize("command", ["adapt-counter", "retrain-counter"])
+def test_overwrite_of_a_counter_folder_never_removes_the_users_files(tmp_path, capsys, command):
+    img = tmp_path / "img.tif"
+    io.write_tiff(img, np.zeros((32, 32), np.uint8))
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "thesis.docx").write_bytes(b"years of work")
+    (out / "config.json").write_text("{}")
+    args = [command, str(img)]
+    if command == "retrain-counter":
+        pts = tmp_path / "p.csv"
+        pts.write_text("row,col\n5,5\n")
+        args.append(str(pts))
+    rc = main(args + ["--out", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "thesis.docx" in err and len(err.strip().splitlines()) == 1
+    assert (out / "thesis.docx").read_bytes() == b"years of work" and (out / "config.json").read_text() == "{}"
+
+
+def test_overwrite_replaces_a_folder_holding_only_a_counter(tmp_path):
+    from cellsynth.adapt._output import COUNTER_FILES, check_out
+
+    for name in COUNTER_FILES:
+        (tmp_path / name).write_text("x")
+    assert check_out(tmp_path, overwrite=True) == tmp_path
+    with pytest.raises(FileExistsError, match="not empty"):
+        check_out(tmp_path, overwrite=False)

@@ -38,6 +38,7 @@ __all__ = [
     "require_memory",
     "NotEnoughMemory",
     "read_tiff",
+    "tiff_layout",
     "write_tiff",
     "is_ome_zarr",
     "read_points_csv",
@@ -143,8 +144,11 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
             nbytes = int(np.prod(series.shape)) * np.dtype(series.dtype).itemsize
             require_memory(nbytes, what=f"reading {path} ({tuple(series.shape)} {np.dtype(series.dtype)})",
                            hint="crop or downsample the image first, or read it in tiles")
+            axes, keep = tiff_layout(tif)
             data = tif.asarray()
-            meta = {"axes": series.axes, "pixel_size": None, "unit": None, "channel_names": None}
+            if keep is not None:  # alpha samples are opacity, not signal
+                data = np.take(data, range(keep), axis=axes.index("S"))
+            meta = {"axes": axes, "pixel_size": None, "unit": None, "channel_names": None}
             if tif.ome_metadata:
                 names = re.findall(r'<Channel\b[^>]*?\bName="([^"]*)"', tif.ome_metadata)
                 meta["channel_names"] = names or None
@@ -178,6 +182,36 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
     except Exception as exc:  # truncated or corrupt files raise whatever the decoder meets (struct.error, ...)
         raise ValueError(f"{path} is not a readable TIFF file: {_first_line(exc)}") from exc
     return data, meta
+
+
+def tiff_layout(tif) -> tuple[str, Optional[int]]:
+    """How the first series of an open ``tifffile.TiffFile`` is read: its axes, and the samples to keep.
+
+    Returns
+    -------
+    axes : str
+        tifffile's axes of the series, except that samples stored plane by plane
+        in front of the rows (``"SYX"``: what ``tifffile.imwrite`` makes of an
+        array of 3 or 4 planes when no axes are given) in a file without ImageJ
+        or OME metadata are a stack of planes, ``"Q"``, not the colours of one
+        image.
+    keep : int or None
+        For colour samples followed by alpha samples (RGBA, grey + alpha), the
+        number of samples before the alpha; None when every sample is kept.
+    """
+    series = tif.series[0]
+    axes = str(series.axes)
+    page = tif.pages[0]
+    if "S" not in axes:
+        return axes, None
+    s = axes.index("S")
+    planar = "Y" in axes and s < axes.index("Y")
+    if planar and not (tif.is_imagej or tif.is_ome):
+        return axes.replace("S", "Q"), None
+    extra = [int(e) for e in (getattr(page, "extrasamples", None) or ())]
+    alpha = sum(1 for e in extra if e in (1, 2))  # associated or unassociated alpha
+    n = int(series.shape[s])
+    return axes, (n - alpha if 0 < alpha < n else None)
 
 
 def write_tiff(

@@ -13,6 +13,8 @@ from .. import io
 __all__ = ["check_out", "write_counter_folder", "REPORT_FILE"]
 
 REPORT_FILE = "adapt_report.json"
+#: What a counter folder holds; ``overwrite`` replaces a folder holding these and nothing else.
+COUNTER_FILES = frozenset({"model.safetensors", "config.json", REPORT_FILE})
 
 
 def check_out(out, overwrite: bool) -> Optional[Path]:
@@ -24,8 +26,16 @@ def check_out(out, overwrite: bool) -> Optional[Path]:
     p = Path(out).expanduser()
     if p.exists() and not p.is_dir():
         raise FileExistsError(f"out {str(p)!r} is a file; expected a folder for the counter")
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise FileExistsError(f"out folder {str(p)!r} is not empty; choose another folder or pass overwrite=True (--overwrite)")
+    if p.is_dir() and any(p.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"out folder {str(p)!r} is not empty; choose another folder or pass overwrite=True "
+                                  "(--overwrite)")
+        foreign = sorted(f.name for f in p.iterdir() if f.name not in COUNTER_FILES)
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise FileExistsError(f"out folder {str(p)!r} holds files this product did not write there "
+                                  f"({', '.join(foreign[:3])}{more}); overwrite replaces a counter folder only, "
+                                  "so choose another folder")
     return p
 
 

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from .. import io
+
 __all__ = ["IMAGE_SUFFIXES", "LazyImage", "find_images", "open_image", "read_small_plane"]
 
 #: File suffixes counted (plus OME-Zarr folders: ``*.zarr`` holding zarr metadata).
@@ -215,17 +217,23 @@ def _tiff(path: Path) -> LazyImage:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            axes = str(series.axes)
+            axes, keep = io.tiff_layout(tif)
             shape = tuple(series.shape)
             offset = series.dataoffset  # None unless the pixels lie in one uncompressed run
             dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
     except (tifffile.TiffFileError, ValueError, IndexError) as exc:
         raise ValueError(f"{path} is not a readable TIFF file: {exc}") from exc
-    ch = _declared_channel_axis(axes, shape)
     if offset is not None and (len(shape) == 2 or (len(shape) == 3 and axes.endswith("S"))):
         # An uncompressed image is one zarr chunk: read it in bands of rows instead.
-        return LazyImage.deferred(path, shape, lambda: _bands(path, offset, shape, dtype), axes, ch)
-    return LazyImage.deferred(path, shape, lambda: _tiff_zarr(path), axes, ch)
+        whole = lambda: _bands(path, offset, shape, dtype)  # noqa: E731
+    else:
+        whole = lambda: _tiff_zarr(path)  # noqa: E731
+    if keep is None:
+        return LazyImage.deferred(path, shape, whole, axes, _declared_channel_axis(axes, shape))
+    s = axes.index("S")  # alpha samples are opacity, not signal
+    kept = shape[:s] + (keep,) + shape[s + 1:]
+    return LazyImage.deferred(path, kept, lambda: whole()[(slice(None),) * s + (slice(0, keep),)], axes,
+                              _declared_channel_axis(axes, kept))
 
 
 def _tiff_zarr(path: Path):
@@ -354,9 +362,9 @@ def read_small_plane(path: os.PathLike | str, max_pixels: int) -> Optional[tuple
     try:
         with tifffile.TiffFile(p) as tif:
             series = tif.series[0]
-            axes, shape = str(series.axes), tuple(series.shape)
+            (axes, keep), shape = io.tiff_layout(tif), tuple(series.shape)
             ch = _declared_channel_axis(axes, shape)
-            if not (len(shape) == 2 or (len(shape) == 3 and ch is not None)):
+            if keep is not None or not (len(shape) == 2 or (len(shape) == 3 and ch is not None)):
                 return None
             spatial = [s for i, s in enumerate(shape) if i != ch]
             if spatial[0] * spatial[1] > max_pixels or int(np.prod(shape)) > 4 * max_pixels:

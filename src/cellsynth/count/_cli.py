@@ -218,6 +218,9 @@ def _count(args) -> int:
         scale = f"diameter {d:.1f} px ({res.meta.get('diameter_source')})" if d else str(res.meta.get("diameter_source"))
         if res.meta.get("kind") == "regression":
             print(f"{res.count:.2f} (sum of window counts, no positions; {scale})")
+        elif res.per_plane.size > 1:
+            per = ", ".join(str(int(round(float(v)))) for v in res.per_plane.ravel())
+            print(f"{res.count} cells in {res.per_plane.size} planes ({scale}; per plane: {per})")
         else:
             print(f"{res.count} cells ({scale})")
     return 0

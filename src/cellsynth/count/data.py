@@ -91,6 +91,9 @@ def read_image_axes(path: Union[str, os.PathLike]) -> tuple[np.ndarray, Optional
     TIFF files name their axes (ImageJ and OME TIFF: ``C`` for channels, ``S``
     for the colour samples of RGB), and so do OME-Zarr folders (read by the same
     :func:`~cellsynth.io.read_tiff`); PNG/JPEG colour images keep their samples last.
+    Alpha samples (RGBA, grey + alpha) are opacity, not signal, and are left out;
+    samples stored plane by plane without ImageJ/OME metadata are a stack
+    (see :func:`~cellsynth.io.tiff_layout`).
 
     Returns
     -------
@@ -126,7 +129,11 @@ def read_image_axes(path: Union[str, os.PathLike]) -> tuple[np.ndarray, Optional
         raise
     except Exception as exc:  # truncated or corrupt files, whatever the decoder raises
         raise ValueError(f"{path} is not a readable {kind} image: {io._first_line(exc)}") from exc
-    return data, (data.ndim - 1 if data.ndim == 3 and data.shape[-1] in (3, 4) else None)
+    if data.ndim == 3 and data.shape[-1] in (2, 4) and kind not in ("JPG", "JPEG"):
+        data = data[..., :-1]  # grey + alpha, RGBA: the alpha plane is opacity, not signal
+    if data.ndim == 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return data, (data.ndim - 1 if data.ndim == 3 and data.shape[-1] == 3 else None)
 
 
 def _require_decoded_memory(path: Path) -> None:
