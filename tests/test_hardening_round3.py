@@ -86,3 +86,51 @@ def test_rgba_tiff_opened_lazily_leaves_out_alpha(tmp_path):
     plane, ch = im.plane(())
     assert ch == 2 and np.asarray(plane).max() == 7
     assert read_small_plane(tmp_path / "a.tif", 10**6) is None  # left to open_image
+
+
+@pytest.mark.parametrize("make", [lambda g: g.astype(np.float64) * 1e-300, lambda g: g.astype(np.int64) - 10**12,
+                                  lambda g: g.astype(np.uint64) + np.uint64(2**62)],
+                         ids=["float64-1e-300", "int64-offset", "uint64-offset"])
+@pytest.mark.parametrize("model", ["classic", "default"])
+def test_tiny_or_offset_ranges_keep_their_contrast(tmp_path, capsys, make, model):
+    grey = _disks(7, seed=4)
+    tifffile.imwrite(tmp_path / "x.tif", make(grey))
+    assert abs(_count(capsys, tmp_path / "x.tif", "--model", model)["count"] - 7) <= 1
+
+
+def test_flat_images_stay_flat_in_every_type():
+    from cellsynth.count.preprocess import normalize_image
+
+    for x in (np.full((8, 8), 1e-300), np.full((8, 8), -10**12, np.int64), np.full((8, 8), 3.0, np.float32)):
+        assert not normalize_image(x).any()
+
+
+def test_a_diverged_training_is_never_saved(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    assert main(["layouts", "--n", "2", "--size", "64", "64", "--count-mean", "6", "--out", str(ds)]) == 0
+    capsys.readouterr()
+    rc = main(["train-counter", str(ds), "--out", str(tmp_path / "m"), "--lr", "1e6", "--epochs", "3",
+               "--steps-per-epoch", "2", "--batch-size", "2", "--crop", "64", "--backbone", "test_efficientnet",
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: training diverged") and "--lr" in err
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_a_counter_giving_non_finite_values_says_so(tmp_path, engine):
+    import torch
+
+    from cellsynth.count import count_cells, load_counter
+    from cellsynth.count._nets import build_net
+    from cellsynth.count.models import counter_config, save_counter
+
+    torch.manual_seed(0)
+    cfg = counter_config("density", backbone="test_efficientnet", blocks=3)
+    net = build_net(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(3e38)  # finite weights (they save), outputs that overflow
+    path = save_counter(net, cfg, tmp_path / "broken")
+    with pytest.raises(ValueError, match="NaN or infinite values"):
+        count_cells(_disks(5), counter=load_counter(path), diameter=8, engine=engine)

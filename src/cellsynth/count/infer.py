@@ -125,6 +125,10 @@ def _run_batches(counter: Counter, tiles: list[np.ndarray], batch_size: int, pro
             if counter.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             outs.append(net(x).float().cpu().numpy())
+        if not np.all(np.isfinite(outs[-1])):
+            raise ValueError(f"the counter {counter.name!r} gives NaN or infinite values on this image: its weights "
+                             "are broken (e.g. a diverged training); retrain it with a smaller learning rate or use "
+                             "another counter")
         done[0] += len(batch)
         report(progress, "tiles", done[0], total)
     return np.concatenate(outs, axis=0) if outs else np.zeros((0,))

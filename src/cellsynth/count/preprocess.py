@@ -57,19 +57,29 @@ def normalize_image(image: np.ndarray, *, low: float = 1.0, high: float = 99.8, 
         x = x.astype(np.uint8)
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
         raise TypeError(f"image must hold real numbers, got dtype {x.dtype}")
-    x = x.astype(np.float32, copy=False)
+    # float64 and 32/64-bit integers hold values float32 cannot tell apart (a range of 1e-300, or an
+    # offset of 1e12 with a contrast of 200): those are shifted and scaled in float64 first.
+    wide = x.dtype.itemsize > 4 or (x.dtype.kind in "iu" and x.dtype.itemsize >= 4)
+    if wide and x.dtype.kind in "iu" and percentiles is None and x.size:
+        # exact differences from the minimum (modulo 2**64 they cannot wrap), then float64: an offset of
+        # 2**62 leaves a contrast of 200 that float64 alone would round away
+        x = x.astype(np.uint64) - np.uint64(int(x.min()) % 2**64)
+    x = x.astype(np.float64 if wide else np.float32, copy=False)
     if not np.all(np.isfinite(x)):
         raise ValueError("image contains NaN or infinite values; replace them before counting")
     if percentiles is None:
         step = max(1, int(np.sqrt(x.size / 1_000_000)))
         sample = x[::step, ::step] if x.ndim == 2 else x.ravel()[:: step * step]
-        lo, hi, top = np.percentile(sample, [low, high, 99.99])
+        lo, hi, top = (float(v) for v in np.percentile(sample, [low, high, 99.99]))
     else:
         lo, hi, top = (float(v) for v in percentiles)
     hi = max(hi, lo + 0.2 * (top - lo))
-    if hi - lo <= 1e-12:
-        return np.zeros(x.shape, np.float32)
-    out = (x - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    span = hi - lo
+    if not span > 8 * np.finfo(x.dtype).eps * max(abs(lo), abs(hi)) or not np.isfinite(1.0 / span):
+        return np.zeros(x.shape, np.float32)  # flat (to the precision of its type)
+    if wide:
+        return np.clip((x - lo) * (1.0 / span), -clip / 5.0, clip).astype(np.float32)
+    out = (x - np.float32(lo)) * np.float32(1.0 / span)
     return np.clip(out, -clip / 5.0, clip, out=out)
 
 

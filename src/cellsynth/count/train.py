@@ -242,6 +242,20 @@ def _lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_gamma ** ((stage_epoch - 1) // cfg.lr_step)
 
 
+def _sane_output(net, x, cfg: TrainConfig) -> bool:
+    """Whether ``net`` gives finite outputs on the batch ``x``, and (density) at most one cell per pixel."""
+    import torch
+
+    with torch.no_grad():
+        pred = net(x).float()
+    if not bool(torch.isfinite(pred).all()):
+        return False
+    if cfg.kind == "regression":
+        return True
+    counts = pred.sum(dim=(1, 2, 3)) / float(cfg.density_scale)
+    return bool((counts.abs() <= x.shape[-2] * x.shape[-1]).all())
+
+
 def _loss(net, x, y, cfg: TrainConfig, weight=None):
     import torch.nn.functional as F
 
@@ -505,6 +519,12 @@ def train_counter(
         record = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": _lr_at(cfg, epoch),
                   "seconds": round(time.time() - t0, 2)}
         net.eval()
+        if not _sane_output(net, xt, cfg):  # a finite loss can hide weights grown to 1e20 and more
+            raise ValueError(
+                f"training diverged: after epoch {epoch} the model's output is not finite or counts more cells than "
+                f"pixels (learning rate {_lr_at(cfg, epoch):g}); try a smaller --lr (the best model of earlier epochs, "
+                "if any, stays in --out)"
+            )
         if val_items:
             counter = Counter(kind=mcfg["kind"], name="training", config=mcfg, net=net, device=dev, dtype=torch.float32)
             m = evaluate_counter(val_items, model=counter)
