@@ -134,3 +134,43 @@ def test_a_counter_giving_non_finite_values_says_so(tmp_path, engine):
     path = save_counter(net, cfg, tmp_path / "broken")
     with pytest.raises(ValueError, match="NaN or infinite values"):
         count_cells(_disks(5), counter=load_counter(path), diameter=8, engine=engine)
+
+
+@pytest.mark.parametrize("command", ["evaluate-counter", "train-counter"])
+@pytest.mark.parametrize("bad", ["../outside.tif", "ABS", "images/link.tif"])
+def test_dataset_manifests_cannot_name_files_outside_their_folder(tmp_path, capsys, command, bad):
+    ds = tmp_path / "ds"
+    assert main(["layouts", "--n", "2", "--size", "32", "32", "--count-mean", "3", "--out", str(ds)]) == 0
+    tifffile.imwrite(tmp_path / "outside.tif", _disks(3, shape=(32, 32), radius=2))
+    (ds / "images" / "link.tif").symlink_to(tmp_path / "outside.tif")
+    doc = json.loads((ds / "manifest.json").read_text())
+    doc["items"][1]["image"] = str(tmp_path / "outside.tif") if bad == "ABS" else bad
+    (ds / "manifest.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    args = ["--model", "classic"] if command == "evaluate-counter" else ["--out", str(tmp_path / "m"), "--quiet"]
+    assert main([command, str(ds), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and ("outside its folder" in err or "relative path" in err)
+
+
+@pytest.mark.parametrize("command", [["count", "IMG", "--model", "classic", "--quiet"], ["count-batch", "IMG", "--out", "OUT"],
+                                     ["layouts", "--n", "1", "--size", "32", "32", "--out", "OUT"]])
+@pytest.mark.parametrize("case", ["env", "folder", "file"])
+def test_settings_that_cannot_work_stop_every_command(tmp_path, capsys, monkeypatch, command, case):
+    tifffile.imwrite(tmp_path / "img.tif", _disks(3, shape=(32, 32), radius=2))
+    if case == "env":
+        monkeypatch.setenv("CELLSYNTH_DEVICE", "banana")
+        where = "CELLSYNTH_DEVICE"
+    else:
+        path = tmp_path / "settings"
+        if case == "folder":
+            path.mkdir()
+        else:
+            path.write_text('{"device": "tpu"}')
+        monkeypatch.setenv("CELLSYNTH_SETTINGS", str(path))
+        where = str(path)
+    args = [str(tmp_path / "img.tif") if a == "IMG" else str(tmp_path / "out") if a == "OUT" else a for a in command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and where in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

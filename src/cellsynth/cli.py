@@ -173,6 +173,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         set_download_confirmer(_ask_on_terminal)
     try:
+        if getattr(args, "command", None) not in (None, "settings"):  # `settings` is where a bad one is fixed
+            from .settings import load_settings
+
+            load_settings()  # a setting that cannot work stops every command, not only those that read it
         with _sigterm_as_interrupt():
             return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:

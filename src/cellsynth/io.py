@@ -45,6 +45,7 @@ __all__ = [
     "write_points_csv",
     "read_json",
     "write_json",
+    "path_inside",
     "json_default",
 ]
 
@@ -485,6 +486,41 @@ def read_points_csv(path: os.PathLike | str) -> tuple[np.ndarray, dict[str, np.n
 
 
 # ----------------------------------------------------------------------------- JSON
+
+def path_inside(root: os.PathLike | str, name: Any, *, what: str = "a file") -> Path:
+    """``root / name`` for a ``name`` a manifest gives, refused when it leaves ``root``.
+
+    Absolute names, ``..`` and symbolic links that lead out of ``root`` are
+    refused: a manifest names files of its own folder only.
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not a relative path to a place inside ``root``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> path_inside(root, "images/a.tif") == root / "images" / "a.tif"
+    True
+    >>> path_inside(root, "../a.tif")
+    Traceback (most recent call last):
+    ...
+    ValueError: ... names '../a.tif', outside its folder ...
+    """
+    root = Path(root)
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise ValueError(f"{root}: {what} names {name!r}, expected a relative path inside the folder")
+    path = root / name
+    base = root.resolve()
+    try:
+        path.resolve().relative_to(base)
+    except ValueError:
+        raise ValueError(f"{root}: {what} names {name!r}, outside its folder (through '..' or a link); "
+                         "a dataset's manifest may name files of its own folder only") from None
+    return path
+
 
 def write_json(path: os.PathLike | str, obj: Any, *, overwrite: bool = False) -> Path:
     """Write ``obj`` as indented JSON, atomically.

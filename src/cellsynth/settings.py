@@ -127,6 +127,9 @@ def _parse(name: str, value: Any, where: str) -> Any:
 
 
 def _read_file(path: Path) -> dict:
+    if path.exists() and not path.is_file():
+        raise ValueError(f"settings file {path} is a folder, not a file; expected a JSON file of settings "
+                         "(set CELLSYNTH_SETTINGS to a file, or remove the folder)")
     if not path.is_file():
         return {}
     try:

@@ -346,4 +346,7 @@ def read_dataset(path: os.PathLike | str) -> LayoutDataset:
         missing = [key for key in ("image", "centres", "n_cells") if key not in it]
         if missing:
             raise ValueError(f"{manifest_path}: item {k} lacks {missing}")
+        for key in ("image", "centres", "labels"):
+            if key in it and not (key == "labels" and not it[key]):
+                io.path_inside(manifest_path.parent, it[key], what=f"item {k}'s {key}")
     return LayoutDataset(root=manifest_path.parent, manifest=doc)
