@@ -174,3 +174,22 @@ def test_settings_that_cannot_work_stop_every_command(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert err.startswith("error:") and where in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("points, region, what", [
+    ("1e308,1e308", None, "outside the image"),
+    ("-3,5", None, "outside the image"),
+    ("5,40", None, "outside the image"),
+    ("5,5", ["-5", "-5", "10", "10"], "reaches outside the image"),
+    ("5,5", ["0", "0", "10", "99"], "reaches outside the image"),
+])
+def test_retrain_refuses_points_and_regions_outside_the_image(tmp_path, capsys, points, region, what):
+    tifffile.imwrite(tmp_path / "img.tif", _disks(3, shape=(32, 32), radius=2))
+    (tmp_path / "p.csv").write_text(f"row,col\n10,10\n{points}\n")
+    args = ["retrain-counter", str(tmp_path / "img.tif"), str(tmp_path / "p.csv"), "--out", str(tmp_path / "m")]
+    if region:
+        args += ["--region", *region]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and what in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()

@@ -349,6 +349,10 @@ class LoopWidget(QWidget):
         shapes = self.viewer.layers[name] if name in self.viewer.layers else None
         regions = checked_regions(shapes if isinstance(shapes, Shapes) else None, img.shape[:2])
         points = np.asarray(pts.data, dtype=float).copy()
+        inside = np.all((points >= -0.5) & (points <= np.asarray(img.shape[:2], float) - 0.5), axis=1)
+        if not inside.all():  # clicks beside the image are no cells of it
+            show_info(f"{int((~inside).sum())} point(s) of '{pts.name}' lie outside the image and are left out")
+            points = points[inside]
         out = new_model_dir(layer.name, "retrained")
         kwargs = dict(out=out, base=base, regions=None if regions is None else [regions],
                       diameter=self.diameter.arg(), minutes=float(self.retrain_minutes.value),

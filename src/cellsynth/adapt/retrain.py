@@ -49,11 +49,12 @@ from .stats import combine_stats, estimate_image_stats
 __all__ = ["retrain_counter", "region_mask", "region_error", "split_validation", "validation_error"]
 
 
-def _check_points(points, n: int) -> list[np.ndarray]:
+def _check_points(points, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    n = len(shapes)
     if isinstance(points, np.ndarray) or not isinstance(points, Sequence) or len(points) != n:
         raise ValueError(f"points must be a sequence of {n} arrays of shape (K, 2), one per image")
     out = []
-    for i, pts in enumerate(points):
+    for i, (pts, shape) in enumerate(zip(points, shapes)):
         a = np.asarray(pts, dtype=float)
         if a.size == 0:
             a = np.zeros((0, 2))
@@ -61,6 +62,12 @@ def _check_points(points, n: int) -> list[np.ndarray]:
             raise ValueError(f"points[{i}] must have shape (K, 2) as (row, col), got {a.shape}")
         if not np.all(np.isfinite(a)):
             raise ValueError(f"points[{i}] contains NaN or infinite values")
+        off = (a < -0.5).any(axis=1) | (a[:, 0] > shape[0] - 0.5) | (a[:, 1] > shape[1] - 0.5)
+        if off.any():
+            r, c = a[np.flatnonzero(off)[0]]
+            raise ValueError(f"points[{i}]: {int(off.sum())} of {len(a)} points lie outside the image of "
+                             f"{shape[0]}x{shape[1]} pixels (e.g. row {r:.6g}, col {c:.6g}); expected (row, col) "
+                             "pixel coordinates of this image")
         out.append(a)
     return out
 
@@ -80,8 +87,12 @@ def _check_regions(regions, shapes: list[tuple[int, int]]) -> list[Optional[list
             b = np.asarray(box, dtype=float).ravel()
             if b.size != 4 or not np.all(np.isfinite(b)):
                 raise ValueError(f"regions[{i}] box {box!r} must be (row0, col0, row1, col1)")
-            r0, c0 = max(0, int(np.floor(b[0]))), max(0, int(np.floor(b[1])))
-            r1, c1 = min(shape[0], int(np.ceil(b[2]))), min(shape[1], int(np.ceil(b[3])))
+            if b[0] < 0 or b[1] < 0 or b[2] > shape[0] or b[3] > shape[1]:
+                raise ValueError(f"regions[{i}] box {tuple(float(v) for v in b)} reaches outside the image of "
+                                 f"{shape[0]}x{shape[1]} pixels; expected 0 <= row0 < row1 <= {shape[0]} and "
+                                 f"0 <= col0 < col1 <= {shape[1]}")
+            r0, c0 = int(np.floor(b[0])), int(np.floor(b[1]))
+            r1, c1 = int(np.ceil(b[2])), int(np.ceil(b[3]))
             if r1 <= r0 or c1 <= c0:
                 raise ValueError(f"regions[{i}] box {box!r} is empty inside the image of shape {shape}; "
                                  "expected row0 < row1 and col0 < col1 overlapping the image")
@@ -299,7 +310,7 @@ def retrain_counter(
         if len(planes) != 1:
             raise ValueError(f"images[{i}] is a stack of {len(planes)} planes; retraining takes 2D images")
         shapes.append(planes.shape[1:])
-    pts = _check_points(points, len(imgs))
+    pts = _check_points(points, shapes)
     boxes = _check_regions(regions, shapes)
     check_budget(minutes, seed)
     out = check_out(out, overwrite)
