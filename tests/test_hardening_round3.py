@@ -193,3 +193,79 @@ def test_retrain_refuses_points_and_regions_outside_the_image(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.startswith("error:") and what in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+def _bad_inputs(root):
+    """The inputs of the one-line-error cases below, made once."""
+    import struct
+    import zipfile
+    import zlib
+
+    from skimage.io import imsave
+
+    tifffile.imwrite(root / "one.tif", _disks(3, shape=(32, 32), radius=2))
+    tifffile.imwrite(root / "bf_complex.tif", (np.ones((3, 32, 32)) + 1j).astype(np.complex64))
+    imsave(root / "small.png", _disks(2, shape=(32, 32), radius=2), check_contrast=False)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nxxxx")
+    (root / "empty.png").write_bytes(b"")
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0)  # declares 10**10 pixels
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+                                    + chunk(b"IEND", b""))
+    with zipfile.ZipFile(root / "notyaml.zip", "w") as z:
+        z.writestr("rdf.yaml", "a: [b\n  c: : :")
+    with zipfile.ZipFile(root / "pytag.zip", "w") as z:
+        z.writestr("rdf.yaml", f'x: !!python/object/apply:os.system ["touch {root / "RAN"}"]\n')
+    (root / "tok.pt").write_bytes(b"not a token")
+    fovs = root / "pairs"
+    for name, subs in (("a", ("brightfield", "fluorescence")), ("b", ("brightfield",))):
+        for sub in subs:
+            (fovs / name / sub).mkdir(parents=True)
+            tifffile.imwrite(fovs / name / sub / "0_x.tif", np.ones((16, 16), np.float32))
+    assert main(["layouts", "--n", "2", "--size", "32", "32", "--count-mean", "3", "--out", str(root / "ds")]) == 0
+
+
+CASES = {
+    "stain complex": (["stain", "{r}/bf_complex.tif", "--out", "{r}/o"], "real numbers"),
+    "nsc channel": (["nsc", "{r}/one.tif", "--channel", "5", "--out", "{r}/o.tif"], "--channel 5 does not exist"),
+    "train-stain half pair": (["train-stain", "{r}/pairs", "--out", "{r}/o"], "no 'fluorescence/' folder"),
+    "train-stain channels": (["train-stain", "{r}/pairs", "--block-out-channels", "-8", "16", "--out", "{r}/o"],
+                             "--block-out-channels must"),
+    "train-stain timesteps": (["train-stain", "{r}/pairs", "--timesteps", "0", "--out", "{r}/o"], "--timesteps must"),
+    "import-token placeholder": (["import-token", "{r}/tok.pt", "--placeholder", "", "--out", "{r}/o"],
+                                 "placeholder must be one word"),
+    "train-counter backbone": (["train-counter", "{r}/ds", "--backbone", "banana", "--out", "{r}/o"],
+                               "not a timm model"),
+    "train-counter cutmix": (["train-counter", "{r}/ds", "--strategy", "cutmix", "--out", "{r}/o"], "--synthetic"),
+    "count rdf not yaml": (["count", "{r}/one.tif", "--model", "{r}/notyaml.zip"], "not valid YAML"),
+    "count rdf python tag": (["count", "{r}/one.tif", "--model", "{r}/pytag.zip"], "not plain YAML data"),
+}
+for _kind in ("broken", "empty", "bomb"):
+    _why = {"broken": "not a readable PNG", "empty": "empty (0 bytes)", "bomb": "not a readable PNG"}[_kind]
+    CASES[f"stylize content {_kind}"] = (["stylize", f"{{r}}/{_kind}.png", "--style", "{r}/small.png", "--token", "t",
+                                          "--model", "m", "--out", "{r}/o.tif"], _why)
+    CASES[f"stylize style {_kind}"] = (["stylize", "{r}/small.png", "--style", f"{{r}}/{_kind}.png", "--token", "t",
+                                        "--model", "m", "--out", "{r}/o.tif"], _why)
+    CASES[f"train-style {_kind}"] = (["train-style", f"{{r}}/{_kind}.png", "--model", "m", "--out", "{r}/o"], _why)
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    _bad_inputs(root)
+    return root
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gets_one_error_line(bad_root, capsys, case):
+    args, why = CASES[case]
+    capsys.readouterr()
+    rc = main([a.format(r=bad_root) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and why in lines[0], err
+    assert not (bad_root / "o").exists() and not (bad_root / "o.tif").exists() and not (bad_root / "RAN").exists()

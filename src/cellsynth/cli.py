@@ -149,7 +149,9 @@ def _remove_unfinished() -> None:
 
 #: Library arguments named in error messages, and the flags a person types instead.
 _FLAGS = (("call with offline=False", "run without --offline"), ("offline=False", "no --offline"),
-          ("offline=True", "--offline"), ("overwrite=True", "--overwrite"), ("resume=True", "--resume"))
+          ("offline=True", "--offline"), ("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
+          ("(synthetic=...)", "(--synthetic)"), ("(train=...)", "(TRAIN)"),
+          ("num_train_timesteps must", "--timesteps must"), ("block_out_channels must", "--block-out-channels must"))
 
 
 def _cli_wording(message: str) -> str:

@@ -38,6 +38,7 @@ __all__ = [
     "require_memory",
     "NotEnoughMemory",
     "read_tiff",
+    "read_picture",
     "tiff_layout",
     "write_tiff",
     "is_ome_zarr",
@@ -183,6 +184,43 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
     except Exception as exc:  # truncated or corrupt files raise whatever the decoder meets (struct.error, ...)
         raise ValueError(f"{path} is not a readable TIFF file: {_first_line(exc)}") from exc
     return data, meta
+
+
+def read_picture(path: os.PathLike | str) -> np.ndarray:
+    """Read a PNG or JPEG file (samples last, as decoded), refusing what cannot be read in one line.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        A missing, empty, truncated or corrupt file; one whose header declares
+        more pixels than the memory free now (:class:`NotEnoughMemory`, checked
+        before decoding) or than the decoder's guard against decompression bombs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such image file: {path}")
+    kind = path.suffix.lstrip(".").upper() or "image"
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes); expected a {kind} image")
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            cols, rows = im.size
+            bands = len(im.getbands())
+    except Exception:  # unreadable header: the decoder names the problem below
+        pass
+    else:
+        require_memory(8.0 * rows * cols * bands, what=f"reading {path} ({rows}x{cols}, {bands} band(s))",
+                       hint="crop or downsample the image first")
+    from skimage.io import imread
+
+    try:
+        return np.asarray(imread(str(path)))
+    except NotEnoughMemory:
+        raise
+    except Exception as exc:  # truncated or corrupt files, decompression bombs: whatever the decoder raises
+        raise ValueError(f"{path} is not a readable {kind} image: {_first_line(exc)}") from exc
 
 
 def tiff_layout(tif) -> tuple[str, Optional[int]]:

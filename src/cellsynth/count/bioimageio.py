@@ -481,7 +481,16 @@ def _read_rdf(path: Path) -> tuple[dict, dict]:
         rdf_name = _rdf_name(zf)
         if rdf_name is None:
             raise ValueError(f"{path} holds no rdf.yaml; expected a bioimage.io model package")
-        rdf = yaml.safe_load(zf.read(rdf_name))
+        try:
+            rdf = yaml.safe_load(zf.read(rdf_name))
+        except yaml.constructor.ConstructorError as exc:  # tags such as !!python/object: never constructed
+            raise ValueError(f"{path}: {rdf_name} holds a tag that is not plain YAML data ({exc.problem}); "
+                             "it was not loaded") from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise ValueError(f"{path}: {rdf_name} is not valid YAML{at}; expected a bioimage.io model "
+                             "description") from None
     cfg = ((rdf or {}).get("config") or {}).get(CONFIG_KEY) if isinstance(rdf, dict) else None
     from .models import COUNTER_FORMAT, KINDS
 

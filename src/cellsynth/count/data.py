@@ -117,37 +117,13 @@ def read_image_axes(path: Union[str, os.PathLike]) -> tuple[np.ndarray, Optional
         return data, axis
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"{path}: unsupported image type {path.suffix!r}; expected one of {IMAGE_SUFFIXES}")
-    from skimage.io import imread
-
+    data = io.read_picture(path)
     kind = path.suffix.lstrip(".").upper()
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty (0 bytes); expected a {kind} image")
-    _require_decoded_memory(path)
-    try:
-        data = np.asarray(imread(str(path)))
-    except io.NotEnoughMemory:
-        raise
-    except Exception as exc:  # truncated or corrupt files, whatever the decoder raises
-        raise ValueError(f"{path} is not a readable {kind} image: {io._first_line(exc)}") from exc
     if data.ndim == 3 and data.shape[-1] in (2, 4) and kind not in ("JPG", "JPEG"):
         data = data[..., :-1]  # grey + alpha, RGBA: the alpha plane is opacity, not signal
     if data.ndim == 3 and data.shape[-1] == 1:
         data = data[..., 0]
     return data, (data.ndim - 1 if data.ndim == 3 and data.shape[-1] == 3 else None)
-
-
-def _require_decoded_memory(path: Path) -> None:
-    """Refuse a PNG/JPEG whose header declares more pixels than the free memory holds (before decoding)."""
-    try:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            cols, rows = im.size
-            bands = len(im.getbands())
-    except Exception:  # unreadable header: the decoder names the problem below
-        return
-    io.require_memory(8.0 * rows * cols * bands, what=f"reading {path} ({rows}x{cols}, {bands} band(s))",
-                      hint="crop or downsample the image first")
 
 
 def _prepare(image, centres, *, channel, factor, norm, name) -> CountItem:

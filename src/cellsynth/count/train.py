@@ -140,6 +140,7 @@ class TrainConfig:
             )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        _check_backbone(self.backbone)
         if self.strategy == "pseudo-label" and self.kind != "density":
             raise ValueError("strategy 'pseudo-label' needs a density counter (pseudo-labels are cell positions)")
         for name in ("epochs", "batch_size", "blocks"):
@@ -169,6 +170,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_backbone(name: str) -> None:
+    """Refuse a backbone timm does not know, naming the close ones (timm itself raises a RuntimeError later)."""
+    import timm
+
+    if not isinstance(name, str) or not timm.is_model(name):
+        import difflib
+
+        near = difflib.get_close_matches(name, timm.list_models(), n=3) if isinstance(name, str) else []
+        hint = f"; close names: {', '.join(near)}" if near else ""
+        raise ValueError(f"backbone {name!r} is not a timm model; expected e.g. 'efficientnet_b0' (the default) or "
+                         f"'test_efficientnet'{hint}")
 
 
 @dataclass
@@ -423,7 +437,7 @@ def train_counter(
             real, syn = syn, []
         else:
             raise ValueError(f"strategy {cfg.strategy!r} needs labelled training images (train=...)")
-    if cfg.strategy in ("dual", "finetune") and not syn:
+    if cfg.strategy in ("dual", "finetune", "cutmix") and not syn:
         raise ValueError(f"strategy {cfg.strategy!r} needs synthetic images (synthetic=...)")
     if cfg.strategy == "pseudo-label":
         if not unl:

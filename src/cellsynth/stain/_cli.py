@@ -163,6 +163,9 @@ def _nsc(args) -> int:
         if not 0 <= args.channel < image.shape[0]:
             raise ValueError(f"--channel must be in [0, {image.shape[0] - 1}], got {args.channel}")
         image = image[args.channel]
+    elif image.ndim == 2 and args.channel not in (None, 0):
+        raise ValueError(f"--channel {args.channel} does not exist: {args.image} has one channel (use 0, or leave "
+                         "--channel out)")
     if image.ndim not in (2, 3):
         raise ValueError(f"{args.image} has shape {image.shape}; expected (M, N) or (C, M, N)")
     backbone = make_backbone(params.backbone, device=args.device, weights=args.weights)

@@ -130,8 +130,14 @@ def read_stain_dataset(path: os.PathLike | str) -> StainDataset:
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no such paired-data folder: {root}")
-    fovs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "brightfield").is_dir()
-                  and (p / "fluorescence").is_dir())
+    subs = sorted(p for p in root.iterdir() if p.is_dir())
+    half = [p for p in subs if (p / "brightfield").is_dir() != (p / "fluorescence").is_dir()]
+    if half:
+        has, lacks = ("brightfield", "fluorescence") if (half[0] / "brightfield").is_dir() else ("fluorescence",
+                                                                                                 "brightfield")
+        raise ValueError(f"{half[0]} has a '{has}/' folder but no '{lacks}/' folder ({len(half)} field(s) of view "
+                         f"like it); every field of view needs both, paired plane by plane")
+    fovs = [p for p in subs if (p / "brightfield").is_dir() and (p / "fluorescence").is_dir()]
     _check_complete(root, len(fovs))
     if not fovs:
         raise ValueError(

@@ -85,6 +85,17 @@ class StainModelConfig:
             raise ValueError("a staining model needs at least one brightfield plane and one channel")
         if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {self.prediction_type!r}")
+        chans = self.block_out_channels
+        if not isinstance(chans, (list, tuple)) or not chans or not all(
+                isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c > 0 for c in chans):
+            raise ValueError(f"block_out_channels must be a list of positive whole numbers, got {chans!r}")
+        for name, low in (("layers_per_block", 1), ("norm_num_groups", 1), ("attention_head_dim", 1),
+                          ("num_train_timesteps", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {v!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if any(int(c) % int(self.norm_num_groups) for c in self.block_out_channels):
             raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of norm_num_groups "
                              f"({self.norm_num_groups})")

@@ -100,8 +100,9 @@ class StainPipeline:
                 f"brightfield must have shape ({self.config.n_condition}, M, N) for planes "
                 f"{self.config.brightfield_names}, got {x.shape}"
             )
-        if min(x.shape[1:]) < 1 or not np.issubdtype(x.dtype, np.number):
-            raise ValueError(f"brightfield must be a non-empty numeric array, got dtype {x.dtype}, shape {x.shape}")
+        if min(x.shape[1:]) < 1 or not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+            raise ValueError(f"brightfield must be a non-empty array of real numbers, got dtype {x.dtype}, "
+                             f"shape {x.shape}")
         if not np.all(np.isfinite(x)):
             raise ValueError("brightfield holds NaN or infinite values")
         self._check_range(x)

@@ -56,6 +56,10 @@ class TrainConfig:
             raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if not isinstance(self.model, dict):
             raise TypeError(f"model must be a dict of StainModelConfig fields, got {type(self.model).__name__}")
+        from .model import StainModelConfig
+
+        # the architecture is checked now, before any data is read (the plane names come from the data)
+        StainModelConfig(**{**self.model, "brightfield_names": ["bf"], "channel_names": ["fl"]})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

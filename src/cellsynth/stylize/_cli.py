@@ -122,9 +122,7 @@ def read_image(path):
         raise FileNotFoundError(f"no such image file: {path}")
     if path.suffix.lower() in (".tif", ".tiff"):
         return io.read_tiff(path)
-    from skimage.io import imread
-
-    return imread(path), {"pixel_size": None}
+    return io.read_picture(path), {"pixel_size": None}
 
 
 def _params(args):

@@ -123,6 +123,9 @@ def import_official_token(
         official keys.
     """
     path = Path(path)
+    if placeholder is not None and (not isinstance(placeholder, str) or not placeholder.strip()
+                                    or len(placeholder.split()) != 1):
+        raise ValueError(f"placeholder must be one word without spaces (e.g. '*' or '<style>'), got {placeholder!r}")
     if not path.is_file():
         raise FileNotFoundError(f"no such token file: {path}")
     doc = load_restricted(path, set(OFFICIAL_GLOBALS).__contains__, _StandIn, what="InST embeddings file",
