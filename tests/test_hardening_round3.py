@@ -269,3 +269,25 @@ def test_bad_input_gets_one_error_line(bad_root, capsys, case):
     lines = [ln for ln in err.strip().splitlines() if not ln.startswith("note:")]
     assert len(lines) == 1 and lines[0].startswith("error:") and why in lines[0], err
     assert not (bad_root / "o").exists() and not (bad_root / "o.tif").exists() and not (bad_root / "RAN").exists()
+
+
+@pytest.mark.parametrize("command", [["count-batch", "{r}/one.tif", "--out", "{r}/o"],
+                                     ["layouts", "--n", "2", "--size", "32", "32", "--out", "{r}/o"]])
+def test_more_workers_than_the_machine_can_run_are_refused_at_once(bad_root, capsys, command):
+    import time
+
+    t = time.perf_counter()
+    assert main([a.format(r=bad_root) for a in command] + ["--workers", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --workers 1000 is more than this machine can run") and "use at most" in err
+    assert time.perf_counter() - t < 10 and not (bad_root / "o").exists()
+
+
+def test_demo_without_a_display_says_how_to_run_it(tmp_path, capsys, monkeypatch):
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("sys.platform", "linux")
+    assert main(["demo", "--screenshot", str(tmp_path / "d.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no display") and "xvfb-run -a cellsynth demo --screenshot" in err
+    assert not (tmp_path / "d.png").exists()

@@ -151,7 +151,7 @@ def _remove_unfinished() -> None:
 _FLAGS = (("call with offline=False", "run without --offline"), ("offline=False", "no --offline"),
           ("offline=True", "--offline"), ("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
           ("(synthetic=...)", "(--synthetic)"), ("(train=...)", "(TRAIN)"),
-          ("num_train_timesteps must", "--timesteps must"), ("block_out_channels must", "--block-out-channels must"))
+          ("workers=", "--workers "), ("num_train_timesteps must", "--timesteps must"), ("block_out_channels must", "--block-out-channels must"))
 
 
 def _cli_wording(message: str) -> str:

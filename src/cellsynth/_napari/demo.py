@@ -36,11 +36,30 @@ def open_viewer(*, seed: int = 0, show: bool = True):
     return viewer
 
 
+def require_display(screenshot: bool) -> None:
+    """Refuse to start Qt where it cannot open a window (it would abort the process with a core dump).
+
+    On Linux a window needs an X server (``DISPLAY``) or a Wayland compositor
+    (``WAYLAND_DISPLAY``), unless ``QT_QPA_PLATFORM`` names another platform.
+    """
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return
+    if os.environ.get("QT_QPA_PLATFORM", "xcb").split(":")[0] not in ("xcb", "wayland"):
+        return
+    how = ("run it under a virtual X server: xvfb-run -a cellsynth demo --screenshot PNG" if screenshot else
+           "run it on a desktop, or take a screenshot without one: xvfb-run -a cellsynth demo --screenshot PNG")
+    raise ValueError(f"no display to open the napari window on (DISPLAY is not set); {how}")
+
+
 def run_demo(*, screenshot: Optional[str] = None, seed: int = 0) -> int:
     """Open the demo window; with ``screenshot``, save the drawn window to that PNG and exit."""
     out = Path(screenshot) if screenshot is not None else None
     if out is not None and out.exists():
         raise FileExistsError(f"{out} already exists; choose another screenshot path")
+    require_display(out is not None)
     return show_or_screenshot(open_viewer(seed=seed, show=True), out, size=(1400, 900))
 
 

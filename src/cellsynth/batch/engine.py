@@ -210,12 +210,23 @@ def count_plane(path: str, index: tuple, params: BatchParams, export: Optional[t
 
 # ----------------------------------------------------------------------------- cluster
 
+#: The least memory a local worker process takes with a counter loaded (interpreter, numpy/scipy, onnxruntime).
+WORKER_BYTES = 0.5e9
+
+
 def _local_workers(requested: Optional[int]) -> int:
     import psutil
 
     if requested is not None:
         if int(requested) != requested or requested < 1:
             raise ValueError(f"workers must be a positive whole number, got {requested!r}")
+        cores = os.cpu_count() or 1
+        free = psutil.virtual_memory().available
+        most = max(1, min(4 * cores, int(free // WORKER_BYTES)))
+        if requested > most:
+            raise ValueError(f"workers={int(requested)} is more than this machine can run: {cores} cores and "
+                             f"{free / 1e9:.1f} GB free (a worker process takes about {WORKER_BYTES / 1e9:.1f} GB); "
+                             f"use at most {most} (one per core is fastest)")
         return int(requested)
     # One process per core, each holding a counter (about 1.5 GB with a large image's chunk).
     by_memory = int(psutil.virtual_memory().available // 1.5e9)
@@ -409,6 +420,8 @@ def count_batch(
     params = params or BatchParams()
     out = Path(out)
     paths = find_images(list(inputs) if isinstance(inputs, (list, tuple)) else [inputs], skip=out)
+    if workers is not None and scheduler in (None, "local"):
+        _local_workers(workers)  # refused before anything is written
     folder = _Folder(out)
     with contextlib.ExitStack() as stack:
         cluster = None
