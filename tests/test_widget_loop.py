@@ -43,7 +43,7 @@ def _click(qtbot, w, button, timeout=120000):
     return blocker.args[0]
 
 
-def _fake_adapt(tiny_model, calls, delay=0.0):
+def _fake_adapt(tiny_model, calls, delay=0.0, accepted=True):
     """Stands in for adapt_counter: saves a copy of the tiny counter where asked, with a report."""
     from cellsynth.adapt import AdaptResult
     from cellsynth.count import load_counter
@@ -59,8 +59,10 @@ def _fake_adapt(tiny_model, calls, delay=0.0):
         for f in ("model.safetensors", "config.json"):
             (out / f).write_bytes((tiny_model / f).read_bytes())
         (out / "adapt_report.json").write_text(json.dumps({"diameter": {"used": 14.0}}))
-        return AdaptResult(counter=load_counter(out, device="cpu"), path=out, accepted=True,
-                           report={"diameter": {"used": 14.0}}, counts_before=[162], counts_after=[125])
+        decision = "accepted: a lower label-free score" if accepted else "kept the base: no lower label-free score"
+        return AdaptResult(counter=load_counter(out, device="cpu"), path=out, accepted=accepted,
+                           report={"diameter": {"used": 14.0}, "decision": decision}, counts_before=[162],
+                           counts_after=[125 if accepted else 162])
 
     return fake
 
@@ -212,3 +214,18 @@ def test_real_nuclei_sample_is_shipped():
     [(data, kwargs, kind)] = sample_nuclei()
     assert kind == "image" and data.shape == (383, 512) and data.dtype == np.uint8
     assert "BSD-3" in kwargs["metadata"]["source"]
+
+
+def test_an_adaptation_that_did_not_beat_the_base_saves_and_selects_nothing(open_dock, make_napari_viewer, qtbot,
+                                                                           monkeypatch, tiny_model, _data_dir):
+    import cellsynth.adapt
+
+    calls = []
+    monkeypatch.setattr(cellsynth.adapt, "adapt_counter", _fake_adapt(tiny_model, calls, accepted=False))
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="nuclei")
+    loop = open_dock(viewer, "Counting loop")
+    assert _click(qtbot, loop, loop.adapt_button) == "done"
+    text = loop.result_label.text()
+    assert text.startswith("Not adapted") and "no lower label-free score" in text and "nothing was saved" in text
+    assert loop.model.value == "default" and recent_models() == [] and not calls[0]["out"].exists()

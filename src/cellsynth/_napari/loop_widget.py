@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from typing import Any, Optional
 
 import numpy as np
@@ -233,21 +236,29 @@ class LoopWidget(QWidget):
     def _made(self, res, kind: str, layers: list) -> None:
         if res.path is None:
             return
-        remember_model(res.path, kind=kind, image=layers[0].name, accepted=bool(res.accepted),
+        report = res.report if isinstance(res.report, dict) else {}
+        decision = report.get("decision", "")
+        d = (report.get("diameter") or {}).get("used")
+        if d:
+            self.diameter.show(float(d))
+        base = self.model.value if self.model.value != "classic" else "default"
+        if not res.accepted:
+            # a copy of the starting counter is no new counter: nothing is kept or offered, the base stays selected
+            shutil.rmtree(res.path, ignore_errors=True)
+            why = decision.split(": ", 1)[1] if decision.startswith("kept the base: ") else decision
+            self.result_label.setText(f"Not {kind}: the new counter did not beat '{Path(base).name}' on the check"
+                                      + (f" ({why})" if why else "") + f". '{Path(base).name}' stays selected; "
+                                      "nothing was saved.")
+            return
+        remember_model(res.path, kind=kind, image=layers[0].name, accepted=True,
                        counts_before=res.counts_before, counts_after=res.counts_after)
         self.model.reset_choices()
         self.model.value = str(res.path)
-        d = (res.report.get("diameter") or {}).get("used") if isinstance(res.report, dict) else None
-        if d:
-            self.diameter.show(float(d))
         counts = "; ".join(f"{lay.name}: {b} → {a}" for lay, b, a in zip(layers, res.counts_before, res.counts_after))
-        why = res.report.get("decision", "") if isinstance(res.report, dict) else ""
-        why = why.split(": ", 1)[1] if why.startswith("kept the base: ") else ""
-        verdict = ("" if res.accepted else
-                   " It did not beat the starting counter on the check"
-                   + (f" ({why})" if why else "") + ", so the saved counter is a copy of that one.")
+        evidence = decision.split(": ", 1)[1] if decision.startswith("accepted: ") else decision
         self.result_label.setText(f"{kind.capitalize()} counter saved as {res.path.name} and selected in step 3. "
-                                  f"Cells counted before → after: {counts}.{verdict}")
+                                  f"Cells counted before → after: {counts}."
+                                  + (f" Why: {evidence}." if evidence else ""))
 
     # -- 3 and 6 -----------------------------------------------------------------
 

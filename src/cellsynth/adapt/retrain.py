@@ -210,6 +210,30 @@ def validation_error(counter, images, points, val_boxes, diameter: float) -> dic
     return {"error": err / tot_, "density_error": derr / tot_, "score": (err + 0.25 * derr) / tot_, "n_true": tot}
 
 
+#: Fewer annotated cells than this in the held-out strips make weak evidence, and the decision says so.
+WEAK_VALIDATION = 10
+
+
+def _decision(accepted: bool, validate: bool, before: dict, after: dict) -> str:
+    """One line a person can judge: what was decided, on what evidence, with the numbers."""
+    verdict = "accepted" if accepted else "kept the base"
+    if validate:
+        n = int(before["validation"]["n_true"])
+        e0, e1 = before["validation"]["error"], after["validation"]["error"]
+        why = (f"count error in the held-out strip ({n} annotated cells) {100 * e0:.1f} % with the base, "
+               f"{100 * e1:.1f} % with the retrained counter")
+        if n < WEAK_VALIDATION:
+            why += f"; weak evidence: fewer than {WEAK_VALIDATION} cells were held out (check a larger region)"
+    else:
+        why = (f"no region large enough to hold out a strip, so judged on the trained regions themselves "
+               f"(error {100 * before['region_error']:.1f} % -> {100 * after['region_error']:.1f} %), which cannot "
+               "show over-fitting")
+    if after["synthetic_error"] > max(1.5 * before["synthetic_error"], before["synthetic_error"] + 0.05):
+        why += (f"; it counts held-out synthetic layouts worse ({100 * before['synthetic_error']:.1f} % -> "
+                f"{100 * after['synthetic_error']:.1f} %)")
+    return f"{verdict}: {why}"
+
+
 def _synthetic_error(net, config, holdout, device) -> float:
     return region_error(net, config, [make_item(img, cen, config) for img, cen in holdout], device)["error"]
 
@@ -451,6 +475,7 @@ def retrain_counter(
         "device": str(dev),
         "seconds": seconds,
     }
+    doc["decision"] = _decision(accepted, validate, before, after)
     if abs(factor - 1.0) > 1e-6:
         doc["note"] = (f"trained at {s:g} px cells; count the images with diameter={d_user:.3g} "
                        f"(cellsynth count IMAGE --model DIR --diameter {d_user:.3g})")
