@@ -79,3 +79,27 @@ def open_dock():
         return widget
 
     return _open
+
+
+#: What in a test's own code makes it ``slow``: it starts interpreters or a dask cluster.
+_SLOW_SIGNS = ("subprocess.", "sys.executable", "LocalCluster", '"--scheduler", "local"', 'scheduler="local"',
+               "--workers")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gui`` on every test that opens a napari viewer, ``slow`` on those that start interpreters or clusters.
+
+    ``pytest -m "not slow and not gui"`` is the quick run; ``.ci/run`` runs everything.
+    """
+    import inspect
+
+    for item in items:
+        if "make_napari_viewer" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gui)
+        func = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(func) if func is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        if any(sign in source for sign in _SLOW_SIGNS):
+            item.add_marker(pytest.mark.slow)

@@ -8,32 +8,68 @@ from typing import Optional
 PLUGIN = "napari-cellsynth"
 
 
-def open_viewer(*, seed: int = 0, show: bool = True):
-    """A napari viewer with every plugin widget docked and every sample open.
+#: The docks in the order of their tabs: counting first, where a newcomer starts.
+DOCK_ORDER = ("Count cells", "Counting loop", "Cell layouts", "Stylize (InST)", "Virtual staining", "NSC masks")
+#: The input each dock starts with: (widget attribute, layer name) of its own sample.
+PRESELECT = {"Count cells": [("image", "neurocyte_010")], "Counting loop": [("image", "neurocyte_010")],
+             "Stylize (InST)": [("content", "content (layout)"), ("style", "style (real nuclei)")],
+             "Virtual staining": [("layer", "brightfield (simulated)")],
+             "NSC masks": [("layer", "brightfield (simulated)")]}
+#: Docks whose sample is a focus stack: it is opened when the dock is first shown (a stack brings a slider).
+STACK_DOCKS = ("Virtual staining", "NSC masks")
 
-    The sample layout (``seed``) is shown; the layers of the other samples (real
-    nuclei, simulated brightfield stack with its fluorescence, layout and style
-    image) are in the layer list, hidden, ready for the widgets they are for.
+
+def open_viewer(*, seed: int = 0, show: bool = True):
+    """A napari viewer with every plugin widget docked, starting on Count cells with the real nuclei sample.
+
+    The nuclei image is shown and Count cells is the tab in front; the tabs run
+    down the right edge with their full names. The other samples (a layout,
+    the layout and style image of Stylize) are in the layer list, hidden, and
+    every dock starts with its own sample chosen. The simulated brightfield
+    focus stack of Virtual staining and NSC masks is opened when one of those
+    docks is first shown, so that its plane slider does not sit under a 2D image
+    before then.
     """
     import napari
-    from npe2 import PluginManager
+    from qtpy.QtCore import Qt, QTimer
+    from qtpy.QtWidgets import QTabWidget
 
-    from .sample import sample_layout
+    from .sample import sample_layout, sample_nuclei, sample_stylize
 
     viewer = napari.Viewer(title="CellSynth", show=show)
-    manifest = PluginManager.instance().get_manifest(PLUGIN)
-    for contrib in manifest.contributions.sample_data or []:
-        if contrib.key == "layout":
-            continue
-        before = len(viewer.layers)
-        viewer.open_sample(PLUGIN, contrib.key)
-        for layer in list(viewer.layers)[before:]:
-            layer.visible = False
-    for data, kwargs, kind in sample_layout(seed):
+    window = viewer.window._qt_window
+    window.setTabPosition(Qt.DockWidgetArea.RightDockWidgetArea, QTabWidget.TabPosition.East)
+    for data, kwargs, kind in sample_layout(seed) + sample_stylize(seed):
+        getattr(viewer, f"add_{kind}")(data, **dict(kwargs, visible=False))
+    for data, kwargs, kind in sample_nuclei():
         getattr(viewer, f"add_{kind}")(data, **kwargs)
-    for widget in manifest.contributions.widgets or []:
-        viewer.window.add_plugin_dock_widget(PLUGIN, widget.display_name, tabify=True)
+    docks, widgets = {}, {}
+    for name in DOCK_ORDER:
+        docks[name], widgets[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=True)
+        docks[name].setWindowTitle(name)  # the tab's text: the plugin's name is in the Plugins menu already
+    for name, picks in PRESELECT.items():
+        if name not in STACK_DOCKS:
+            _preselect(viewer, widgets[name], picks)
+
+    def open_stack(visible: bool, name: str) -> None:
+        if not visible or "brightfield (simulated)" in viewer.layers:
+            return
+        viewer.open_sample(PLUGIN, "brightfield")
+        for other in STACK_DOCKS:
+            _preselect(viewer, widgets[other], PRESELECT[other])
+
+    for name in STACK_DOCKS:
+        docks[name].visibilityChanged.connect(lambda visible, name=name: open_stack(visible, name))
+    docks["Count cells"].raise_()
+    QTimer.singleShot(200, docks["Count cells"].raise_)  # napari raises each new tab once the loop runs
+    viewer.layers.selection.active = viewer.layers["neurocyte_010"]
     return viewer
+
+
+def _preselect(viewer, widget, picks) -> None:
+    for attr, layer in picks:
+        if layer in viewer.layers:
+            getattr(widget, attr).value = viewer.layers[layer]
 
 
 def require_display(screenshot: bool) -> None:
