@@ -37,8 +37,6 @@ def open_viewer(*, seed: int = 0, show: bool = True):
     from .sample import sample_layout, sample_nuclei, sample_stylize
 
     viewer = napari.Viewer(title="CellSynth", show=show)
-    window = viewer.window._qt_window
-    window.setTabPosition(Qt.DockWidgetArea.RightDockWidgetArea, QTabWidget.TabPosition.East)
     for data, kwargs, kind in sample_layout(seed) + sample_stylize(seed):
         getattr(viewer, f"add_{kind}")(data, **dict(kwargs, visible=False))
     for data, kwargs, kind in sample_nuclei():
@@ -47,6 +45,8 @@ def open_viewer(*, seed: int = 0, show: bool = True):
     for name in DOCK_ORDER:
         docks[name], widgets[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=True)
         docks[name].setWindowTitle(name)  # the tab's text: the plugin's name is in the Plugins menu already
+    window = docks["Count cells"].window()  # napari's main window, without reaching into napari's private names
+    window.setTabPosition(Qt.DockWidgetArea.RightDockWidgetArea, QTabWidget.TabPosition.East)
     for name, picks in PRESELECT.items():
         if name not in STACK_DOCKS:
             _preselect(viewer, widgets[name], picks)
