@@ -190,3 +190,33 @@ def test_regression_model_shows_window_counts_not_points(open_dock, make_napari_
     assert "Regression model" in w.count_label.text() and "no cell positions" in w.count_label.text()
     shown = float(w.count_label.text().split(": ")[1].split(" ")[0])
     assert shown == pytest.approx(total, abs=0.05 * len(shapes.data) + 0.05)  # window counts shown to 0.1
+
+
+@pytest.mark.slow
+def test_the_first_count_does_not_export_in_the_window(open_dock, make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Opening the dock starts the one-time export in another process; the first Count waits for it and says so."""
+    import time
+
+    from cellsynth._napari import _counting
+    from cellsynth._napari.sample import sample_nuclei
+    from cellsynth.count import _onnx
+
+    monkeypatch.setenv("CELLSYNTH_ONNX_CACHE", str(tmp_path / "onnx"))
+    monkeypatch.setattr(_counting, "_PREPARING", {})
+    viewer = make_napari_viewer()
+    data, kwargs, _ = sample_nuclei()[0]
+    viewer.add_image(data, **kwargs)
+    t = time.perf_counter()
+    w = open_dock(viewer, "Count cells")
+    assert time.perf_counter() - t < 2.0 and _counting._PREPARING["default"].poll() is None  # started, not awaited
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the export ran in the window's process")
+
+    monkeypatch.setattr(_onnx, "_export", no_export)
+    messages = []
+    w.runner._bridge.progress.connect(lambda p: messages.append(getattr(p, "message", "")))
+    assert _run(qtbot, w) == "done"
+    assert _counting._PREPARING["default"].returncode == 0 and list((tmp_path / "onnx").glob("*.onnx"))
+    assert w.count_label.text().startswith("Count: ")
+    assert any("preparing the counter for this computer" in m for m in messages)

@@ -12,6 +12,9 @@ on a deleted point.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -21,7 +24,7 @@ from napari.layers import Image, Points
 from ._layers import provenance, upsert_layer
 
 __all__ = ["COLORS", "LEGEND", "DiameterField", "apply_threshold", "channel_count", "count_text", "count_work",
-           "image_data", "refresh_count", "result_name", "show_points"]
+           "image_data", "prepare_counter", "refresh_count", "result_name", "show_points"]
 
 STORE = "points_store"
 COLORS = {"model": "yellow", "manual": "cyan"}
@@ -93,6 +96,50 @@ class DiameterField(Container):
             self.auto.value = auto
 
 
+#: The one-time preparations of counters started by the docks in this session: model -> process.
+_PREPARING: dict = {}
+
+
+def prepare_counter(model: str) -> Optional[subprocess.Popen]:
+    """Start the one-time ONNX export of ``model`` in another process, once per session (None: not needed).
+
+    A first count on a new computer otherwise builds and exports the network
+    before counting (most of its time), in the window's own interpreter. The
+    docks call this when they open; a count started meanwhile waits for it and
+    says so (:func:`count_work`). Nothing happens for the classic counter, with
+    exports kept in memory only (``$CELLSYNTH_ONNX_CACHE`` empty), or when
+    counting does not use onnxruntime.
+    """
+    from ..count import _onnx
+
+    if model in ("classic", "file") or not model or model in _PREPARING or _onnx.onnx_cache_dir() is None:
+        return _PREPARING.get(model)
+    try:
+        if _onnx.resolve_engine(None, "cpu") != "onnxruntime":
+            return None
+    except ValueError:  # a bad CELLSYNTH_ENGINE: the count says so
+        return None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "cellsynth.count._onnx", "prepare", str(model)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:  # the count exports as before
+        return None
+    _PREPARING[model] = proc
+    return proc
+
+
+def _wait_prepared(model: str, progress) -> None:
+    """Wait (with a message, and Cancel) for a preparation of ``model`` that a dock started."""
+    from ..progress import report
+
+    proc = _PREPARING.get(model)
+    t0 = time.monotonic()
+    while proc is not None and proc.poll() is None:
+        report(progress, "loading the counter", 0, 1, "preparing the counter for this computer: once, about "
+                                                      f"20 s ({time.monotonic() - t0:.0f} s)")
+        time.sleep(0.2)
+
+
 def count_work(image: np.ndarray, *, model: str, diameter, channel: Optional[int], device: str):
     """The function a TaskRunner runs to count: returns ``(counter, CountResult)``."""
 
@@ -100,6 +147,7 @@ def count_work(image: np.ndarray, *, model: str, diameter, channel: Optional[int
         from ..count import count_cells, estimate_diameter, load_counter
         from ..progress import report
 
+        _wait_prepared(model, progress)
         report(progress, "loading the counter", 0, 1)
         counter = load_counter(model, device=device)
         d, source = diameter, None

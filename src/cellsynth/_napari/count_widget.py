@@ -12,7 +12,7 @@ from qtpy.QtWidgets import QLabel, QWidget
 
 from ..device import device_choices
 from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, count_text, count_work,
-                        refresh_count, result_name, show_points)
+                        prepare_counter, refresh_count, result_name, show_points)
 from ._layers import on_layer_renamed, provenance, real_viewer
 from ._models import recent_models, registry_events
 from ._settings import start_with_default_counter
@@ -93,6 +93,7 @@ class CountWidget(QWidget):
         registry_events.changed.connect(self._models_changed)
         self.destroyed.connect(lambda *_: self._disconnect_registry())
         self._on_image(self.image.value)
+        prepare_counter(self.model.value)  # the one-time export, in another process, before the first Count
 
     def _disconnect_registry(self) -> None:
         try:

@@ -15,8 +15,8 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from ..device import device_choices
-from ._counting import (LEGEND, DiameterField, channel_count, count_text, count_work, image_data, refresh_count,
-                        result_name, show_points)
+from ._counting import (LEGEND, DiameterField, channel_count, count_text, count_work, image_data,
+                        prepare_counter, refresh_count, result_name, show_points)
 from ._layers import on_layer_renamed, real_viewer
 from ._models import new_model_dir, registry_events, remember_model
 from ._tasks import TaskRunner
@@ -155,6 +155,7 @@ class LoopWidget(QWidget):
         self.viewer.layers.events.inserted.connect(lambda e: self._on_image(self.image.value))
         on_layer_renamed(self.viewer, self.image.reset_choices)
         registry_events.changed.connect(self._models_changed)
+        prepare_counter(self.model.value)  # the one-time export, in another process, before the first Count
 
     # -- helpers -----------------------------------------------------------------
 

@@ -324,3 +324,27 @@ def export_bytes(counter: Any) -> Optional[tuple]:
         return None
     data = _load(runner.key)
     return (runner.key, data) if data is not None else None
+
+
+def prepare(model: str) -> str:
+    """Make sure the export of ``model`` (a counter name or path) is cached; ``"cached"`` or ``"exported"``.
+
+    Run in a separate process (``python -m cellsynth.count._onnx prepare MODEL``)
+    by the napari docks when they open, so that the one-time export (building
+    the network and tracing it, most of a first count) neither holds the
+    window's interpreter nor waits for the first click on Count.
+    """
+    from .models import load_counter
+
+    counter = load_counter(model, device="cpu")
+    if counter.kind == "classic":
+        return "cached"
+    if not counter.network_built and counter.extra.get("onnx_runner"):
+        return "cached"
+    session_for(counter)
+    return "exported"
+
+
+if __name__ == "__main__":  # pragma: no cover - run by the napari docks in a separate process
+    if len(sys.argv) == 3 and sys.argv[1] == "prepare":
+        print(prepare(sys.argv[2]))
