@@ -44,8 +44,14 @@ def test_stack_count_shows_a_table_per_frame_and_a_click_moves_the_viewer(open_d
     assert len(viewer.layers[result_name("movie")].data) == sum(expected)
     line = table.axes.get_lines()[0]
     assert list(line.get_ydata()) == expected  # the plot shows the same counts
+    assert table.axes.get_ylim()[0] == 0  # from zero: one cell more looks like one cell more
     table.table.cellClicked.emit(2, 0)
     assert viewer.dims.current_step[0] == 2
+    # the count shown is the frame's, the total after it; it follows the slider
+    assert w.count_label.text().startswith(f"Count: {expected[2]} in frame 2 ")
+    assert f"{sum(expected)} in 4 frames" in w.count_label.text()
+    viewer.dims.set_current_step(0, 3)
+    assert w.count_label.text().startswith(f"Count: {expected[3]} in frame 3 ")
     out = table.export(str(tmp_path / "frames.csv"))
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -54,6 +60,8 @@ def test_stack_count_shows_a_table_per_frame_and_a_click_moves_the_viewer(open_d
     # a single image hides the section again
     viewer.add_image(stack[1], name="one")
     w.image.value = viewer.layers["one"]
+    assert w.count_label.text() == "No count yet" and not table.isVisibleTo(w)  # not the movie's result
+    qtbot.wait(50)  # hiding the section may draw it once more
     drawn = []
     table.figure.canvas.mpl_connect("draw_event", lambda event: drawn.append(event))
     assert _run(qtbot, w) == "done"

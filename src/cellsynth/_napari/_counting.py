@@ -24,7 +24,7 @@ from napari.layers import Image, Points
 from ._layers import provenance, upsert_layer
 
 __all__ = ["COLORS", "LEGEND", "DiameterField", "apply_threshold", "channel_count", "count_text", "count_work",
-           "image_data", "prepare_counter", "refresh_count", "result_name", "show_points"]
+           "current_frame", "image_data", "prepare_counter", "refresh_count", "result_name", "show_points"]
 
 STORE = "points_store"
 COLORS = {"model": "yellow", "manual": "cyan"}
@@ -306,11 +306,34 @@ def refresh_count(layer: Points) -> int:
     return n
 
 
-def count_text(layer: Points) -> str:
-    """What the widgets show about a count layer: the count, then the scale and what was kept."""
+def current_frame(layer: Points, viewer) -> Optional[tuple]:
+    """The stack index (leading data coordinates) of ``layer`` shown now, or None for a 2D layer."""
+    ndim = int(np.shape(layer.data)[1]) if np.ndim(layer.data) == 2 and len(layer.data) else int(layer.ndim)
+    if ndim <= 2:
+        return None
+    point = np.asarray(layer.world_to_data(viewer.dims.point[-ndim:]), float)
+    return tuple(int(round(v)) for v in point[: ndim - 2])
+
+
+def count_text(layer: Points, frame: Optional[tuple] = None) -> str:
+    """What the widgets show about a count layer: the count, then the scale and what was kept.
+
+    For a stack, ``frame`` (see :func:`current_frame`) is the frame shown: its
+    count comes first, the total over the frames after it.
+    """
     n = len(layer.data)
-    manual = int(np.count_nonzero(_source(layer) == "manual"))
-    lines = [f"Count: {n} ({n - manual} from the model, {manual} added by hand)"]
+    source = _source(layer)
+    manual = int(np.count_nonzero(source == "manual"))
+    if frame is not None and n and np.shape(layer.data)[1] > 2:
+        lead = np.rint(np.asarray(layer.data, float)[:, : len(frame)]).astype(int)
+        here = np.all(lead == np.asarray(frame, int), axis=1)
+        n_here, manual_here = int(here.sum()), int(np.count_nonzero(source[here] == "manual"))
+        frames = len({tuple(r) for r in lead})
+        name = " ".join(map(str, frame))
+        lines = [f"Count: {n_here} in frame {name} ({n_here - manual_here} from the model, {manual_here} added by "
+                 f"hand); {n} in {frames} frame{'s' if frames != 1 else ''} with cells"]
+    else:
+        lines = [f"Count: {n} ({n - manual} from the model, {manual} added by hand)"]
     meta = layer.metadata
     details = []
     if meta.get("diameter_used"):

@@ -12,7 +12,7 @@ from qtpy.QtWidgets import QLabel, QWidget
 
 from ..device import device_choices
 from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, count_text, count_work,
-                        prepare_counter, refresh_count, result_name, show_points)
+                        current_frame, prepare_counter, refresh_count, result_name, show_points)
 from ._layers import on_layer_renamed, provenance, real_viewer
 from ._models import recent_models, registry_events
 from ._settings import start_with_default_counter
@@ -87,6 +87,7 @@ class CountWidget(QWidget):
         self.runner.busy.connect(lambda b: [setattr(w, "enabled", not b) for w in (self.run_button, self.estimate_button)])
         self.viewer.layers.events.inserted.connect(self.image.reset_choices)
         self.viewer.layers.events.inserted.connect(lambda e: self._on_image(self.image.value))
+        self.viewer.dims.events.current_step.connect(self._on_frame)
         self.viewer.layers.events.removed.connect(self.image.reset_choices)
         on_layer_renamed(self.viewer, self.image.reset_choices)
         self.viewer.layers.events.moved.connect(self.image.reset_choices)
@@ -121,7 +122,18 @@ class CountWidget(QWidget):
         if points is not None:  # a result made here, in the Counting loop, or opened from a file
             self.watch(points)
             self._sync_threshold(points)
-            self.count_label.setText(count_text(points))
+            self.count_label.setText(count_text(points, current_frame(points, self.viewer)))
+        else:  # another image: the last image's result is not this one's
+            self.count_label.setText("No count yet")
+            table = getattr(self, "frame_table", None)
+            if table is not None and table.layer is not layer:
+                table.setVisible(False)
+
+    def _on_frame(self, event=None) -> None:
+        """Another frame of a stack is shown: the count shown is that frame's."""
+        points = self._points_layer()
+        if points is not None and points.ndim > 2:
+            self.count_label.setText(count_text(points, current_frame(points, self.viewer)))
 
     def _points_layer(self) -> Optional[Points]:
         layer = self.image.value
@@ -194,7 +206,7 @@ class CountWidget(QWidget):
         self.diameter.show(out.metadata.get("diameter_used"))
         self.watch(out)
         self._sync_threshold(out)
-        self.count_label.setText(count_text(out))
+        self.count_label.setText(count_text(out, current_frame(out, self.viewer)))
         show_frame_table(self, layer, result)
 
     def watch(self, layer: Points) -> None:
@@ -222,7 +234,7 @@ class CountWidget(QWidget):
         if layer is None:
             return
         apply_threshold(layer, float(value))
-        self.count_label.setText(count_text(layer))
+        self.count_label.setText(count_text(layer, current_frame(layer, self.viewer)))
 
     def _show_windows(self, layer, result, meta: dict) -> None:
         rects, texts = [], []
@@ -243,4 +255,4 @@ class CountWidget(QWidget):
     def _update_count(self, layer: Points) -> None:
         refresh_count(layer)
         if layer is self._points_layer():
-            self.count_label.setText(count_text(layer))
+            self.count_label.setText(count_text(layer, current_frame(layer, self.viewer)))

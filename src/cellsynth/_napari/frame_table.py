@@ -178,7 +178,9 @@ class FrameTable(QWidget):
         if not self.rows:  # one plane: nothing to plot (drawing the figure costs the GUI thread ~0.1 s)
             return
         self.axes.clear()
-        self.axes.plot(range(len(self.rows)), [r["count"] for r in self.rows], marker=".", color="tab:blue")
+        counts = [r["count"] for r in self.rows]
+        self.axes.plot(range(len(self.rows)), counts, marker=".", color="tab:blue")
+        self.axes.set_ylim(0, max(1.0, max(counts)) * 1.1)  # from zero: a change of one cell looks like one
         self.axes.set_xlabel("frame", fontsize="small")
         self.axes.set_ylabel("cells", fontsize="small")
         self.axes.tick_params(labelsize="x-small")

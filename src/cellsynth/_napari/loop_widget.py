@@ -15,7 +15,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from ..device import device_choices
-from ._counting import (LEGEND, DiameterField, channel_count, count_text, count_work, image_data,
+from ._counting import (LEGEND, DiameterField, channel_count, count_text, count_work, current_frame, image_data,
                         prepare_counter, refresh_count, result_name, show_points)
 from ._layers import on_layer_renamed, real_viewer
 from ._models import new_model_dir, registry_events, remember_model
@@ -172,7 +172,7 @@ class LoopWidget(QWidget):
         pts = self._points_layer(layer)
         if pts is not None:  # a result made here, in Count cells, or opened from a file
             self._watch(pts)
-        self.count_label.setText(count_text(pts) if pts is not None else "No count yet")
+        self.count_label.setText("No count yet" if pts is None else count_text(pts, current_frame(pts, self.viewer)))
 
     def _points_layer(self, image: Optional[Image]) -> Optional[Points]:
         if image is None:
@@ -305,7 +305,7 @@ class LoopWidget(QWidget):
             lines.append(f"{lay.name}: {len(pts.data)}")
             if lay is self.image.value:
                 self.diameter.show(pts.metadata.get("diameter_used"))
-                self.count_label.setText(count_text(pts))
+                self.count_label.setText(count_text(pts, current_frame(pts, self.viewer)))
         if len(out) > 1:
             self.result_label.setText("Counted: " + "; ".join(lines))
 
@@ -317,7 +317,7 @@ class LoopWidget(QWidget):
     def _update_count(self, layer: Points) -> None:
         refresh_count(layer)
         if layer is self._points_layer(self.image.value):
-            self.count_label.setText(count_text(layer))
+            self.count_label.setText(count_text(layer, current_frame(layer, self.viewer)))
 
     # -- 4 -----------------------------------------------------------------------
 
