@@ -269,3 +269,21 @@ def test_a_cancelled_export_says_what_was_written_and_a_rerun_resumes(open_dock,
     assert blocker.args == ["done"]
     assert len(io.read_json(tmp_path / "ds" / "manifest.json")["items"]) == 40
 
+
+
+@pytest.mark.parametrize("name", ["Count cells", "Counting loop", "Cell layouts", "Stylize (InST)", "Virtual staining",
+                                  "NSC masks"])
+def test_no_dock_is_clipped_at_the_default_window_size(open_dock, make_napari_viewer, qtbot, name):
+    """At napari's default 1400x900, every control of a dock opened from the Plugins menu fits its width."""
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1400, 900)
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="img")
+    w = open_dock(viewer, name)
+    qtbot.wait(100)
+    scroll = w.findChildren(QScrollArea)[0]
+    inner = scroll.widget()
+    assert scroll.viewport().width() >= inner.minimumSizeHint().width(), (scroll.viewport().width(),
+                                                                           inner.minimumSizeHint().width())
+    assert inner.width() <= scroll.viewport().width()

@@ -220,3 +220,31 @@ def test_the_first_count_does_not_export_in_the_window(open_dock, make_napari_vi
     assert _counting._PREPARING["default"].returncode == 0 and list((tmp_path / "onnx").glob("*.onnx"))
     assert w.count_label.text().startswith("Count: ")
     assert any("preparing the counter for this computer" in m for m in messages)
+
+
+def test_compare_with_an_annotation_marks_extra_and_missed(open_dock, make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    lay = _layout()
+    img = viewer.add_image(lay.image, name="nuclei", scale=(0.5, 0.5), translate=(3.0, 4.0))
+    w = open_dock(viewer, "Count cells")
+    w.model.value = "classic"
+    w.diameter.value.value = 15.0
+    assert _run(qtbot, w) == "done"
+    counted = viewer.layers[result_name("nuclei")]
+    n = len(counted.data)
+    # an annotation in world coordinates (another scale): the counted points, one moved far off, one added
+    truth = counted.data * 0.5 + (3.0, 4.0)
+    truth = np.concatenate([truth[1:], [[3.0 + 0.5 * 2, 4.0 + 0.5 * 2]]])
+    truth[0] += 0.5 * 3.0  # 3 px off: still within half the 15 px diameter
+    ann = viewer.add_points(truth, name="my annotation")
+    w.compare.annotation.value = ann
+    m = w.compare.compare()
+    assert (m["tp"], m["fp"], m["fn"]) == (n - 1, 1, 1)
+    text = w.compare.result.text()
+    assert f"{n - 1} matched, 1 extra" in text and "1 missed" in text and "F1" in text
+    marks = viewer.layers["nuclei comparison"]
+    assert list(marks.features["kind"]) == ["extra", "missed"]
+    assert tuple(marks.scale) == tuple(img.scale) and np.allclose(marks.data[0], counted.data[0])
+    assert viewer.layers.selection.active is counted  # clicks still go to the count
+    w.compare.compare()  # again: the marks are replaced, not stacked
+    assert [lay.name for lay in viewer.layers].count("nuclei comparison") == 1

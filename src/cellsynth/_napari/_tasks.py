@@ -39,10 +39,24 @@ def dock_layout(widget: QWidget, footer: QWidget) -> QVBoxLayout:
     from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QFrame, QScrollArea
 
+    class _Scroll(QScrollArea):
+        """Scrolls up and down only, and is never narrower than its controls (a dock is then not clipped)."""
+
+        def minimumSizeHint(self):  # noqa: N802 (Qt's name)
+            hint = super().minimumSizeHint()
+            bar = self.verticalScrollBar().sizeHint().width()
+            hint.setWidth(max(hint.width(), inner.minimumSizeHint().width() + bar))
+            return hint
+
+        def sizeHint(self):  # noqa: N802 (Qt's name)
+            hint = super().sizeHint()
+            hint.setWidth(max(hint.width(), self.minimumSizeHint().width()))
+            return hint
+
     inner = QWidget()
     layout = QVBoxLayout(inner)
     layout.setContentsMargins(0, 0, 0, 0)
-    scroll = QScrollArea()
+    scroll = _Scroll()
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
     scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)

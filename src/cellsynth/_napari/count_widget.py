@@ -14,6 +14,7 @@ from ..device import device_choices
 from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, count_text, count_work,
                         current_frame, prepare_counter, refresh_count, result_name, show_points)
 from ._layers import on_layer_renamed, provenance, real_viewer
+from .compare import CompareSection
 from ._models import recent_models, registry_events
 from ._settings import start_with_default_counter
 from ._tasks import TaskRunner, dock_layout
@@ -62,7 +63,11 @@ class CountWidget(QWidget):
         self.device = ComboBox(label="device", choices=device_choices(), value="auto")
         self.run_button = PushButton(text="Count")
         self.threshold = FloatSlider(label="score threshold", value=0.0, min=0.0, max=1.0, step=0.01,
-                                     tooltip="hide model points scoring below this; points you added stay")
+                                     tooltip="hide model points scoring below this; points you added stay. A "
+                                             "point's score is its peak's height relative to a lone cell's: about "
+                                             "1 for a clear nucleus, above 1 for bright or crowded ones, low for "
+                                             "faint or doubtful ones (the classic counter: its blob response). "
+                                             "The slider runs up to the highest score.")
         self.count_label = QLabel("No count yet")
         self.count_label.setWordWrap(True)
         self.legend = QLabel(LEGEND)
@@ -77,6 +82,8 @@ class CountWidget(QWidget):
         layout.addWidget(form.native)
         layout.addWidget(self.count_label)
         layout.addWidget(self.legend)
+        self.compare = CompareSection(self)
+        layout.addWidget(self.compare)
         layout.addStretch(1)
 
         self.model.changed.connect(lambda v: setattr(self.model_file, "visible", v == "file"))

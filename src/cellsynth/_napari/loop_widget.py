@@ -11,15 +11,14 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton
 from napari.layers import Image, Points, Shapes
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QGroupBox, QLabel, QVBoxLayout, QWidget
 
 from ..device import device_choices
 from ._counting import (LEGEND, DiameterField, channel_count, count_text, count_work, current_frame, image_data,
                         prepare_counter, refresh_count, result_name, show_points)
 from ._layers import on_layer_renamed, real_viewer
 from ._models import new_model_dir, registry_events, remember_model
-from ._tasks import TaskRunner
+from ._tasks import TaskRunner, dock_layout
 from .count_widget import model_choices
 
 __all__ = ["LoopWidget", "regions_name", "checked_regions"]
@@ -116,8 +115,7 @@ class LoopWidget(QWidget):
         help_label.setWordWrap(True)
         legend = QLabel(LEGEND)
         legend.setWordWrap(True)
-        steps = QWidget()
-        layout = QVBoxLayout(steps)
+        layout = dock_layout(self, self.runner)  # scrolls, never clipped, the task panel always in view
         layout.addWidget(_step("1 · Image and cell size",
                                Container(widgets=[self.image, self.diameter, self.estimate_button, self.device])))
         layout.addWidget(_step("2 · Adapt a counter to it (no labels needed)",
@@ -130,14 +128,6 @@ class LoopWidget(QWidget):
         layout.addWidget(_step("6 · Count every open image", self.count_all_button))
         layout.addWidget(self.result_label)
         layout.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        scroll.setWidget(steps)
-        outer = QVBoxLayout(self)
-        outer.addWidget(scroll, 1)
-        outer.addWidget(self.runner)
 
         self.estimate_button.changed.connect(self.estimate)
         self.adapt_button.changed.connect(self.adapt)

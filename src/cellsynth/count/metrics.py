@@ -41,7 +41,7 @@ def count_metrics(predicted, true) -> dict:
     }
 
 
-def match_points(predicted, true, *, radius: float) -> dict:
+def match_points(predicted, true, *, radius: float, indices: bool = False) -> dict:
     """Match predicted to true cell centres one to one within ``radius`` pixels.
 
     The matching maximises the number of pairs and, among those, minimises the
@@ -54,12 +54,16 @@ def match_points(predicted, true, *, radius: float) -> dict:
         ``(row, col)`` points.
     radius : float
         Largest distance of a match in pixels (usually half a cell diameter).
+    indices : bool
+        Also return which points matched: ``pairs`` (K, 2) of (predicted, true)
+        indices, ``extra`` (predicted points without a match) and ``missed``
+        (true points without a match), integer arrays.
 
     Returns
     -------
     dict
         ``tp``, ``fp``, ``fn``, ``precision``, ``recall``, ``f1`` (1.0 when both
-        sets are empty).
+        sets are empty), and with ``indices`` the arrays above.
 
     Examples
     --------
@@ -74,7 +78,7 @@ def match_points(predicted, true, *, radius: float) -> dict:
         raise ValueError(f"radius must be positive, got {radius!r}")
     p = np.asarray(predicted, float).reshape(-1, 2)
     t = np.asarray(true, float).reshape(-1, 2)
-    tp = 0
+    matched = np.zeros((0, 2), int)
     if len(p) and len(t):
         pairs = cKDTree(p).sparse_distance_matrix(cKDTree(t), radius, output_type="ndarray")
         if len(pairs):
@@ -82,12 +86,18 @@ def match_points(predicted, true, *, radius: float) -> dict:
             cost = np.full((len(p), len(t)), big)
             cost[pairs["i"], pairs["j"]] = pairs["v"]
             r, c = linear_sum_assignment(cost)
-            tp = int((cost[r, c] < big).sum())
+            keep = cost[r, c] < big
+            matched = np.stack([r[keep], c[keep]], axis=1).astype(int)
+    tp = len(matched)
     fp, fn = len(p) - tp, len(t) - tp
     precision = tp / len(p) if len(p) else 1.0
     recall = tp / len(t) if len(t) else 1.0
     f1 = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
-    return {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "f1": f1}
+    out = {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "f1": f1}
+    if indices:
+        out.update(pairs=matched, extra=np.setdiff1d(np.arange(len(p)), matched[:, 0]),
+                   missed=np.setdiff1d(np.arange(len(t)), matched[:, 1]))
+    return out
 
 
 def _as_items(source, *, factor=1.0, unlabelled=False) -> list[CountItem]:
