@@ -257,3 +257,20 @@ def test_input_pixels_are_read_in_the_worker_not_the_window(open_dock, make_napa
             read_by_click = list(on_gui)
         assert blocker.args[0] == "done", widget.runner.last_error
         assert True not in read_by_click and False in on_gui, on_gui  # read by the worker, not by the click
+
+
+def test_the_brightfield_box_starts_on_a_focus_stack_among_other_images(open_dock, make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.uint8), name="nuclei")
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="colour", rgb=True)
+    viewer.add_image(np.zeros((3, 32, 32), np.uint16), name="focus stack")
+    w = open_dock(viewer, "Virtual staining")
+    assert w.layer.value.name == "focus stack"
+
+
+def test_the_dock_starts_with_the_presets_sampling_values(open_dock, make_napari_viewer):
+    from cellsynth.stain.params import stain_preset
+
+    w = open_dock(make_napari_viewer(), "Virtual staining")
+    want, _ = stain_preset(w.preset.value)
+    assert w.form.params(scheduler=w.scheduler.value) == want

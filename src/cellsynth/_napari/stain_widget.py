@@ -64,13 +64,16 @@ class StainWidget(QWidget):
         self.layer = ComboBox(label="brightfield", choices=self._layer_choices)
         self.model = FileEdit(mode="d", label="model folder (empty: default demo)", value="")
         self.scheduler = ComboBox(value="ddim", choices=list(SCHEDULERS), label="sampler")
-        self.preset = ComboBox(value="fast", choices=list(PRESETS), label="preset",
-                               tooltip="fast: 50 DDIM steps, no guidance; paper: DiffStain as published (full "
-                               "schedule, mask guidance, DINO ViT-S/8 masks; for a GPU)")
+        from ..device import device_choices
+
+        gpu = "cuda" in device_choices()
+        self.preset = ComboBox(value="paper" if gpu else "fast", choices=list(PRESETS), label="preset",
+                               tooltip="fast (chosen on a CPU): 10 DDIM steps, no guidance, a 512x512 plane in "
+                               "about 40 s on two cores; paper (chosen on a GPU): DiffStain as published (full "
+                               "schedule, mask guidance, DINO ViT-S/8 masks)")
         self.nsc_backbone = ComboBox(value="filters", choices=list(BACKBONES), label="guidance masks",
                                      tooltip="features of the NSC masks that guide sampling (DINO models need "
                                      "their weights: cached or downloaded once)")
-        from ..device import device_choices
 
         self.device = ComboBox(value="auto", choices=device_choices(), label="device")
         self.show_masks = CheckBox(value=False, text="show each round's masks")
@@ -105,6 +108,7 @@ class StainWidget(QWidget):
         layout.addWidget(self.info)
         layout.addStretch(1)
         self.run_button.changed.connect(self.run)
+        self._apply_preset()  # the sampling values start as the chosen preset's
         self.preset.changed.connect(self._apply_preset)
         self.train_button.changed.connect(lambda _value=None: self.train())
         self.runner.busy.connect(self._set_busy)
@@ -113,7 +117,10 @@ class StainWidget(QWidget):
         on_layer_renamed(self.viewer, self._refresh)
 
     def _layer_choices(self, _widget=None) -> list:
-        return [(layer.name, layer) for layer in image_layers(self.viewer) if not _is_stain_result(layer)]
+        """Image layers, focus stacks of 3 planes first (what the models take; the first is chosen)."""
+        layers = [layer for layer in image_layers(self.viewer) if not _is_stain_result(layer)]
+        stacks = [lay for lay in layers if not lay.rgb and lay.ndim == 3 and int(np.shape(lay.data)[0]) == 3]
+        return [(layer.name, layer) for layer in stacks + [lay for lay in layers if lay not in stacks]]
 
     def _refresh(self, event=None) -> None:
         self.layer.reset_choices()

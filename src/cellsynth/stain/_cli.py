@@ -104,10 +104,10 @@ def register(sub) -> None:
 def _sampling_args(p) -> None:
     p.add_argument("--model", default="default", help="model folder, or 'default' (the shipped demo model)")
     p.add_argument("--preset", choices=PRESETS, default="fast",
-                   help="'fast': 50 DDIM steps, no mask guidance, filter-bank NSC; 'paper': DiffStain as published "
+                   help="'fast': 10 DDIM steps, no mask guidance, filter-bank NSC; 'paper': DiffStain as published "
                    "(full DDPM schedule, mask guidance with refinement, 512 tiles, DINO ViT-S/8 NSC masks; for a "
                    "GPU). The options below override the preset's values")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (preset: 50)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (preset: fast 10)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (preset: fast ddim, paper ddpm)")
     p.add_argument("--guidance", type=_on_off, default=None, metavar="on|off",
                    help="NSC mask guidance (preset: fast off, paper on)")

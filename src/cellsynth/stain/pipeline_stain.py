@@ -52,6 +52,18 @@ class StainOutput:
     model_evaluations: int = 0
 
 
+def _depth(top: float, dtype=None) -> str:
+    """How a person names an intensity scale: '8-bit (0-255)', '16-bit', 'floating point'..."""
+    if dtype is not None and np.issubdtype(dtype, np.floating):
+        return "floating point"
+    if dtype is not None and np.issubdtype(dtype, np.integer):
+        return f"{np.dtype(dtype).itemsize * 8}-bit"
+    for bits in (8, 12, 16):
+        if top <= 2 ** bits - 1:
+            return f"{bits}-bit"
+    return "of more than 16 bits"
+
+
 class StainPipeline:
     """Brightfield planes -> fluorescence channels with a conditional ``UNet2DModel``.
 
@@ -115,10 +127,10 @@ class StainPipeline:
             lo, hi = plane.min(), plane.max()
             if hi <= low or lo >= high:
                 raise ValueError(
-                    f"brightfield plane {name!r} has values in [{lo:g}, {hi:g}], outside the model's intensity "
-                    f"range [{low:g}, {high:g}] (its training data's 2-98 percentiles), so every pixel would "
-                    f"become one value; give images of the model's intensity scale (e.g. the same camera bit "
-                    f"depth) or use a model trained on such images")
+                    f"this model expects brightfield {_depth(high)} (its training images span {low:g}-{high:g}); "
+                    f"plane {name!r} of this image is {_depth(hi, plane.dtype)} ({lo:g}-{hi:g}), so every pixel "
+                    "would become one value: stain images from the camera and bit depth the model was trained on, "
+                    "or train a model on yours")
 
     def _mask_to_target(self, masks: np.ndarray):
         import torch
