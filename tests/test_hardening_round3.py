@@ -291,3 +291,20 @@ def test_demo_without_a_display_says_how_to_run_it(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("error: no display") and "xvfb-run -a cellsynth demo --screenshot" in err
     assert not (tmp_path / "d.png").exists()
+
+
+def test_count_can_leave_out_nuclei_cut_by_the_border(tmp_path, capsys):
+    from skimage.draw import disk
+
+    img = np.full((64, 64), 10, np.uint8)
+    for c in ((2, 30), (30, 30), (30, 62), (50, 15)):  # two cut by the border, two inside
+        img[disk(c, 4, shape=img.shape)] = 200
+    tifffile.imwrite(tmp_path / "b.tif", img)
+    whole = _count(capsys, tmp_path / "b.tif", "--model", "classic")
+    inner = _count(capsys, tmp_path / "b.tif", "--model", "classic", "--exclude-border")
+    assert whole["count"] == 4 and inner["count"] == 2 and inner["left_out_border"] == 2
+    assert sorted(map(tuple, np.rint(inner["points"]).astype(int).tolist())) == [(30, 30), (50, 15)]
+    stack = np.stack([img, img[::-1]])
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "TYX"})
+    doc = _count(capsys, tmp_path / "s.tif", "--model", "classic", "--exclude-border")
+    assert doc["per_plane"] == [2, 2] and doc["count"] == 4

@@ -248,3 +248,28 @@ def test_compare_with_an_annotation_marks_extra_and_missed(open_dock, make_napar
     assert viewer.layers.selection.active is counted  # clicks still go to the count
     w.compare.compare()  # again: the marks are replaced, not stacked
     assert [lay.name for lay in viewer.layers].count("nuclei comparison") == 1
+
+
+def test_nuclei_cut_by_the_border_can_be_left_out(open_dock, make_napari_viewer, qtbot):
+    from cellsynth.count.metrics import cut_by_border
+
+    viewer = make_napari_viewer()
+    lay = _layout()
+    viewer.add_image(lay.image, name="nuclei")
+    w = open_dock(viewer, "Count cells")
+    w.model.value = "classic"
+    w.diameter.value.value = 15.0
+    assert _run(qtbot, w) == "done"
+    pts = viewer.layers[result_name("nuclei")]
+    n = len(pts.data)
+    cut = int(cut_by_border(pts.data, lay.image.shape, radius=7.5).sum())
+    assert cut > 0 and f"{cut} cut by the border counted" in w.count_label.text()
+    pts.add([[1.0, 1.0]])  # a point added by hand on the border stays
+    w.exclude_border.value = True
+    assert len(pts.data) == n - cut + 1 and pts.metadata["count"] == n - cut + 1
+    assert f"{cut} cut by the border left out" in w.count_label.text()
+    assert not cut_by_border(pts.data[pts.features["source"] == "model"], lay.image.shape, radius=7.5).any()
+    assert _run(qtbot, w) == "done"  # a re-run keeps the choice
+    assert len(pts.data) == n - cut + 1 and w.exclude_border.value is True
+    w.exclude_border.value = False
+    assert len(pts.data) == n + 1

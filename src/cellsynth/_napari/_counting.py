@@ -201,9 +201,12 @@ def _note_edits(layer: Points, store: dict) -> None:
 
 
 def _visible(store: dict) -> np.ndarray:
-    """Indices of the model points shown: score at or above the threshold, not deleted."""
+    """Indices of the model points shown: score at or above the threshold, not deleted (nor cut by the border
+    when those are left out)."""
     keep = np.asarray(store["scores"]) >= float(store["threshold"])
     keep[np.asarray(store["hidden"], dtype=int)] = False
+    if store.get("exclude_border") and len(store.get("border", ())) == len(keep):
+        keep &= ~np.asarray(store["border"], bool)
     return np.flatnonzero(keep)
 
 
@@ -224,14 +227,21 @@ def _manual(layer: Points) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(layer.data, dtype=float)[m], scores
 
 
-def apply_threshold(layer: Points, threshold: float) -> None:
-    """Show the model points scoring at least ``threshold`` (and every point added by hand)."""
+def apply_threshold(layer: Points, threshold: Optional[float] = None, *, exclude_border: Optional[bool] = None) -> None:
+    """Show the model points scoring at least ``threshold`` (and every point added by hand).
+
+    ``exclude_border`` (when not None) also leaves out, or brings back, the model
+    points of nuclei cut by the image border. None keeps the current setting.
+    """
     store = _store(layer)
     if store is None:
         return
     _note_edits(layer, store)
     manual_pts, manual_scores = _manual(layer)
-    store["threshold"] = float(threshold)
+    if threshold is not None:
+        store["threshold"] = float(threshold)
+    if exclude_border is not None:
+        store["exclude_border"] = bool(exclude_border)
     pts, features = _layer_rows(store, manual_pts, manual_scores)
     layer.data = pts
     layer.features = features
@@ -264,18 +274,23 @@ def show_points(viewer, image_layer: Image, counter, result, *, parameters: dict
 
     old = viewer.layers[name] if name in viewer.layers and isinstance(viewer.layers[name], Points) else None
     manual_pts, manual_scores = np.zeros((0, ndim)), np.zeros(0)
-    deleted, threshold = np.zeros((0, ndim)), 0.0
+    deleted, threshold, exclude_border = np.zeros((0, ndim)), 0.0, False
     if old is not None and np.shape(old.data)[1] == ndim:
         old_store = _store(old)
         if old_store is not None:
             _note_edits(old, old_store)
             deleted = np.asarray(old_store["deleted"], dtype=float).reshape(-1, ndim)
             threshold = float(old_store["threshold"])
+            exclude_border = bool(old_store.get("exclude_border", False))
         manual_pts, manual_scores = _manual(old)
     on_deleted = _near(pts, deleted, radius)
     on_manual = _near(pts, manual_pts, radius) & ~on_deleted
+    from ..count.metrics import cut_by_border
+
+    plane = tuple(np.shape(image_layer.data)[-3:-1] if image_layer.rgb else np.shape(image_layer.data)[-2:])
     store = {"points": pts, "scores": scores, "threshold": threshold,
-             "hidden": np.flatnonzero(on_deleted | on_manual).astype(int), "deleted": deleted}
+             "hidden": np.flatnonzero(on_deleted | on_manual).astype(int), "deleted": deleted,
+             "border": cut_by_border(pts, plane, radius=radius), "exclude_border": exclude_border}
     data, features = _layer_rows(store, manual_pts, manual_scores)
 
     meta = provenance("count", input=image_layer.name, parameters=parameters,
@@ -344,6 +359,9 @@ def count_text(layer: Points, frame: Optional[tuple] = None) -> str:
     if store is not None and store["threshold"] > 0:
         below = int(np.count_nonzero(np.asarray(store["scores"]) < store["threshold"]))
         details.append(f"{below} below score {store['threshold']:.2f} hidden")
+    n_border = int(np.count_nonzero(store.get("border", []))) if store is not None else 0
+    if n_border:
+        details.append(f"{n_border} cut by the border " + ("left out" if store.get("exclude_border") else "counted"))
     if details:
         lines.append(" · ".join(details))
     run = meta.get("last_run") or {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, PushButton, SpinBox
 from napari.layers import Image, Points
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QLabel, QWidget
@@ -68,6 +68,9 @@ class CountWidget(QWidget):
                                              "1 for a clear nucleus, above 1 for bright or crowded ones, low for "
                                              "faint or doubtful ones (the classic counter: its blob response). "
                                              "The slider runs up to the highest score.")
+        self.exclude_border = CheckBox(value=False, text="leave out nuclei cut by the image border",
+                                       tooltip="a nucleus whose disk (the diameter used) reaches past the image "
+                                               "edge; points you added stay")
         self.count_label = QLabel("No count yet")
         self.count_label.setWordWrap(True)
         self.legend = QLabel(LEGEND)
@@ -77,7 +80,8 @@ class CountWidget(QWidget):
         self._setting_threshold = False
 
         form = Container(widgets=[self.image, self.model, self.model_file, self.diameter, self.estimate_button,
-                                  self.channel, self.device, self.run_button, self.threshold])
+                                  self.channel, self.device, self.run_button, self.threshold,
+                                  self.exclude_border])
         layout = dock_layout(self, self.runner)
         layout.addWidget(form.native)
         layout.addWidget(self.count_label)
@@ -90,6 +94,7 @@ class CountWidget(QWidget):
         self.run_button.changed.connect(self.run)
         self.estimate_button.changed.connect(self.estimate)
         self.threshold.changed.connect(self._on_threshold)
+        self.exclude_border.changed.connect(self._on_border)
         self.image.changed.connect(self._on_image)
         self.runner.busy.connect(lambda b: [setattr(w, "enabled", not b) for w in (self.run_button, self.estimate_button)])
         self.viewer.layers.events.inserted.connect(self.image.reset_choices)
@@ -210,6 +215,8 @@ class CountWidget(QWidget):
             self._show_windows(layer, result, meta)
             return
         out = show_points(self.viewer, layer, counter, result, parameters=params)
+        if self.exclude_border.value:  # the box applies to a first count too
+            apply_threshold(out, exclude_border=True)
         self.diameter.show(out.metadata.get("diameter_used"))
         self.watch(out)
         self._sync_threshold(out)
@@ -231,6 +238,7 @@ class CountWidget(QWidget):
             self.threshold.max = max(top, float(store.get("threshold", 0.0)), 0.01)
             self.threshold.step = max(round(self.threshold.max / 100, 4), 0.0001)
             self.threshold.value = float(store.get("threshold", 0.0))
+            self.exclude_border.value = bool(store.get("exclude_border", False))
         finally:
             self._setting_threshold = False
 
@@ -241,6 +249,15 @@ class CountWidget(QWidget):
         if layer is None:
             return
         apply_threshold(layer, float(value))
+        self.count_label.setText(count_text(layer, current_frame(layer, self.viewer)))
+
+    def _on_border(self, value: bool) -> None:
+        if self._setting_threshold:
+            return
+        layer = self._points_layer()
+        if layer is None:
+            return
+        apply_threshold(layer, exclude_border=bool(value))
         self.count_label.setText(count_text(layer, current_frame(layer, self.viewer)))
 
     def _show_windows(self, layer, result, meta: dict) -> None:

@@ -410,7 +410,10 @@ class StylizeWidget(QWidget):
             return self.token
         path = Path(str(self.token_file.value))
         if not str(self.token_file.value) or not path.exists() or path.is_dir() and not (path / "token.json").exists():
-            self._error("Choose a token file (a token folder's token.json, or an official embeddings.pt)")
+            self._error("Stylizing needs a style token: choose a token file (a token folder's token.json, or an "
+                        "official embeddings.pt), or train one from the style layer under 'Train a token' (a few "
+                        "minutes on a GPU; it needs the Stable Diffusion and image encoder weights, 6 GB, "
+                        "downloaded once)")
             return None
         return path
 

@@ -91,6 +91,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="write the points to this CSV (row, col[, plane], score)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--json", action="store_true", help="print one JSON object with count and points")
+    p.add_argument("--exclude-border", action="store_true",
+                   help="leave out nuclei cut by the image border (a disk of the diameter used reaching past the "
+                        "edge); the output says how many")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_count)
 
@@ -195,6 +198,7 @@ def _count(args) -> int:
                           batch_size=args.batch_size, progress=cb)
     finally:
         close()
+    left_out = _exclude_border(res, image, channel_axis) if args.exclude_border else None
     if args.out:
         io.write_points_csv(args.out, res.points, features={"score": res.scores}, overwrite=args.overwrite)
     if args.json:
@@ -210,6 +214,8 @@ def _count(args) -> int:
             "model": res.meta.get("model"),
             "meta": res.meta,
         }
+        if left_out is not None:
+            doc["left_out_border"] = left_out
         if res.windows:
             doc["windows"] = [list(w) for w in res.windows]
         print(json.dumps(doc, default=io.json_default, allow_nan=False))
@@ -218,12 +224,34 @@ def _count(args) -> int:
         scale = f"diameter {d:.1f} px ({res.meta.get('diameter_source')})" if d else str(res.meta.get("diameter_source"))
         if res.meta.get("kind") == "regression":
             print(f"{res.count:.2f} (sum of window counts, no positions; {scale})")
+        elif left_out:
+            print(f"{res.count} cells ({scale}; {left_out} cut by the image border left out)")
         elif res.per_plane.size > 1:
             per = ", ".join(str(int(round(float(v)))) for v in res.per_plane.ravel())
             print(f"{res.count} cells in {res.per_plane.size} planes ({scale}; per plane: {per})")
         else:
             print(f"{res.count} cells ({scale})")
     return 0
+
+
+def _exclude_border(res, image, channel_axis) -> int:
+    """Drop the points of nuclei cut by the image border from ``res`` (in place); how many were dropped."""
+    from .metrics import cut_by_border
+
+    d = res.meta.get("diameter_used")
+    if not d or not len(res.points):
+        return 0
+    cut = cut_by_border(res.points, _plane_shape(image, channel_axis), radius=0.5 * float(d))
+    res.points, res.scores = res.points[~cut], res.scores[~cut]
+    res.count = int(len(res.points))
+    if res.per_plane.size > 1:
+        per = np.zeros(res.per_plane.shape)
+        lead = np.rint(res.points[:, : res.per_plane.ndim]).astype(int)
+        np.add.at(per, tuple(lead.T), 1)
+        res.per_plane = per
+    else:
+        res.per_plane = np.full(res.per_plane.shape, float(res.count))
+    return int(cut.sum())
 
 
 def _train(args) -> int:

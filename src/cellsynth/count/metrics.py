@@ -10,7 +10,7 @@ from ..progress import ProgressCallback, report
 from .data import CountItem, load_count_data
 from .models import Counter, load_counter
 
-__all__ = ["count_metrics", "evaluate_counter", "match_points"]
+__all__ = ["count_metrics", "cut_by_border", "evaluate_counter", "match_points"]
 
 
 def count_metrics(predicted, true) -> dict:
@@ -39,6 +39,26 @@ def count_metrics(predicted, true) -> dict:
         "mean_rel_error": float((np.abs(err) / np.maximum(t, 1)).mean()),
         "n": int(p.size),
     }
+
+
+def cut_by_border(points, shape, *, radius: float) -> np.ndarray:
+    """Which cells (centres ``points``, radius ``radius`` px) the image border cuts.
+
+    A cell is cut when its disk reaches past the outer edge of the first or last
+    row or column of pixels (centres are pixel coordinates, a pixel spanning
+    ``-0.5..0.5`` around its centre). Stack coordinates before ``(row, col)`` are
+    ignored.
+
+    Examples
+    --------
+    >>> cut_by_border([[3, 50], [50, 50], [50, 97]], (100, 100), radius=5).tolist()
+    [True, False, True]
+    """
+    p = np.asarray(points, float)
+    p = p.reshape(-1, p.shape[-1] if p.ndim == 2 else 2)[:, -2:]
+    rows, cols = float(shape[-2]), float(shape[-1])
+    r = float(radius)
+    return ((p[:, 0] - r < -0.5) | (p[:, 0] + r > rows - 0.5) | (p[:, 1] - r < -0.5) | (p[:, 1] + r > cols - 0.5))
 
 
 def match_points(predicted, true, *, radius: float, indices: bool = False) -> dict:
