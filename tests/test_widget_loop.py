@@ -179,7 +179,7 @@ def test_correct_mark_regions_and_retrain(open_dock, make_napari_viewer, qtbot, 
     assert recent_models()[0]["path"] == str(out)
 
 
-def test_count_all_open_images_keeps_edits(open_dock, make_napari_viewer, qtbot):
+def test_count_all_open_images_keeps_edits(open_dock, make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     viewer.add_image(_image(3), name="a")
     viewer.add_image(_image(4), name="b")
@@ -190,6 +190,14 @@ def test_count_all_open_images_keeps_edits(open_dock, make_napari_viewer, qtbot)
     assert len(pa.data) > 5 and len(pb.data) > 5
     assert pa.metadata["diameter_source"] == "estimated" and pb.metadata["count"] == len(pb.data)
     assert f"a: {len(pa.data)}" in loop.result_label.text() and f"b: {len(pb.data)}" in loop.result_label.text()
+    table = loop.images_table  # one row per image, exported as CSV, a click selects that image's result
+    assert table.isVisibleTo(loop) and table.table.rowCount() == 2
+    assert [table.table.item(i, 1).text() for i in range(2)] == [str(len(pa.data)), str(len(pb.data))]
+    table.table.cellClicked.emit(1, 0)
+    assert viewer.layers.selection.active is pb
+    out = table.export(str(tmp_path / "counts.csv"))
+    assert out.read_text().splitlines()[:2] == ["image,count,diameter",
+                                                f"a,{len(pa.data)},{pa.metadata['diameter_used']}"]
     pb.add([[3.0, 3.0]])
     assert pb.metadata["count"] == len(pb.data)
     n_b = len(pb.data)

@@ -129,6 +129,7 @@ class FrameTable(QWidget):
         super().__init__(parent)
         self.viewer = viewer
         self.layer = None
+        self.key = "frame"  # the first column: "frame" (one stack) or "image" (several images)
         self.rows: list[dict] = []
         self.title = QLabel("Counts per frame")
         self.table = QTableWidget(0, 3)
@@ -160,7 +161,9 @@ class FrameTable(QWidget):
 
     def set_result(self, layer, result) -> None:
         """Show the per-frame counts of ``result`` (counted on the image layer ``layer``)."""
-        self.layer = layer
+        self.key, self.layer = "frame", layer
+        self.table.setHorizontalHeaderLabels(["frame", "count", "diameter (px)"])
+        self.canvas.setVisible(True)
         per = np.asarray(result.per_plane, float)
         lead = per.shape if per.ndim and result.meta.get("n_planes", per.size) > 1 else ()
         d = result.meta.get("diameter_used")
@@ -187,9 +190,36 @@ class FrameTable(QWidget):
         self.figure.tight_layout()
         self.canvas.draw_idle()
 
+    def set_images(self, rows: list[dict]) -> None:
+        """Show one row per image (``image``, ``count``, ``diameter``): the counts of several open images.
+
+        A click on a row selects that image's result layer; the plot is hidden.
+        """
+        self.key, self.layer = "image", None
+        self.rows = [dict(r) for r in rows]
+        self.table.setHorizontalHeaderLabels(["image", "count", "diameter (px)"])
+        self.table.setRowCount(len(self.rows))
+        for i, r in enumerate(self.rows):
+            d = r.get("diameter")
+            for j, text in enumerate((str(r["image"]), str(int(r["count"])), "" if d is None else f"{d:.3g}")):
+                self.table.setItem(i, j, QTableWidgetItem(text))
+        total = int(sum(r["count"] for r in self.rows))
+        self.title.setText(f"Counts per image: {len(self.rows)} images, {total} cells")
+        self.canvas.setVisible(False)
+        self.setVisible(bool(self.rows))
+
     def go_to(self, row: int) -> None:
-        """Move the viewer's sliders to the frame of table row ``row``."""
-        if not 0 <= row < len(self.rows) or self.layer is None:
+        """Move the viewer's sliders to the frame of table row ``row`` (or select the row's image result)."""
+        if not 0 <= row < len(self.rows):
+            return
+        if self.key == "image":
+            from ._counting import result_name
+
+            name = result_name(self.rows[row]["image"])
+            if name in self.viewer.layers:
+                self.viewer.layers.selection.active = self.viewer.layers[name]
+            return
+        if self.layer is None:
             return
         idx = self.rows[row]["index"]
         offset = self.viewer.dims.ndim - self.layer.ndim
@@ -202,8 +232,8 @@ class FrameTable(QWidget):
         if not self.rows:
             return None
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Export counts per frame",
-                                                  f"{getattr(self.layer, 'name', 'counts')}_counts.csv",
+            path, _ = QFileDialog.getSaveFileName(self, f"Export counts per {self.key}",
+                                                  f"{getattr(self.layer, 'name', None) or 'counts'}_counts.csv",
                                                   "CSV (*.csv)")
             if not path:
                 return None
@@ -216,14 +246,14 @@ class FrameTable(QWidget):
             with atomic_path(path, overwrite=overwrite) as tmp:
                 with open(tmp, "w", newline="") as fh:
                     w = csv.writer(fh)
-                    w.writerow(["frame", "count", "diameter"])
+                    w.writerow([self.key, "count", "diameter"])
                     for r in self.rows:
-                        w.writerow([r["frame"], r["count"] if r["count"] % 1 else int(r["count"]),
+                        w.writerow([r[self.key], r["count"] if r["count"] % 1 else int(r["count"]),
                                     "" if r["diameter"] is None else r["diameter"]])
         except (OSError, FileExistsError) as exc:
             show_error(f"Could not export the table: {exc}")
             return None
-        show_info(f"Counts per frame written to {path}")
+        show_info(f"Counts per {self.key} written to {path}")
         return Path(path)
 
 

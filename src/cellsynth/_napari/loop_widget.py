@@ -298,6 +298,19 @@ class LoopWidget(QWidget):
                 self.count_label.setText(count_text(pts, current_frame(pts, self.viewer)))
         if len(out) > 1:
             self.result_label.setText("Counted: " + "; ".join(lines))
+            rows = [{"image": lay.name, "count": len(self.viewer.layers[result_name(lay.name)].data),
+                     "diameter": result.meta.get("diameter_used")} for lay, _, result in out]
+            self._images_table().set_images(rows)
+
+    def _images_table(self):
+        """The "counts per image" table with Export CSV, below step 6 (made on first use)."""
+        if getattr(self, "images_table", None) is None:
+            from .frame_table import FrameTable
+
+            self.images_table = FrameTable(self.viewer)
+            lay = self.result_label.parentWidget().layout()
+            lay.insertWidget(lay.indexOf(self.result_label) + 1, self.images_table)
+        return self.images_table
 
     def _watch(self, layer: Points) -> None:
         if id(layer) not in self._watched:
