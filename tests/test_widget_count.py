@@ -161,11 +161,20 @@ def test_points_csv_writer_and_reader_round_trip(make_napari_viewer, tmp_path):
     np.testing.assert_allclose(back.data, pts.data)
     assert back.features["source"].tolist() == ["model", "manual"]
     np.testing.assert_allclose(back.features["score"], [0.5, 1.0])
+    assert np.all(back.face_color[:, 3] == 0)  # rings that leave the nuclei visible, coloured by source
+    np.testing.assert_allclose(back.border_color[:, :3], [[1, 1, 0], [0, 1, 1]])
     assert write_points(str(tmp_path / "d.csv"), pts.data, {"features": pts.features}) == [str(tmp_path / "d.csv")]
     # a script's viewer.open(path) uses napari's built-in reader: the points land where they were saved
     plain = viewer.open(str(path))[0]
     np.testing.assert_allclose([plain.data_to_world(p) for p in plain.data], [pts.data_to_world(p) for p in pts.data])
     assert plain.features["source"].tolist() == ["model", "manual"]
+    assert np.allclose(plain.face_color, 1.0)  # napari's reader draws filled white discs over the nuclei
+    plain.name = "nuclei cells"
+    viewer.add_image(np.zeros((8, 8)), name="nuclei")
+    w = CountWidget(viewer)  # the Count dock takes the file as the image's count and draws it as rings
+    assert w.image.value.name == "nuclei" and np.all(plain.face_color[:, 3] == 0)
+    np.testing.assert_allclose(plain.border_color[:, :3], [[1, 1, 0], [0, 1, 1]])
+    assert w.count_label.text().startswith("Count: 2 (1 from the model, 1 added by hand)")
 
 
 def test_regression_model_shows_window_counts_not_points(open_dock, make_napari_viewer, qtbot, tmp_path):

@@ -24,7 +24,8 @@ from napari.layers import Image, Points
 from ._layers import provenance, upsert_layer
 
 __all__ = ["COLORS", "LEGEND", "DiameterField", "apply_threshold", "channel_count", "count_text", "count_work",
-           "current_frame", "image_data", "prepare_counter", "refresh_count", "result_name", "show_points"]
+           "current_frame", "image_data", "prepare_counter", "refresh_count", "result_name", "show_points",
+           "style_as_count"]
 
 STORE = "points_store"
 COLORS = {"model": "yellow", "manual": "cyan"}
@@ -319,6 +320,25 @@ def refresh_count(layer: Points) -> int:
     if layer.metadata.get("count") != n:
         layer.metadata = {**layer.metadata, "count": n}
     return n
+
+
+def style_as_count(layer: Points) -> bool:
+    """Draw a Points layer opened by another reader (napari's own draws filled white discs) as count rings.
+
+    Only a layer that still has napari's default look is changed; returns whether it was.
+    """
+    face = np.asarray(layer.face_color, float)
+    if len(face) == 0 or not np.allclose(face, 1.0):
+        return False
+    layer.face_color = "transparent"
+    layer.border_width_is_relative = True
+    layer.border_width = 0.12
+    if "source" in layer.features and len(layer.features) == len(layer.data):
+        layer.border_color_cycle = list(COLORS.values())
+        layer.border_color = [COLORS.get(str(v), "yellow") for v in layer.features["source"]]
+    else:
+        layer.border_color = "yellow"
+    return True
 
 
 def current_frame(layer: Points, viewer) -> Optional[tuple]:

@@ -12,7 +12,7 @@ from qtpy.QtWidgets import QLabel, QWidget
 
 from ..device import device_choices
 from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, count_text, count_work,
-                        current_frame, prepare_counter, refresh_count, result_name, show_points)
+                        current_frame, prepare_counter, refresh_count, result_name, show_points, style_as_count)
 from ._layers import on_layer_renamed, provenance, real_viewer
 from .compare import CompareSection
 from ._models import recent_models, registry_events
@@ -132,6 +132,7 @@ class CountWidget(QWidget):
             self.channel.max = n - 1
         points = self._points_layer()
         if points is not None:  # a result made here, in the Counting loop, or opened from a file
+            style_as_count(points)
             self.watch(points)
             self._sync_threshold(points)
             self.count_label.setText(count_text(points, current_frame(points, self.viewer)))

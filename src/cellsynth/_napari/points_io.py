@@ -34,9 +34,16 @@ def get_points_reader(path: Any) -> Optional[callable]:
 def _read_points(path: Any) -> list:
     p = Path(path)
     points, features = io.read_points_csv(p)
-    kwargs: dict[str, Any] = {"name": p.stem, "metadata": {"cellsynth": {"source_file": str(p)}}}
+    kwargs: dict[str, Any] = {"name": p.stem, "metadata": {"cellsynth": {"source_file": str(p)}},
+                              # rings, not filled discs: the nuclei stay visible under the points
+                              "face_color": "transparent", "border_width": 0.12, "border_width_is_relative": True,
+                              "border_color": "yellow"}
     if features:
         kwargs["features"] = {k: np.asarray(v) for k, v in features.items()}
+        if "source" in features:  # counted points: yellow from the model, cyan added by hand
+            from ._counting import COLORS
+
+            kwargs.update(border_color="source", border_color_cycle=COLORS)
     transform = world_transform(p, points)
     if transform is not None:
         kwargs["scale"], kwargs["translate"] = transform
