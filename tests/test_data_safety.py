@@ -598,3 +598,43 @@ def test_overwrite_replaces_a_folder_holding_only_a_counter(tmp_path):
     assert check_out(tmp_path, overwrite=True) == tmp_path
     with pytest.raises(FileExistsError, match="not empty"):
         check_out(tmp_path, overwrite=False)
+
+
+def test_count_batch_stopped_by_sigterm_keeps_what_was_counted_and_resumes(tmp_path):
+    """SIGTERM after some images of a count-batch: nothing half-written, and a re-run counts only the rest."""
+    from skimage.draw import disk
+
+    import tifffile
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        img = np.full((160, 160), 10, np.uint8)
+        for c in rng.uniform(10, 150, (6, 2)):
+            img[disk(tuple(c), 5, shape=img.shape)] = 200
+        tifffile.imwrite(folder / f"img{i:02d}.tif", img)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "cellsynth.cli", "count-batch", str(folder), "--out", str(out), "--model", "classic",
+           "--diameter", "10", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    records = out / ".records"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(records.glob("*.json"))) < 3:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the batch ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    assert not list(out.rglob("*.part")), "unfinished temporary files left behind"
+    done = {p.name for p in records.glob("*.json")}
+    assert 0 < len(done) < 24
+    for p in records.glob("*.json"):
+        json.loads(p.read_text())  # every record is whole
+    again = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    doc = json.loads(again.stdout)
+    assert doc["skipped"] == len(done) and doc["counted"] == 24 - len(done)
+    with open(out / "counts.csv", newline="") as fh:
+        assert len(fh.read().strip().splitlines()) == 1 + 24
