@@ -312,7 +312,8 @@ def test_a_non_finite_model_is_never_saved_nor_loaded(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from cellsynth.stain.model import load_stain_model, save_stain_model
+    from cellsynth.stain.model import save_stain_model
+    from cellsynth.stain.pipeline_stain import load_stain_model
 
     unet, cfg = _tiny_stain_model()
     save_stain_model(unet, cfg, tmp_path / "good")
@@ -352,7 +353,7 @@ def test_stain_output_with_nan_is_refused(one_torch_thread):
 
 
 def test_stain_refuses_a_brightfield_outside_the_models_intensity_range(tmp_path, monkeypatch, capsys):
-    from cellsynth.stain.model import load_stain_model
+    from cellsynth.stain.pipeline_stain import load_stain_model
 
     pipe = load_stain_model("default", device="cpu")
     low = pipe.config.condition_norm["low"]
@@ -364,7 +365,7 @@ def test_stain_refuses_a_brightfield_outside_the_models_intensity_range(tmp_path
 
 
 def test_nsc_and_stain_check_the_output_before_computing(tmp_path, monkeypatch, capsys):
-    import cellsynth.stain.model as model
+    import cellsynth.stain.pipeline_stain as model
     import cellsynth.stain.nsc as nsc
 
     def never(*args, **kw):

@@ -9,10 +9,8 @@ torch = pytest.importorskip("torch")
 
 from cellsynth.progress import Cancelled  # noqa: E402
 from cellsynth.stain import NSCParams, StainParams  # noqa: E402
-from cellsynth.stain.model import (  # noqa: E402
-    StainModelConfig, build_unet, default_model_dir, load_stain_model, save_stain_model,
-)
-from cellsynth.stain.pipeline_stain import StainPipeline  # noqa: E402
+from cellsynth.stain.model import StainModelConfig, build_unet, default_model_dir, save_stain_model  # noqa: E402
+from cellsynth.stain.pipeline_stain import StainPipeline, load_stain_model  # noqa: E402
 
 SMALL_NSC = NSCParams(k=2, r=1, fov=32, input_size=32, patch=4)
 
@@ -222,3 +220,9 @@ def test_a_field_too_large_for_memory_is_refused_before_denoising(pipe, monkeypa
     with pytest.raises(ValueError, match="staining a 24 x 28 field .* needs about"):
         pipe(bf())
     assert not calls
+
+
+def test_from_pretrained_is_load_stain_model():
+    a = StainPipeline.from_pretrained("default", device="cpu")
+    b = load_stain_model("default", device="cpu")
+    assert a.config == b.config and a.source == b.source

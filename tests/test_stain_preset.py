@@ -59,7 +59,7 @@ def test_cli_applies_the_preset_then_the_options_given():
 def test_cli_guided_ddpm_run_equals_the_library_call(model, brightfield, tmp_path, capsys):
     import dataclasses
 
-    from cellsynth.stain.model import load_stain_model
+    from cellsynth.stain import load_stain_model
 
     out = tmp_path / "v.tif"
     assert main(["stain", str(brightfield), "--out", str(out), "--model", str(model), "--scheduler", "ddpm",

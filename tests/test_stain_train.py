@@ -10,7 +10,7 @@ from cellsynth.progress import Cancelled  # noqa: E402
 from cellsynth.stain import StainParams  # noqa: E402
 from cellsynth.stain.data import read_stain_dataset  # noqa: E402
 from cellsynth.stain.metrics import evaluate_stain, stain_metrics  # noqa: E402
-from cellsynth.stain.model import load_stain_model  # noqa: E402
+from cellsynth.stain import load_stain_model  # noqa: E402
 from cellsynth.stain.simulate import simulate_stain_pairs  # noqa: E402
 from cellsynth.stain.train import TrainConfig, _augment, train_stain  # noqa: E402
 

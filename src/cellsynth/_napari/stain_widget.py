@@ -143,7 +143,7 @@ class StainWidget(QWidget):
         return dataclasses.replace(stain_preset(self.preset.value)[1], backbone=self.nsc_backbone.value)
 
     def _pipeline(self, path: str, device: str):
-        from ..stain.model import load_stain_model
+        from ..stain.pipeline_stain import load_stain_model
 
         key = (str(Path(path).resolve()) if path != "default" else path, device)
         if key not in self._cache:

@@ -26,7 +26,7 @@ _LAZY = {
     "write_stain_pair": ".data",
     "StainModelConfig": ".model",
     "build_unet": ".model",
-    "load_stain_model": ".model",
+    "load_stain_model": ".pipeline_stain",
     "save_stain_model": ".model",
     "default_model_dir": ".model",
     "StainPipeline": ".pipeline_stain",

@@ -203,7 +203,7 @@ def _colour_planes(image, meta: dict, args):
 def _stain(args) -> int:
     from .. import io
     from ..progress import tqdm_callback
-    from .model import load_stain_model
+    from .pipeline_stain import load_stain_model
 
     params, nsc = _params(args)
     io.prepare_output(args.out, overwrite=args.overwrite)
@@ -266,7 +266,7 @@ _TRAIN_PRESETS = {"fast": {"crop": 64, "batch_size": 8, "lr": 8e-5},
 def _evaluate(args) -> int:
     from ..progress import tqdm_callback
     from .metrics import evaluate_stain
-    from .model import load_stain_model
+    from .pipeline_stain import load_stain_model
 
     params, nsc = _params(args)
     pipe = load_stain_model(args.model, device=args.device)

@@ -28,7 +28,7 @@ import numpy as np
 from .. import io
 
 __all__ = [
-    "StainModelConfig", "build_unet", "save_stain_model", "load_stain_model", "default_model_dir",
+    "StainModelConfig", "build_unet", "save_stain_model", "default_model_dir",
     "normalise", "denormalise", "DEFAULT_COLORMAPS",
 ]
 
@@ -250,64 +250,3 @@ def save_stain_model(unet, config: StainModelConfig, out: os.PathLike | str, *, 
         doc["training"] = extra
     io.write_json(out / "config.json", doc, overwrite=True)
     return out
-
-
-def load_stain_model(path: os.PathLike | str = "default", *, device: str = "auto", dtype=None):
-    """Load a staining model folder as a :class:`~cellsynth.stain.pipeline_stain.StainPipeline`.
-
-    Parameters
-    ----------
-    path : path-like or "default"
-        A folder with ``config.json`` and ``model.safetensors``; ``"default"`` is
-        the shipped demo model.
-    device : str
-        ``"auto"``, ``"cpu"``, ``"cuda"`` ...
-    dtype : torch.dtype, optional
-        Default: :func:`cellsynth.device.default_dtype` of the device.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the folder or its files are missing.
-    ValueError
-        If ``config.json`` is not a staining model's.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    from ..device import default_dtype, resolve_device
-    from .pipeline_stain import StainPipeline
-
-    folder = default_model_dir() if str(path) == "default" else Path(path)
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{folder} is not a staining model folder; expected config.json and model.safetensors")
-    doc = io.read_json(folder / "config.json")
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ValueError(f"{folder / 'config.json'} is not a staining model configuration (format {FORMAT!r})")
-    try:
-        config = StainModelConfig.from_dict(doc["config"])
-        unet = build_unet(config)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
-        raise ValueError(f"{folder / 'config.json'} does not describe a staining model that can be built "
-                         f"({type(exc).__name__}: {io._first_line(exc)})") from exc
-    weights = folder / "model.safetensors"
-    io.require_memory(2.0 * weights.stat().st_size, what=f"loading the weights in {weights}",
-                      hint="is this really a staining model folder?")
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors' own error type for corrupt or truncated files
-        raise ValueError(f"{weights} is not a readable safetensors weights file: {io._first_line(exc)}") from exc
-    _check_finite(state, str(weights))
-    try:
-        unet.load_state_dict({k: v.float() for k, v in state.items()})
-    except RuntimeError as exc:
-        raise ValueError(f"weights in {weights} do not fit its config.json: "
-                         f"{io.state_dict_mismatch(unet.state_dict(), state)}") from exc
-    dev = resolve_device(device)
-    dtype = dtype or default_dtype(dev)
-    unet = (unet.to(dev) if dtype == torch.float32 else unet.to(dev, dtype)).eval()
-    from ..weights import file_sha256
-
-    source = {"path": str(folder), "sha256": file_sha256(folder / "model.safetensors")[:16],
-              "name": "stain-demo" if folder.resolve() == default_model_dir().resolve() else folder.name}
-    return StainPipeline(unet, config, source=source, training=doc.get("training"))

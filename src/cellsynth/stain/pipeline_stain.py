@@ -17,16 +17,19 @@ each further ``refine`` round recomputes the masks on the previous result.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from .. import io
 from ..progress import ProgressCallback, report
 from .params import NSCParams, StainParams
 from .tiling import blend_window, tile_origins
 
-__all__ = ["StainPipeline", "StainOutput"]
+__all__ = ["StainPipeline", "StainOutput", "load_stain_model"]
 
 
 @dataclass
@@ -75,6 +78,13 @@ class StainPipeline:
     source : dict, optional
         Where the weights came from (provenance).
     """
+
+    @classmethod
+    def from_pretrained(cls, path: os.PathLike | str = "default", *, device: str = "auto",
+                        dtype=None) -> "StainPipeline":
+        """A pipeline from a staining model folder (``"default"``: the shipped demo model); see
+        :func:`load_stain_model`."""
+        return load_stain_model(path, device=device, dtype=dtype)
 
     def __init__(self, unet, config, *, source: Optional[dict] = None, training: Optional[dict] = None) -> None:
         self.unet = unet
@@ -290,3 +300,64 @@ class StainPipeline:
                              "its weights or this input are unusable")
         return StainOutput(images=images, channel_names=list(cfg.channel_names), colormaps=list(cfg.colormaps),
                            masks=used_masks, model_evaluations=evaluations)
+
+
+def load_stain_model(path: os.PathLike | str = "default", *, device: str = "auto", dtype=None) -> "StainPipeline":
+    """Load a staining model folder as a :class:`StainPipeline` (also :meth:`StainPipeline.from_pretrained`).
+
+    Parameters
+    ----------
+    path : path-like or "default"
+        A folder with ``config.json`` and ``model.safetensors``; ``"default"`` is
+        the shipped demo model.
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"`` ...
+    dtype : torch.dtype, optional
+        Default: :func:`cellsynth.device.default_dtype` of the device.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder or its files are missing.
+    ValueError
+        If ``config.json`` is not a staining model's.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from ..device import default_dtype, resolve_device
+    from .model import FORMAT, StainModelConfig, _check_finite, build_unet, default_model_dir
+
+    folder = default_model_dir() if str(path) == "default" else Path(path)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} is not a staining model folder; expected config.json and model.safetensors")
+    doc = io.read_json(folder / "config.json")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"{folder / 'config.json'} is not a staining model configuration (format {FORMAT!r})")
+    try:
+        config = StainModelConfig.from_dict(doc["config"])
+        unet = build_unet(config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+        raise ValueError(f"{folder / 'config.json'} does not describe a staining model that can be built "
+                         f"({type(exc).__name__}: {io._first_line(exc)})") from exc
+    weights = folder / "model.safetensors"
+    io.require_memory(2.0 * weights.stat().st_size, what=f"loading the weights in {weights}",
+                      hint="is this really a staining model folder?")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors' own error type for corrupt or truncated files
+        raise ValueError(f"{weights} is not a readable safetensors weights file: {io._first_line(exc)}") from exc
+    _check_finite(state, str(weights))
+    try:
+        unet.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as exc:
+        raise ValueError(f"weights in {weights} do not fit its config.json: "
+                         f"{io.state_dict_mismatch(unet.state_dict(), state)}") from exc
+    dev = resolve_device(device)
+    dtype = dtype or default_dtype(dev)
+    unet = (unet.to(dev) if dtype == torch.float32 else unet.to(dev, dtype)).eval()
+    from ..weights import file_sha256
+
+    source = {"path": str(folder), "sha256": file_sha256(folder / "model.safetensors")[:16],
+              "name": "stain-demo" if folder.resolve() == default_model_dir().resolve() else folder.name}
+    return StainPipeline(unet, config, source=source, training=doc.get("training"))

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
 
     from ..progress import tqdm_callback
     from .metrics import evaluate_stain
-    from .model import load_stain_model
+    from .pipeline_stain import load_stain_model
     from .params import StainParams
     from .simulate import simulate_stain_pairs
     from .train import TrainConfig, train_stain

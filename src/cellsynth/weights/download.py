@@ -6,7 +6,7 @@ the size of the missing files, so an unreachable hub fails within seconds
 instead of after the hub library's retries; byte progress goes to a
 :class:`~cellsynth.progress.ProgressCallback`. huggingface_hub and tqdm are
 imported inside the functions; the registry and its helpers come from
-:mod:`cellsynth.weights` when a function runs.
+:mod:`cellsynth.weights.registry`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import fnmatch
 import io
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-from cellsynth.progress import Cancelled, ProgressCallback, report
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .weights import ModelSpec
+from ..progress import Cancelled, ProgressCallback, report
+from .registry import (ModelSpec, _cache_dir, _cached_snapshot, _first_line, _missing_files, _not_found,
+                       _registry_spec, human_size)
 
 __all__ = ["HUB_TIMEOUT", "download"]
 
@@ -39,7 +38,6 @@ def _bytes_to_fetch(spec: ModelSpec, cached: Optional[Path], timeout: float) -> 
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    from .weights import _first_line, _not_found
 
     try:
         info = HfApi().model_info(spec.repo_id, revision=spec.revision, files_metadata=True, timeout=timeout)
@@ -105,7 +103,6 @@ def download(
         If the hub cannot be reached, refuses, or the download fails; the first
         line of the message says why.
     """
-    from .weights import _cache_dir, _cached_snapshot, _registry_spec
 
     spec = _registry_spec(name)
     if spec.bundled is not None:
@@ -117,7 +114,6 @@ def download(
 def _download(spec: ModelSpec, cache_dir, cached: Optional[Path], progress, timeout: float) -> Path:
     from huggingface_hub import snapshot_download
 
-    from .weights import _first_line, _missing_files, _not_found, human_size
 
     stage = f"download {spec.name}"
     total = _bytes_to_fetch(spec, cached, timeout)
@@ -149,7 +145,6 @@ def _progress_tqdm(progress: ProgressCallback, stage: str, known_total: Optional
     """
     from tqdm.std import tqdm
 
-    from .weights import human_size
 
     forwarded: list = []
 
