@@ -254,7 +254,7 @@ def test_checkpoint_of_the_papers_public_code_loads_and_counts_like_it(tmp_path)
 
 def test_batchnorm_is_folded_for_inference_without_touching_the_trained_net(tiny_density):
     from cellsynth.count._nets import fold_batchnorm
-    from cellsynth.count.infer import _inference_net
+    from cellsynth.count.infer import _inference_net  # the Counter method behind it
 
     net = tiny_density.net.float()
     with torch.no_grad():  # non-trivial running statistics

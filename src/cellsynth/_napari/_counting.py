@@ -121,7 +121,7 @@ def prepare_counter(model: str) -> Optional[subprocess.Popen]:
     except ValueError:  # a bad CELLSYNTH_ENGINE: the count says so
         return None
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "cellsynth.count._onnx", "prepare", str(model)],
+        proc = subprocess.Popen([sys.executable, "-m", "cellsynth.count._prepare", str(model)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:  # the count exports as before
         return None

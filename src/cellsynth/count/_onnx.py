@@ -271,14 +271,12 @@ def cached_runner(key: str, threads: Optional[int] = None) -> Optional[OrtRunner
 
 def _source_key(counter: Any) -> Optional[str]:
     """The file key when the counter's network is the one its file holds (built or still waiting), else None."""
-    from .models import net_stamp
-
     src = counter.extra.get("onnx_source")
     if not src or not src.get("key"):
         return None
     if not counter.network_built:
         return src["key"]
-    return src["key"] if src.get("stamp") == net_stamp(counter.net) else None
+    return src["key"] if src.get("stamp") == counter.weights_stamp() else None
 
 
 def session_for(counter: Any) -> Optional[OrtRunner]:
@@ -287,14 +285,12 @@ def session_for(counter: Any) -> Optional[OrtRunner]:
     A cached export is used without building the network; otherwise the network
     is built (importing torch) and exported, and the export cached.
     """
-    from .infer import _inference_net
-
     threads = default_threads()
     key = _source_key(counter)
     if key is not None:
         stamp, net = ("file", key), None
     else:
-        net = _inference_net(counter)
+        net = counter.inference_net()
         stamp = counter.extra["inference_net"][0]
     cached = counter.extra.get("onnx_runner")
     if cached is not None and cached[0] == (stamp, threads):
@@ -305,7 +301,7 @@ def session_for(counter: Any) -> Optional[OrtRunner]:
     if runner is None:
         try:
             if net is None:  # no usable export of the file: build the network and export it
-                net = _inference_net(counter)
+                net = counter.inference_net()
             data = _export(net, int(getattr(net, "stride", 16)), key)
             runner = OrtRunner(data, threads)
         except Exception as exc:  # an operator ORT or the exporter does not support: PyTorch counts instead
@@ -325,26 +321,3 @@ def export_bytes(counter: Any) -> Optional[tuple]:
     data = _load(runner.key)
     return (runner.key, data) if data is not None else None
 
-
-def prepare(model: str) -> str:
-    """Make sure the export of ``model`` (a counter name or path) is cached; ``"cached"`` or ``"exported"``.
-
-    Run in a separate process (``python -m cellsynth.count._onnx prepare MODEL``)
-    by the napari docks when they open, so that the one-time export (building
-    the network and tracing it, most of a first count) neither holds the
-    window's interpreter nor waits for the first click on Count.
-    """
-    from .models import load_counter
-
-    counter = load_counter(model, device="cpu")
-    if counter.kind == "classic":
-        return "cached"
-    if not counter.network_built and counter.extra.get("onnx_runner"):
-        return "cached"
-    session_for(counter)
-    return "exported"
-
-
-if __name__ == "__main__":  # pragma: no cover - run by the napari docks in a separate process
-    if len(sys.argv) == 3 and sys.argv[1] == "prepare":
-        print(prepare(sys.argv[2]))

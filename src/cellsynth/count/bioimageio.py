@@ -99,7 +99,7 @@ def _scale_range(x: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _prepare_test_input(image: Optional[np.ndarray], cfg: dict, stride: int) -> np.ndarray:
-    from .infer import _normalize
+    from .preprocess import counter_input as _normalize
 
     img = _default_test_image() if image is None else np.asarray(image)
     if img.ndim != 2:
@@ -138,7 +138,7 @@ def _preprocessing(cfg: dict) -> list:
 
 def _preprocess(x: np.ndarray, cfg: dict) -> np.ndarray:
     """The counter's own input scaling of the raw test input (8-bit range for fixed scaling)."""
-    from .infer import _normalize
+    from .preprocess import counter_input as _normalize
 
     norm = cfg.get("normalize", {})
     if norm.get("mode") == "fixed":

@@ -22,9 +22,9 @@ import numpy as np
 
 from ..progress import ProgressCallback, report
 from .classic import ClassicParams, classic_peaks, estimate_diameter
-from .models import Counter, load_counter, net_stamp
+from .models import Counter, load_counter
 from .objects import ObjectParams, reconcile_with_objects
-from .preprocess import normalize_image, rescale_plane, split_planes
+from .preprocess import counter_input, normalize_image, rescale_plane, split_planes
 from .peaks import density_peaks
 from .tiling import _blend_window, _pad_to, _plane_tiles, tile_layout, tile_starts
 
@@ -81,22 +81,8 @@ class CountResult:
 
 
 def _inference_net(counter: Counter):
-    """The counter's network with BatchNorm folded into the convolutions, made once per weights state."""
-    import torch
-
-    from ._nets import fold_batchnorm
-
-    net = counter.net
-    # every in-place change of a weight (optimiser step, load_state_dict) bumps its tensor's version counter
-    stamp = net_stamp(net)
-    cached = counter.extra.get("inference_net")
-    if cached is None or cached[0] != stamp:
-        fused = fold_batchnorm(net)
-        if counter.device is not None and counter.device.type == "cpu":
-            fused = fused.to(memory_format=torch.channels_last)
-        # the network itself is kept with its stamp, so its id cannot be reused by another one
-        counter.extra["inference_net"] = cached = (stamp, fused, net)
-    return cached[1]
+    """The counter's network with BatchNorm folded in (see :meth:`Counter.inference_net`)."""
+    return counter.inference_net()
 
 
 def _engine(counter: Counter, engine: Optional[str]):
@@ -333,7 +319,7 @@ def count_cells(
     engine_used, runner = _engine(counter, engine) if kind != "classic" else ("none", None)
     done = [0]
     for p, raw in enumerate(planes):
-        plane = _normalize(raw, norm, percentiles)
+        plane = counter_input(raw, norm, percentiles)
         if kind == "classic":
             d_used = diameter if diameter is not None else _safe_estimate(plane, counter.diameter)
             cp = dict(counter.config.get("classic", {}))
@@ -445,18 +431,6 @@ def _check_memory(planes, factor, tile, batch_size, kind, n_planes) -> None:
             f"{factor:.3g} to the model's scale" if factor > 4 else
             "count a crop or a smaller image, or use a smaller --tile / --batch-size")
     require_memory(need, what=f"counting {n_planes} plane(s) of {rows}x{cols} pixels", hint=hint)
-
-
-def _normalize(raw: np.ndarray, norm: dict, percentiles=None) -> np.ndarray:
-    """The counter's input scaling: robust percentiles (default) or fixed ``(x / range - mean) / std``."""
-    if norm.get("mode") != "fixed":
-        return normalize_image(raw, low=norm.get("low", 1.0), high=norm.get("high", 99.8), percentiles=percentiles)
-    x = np.asarray(raw)
-    if not np.all(np.isfinite(x)):
-        raise ValueError("image contains NaN or infinite values; replace them before counting")
-    span = float(np.iinfo(x.dtype).max) if np.issubdtype(x.dtype, np.integer) else 1.0
-    x = x.astype(np.float32) / np.float32(span)
-    return (x - np.float32(norm["mean"])) / np.float32(norm["std"])
 
 
 def _resolve_diameter(diameter, arr, channel, channel_axis):

@@ -141,6 +141,7 @@ class Counter:
     extra: dict = field(default_factory=dict)
 
     @property
+
     def diameter(self) -> float:
         """Cell diameter in pixels at the scale the model was trained on."""
         return float(self.config.get("diameter", 15.0))
@@ -176,6 +177,28 @@ class Counter:
 
     def __repr__(self) -> str:
         return f"Counter(kind={self.kind!r}, name={self.name!r}, diameter={self.diameter:g})"
+
+    def inference_net(self):
+        """The network with BatchNorm folded into the convolutions, made once per weights state."""
+        import torch
+
+        from ._nets import fold_batchnorm
+
+        net = self.net
+        # every in-place change of a weight (optimiser step, load_state_dict) bumps its tensor's version counter
+        stamp = net_stamp(net)
+        cached = self.extra.get("inference_net")
+        if cached is None or cached[0] != stamp:
+            fused = fold_batchnorm(net)
+            if self.device is not None and self.device.type == "cpu":
+                fused = fused.to(memory_format=torch.channels_last)
+            # the network itself is kept with its stamp, so its id cannot be reused by another one
+            self.extra["inference_net"] = cached = (stamp, fused, net)
+        return cached[1]
+
+    def weights_stamp(self) -> tuple:
+        """Identity of the network's current weights (see :func:`net_stamp`)."""
+        return net_stamp(self.net)
 
 
 def _check_weights_size(path: Path) -> None:

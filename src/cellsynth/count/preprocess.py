@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["normalize_image", "split_planes", "rescale_plane"]
+__all__ = ["counter_input", "normalize_image", "split_planes", "rescale_plane"]
 
 
 def normalize_image(image: np.ndarray, *, low: float = 1.0, high: float = 99.8, clip: float = 5.0,
@@ -173,3 +173,15 @@ def rescale_plane(plane: np.ndarray, factor: float) -> np.ndarray:
 
     shape = (max(1, int(round(plane.shape[0] * factor))), max(1, int(round(plane.shape[1] * factor))))
     return resize(plane, shape, order=1, anti_aliasing=factor < 1, preserve_range=True).astype(np.float32)
+
+
+def counter_input(raw: np.ndarray, norm: dict, percentiles=None) -> np.ndarray:
+    """The counter's input scaling: robust percentiles (default) or fixed ``(x / range - mean) / std``."""
+    if norm.get("mode") != "fixed":
+        return normalize_image(raw, low=norm.get("low", 1.0), high=norm.get("high", 99.8), percentiles=percentiles)
+    x = np.asarray(raw)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("image contains NaN or infinite values; replace them before counting")
+    span = float(np.iinfo(x.dtype).max) if np.issubdtype(x.dtype, np.integer) else 1.0
+    x = x.astype(np.float32) / np.float32(span)
+    return (x - np.float32(norm["mean"])) / np.float32(norm["std"])
