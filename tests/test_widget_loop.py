@@ -237,3 +237,16 @@ def test_an_adaptation_that_did_not_beat_the_base_saves_and_selects_nothing(open
     text = loop.result_label.text()
     assert text.startswith("Not adapted") and "no lower label-free score" in text and "nothing was saved" in text
     assert loop.model.value == "default" and recent_models() == [] and not calls[0]["out"].exists()
+
+
+def test_adapting_shows_the_time_spent_against_the_budget():
+    from cellsynth._napari.loop_widget import against_budget
+    from cellsynth.progress import Progress
+
+    seen = []
+    timed = against_budget(seen.append, 3.0)
+    timed(Progress("train", 1, 10, "loss 0.2"))
+    timed(Progress("train", 2, 10))
+    assert seen[0].message.startswith("loss 0.2 · 0:0") and seen[0].message.endswith(" of 3:00")
+    assert seen[1].message.endswith(" of 3:00") and (seen[1].step, seen[1].total) == (2, 10)
+    assert against_budget(None, 3.0) is None

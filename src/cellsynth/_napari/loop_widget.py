@@ -21,7 +21,7 @@ from ._models import new_model_dir, registry_events, remember_model
 from ._tasks import TaskRunner, dock_layout
 from .count_widget import model_choices
 
-__all__ = ["LoopWidget", "regions_name", "checked_regions"]
+__all__ = ["against_budget", "LoopWidget", "regions_name", "checked_regions"]
 
 _CORRECT_HELP = (
     "In <i>&lt;image&gt; cells</i>: add mode (+), click a missed cell; select wrong points, press Delete. "
@@ -32,6 +32,24 @@ _CORRECT_HELP = (
 def regions_name(image_name: str) -> str:
     """Name of the Shapes layer of rectangles marking the regions checked in ``image_name``."""
     return f"{image_name} checked regions"
+
+
+def against_budget(progress, minutes: float):
+    """``progress`` with the time spent against the budget added to each message ("1:12 of 3:00")."""
+    import dataclasses
+    import time
+
+    start = time.monotonic()
+
+    def clock(seconds: float) -> str:
+        return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+    def timed(event):
+        spent = f"{clock(time.monotonic() - start)} of {clock(60.0 * float(minutes))}"
+        message = f"{event.message} · {spent}" if event.message else spent
+        return progress(dataclasses.replace(event, message=message))
+
+    return None if progress is None else timed
 
 
 def checked_regions(shapes: Optional[Shapes], shape: tuple) -> Optional[list]:
@@ -220,7 +238,7 @@ class LoopWidget(QWidget):
         def work(progress):
             from ..adapt import adapt_counter
 
-            return adapt_counter(images, progress=progress, **kwargs)
+            return adapt_counter(images, progress=against_budget(progress, kwargs["minutes"]), **kwargs)
 
         self._start(work, lambda res: self._made(res, "adapted", layers), "Adapting a counter (label-free)")
 
@@ -376,6 +394,6 @@ class LoopWidget(QWidget):
         def work(progress):
             from ..adapt import retrain_counter
 
-            return retrain_counter([img], [points], progress=progress, **kwargs)
+            return retrain_counter([img], [points], progress=against_budget(progress, kwargs["minutes"]), **kwargs)
 
         self._start(work, lambda res: self._made(res, "retrained", [layer]), "Retraining on your corrections")
