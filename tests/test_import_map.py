@@ -10,8 +10,6 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cellsynth"
 #: Circles still to be removed (each a set of modules that import each other, directly or not). The test
 #: fails on any other circle, and on a listed one that is gone (then delete it here): the list only shrinks.
 KNOWN = [
-    # the counter's loader opens bioimage.io packages, and the package module builds counters with it
-    {"cellsynth.count.bioimageio", "cellsynth.count.models"},
     # the layout and stylized dataset writers reach up into batch/tasks for their dask runs
     {"cellsynth.batch.engine", "cellsynth.batch.lazy", "cellsynth.batch.sources", "cellsynth.batch.tasks",
      "cellsynth.count", "cellsynth.count.data", "cellsynth.count.metrics", "cellsynth.count.train",
