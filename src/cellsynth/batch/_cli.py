@@ -30,7 +30,7 @@ def cluster_args(scheduler, workers) -> dict:
     if workers is not None and scheduler not in (None, "local"):
         raise ValueError("--workers applies to a local cluster; size a remote cluster where it runs")
     if workers is not None:
-        from .engine import _local_workers
+        from .._cluster import _local_workers
 
         _local_workers(workers)  # more than the machine can run is refused before anything is written
     return {} if scheduler is None and workers is None else {"scheduler": scheduler or "local", "workers": workers}

@@ -27,7 +27,6 @@ Layout of ``OUT``::
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from .._cluster import WORKER_BYTES, _accepts_n_workers, _local_workers, cluster_client  # noqa: F401
 from ..progress import ProgressCallback, report
 from .results import _Folder, _key, _names, _prepare_plot, _rows, _write_plot, _write_table
 from .sources import find_images, open_image
@@ -210,42 +210,6 @@ def count_plane(path: str, index: tuple, params: BatchParams, export: Optional[t
 
 # ----------------------------------------------------------------------------- cluster
 
-#: The least memory a local worker process takes with a counter loaded (interpreter, numpy/scipy, onnxruntime).
-WORKER_BYTES = 0.5e9
-
-
-def _local_workers(requested: Optional[int]) -> int:
-    import psutil
-
-    if requested is not None:
-        if int(requested) != requested or requested < 1:
-            raise ValueError(f"workers must be a positive whole number, got {requested!r}")
-        cores = os.cpu_count() or 1
-        free = psutil.virtual_memory().available
-        most = max(1, min(4 * cores, int(free // WORKER_BYTES)))
-        if requested > most:
-            raise ValueError(f"workers={int(requested)} is more than this machine can run: {cores} cores and "
-                             f"{free / 1e9:.1f} GB free (a worker process takes about {WORKER_BYTES / 1e9:.1f} GB); "
-                             f"use at most {most} (one per core is fastest)")
-        return int(requested)
-    # One process per core, each holding a counter (about 1.5 GB with a large image's chunk).
-    by_memory = int(psutil.virtual_memory().available // 1.5e9)
-    return max(1, min(os.cpu_count() or 1, by_memory))
-
-
-#: How often a local cluster's bookkeeping wakes up (distributed's defaults: 20 ms, 500 ms, 100 ms and 100 ms).
-#: With the defaults an idle 2-worker cluster takes ~14 % of one core (the client process, which holds the
-#: scheduler and the nannies, 8 %; each worker 3 %), taken from the counting; with these 3-4 %.
-_LOCAL_INTERVALS = {"distributed.admin.tick.interval": "200ms", "distributed.admin.system-monitor.interval": "2s",
-                    "distributed.worker.memory.monitor-interval": "500ms",
-                    "distributed.scheduler.work-stealing-interval": "500ms"}
-
-#: Tasks a local worker holds per thread: one. distributed's 1.1 gives a one-thread worker a second task to
-#: wait behind the first, so at the end of a batch one worker can still hold two planes while the other has
-#: none (until work stealing moves one).
-_LOCAL_SATURATION = {"distributed.scheduler.worker-saturation": 1.0}
-
-
 class _ClusterInBackground:
     """:func:`cluster_client`, entered in a thread (the cluster starts while the caller plans), closed likewise.
 
@@ -290,69 +254,6 @@ class _ClusterInBackground:
             self._closed.result()
         finally:
             self._pool.shutdown(wait=True)
-
-
-@contextlib.contextmanager
-def cluster_client(scheduler: Any = None, *, workers: Optional[int] = None, threads_per_worker: int = 1):
-    """A dask.distributed ``Client``: a new ``LocalCluster`` of processes, or one connected to ``scheduler``.
-
-    Parameters
-    ----------
-    scheduler : None, "local", str or Client
-        None or ``"local"``: a ``LocalCluster`` of ``workers`` processes, each with
-        ``threads_per_worker`` threads (and as many torch/BLAS threads), closed on
-        exit. A string: the address of a running scheduler (``tcp://host:8786``,
-        e.g. of a dask-jobqueue cluster). A ``Client``: used as it is.
-    workers : int, optional
-        Local workers (default: one per core, as many as memory allows).
-
-    Raises
-    ------
-    ValueError
-        ``workers`` with a scheduler address, or a scheduler that cannot be reached.
-    """
-    import dask
-    from distributed import Client, LocalCluster
-
-    if isinstance(scheduler, Client):
-        yield scheduler
-        return
-    if scheduler in (None, "local"):
-        n = _local_workers(workers)
-        threads = int(threads_per_worker)
-        env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-        # dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers, which fixes glibc's mmap threshold
-        # at 128 kB: every array of a count is then mapped and unmapped anew (0.67 -> 1.14 s per 512x512
-        # image here). The workers keep glibc's default, as the serial process does. Nor do they sample their
-        # own stacks every 10 ms for the dashboard's profile (~8 % of a count). Only critical log records are
-        # printed: the callers report failed tasks themselves, and a worker's heartbeat that meets the
-        # scheduler closing would print an ERROR with a traceback at the end of a good run.
-        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-                              "distributed.worker.profile.enabled": False, **_LOCAL_INTERVALS,
-                              **_LOCAL_SATURATION}):
-            cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
-                                   silence_logs=logging.CRITICAL, env=env)
-        try:
-            client = Client(cluster)
-            try:
-                yield client
-            finally:
-                client.close()
-        finally:
-            cluster.close()
-        return
-    if workers is not None:
-        raise ValueError("workers applies to the local cluster; with a scheduler address, size the cluster "
-                         "where it runs (e.g. cluster.scale(N) with dask-jobqueue)")
-    try:
-        client = Client(str(scheduler), timeout="30s")
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise ValueError(f"could not connect to the dask scheduler at {scheduler!r}: {exc}; expected 'local' or "
-                         "the address of a running scheduler, e.g. tcp://host:8786") from None
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 # ----------------------------------------------------------------------------- results folder
@@ -537,10 +438,3 @@ def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, 
     plot = _write_plot(folder.plot, rows) if rows else None
     return BatchResult(rows=rows, counted=n_new, skipped=skipped, errors=errors, table=table,
                        plot=plot, seconds=round(time.perf_counter() - t0, 3), workers=n_workers)
-
-
-def _accepts_n_workers(client) -> bool:
-    import inspect
-
-    return "n_workers" in inspect.signature(client.scheduler_info).parameters
-

@@ -25,6 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
 import numpy as np
@@ -128,8 +129,6 @@ def export_dataset(
     if scheduler is None and workers is None:
         made = (_write_item(root, i, params, item_seed(seed, i)) for i in todo)
     else:
-        from ..batch.tasks import layouts_on_cluster
-
         made = layouts_on_cluster(root, todo, params, seed, scheduler=scheduler, workers=workers)
     with contextlib.closing(made):
         for i, item in zip(todo, made):
@@ -350,3 +349,31 @@ def read_dataset(path: os.PathLike | str) -> LayoutDataset:
             if key in it and not (key == "labels" and not it[key]):
                 io.path_inside(manifest_path.parent, it[key], what=f"item {k}'s {key}")
     return LayoutDataset(root=manifest_path.parent, manifest=doc)
+
+
+# ----------------------------------------------------------------------------- on a dask cluster
+
+def _layout(params, seed: int):
+    """Worker task: one layout."""
+    from .generate import generate_layout
+
+    return generate_layout(params, rng=seed)
+
+
+def layouts_on_cluster(root, indices: Iterable[int], params, seed: int, *, scheduler: Any = None,
+                       workers: Optional[int] = None) -> Iterator[dict]:
+    """Manifest items of layouts ``indices`` of a dataset, generated on the cluster and written here, in order.
+
+    Used by :func:`export_dataset` (``scheduler``/``workers``):
+    item ``i`` is ``generate_layout(params, rng=item_seed(seed, i))`` written by
+    the same functions as the serial export.
+    """
+    from .._cluster import run_in_order
+
+    indices = list(indices)
+    seeds = [item_seed(seed, i) for i in indices]
+    made = run_in_order(_layout, [(params, s) for s in seeds], scheduler=scheduler, workers=workers, name="layout")
+    with contextlib.closing(made):
+        for i, s, lay in zip(indices, seeds, made):
+            item = _write_layout(root, i, lay)
+            yield {**_names(i), "seed": s, "n_cells": item["n_cells"]}

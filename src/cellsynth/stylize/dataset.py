@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
 import numpy as np
@@ -148,8 +149,6 @@ def stylize_dataset(
         Bad tolerance or limit, or `out_dir` equal to `in_dir`.
     """
     if scheduler is not None or workers is not None:
-        from ..batch.tasks import StylizeOnCluster
-
         with StylizeOnCluster(pipe, token=token, style=style, qc_model=qc_model, scheduler=scheduler or "local",
                               workers=workers) as remote:
             return _stylize_dataset(in_dir, out_dir, pipe=None, token=token, style=style, params=params,
@@ -293,3 +292,93 @@ def _remove_product_files(root: Path, *, keep: int) -> None:
             m = _ITEM_FILE.match(p.name)
             if m and int(m.group(1)) >= keep and p.is_file() and not p.is_symlink():
                 p.unlink()
+
+
+# ----------------------------------------------------------------------------- on a dask cluster
+
+_PIPELINE_ARGS = ("model", "image_encoder", "device", "dtype", "offline", "config", "channels_last", "compile")
+_QC: dict = {}
+
+
+def _qc_counter(model: str):
+    """One QC counter per worker process."""
+    if model not in _QC:
+        _QC.clear()
+        _QC[model] = qc_counter(model)
+    return _QC[model]
+
+
+def _pipeline(spec: dict):
+    from .loading import load_pipeline
+
+    return load_pipeline(**spec)  # kept by load_pipeline's cache: one load per worker process
+
+
+def _pipeline_name(spec: dict) -> str:
+    """Worker task: the name a loaded pipeline records (as the serial run records it)."""
+    return str(getattr(_pipeline(spec), "name_or_path", None) or "")
+
+
+def _stylize_item(image: np.ndarray, params, *, spec: dict, style: np.ndarray, token, qc_model: str,
+                  diameter: float) -> tuple:
+    """Worker task: ``(stylized image, QC count, counter used)`` of one content image."""
+    out = _pipeline(spec)(image, style, token, params=params)
+    counted, used = qc_count(out.image, diameter=diameter, counter=_qc_counter(qc_model))
+    return out.image, counted, used
+
+
+class StylizeOnCluster:
+    """Stylization of a dataset's images on a dask cluster, for :func:`cellsynth.stylize.stylize_dataset`.
+
+    A context manager (it holds the cluster). ``pipeline`` is the keyword
+    arguments of :func:`~cellsynth.stylize.load_pipeline` (each worker loads the
+    pipeline once); the style image and token are sent once to every worker.
+
+    Raises
+    ------
+    TypeError
+        ``pipeline`` is not a dict of ``load_pipeline`` arguments (a loaded
+        pipeline stays in the process that loaded it).
+    """
+
+    def __init__(self, pipeline: Any, *, token, style: np.ndarray, qc_model: str, scheduler: Any = None,
+                 workers: Optional[int] = None) -> None:
+        if not isinstance(pipeline, dict) or "model" not in pipeline:
+            raise TypeError("stylizing on a cluster needs the pipeline's load_pipeline arguments (a dict with "
+                            "'model', ...), which every worker loads once; a loaded pipeline cannot be sent")
+        unknown = set(pipeline) - set(_PIPELINE_ARGS)
+        if unknown:
+            raise TypeError(f"unknown load_pipeline arguments {sorted(unknown)}; expected some of {_PIPELINE_ARGS}")
+        self.spec = {**pipeline, "progress": None}
+        self.token, self.style, self.qc_model = token, np.asarray(style), qc_model
+        from .._cluster import cluster_client
+
+        self._cluster = cluster_client(scheduler, workers=workers)
+        self.client = None
+        self.model_name = ""
+
+    def __enter__(self) -> "StylizeOnCluster":
+        from .._cluster import _accepts_n_workers
+
+        self.client = self._cluster.__enter__()
+        try:
+            # every worker there now loads the pipeline at once (others load it with their first image)
+            info = self.client.scheduler_info(**({"n_workers": -1} if _accepts_n_workers(self.client) else {}))
+            futs = [self.client.submit(_pipeline_name, self.spec, workers=[w], allow_other_workers=False, pure=False)
+                    for w in info.get("workers", {})] or [self.client.submit(_pipeline_name, self.spec, pure=False)]
+            self.model_name = self.client.gather(futs)[0]
+        except BaseException:
+            self._cluster.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cluster.__exit__(*exc)
+
+    def results(self, images: Iterable[tuple], diameter: float) -> Iterator[tuple]:
+        """``(stylized image, QC count, counter used)`` of each ``(content image, StylizeParams)``, in order."""
+        from .._cluster import run_in_order
+
+        return run_in_order(_stylize_item, images, client=self.client, name="stylize",
+                            shared={"spec": self.spec, "style": self.style, "token": self.token,
+                                    "qc_model": self.qc_model, "diameter": float(diameter)})
