@@ -308,3 +308,50 @@ def test_count_can_leave_out_nuclei_cut_by_the_border(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "TYX"})
     doc = _count(capsys, tmp_path / "s.tif", "--model", "classic", "--exclude-border")
     assert doc["per_plane"] == [2, 2] and doc["count"] == 4
+
+
+def test_counts_in_regions_from_napari_shapes_and_geojson(tmp_path, capsys):
+    """Cells per region on a synthetic image whose truth is known; both region formats agree."""
+    from skimage.draw import disk
+
+    img = np.full((100, 200), 10, np.uint8)
+    left = [(20, 20), (20, 60), (60, 40), (80, 80)]  # 4 in the left half
+    right = [(30, 140), (70, 160)]  # 2 in the ellipse on the right
+    for c in left + right + [(90, 190)]:  # one more outside both regions
+        img[disk(c, 4, shape=img.shape)] = 200
+    tifffile.imwrite(tmp_path / "img.tif", img, resolution=(2.0, 2.0), metadata={"unit": "um"}, imagej=True)
+    (tmp_path / "shapes.csv").write_text(
+        "index,shape-type,vertex-index,axis-0,axis-1\n"
+        "0,rectangle,0,0,0\n0,rectangle,1,0,99\n0,rectangle,2,99,99\n0,rectangle,3,99,0\n"
+        "1,ellipse,0,10,120\n1,ellipse,1,10,180\n1,ellipse,2,90,180\n1,ellipse,3,90,120\n")
+    geo = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"name": "left half"},
+         "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [99, 0], [99, 99], [0, 99], [0, 0]]]}}]}
+    (tmp_path / "regions.geojson").write_text(json.dumps(geo))
+    doc = _count(capsys, tmp_path / "img.tif", "--model", "classic", "--regions", str(tmp_path / "shapes.csv"))
+    assert doc["count"] == 7 and [r["count"] for r in doc["regions"]] == [4, 2]
+    first = doc["regions"][0]
+    assert first["area_px"] == 100 * 100 and first["area_um2"] == 2500.0 and first["per_mm2"] == 1600.0
+    doc = _count(capsys, tmp_path / "img.tif", "--model", "classic", "--regions", str(tmp_path / "regions.geojson"))
+    assert [(r["region"], r["count"]) for r in doc["regions"]] == [("left half", 4)]
+    assert main(["count", str(tmp_path / "img.tif"), "--diameter", "8", "--model", "classic", "--quiet",
+                 "--regions", str(tmp_path / "shapes.csv")]) == 0
+    assert "region 2: 2 cells" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, name, why", [
+    ("a,b\n1,2\n", "r.csv", "not napari's shapes CSV"),
+    ("index,shape-type,vertex-index,axis-0,axis-1\n0,path,0,1,1\n0,path,1,5,5\n0,path,2,9,1\n", "r.csv",
+     "not an area"),
+    ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Point", '
+     '"coordinates": [1, 2]}}]}', "r.geojson", "not an area"),
+    ("index,shape-type,vertex-index,axis-0,axis-1\n0,rectangle,0,500,500\n0,rectangle,1,500,600\n"
+     "0,rectangle,2,600,600\n0,rectangle,3,600,500\n", "r.csv", "holds no pixel"),
+    ("x", "r.shp", "shapes CSV (.csv) or GeoJSON"),
+])
+def test_bad_regions_get_one_error_line(tmp_path, capsys, content, name, why):
+    tifffile.imwrite(tmp_path / "img.tif", _disks(3, shape=(64, 64), radius=3))
+    (tmp_path / name).write_text(content)
+    assert main(["count", str(tmp_path / "img.tif"), "--regions", str(tmp_path / name), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and why in err and len(err.strip().splitlines()) == 1

@@ -282,3 +282,31 @@ def test_nuclei_cut_by_the_border_can_be_left_out(open_dock, make_napari_viewer,
     assert len(pts.data) == n - cut + 1 and w.exclude_border.value is True
     w.exclude_border.value = False
     assert len(pts.data) == n + 1
+
+
+def test_cells_per_region_follow_regions_and_clicks(open_dock, make_napari_viewer, qtbot, tmp_path):
+    from skimage.draw import disk
+
+    img = np.full((100, 200), 10, np.uint8)
+    for c in [(20, 20), (20, 60), (60, 40), (80, 80), (30, 140), (70, 160), (90, 190)]:
+        img[disk(c, 4, shape=img.shape)] = 200
+    viewer = make_napari_viewer()
+    viewer.add_image(img, name="nuclei", scale=(0.5, 0.5))  # 0.5 µm per pixel
+    w = open_dock(viewer, "Count cells")
+    w.model.value = "classic"
+    w.diameter.value.value = 8.0
+    assert _run(qtbot, w) == "done"
+    rect = np.array([[0, 0], [0, 99], [99, 99], [99, 0]], float) * 0.5  # world coordinates
+    ell = np.array([[10, 120], [10, 180], [90, 180], [90, 120]], float) * 0.5
+    shapes = viewer.add_shapes([rect, ell], shape_type=["rectangle", "ellipse"], name="areas")
+    w.regions.shapes.value = shapes
+    rows = w.regions.rows
+    assert [r["count"] for r in rows] == [4, 2] and rows[0]["area_um2"] == 2500.0 and rows[0]["per_mm2"] == 1600.0
+    assert w.regions.table.item(0, 1).text() == "4" and w.regions.table.isVisibleTo(w)
+    pts = viewer.layers[result_name("nuclei")]
+    pts.add([[40.0, 150.0]])  # a click in the ellipse: its row follows
+    assert [r["count"] for r in w.regions.rows] == [4, 3]
+    shapes.data = [rect]  # the ellipse deleted: its row goes
+    assert [r["count"] for r in w.regions.rows] == [4]
+    out = w.regions.export(str(tmp_path / "regions.csv"))
+    assert out.read_text().splitlines()[0].startswith("region,kind,count,area_px")

@@ -39,6 +39,7 @@ __all__ = [
     "NotEnoughMemory",
     "read_tiff",
     "read_picture",
+    "read_pixel_size",
     "tiff_layout",
     "write_tiff",
     "is_ome_zarr",
@@ -154,28 +155,7 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
             if tif.ome_metadata:
                 names = re.findall(r'<Channel\b[^>]*?\bName="([^"]*)"', tif.ome_metadata)
                 meta["channel_names"] = names or None
-                m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-                if m:
-                    meta["pixel_size"] = float(m.group(1))
-                    u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-                    meta["unit"] = u.group(1) if u else "µm"
-            if meta["pixel_size"] is None:
-                page = tif.pages[0]
-                tag = page.tags.get("XResolution")
-                ij = tif.imagej_metadata or {}
-                if tag is not None:
-                    num, den = tag.value
-                    unit = ij.get("unit")
-                    if num and den and (unit or page.tags.get("ResolutionUnit")):
-                        size = den / num
-                        res_unit = page.tags.get("ResolutionUnit")
-                        code = int(res_unit.value) if res_unit is not None else 1
-                        if unit in ("micron", "um", "µm", "\\u00B5m"):
-                            meta["pixel_size"], meta["unit"] = size, "µm"
-                        elif code == 3:  # centimetre
-                            meta["pixel_size"], meta["unit"] = size * 1e4, "µm"
-                        elif code == 2:  # inch
-                            meta["pixel_size"], meta["unit"] = size * 25400.0, "µm"
+            meta["pixel_size"], meta["unit"] = _tiff_pixel_size(tif)
     except NotEnoughMemory:
         raise
     except MemoryError:
@@ -184,6 +164,46 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
     except Exception as exc:  # truncated or corrupt files raise whatever the decoder meets (struct.error, ...)
         raise ValueError(f"{path} is not a readable TIFF file: {_first_line(exc)}") from exc
     return data, meta
+
+
+def _tiff_pixel_size(tif) -> tuple:
+    """``(micrometres per pixel or None, unit or None)`` from an open TIFF's OME, ImageJ or resolution tags."""
+    if tif.ome_metadata:
+        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+        if m:
+            u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+            return float(m.group(1)), (u.group(1) if u else "µm")
+    page = tif.pages[0]
+    tag = page.tags.get("XResolution")
+    ij = tif.imagej_metadata or {}
+    if tag is not None:
+        num, den = tag.value
+        unit = ij.get("unit")
+        if num and den and (unit or page.tags.get("ResolutionUnit")):
+            size = den / num
+            res_unit = page.tags.get("ResolutionUnit")
+            code = int(res_unit.value) if res_unit is not None else 1
+            if unit in ("micron", "um", "µm", "\\u00B5m"):
+                return size, "µm"
+            if code == 3:  # centimetre
+                return size * 1e4, "µm"
+            if code == 2:  # inch
+                return size * 25400.0, "µm"
+    return None, None
+
+
+def read_pixel_size(path: os.PathLike | str) -> Optional[float]:
+    """Micrometres per pixel that a TIFF declares (OME, ImageJ or resolution tags), read from its header; else None."""
+    import tifffile
+
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return _tiff_pixel_size(tif)[0]
+    except Exception:  # an unreadable header: no pixel size (reading the pixels says what is wrong)
+        return None
 
 
 def read_picture(path: os.PathLike | str) -> np.ndarray:

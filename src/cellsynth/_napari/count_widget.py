@@ -15,6 +15,7 @@ from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, c
                         current_frame, prepare_counter, refresh_count, result_name, show_points, style_as_count)
 from ._layers import on_layer_renamed, provenance, real_viewer
 from .compare import CompareSection
+from .regions_section import RegionsSection
 from ._models import recent_models, registry_events
 from ._settings import start_with_default_counter
 from ._tasks import TaskRunner, dock_layout
@@ -88,6 +89,8 @@ class CountWidget(QWidget):
         layout.addWidget(self.legend)
         self.compare = CompareSection(self)
         layout.addWidget(self.compare)
+        self.regions = RegionsSection(self)
+        layout.addWidget(self.regions)
         layout.addStretch(1)
 
         self.model.changed.connect(lambda v: setattr(self.model_file, "visible", v == "file"))
@@ -223,6 +226,7 @@ class CountWidget(QWidget):
         self._sync_threshold(out)
         self.count_label.setText(count_text(out, current_frame(out, self.viewer)))
         show_frame_table(self, layer, result)
+        self.regions.update()
 
     def watch(self, layer: Points) -> None:
         """Follow clicks on ``layer``: its count and this widget's label update at once."""

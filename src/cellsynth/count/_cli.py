@@ -91,6 +91,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="write the points to this CSV (row, col[, plane], score)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--json", action="store_true", help="print one JSON object with count and points")
+    p.add_argument("--regions", default=None, metavar="FILE",
+                   help="count per region of interest too: napari's shapes CSV or GeoJSON (e.g. from QuPath); a "
+                        "cell belongs to a region when the pixel holding its centre does")
     p.add_argument("--exclude-border", action="store_true",
                    help="leave out nuclei cut by the image border (a disk of the diameter used reaching past the "
                         "edge); the output says how many")
@@ -188,6 +191,12 @@ def _count(args) -> int:
     image, channel_axis = read_image_axes(args.image)
     if image.ndim >= 2:
         check_scale(_plane_shape(image, channel_axis), args.diameter, None, what=str(args.image))
+    regions = None
+    if args.regions:  # read and checked against the image before counting
+        from .regions import count_in_regions, read_regions
+
+        regions = read_regions(args.regions)
+        count_in_regions(np.zeros((0, 2)), regions, _plane_shape(image, channel_axis))
     counter = load_counter(args.model, device=args.device)
     if counter.kind != "classic" and counter.config.get("rescale", True) and image.ndim >= 2:
         check_scale(_plane_shape(image, channel_axis), args.diameter, counter.diameter, what=str(args.image))
@@ -199,6 +208,10 @@ def _count(args) -> int:
     finally:
         close()
     left_out = _exclude_border(res, image, channel_axis) if args.exclude_border else None
+    per_region = None
+    if regions is not None:
+        per_region = count_in_regions(res.points, regions, _plane_shape(image, channel_axis),
+                                      pixel_size=io.read_pixel_size(args.image))
     if args.out:
         io.write_points_csv(args.out, res.points, features={"score": res.scores}, overwrite=args.overwrite)
     if args.json:
@@ -216,6 +229,8 @@ def _count(args) -> int:
         }
         if left_out is not None:
             doc["left_out_border"] = left_out
+        if per_region is not None:
+            doc["regions"] = per_region
         if res.windows:
             doc["windows"] = [list(w) for w in res.windows]
         print(json.dumps(doc, default=io.json_default, allow_nan=False))
@@ -231,6 +246,10 @@ def _count(args) -> int:
             print(f"{res.count} cells in {res.per_plane.size} planes ({scale}; per plane: {per})")
         else:
             print(f"{res.count} cells ({scale})")
+        for row in per_region or []:
+            density = (f"{row['per_mm2']:g} per mm²" if "per_mm2" in row else
+                       f"{row['per_megapixel']:g} per megapixel")
+            print(f"  {row['region']}: {row['count']} cells, {row['area_px']} px, {density}")
     return 0
 
 
