@@ -10,15 +10,9 @@ status line); :func:`download` (from :mod:`cellsynth.weights.download`) fetches 
 registry model's pinned snapshot with byte progress, failing within seconds when
 the hub cannot be reached.
 
-huggingface_hub is imported inside the functions that need it.
-
-Examples
---------
->>> sorted(REGISTRY)
-['clip-vit-large-patch14', 'dino-vits8', 'dinov2-small', 'efficientnet_b0-imagenet', 'sd-v1-4']
->>> spec = REGISTRY["dinov2-small"]
->>> spec.repo_id, spec.licence
-('facebook/dinov2-small', 'apache-2.0')
+The registry itself (:data:`REGISTRY`, :class:`ModelSpec`) is in
+:mod:`cellsynth.weights.registry`. huggingface_hub is imported inside the
+functions that need it.
 """
 
 from __future__ import annotations
