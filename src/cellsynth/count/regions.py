@@ -17,8 +17,8 @@ Examples
 >>> import numpy as np
 >>> r = Region("left", "rectangle", np.array([[0, 0], [0, 5], [10, 5], [10, 0]], float))
 >>> rows = count_in_regions(np.array([[2.0, 2.0], [2.0, 8.0]]), [r], (10, 10))
->>> rows[0]["region"], rows[0]["count"], rows[0]["area_px"]
-('left', 1, 50)
+>>> rows[0]["region"], rows[0]["count"], rows[0]["area_px"]  # rows 0-9, columns 0-5 (edges included)
+('left', 1, 60)
 """
 
 from __future__ import annotations
