@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..count.counter import CounterConfig
 from ..count.infer import density_peaks
 from ..count.targets import density_target
 from ..progress import ProgressCallback, report
@@ -39,8 +40,8 @@ def make_item(image: np.ndarray, centres, config: dict, mask: Optional[np.ndarra
     """An :class:`Item` with the density target of ``centres`` (None: unlabelled)."""
     tgt = None
     if centres is not None:
-        tgt = density_target(centres, image.shape, sigma=float(config.get("sigma", 2.5)),
-                             scale=float(config.get("density_scale", 100.0)))
+        tgt = density_target(centres, image.shape, sigma=CounterConfig.of(config).sigma,
+                             scale=CounterConfig.of(config).density_scale)
     return Item(np.asarray(image, np.float32), tgt, mask, None if centres is None else np.asarray(centres, float))
 
 
@@ -133,9 +134,9 @@ def forward_density(net, plane: np.ndarray, *, scale: float, device, stride: int
 
 def peak_count(density: np.ndarray, config: dict) -> tuple[np.ndarray, np.ndarray]:
     """Peaks of a working-scale density map with the counter's settings (as counting does)."""
-    return density_peaks(density, min_distance=0.3 * float(config.get("diameter", 15.0)),
-                         sigma=float(config.get("sigma", 2.5)),
-                         threshold=float(config.get("peak_threshold", 0.3)))
+    return density_peaks(density, min_distance=0.3 * CounterConfig.of(config).diameter,
+                         sigma=CounterConfig.of(config).sigma,
+                         threshold=CounterConfig.of(config).peak_threshold)
 
 
 def finetune(

@@ -38,6 +38,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from ..count.counter import CounterConfig
 from ..progress import ProgressCallback, report
 from ._output import REPORT_FILE, check_out, write_counter_folder
 from ._train import Item, crop_item, finetune, forward_density, make_item, peak_count, stack_batch, working_scale
@@ -262,7 +263,7 @@ def label_free_score(net, config: dict, user: Sequence[np.ndarray], holdout: Seq
         the count under a transpose), ``peak_density_gap`` (mean relative gap
         between peaks and density sum), ``score`` and the user ``counts``.
     """
-    scale = float(config.get("density_scale", 100.0))
+    scale = CounterConfig.of(config).density_scale
     stride = int(getattr(net, "stride", 16))
     abs_err, n_true = 0.0, 0
     for img, centres in holdout:
@@ -369,7 +370,7 @@ def _adapt_sampler(train: list[Item], user: list[Item], p: AdaptParams, config: 
     import torch
 
     n_mix = int(round(p.batch_size * p.mix_share)) if user else 0
-    scale = float(config.get("density_scale", 100.0))
+    scale = CounterConfig.of(config).density_scale
 
     def sample(rng: np.random.Generator, teacher):
         parts = [crop_item(train[int(rng.integers(0, len(train)))], p.crop, rng) for _ in range(p.batch_size)]
@@ -521,7 +522,7 @@ def adapt_counter(
     net = copy.deepcopy(base_net).train()
     net, info = finetune(net, _adapt_sampler(train, user, p, config, dev), seconds=train_seconds,
                          max_steps=p.max_steps, min_steps=p.min_steps, lr=p.lr,
-                         scale=float(config.get("density_scale", 100.0)), device=dev, seed=seed,
+                         scale=CounterConfig.of(config).density_scale, device=dev, seed=seed,
                          ema=p.ema if p.mix_share > 0 else None, progress=progress)
     t = lap("train", t)
 

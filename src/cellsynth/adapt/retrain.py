@@ -38,6 +38,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from ..count.counter import CounterConfig
 from ..progress import ProgressCallback, report
 from ._output import REPORT_FILE, check_out
 from ._train import Item, crop_item, finetune, forward_density, make_item, peak_count, stack_batch, working_scale
@@ -128,7 +129,7 @@ def region_error(net, config: dict, items: Sequence[Item], device) -> dict:
     Returns ``error`` (sum of absolute count differences per image over the
     sum of true counts) and ``counts`` (predicted, true) per image.
     """
-    scale = float(config.get("density_scale", 100.0))
+    scale = CounterConfig.of(config).density_scale
     err, tot, pairs = 0.0, 0, []
     for it in items:
         d = forward_density(net, it.image, scale=scale, device=device, stride=int(getattr(net, "stride", 16)))
@@ -358,7 +359,7 @@ def retrain_counter(
 
     # 3. validation strips, targets and masks at the working scale
     checked = [[(0, 0, sh[0], sh[1])] if bx is None else bx for bx, sh in zip(boxes, shapes)]
-    gap = int(np.ceil((4.0 * float(config.get("sigma", 2.5)) + 2.0) / factor))  # the reach of a target's density
+    gap = int(np.ceil((4.0 * CounterConfig.of(config).sigma + 2.0) / factor))  # the reach of a target's density
     split = [split_validation(bx, min_side=2.0 * d_user, gap=gap) for bx in checked]
     train_boxes, val_boxes = [sp[0] for sp in split], [sp[1] for sp in split]
     planes = working_planes(imgs, config, factor)
@@ -417,7 +418,7 @@ def retrain_counter(
     train_seconds = max(0.0, minutes * 60.0 - (time.perf_counter() - t_start) - reserve)
     net, info = finetune(net, _retrain_sampler(user, work_boxes, replay, p), seconds=train_seconds,
                          max_steps=p.max_steps, min_steps=p.min_steps, lr=p.lr,
-                         scale=float(config.get("density_scale", 100.0)), device=dev, seed=seed, progress=progress,
+                         scale=CounterConfig.of(config).density_scale, device=dev, seed=seed, progress=progress,
                          freeze_bn=True, checks=4 if validate else 0, on_check=on_check if validate else None)
     if validate and best["state"] is not None:
         net.load_state_dict(best["state"])

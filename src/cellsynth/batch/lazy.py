@@ -191,7 +191,7 @@ def image_statistics(plane, counter, *, diameter: Union[float, str, None] = "aut
         if isinstance(diameter, bool) or not (np.isscalar(diameter) and np.isfinite(diameter) and diameter > 0):
             raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
         d, source = float(diameter), "given"
-    rescale = kind != "classic" and d is not None and counter.config.get("rescale", True)
+    rescale = kind != "classic" and d is not None and counter.settings.rescale
     factor = counter.diameter / d if rescale else 1.0
 
     norm = counter.config.get("normalize", {})

@@ -198,7 +198,7 @@ def _count(args) -> int:
         regions = read_regions(args.regions)
         count_in_regions(np.zeros((0, 2)), regions, _plane_shape(image, channel_axis))
     counter = load_counter(args.model, device=args.device)
-    if counter.kind != "classic" and counter.config.get("rescale", True) and image.ndim >= 2:
+    if counter.kind != "classic" and counter.settings.rescale and image.ndim >= 2:
         check_scale(_plane_shape(image, channel_axis), args.diameter, counter.diameter, what=str(args.image))
     cb, close = _progress(args)
     try:

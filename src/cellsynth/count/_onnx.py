@@ -296,7 +296,7 @@ def session_for(counter: Any) -> Optional[OrtRunner]:
     if cached is not None and cached[0] == (stamp, threads):
         return cached[1]
     if key is None:
-        key = _cache_key(net, int(counter.config.get("in_chans", 1)))
+        key = _cache_key(net, counter.settings.in_chans)
     runner = cached_runner(key, threads)
     if runner is None:
         try:

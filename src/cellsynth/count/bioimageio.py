@@ -35,6 +35,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import io
+from .counter import CounterConfig
 from .packages import CONFIG_KEY, is_counter_package, load_package_counter  # re-exported: the public names
 
 __all__ = ["export_counter", "load_package_counter", "is_counter_package", "ExportResult", "CONFIG_KEY"]
@@ -152,7 +153,7 @@ def _reference_output(counter, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         y = net(torch.from_numpy(plane)[None, None]).numpy().astype(np.float32)
     if counter.kind == "density":
-        return y / np.float32(counter.config.get("density_scale", 1.0))
+        return y / np.float32(counter.settings.density_scale)
     return y.reshape(1, 1)
 
 
@@ -289,7 +290,7 @@ def _build_descr(counter, workdir: Path, x: np.ndarray, y: np.ndarray, *, name: 
     else:
         out_axes = [m.BatchAxis(), m.ChannelAxis(channel_names=[m.Identifier("count")])]
         out_desc = "number of cells in the input window"
-    post = ([m.ScaleLinearDescr(kwargs=m.ScaleLinearKwargs(gain=1.0 / float(cfg.get("density_scale", 1.0))))]
+    post = ([m.ScaleLinearDescr(kwargs=m.ScaleLinearKwargs(gain=1.0 / CounterConfig.of(cfg).density_scale))]
             if counter.kind == "density" else [])
     outputs = [m.OutputTensorDescr(id=m.TensorId(OUTPUT_ID if counter.kind == "density" else "count"),
                                    description=out_desc, axes=out_axes, postprocessing=post,

@@ -15,12 +15,68 @@ from typing import Any, Optional
 
 from .. import io
 
-__all__ = ["Counter", "counter_config", "net_stamp", "COUNTER_FORMAT", "KINDS", "WEIGHTS_FILE", "CONFIG_FILE"]
+__all__ = ["Counter", "CounterConfig", "DEFAULTS", "counter_config", "net_stamp", "COUNTER_FORMAT", "KINDS",
+           "WEIGHTS_FILE", "CONFIG_FILE"]
 
 COUNTER_FORMAT = "cellsynth-counter"
 KINDS = ("density", "regression", "classic")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+
+
+#: The one set of defaults of a counter's settings: what :func:`counter_config` writes into a new config and
+#: what :class:`CounterConfig` reads where a config (an older or imported one) leaves a setting out.
+DEFAULTS: dict[str, Any] = {
+    "in_chans": 1, "diameter": 15.0, "normalize": {"low": 1.0, "high": 99.8}, "blocks": 4, "sigma": 2.5,
+    "density_scale": 100.0, "peak_threshold": 0.3, "window": 256, "rescale": True,
+}
+
+
+@dataclass(frozen=True)
+class CounterConfig:
+    """A counter's settings, read once from its config dict with :data:`DEFAULTS` for what it leaves out.
+
+    Counting, adaptation, retraining and export read the settings through this
+    class (``CounterConfig.of(config)`` or ``counter.settings``), so a setting a
+    config lacks has the same value on every path.
+
+    Examples
+    --------
+    >>> s = CounterConfig.of({"kind": "density", "diameter": 12})
+    >>> s.diameter, s.density_scale, s.sigma, s.rescale
+    (12.0, 100.0, 2.5, True)
+    >>> CounterConfig.of({"kind": "density", "sigma": -1})
+    Traceback (most recent call last):
+    ...
+    ValueError: counter config: 'sigma' must be a positive number, got -1
+    """
+
+    kind: str
+    diameter: float
+    in_chans: int
+    blocks: int
+    sigma: float
+    density_scale: float
+    peak_threshold: float
+    window: int
+    rescale: bool
+    normalize: dict = field(default_factory=dict)
+    objects: Optional[dict] = None
+
+    @classmethod
+    def of(cls, config: dict) -> "CounterConfig":
+        if not isinstance(config, dict) or config.get("kind") not in KINDS:
+            raise ValueError(f"counter config: kind must be one of {KINDS}, got "
+                             f"{config.get('kind') if isinstance(config, dict) else config!r}")
+        _check_config_numbers(config, "counter config")
+        get = lambda key: config.get(key, DEFAULTS.get(key))  # noqa: E731
+        threshold = get("peak_threshold")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+            raise ValueError(f"counter config: 'peak_threshold' must be in [0, 1), got {threshold!r}")
+        return cls(kind=config["kind"], diameter=float(get("diameter")), in_chans=int(get("in_chans")),
+                   blocks=int(get("blocks")), sigma=float(get("sigma")), density_scale=float(get("density_scale")),
+                   peak_threshold=float(threshold), window=int(get("window")), rescale=bool(get("rescale")),
+                   normalize=dict(config.get("normalize") or {}), objects=config.get("objects") or None)
 
 
 def counter_config(kind: str = "density", *, backbone: str = "efficientnet_b0", **overrides: Any) -> dict:
@@ -53,14 +109,14 @@ def counter_config(kind: str = "density", *, backbone: str = "efficientnet_b0", 
         "version": 1,
         "kind": kind,
         "backbone": backbone,
-        "in_chans": 1,
-        "diameter": 15.0,
-        "normalize": {"low": 1.0, "high": 99.8},
+        "in_chans": DEFAULTS["in_chans"],
+        "diameter": DEFAULTS["diameter"],
+        "normalize": dict(DEFAULTS["normalize"]),
     }
     if kind == "density":
-        cfg.update(blocks=4, sigma=2.5, density_scale=100.0, peak_threshold=0.3)
+        cfg.update({k: DEFAULTS[k] for k in ("blocks", "sigma", "density_scale", "peak_threshold")})
     elif kind == "regression":
-        cfg.update(window=256)
+        cfg.update(window=DEFAULTS["window"])
     else:
         cfg.pop("backbone")
         cfg.pop("in_chans")
@@ -132,7 +188,7 @@ class Counter:
 
     def diameter(self) -> float:
         """Cell diameter in pixels at the scale the model was trained on."""
-        return float(self.config.get("diameter", 15.0))
+        return self.settings.diameter
 
     @property
     def network_built(self) -> bool:
@@ -165,6 +221,11 @@ class Counter:
 
     def __repr__(self) -> str:
         return f"Counter(kind={self.kind!r}, name={self.name!r}, diameter={self.diameter:g})"
+
+    @property
+    def settings(self) -> CounterConfig:
+        """The config's settings with the defaults filled in (:class:`CounterConfig`)."""
+        return CounterConfig.of(self.config)
 
     def inference_net(self):
         """The network with BatchNorm folded into the convolutions, made once per weights state."""

@@ -124,7 +124,7 @@ def _density_plane(counter, plane, *, grid=None, tile, overlap, batch_size, prog
     stride = counter.stride
     tiles, boxes, (t_r, t_c), m, pshape = _plane_tiles(plane, tile, overlap, stride, grid)
     preds = _run_batches(counter, tiles, batch_size, progress, done, total, runner)[:, 0]
-    scale = float(counter.config.get("density_scale", 1.0))
+    scale = counter.settings.density_scale
     acc = np.zeros(pshape, np.float32)
     wsum = np.zeros(pshape, np.float32)
     win = _blend_window(t_r, overlap) if t_r == t_c else np.outer(
@@ -304,7 +304,7 @@ def count_cells(
     batch_size = int(batch_size)
     norm = counter.config.get("normalize", {})
     objects = ObjectParams(**counter.config["objects"]) if kind == "density" and counter.config.get("objects") else None
-    rescale = kind != "classic" and diameter is not None and counter.config.get("rescale", True)
+    rescale = kind != "classic" and diameter is not None and counter.settings.rescale
     factor = counter.diameter / diameter if rescale else 1.0
 
     # 3. count plane by plane
@@ -342,8 +342,8 @@ def count_cells(
             if kind == "density":
                 # At the model scale cells are about counter.diameter wide.
                 pts, sc = density_peaks(dens, min_distance=0.3 * counter.diameter,
-                                        sigma=float(counter.config.get("sigma", 2.5)),
-                                        threshold=float(counter.config.get("peak_threshold", 0.3)))
+                                        sigma=counter.settings.sigma,
+                                        threshold=counter.settings.peak_threshold)
                 total_p = float(dens.sum(dtype=np.float64))
                 dens_sums.append(total_p)
                 if factor != 1.0:
