@@ -355,3 +355,31 @@ def test_bad_regions_get_one_error_line(tmp_path, capsys, content, name, why):
     assert main(["count", str(tmp_path / "img.tif"), "--regions", str(tmp_path / name), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and why in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_count_writes_its_provenance_and_redoes_itself_from_it(tmp_path, capsys):
+    from cellsynth.weights import file_sha256
+
+    img = tmp_path / "img.tif"
+    tifffile.imwrite(img, _disks(9, shape=(96, 96), radius=4, seed=5))
+    out = tmp_path / "points.csv"
+    assert main(["count", str(img), "--model", "classic", "--out", str(out), "--exclude-border", "--quiet"]) == 0
+    capsys.readouterr()
+    rec = json.loads((tmp_path / "points.provenance.json").read_text())
+    assert rec["input"]["sha256"] == file_sha256(img) and rec["input"]["name"] == "img.tif"
+    assert rec["model"]["kind"] == "classic" and rec["settings"]["exclude_border"] is True
+    assert rec["settings"]["diameter"] == "auto" and rec["result"]["diameter_source"] == "estimated"
+    assert rec["cellsynth_version"] and rec["created"] and rec["command"].startswith("cellsynth count ")
+    again = tmp_path / "again.csv"
+    assert main(["count", "--from-provenance", str(tmp_path / "points.provenance.json"), "--out", str(again),
+                 "--quiet"]) == 0
+    assert again.read_text() == out.read_text()  # the same points
+    # nothing is overwritten without --overwrite, the provenance file included
+    (tmp_path / "p2.provenance.json").write_text("mine")
+    assert main(["count", str(img), "--model", "classic", "--out", str(tmp_path / "p2.csv"), "--quiet"]) == 2
+    assert (tmp_path / "p2.provenance.json").read_text() == "mine" and not (tmp_path / "p2.csv").exists()
+    # a changed image is refused
+    capsys.readouterr()
+    tifffile.imwrite(img, _disks(4, shape=(96, 96), radius=4, seed=6))
+    assert main(["count", "--from-provenance", str(tmp_path / "points.provenance.json"), "--quiet"]) == 2
+    assert "has changed since the count" in capsys.readouterr().err

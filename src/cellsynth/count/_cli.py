@@ -76,7 +76,11 @@ def _plane_shape(image: np.ndarray, channel_axis) -> tuple:
 def register(subparsers) -> None:
     """Add ``count``, ``train-counter`` and ``evaluate-counter`` to ``subparsers``."""
     p = subparsers.add_parser("count", help="count cells in an image", description="Count cells in an image and print the count.")
-    p.add_argument("image", help="image file (TIFF, PNG, JPEG); stacks are counted plane by plane")
+    p.add_argument("image", nargs="?", default=None,
+                   help="image file (TIFF, PNG, JPEG); stacks are counted plane by plane")
+    p.add_argument("--from-provenance", default=None, metavar="FILE",
+                   help="count again as a provenance file (written beside every --out) records: the same image "
+                        "(checked by its SHA-256), model and settings give the same points")
     p.add_argument("--model", default=None,
                    help="'default', 'classic', a model folder/file or a bioimage.io .zip exported here "
                         "(default: the default_counter setting, see cellsynth settings; out of the box 'default')")
@@ -177,6 +181,16 @@ def _progress(args):
 
 
 def _count(args) -> int:
+    from . import provenance
+
+    if args.from_provenance:
+        if args.image:
+            raise ValueError("give an IMAGE or --from-provenance FILE, not both")
+        recorded = provenance.apply(args, args.from_provenance)
+    elif not args.image:
+        raise ValueError("give the IMAGE to count (or --from-provenance FILE)")
+    else:
+        recorded = None
     if args.model is None:
         from ..settings import load_settings
 
@@ -186,6 +200,7 @@ def _count(args) -> int:
 
     if args.out:
         io.prepare_output(args.out, overwrite=args.overwrite)
+        io.prepare_output(provenance.sidecar(args.out), overwrite=args.overwrite)
     from .models import load_counter
 
     image, channel_axis = read_image_axes(args.image)
@@ -198,6 +213,8 @@ def _count(args) -> int:
         regions = read_regions(args.regions)
         count_in_regions(np.zeros((0, 2)), regions, _plane_shape(image, channel_axis))
     counter = load_counter(args.model, device=args.device)
+    if recorded is not None:
+        provenance.check_model(recorded, counter)
     if counter.kind != "classic" and counter.settings.rescale and image.ndim >= 2:
         check_scale(_plane_shape(image, channel_axis), args.diameter, counter.diameter, what=str(args.image))
     cb, close = _progress(args)
@@ -212,8 +229,10 @@ def _count(args) -> int:
     if regions is not None:
         per_region = count_in_regions(res.points, regions, _plane_shape(image, channel_axis),
                                       pixel_size=io.read_pixel_size(args.image))
+    record = provenance.count_record(args, counter, res, left_out=left_out)
     if args.out:
         io.write_points_csv(args.out, res.points, features={"score": res.scores}, overwrite=args.overwrite)
+        io.write_json(provenance.sidecar(args.out), record, overwrite=args.overwrite)
     if args.json:
         doc = {
             "count": res.count,
@@ -231,6 +250,7 @@ def _count(args) -> int:
             doc["left_out_border"] = left_out
         if per_region is not None:
             doc["regions"] = per_region
+        doc["provenance"] = record
         if res.windows:
             doc["windows"] = [list(w) for w in res.windows]
         print(json.dumps(doc, default=io.json_default, allow_nan=False))

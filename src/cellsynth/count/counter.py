@@ -185,7 +185,6 @@ class Counter:
     extra: dict = field(default_factory=dict)
 
     @property
-
     def diameter(self) -> float:
         """Cell diameter in pixels at the scale the model was trained on."""
         return self.settings.diameter
