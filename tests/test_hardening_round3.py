@@ -383,3 +383,61 @@ def test_a_count_writes_its_provenance_and_redoes_itself_from_it(tmp_path, capsy
     tifffile.imwrite(img, _disks(4, shape=(96, 96), radius=4, seed=6))
     assert main(["count", "--from-provenance", str(tmp_path / "points.provenance.json"), "--quiet"]) == 2
     assert "has changed since the count" in capsys.readouterr().err
+
+
+def _two_markers(tmp_path):
+    """Nuclei in channel 0; a marker in 8 of 20 (channel 1), another in 5 of them (channel 2)."""
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(3)
+    img = np.zeros((3, 160, 160), np.uint16)
+    img += rng.integers(0, 20, img.shape).astype(np.uint16)
+    centres: list = []
+    while len(centres) < 20:
+        c = rng.uniform(12, 148, 2)
+        if all(np.hypot(*(c - d)) > 22 for d in centres):
+            centres.append(c)
+    for k, c in enumerate(centres):
+        rr, cc = disk(tuple(c), 6, shape=img.shape[1:])
+        img[0, rr, cc] += 800
+        if k < 8:
+            img[1, rr, cc] += 600 + 40 * k  # positive, of several brightnesses
+        else:
+            img[1, rr, cc] += 30  # a little background in the nucleus
+        if k % 4 == 0:
+            img[2, rr, cc] += 500
+    path = tmp_path / "markers.tif"
+    tifffile.imwrite(path, img, imagej=True, metadata={"axes": "CYX"})
+    return path
+
+
+def test_marker_positive_classes_are_counted_within_two_points(tmp_path, capsys):
+    path = _two_markers(tmp_path)
+    doc = _count(capsys, path, "--model", "classic", "--channel", "0", "--measure-channels", "1,2",
+                 "--marker-names", "Ki67,EdU", "--out", str(tmp_path / "p.csv"))
+    m = doc["markers"]
+    assert doc["count"] == 20 and m["threshold_method"] == "otsu" and m["names"] == ["Ki67", "EdU"]
+    got = {r["class"]: r["count"] for r in m["classes"]}
+    # truth: k < 8 Ki67+; k % 4 == 0 EdU+ (k = 0, 4 are both; 8, 12, 16 EdU only)
+    assert got == {"negative": 9, "Ki67+": 6, "EdU+": 3, "Ki67+ EdU+": 2}
+    assert abs(sum(r["percent"] for r in m["classes"]) - 100) < 0.1
+    header = (tmp_path / "p.csv").read_text().splitlines()[0].split(",")
+    assert {"mean_Ki67", "mean_EdU", "class"} <= set(header)
+    # a typed threshold above every nucleus: all negative for that channel
+    doc = _count(capsys, path, "--model", "classic", "--channel", "0", "--measure-channels", "1",
+                 "--thresholds", "5000")
+    assert {r["class"]: r["count"] for r in doc["markers"]["classes"]} == {"negative": 20, "ch1+": 0}
+
+
+@pytest.mark.parametrize("extra, why", [
+    (["--measure-channels", "7"], "the image has channels 0..2"),
+    (["--measure-channels", "a,b"], "channel numbers separated by commas"),
+    (["--measure-channels", "1", "--thresholds", "x"], "'auto' or numbers"),
+    (["--measure-channels", "1,2", "--thresholds", "5"], "one finite number per measured channel"),
+    (["--thresholds", "5"], "go with --measure-channels"),
+])
+def test_bad_marker_options_get_one_error_line(tmp_path, capsys, extra, why):
+    path = _two_markers(tmp_path)
+    assert main(["count", str(path), "--model", "classic", "--channel", "0", "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and why in err and len(err.strip().splitlines()) == 1

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from typing import Optional
+
 import numpy as np
 
 from .. import io
@@ -98,6 +100,15 @@ def register(subparsers) -> None:
     p.add_argument("--regions", default=None, metavar="FILE",
                    help="count per region of interest too: napari's shapes CSV or GeoJSON (e.g. from QuPath); a "
                         "cell belongs to a region when the pixel holding its centre does")
+    p.add_argument("--measure-channels", default=None, metavar="C1,C2",
+                   help="measure these channels (0-based) in each nucleus and class it marker-positive or negative "
+                        "per channel, e.g. 1,2 for Ki67 and EdU beside a nuclear stain counted in --channel 0")
+    p.add_argument("--thresholds", default="auto", metavar="auto|V1,V2",
+                   help="the per-channel intensity above which a nucleus is positive: auto (Otsu's method on the "
+                        "nuclei's means, the default) or one number per measured channel")
+    p.add_argument("--marker-names", default=None, metavar="NAME1,NAME2",
+                   help="names of the measured channels for the classes (default: the file's channel names, else "
+                        "ch1, ch2 ... by channel number)")
     p.add_argument("--exclude-border", action="store_true",
                    help="leave out nuclei cut by the image border (a disk of the diameter used reaching past the "
                         "edge); the output says how many")
@@ -212,6 +223,7 @@ def _count(args) -> int:
 
         regions = read_regions(args.regions)
         count_in_regions(np.zeros((0, 2)), regions, _plane_shape(image, channel_axis))
+    markers = _marker_plan(args, image, channel_axis)  # checked before counting
     counter = load_counter(args.model, device=args.device)
     if recorded is not None:
         provenance.check_model(recorded, counter)
@@ -230,8 +242,13 @@ def _count(args) -> int:
         per_region = count_in_regions(res.points, regions, _plane_shape(image, channel_axis),
                                       pixel_size=io.read_pixel_size(args.image))
     record = provenance.count_record(args, counter, res, left_out=left_out)
+    features = {"score": res.scores}
+    classes = None
+    if markers is not None:
+        classes, per_point = _classify(markers, res)
+        features.update(per_point)
     if args.out:
-        io.write_points_csv(args.out, res.points, features={"score": res.scores}, overwrite=args.overwrite)
+        io.write_points_csv(args.out, res.points, features=features, overwrite=args.overwrite)
         io.write_json(provenance.sidecar(args.out), record, overwrite=args.overwrite)
     if args.json:
         doc = {
@@ -250,6 +267,8 @@ def _count(args) -> int:
             doc["left_out_border"] = left_out
         if per_region is not None:
             doc["regions"] = per_region
+        if classes is not None:
+            doc["markers"] = classes
         doc["provenance"] = record
         if res.windows:
             doc["windows"] = [list(w) for w in res.windows]
@@ -266,11 +285,73 @@ def _count(args) -> int:
             print(f"{res.count} cells in {res.per_plane.size} planes ({scale}; per plane: {per})")
         else:
             print(f"{res.count} cells ({scale})")
+        for row in (classes or {}).get("classes", []):
+            print(f"  {row['class']}: {row['count']} ({row['percent']:g} %)")
         for row in per_region or []:
             density = (f"{row['per_mm2']:g} per mm²" if "per_mm2" in row else
                        f"{row['per_megapixel']:g} per megapixel")
             print(f"  {row['region']}: {row['count']} cells, {row['area_px']} px, {density}")
     return 0
+
+
+def _marker_plan(args, image, channel_axis) -> Optional[dict]:
+    """The channels to measure, their names and thresholds, checked against the image (None: no measuring)."""
+    if not args.measure_channels:
+        if args.marker_names or args.thresholds != "auto":
+            raise ValueError("--thresholds and --marker-names go with --measure-channels")
+        return None
+    try:
+        chans = [int(v) for v in str(args.measure_channels).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--measure-channels takes channel numbers separated by commas, e.g. 1,2; got "
+                         f"{args.measure_channels!r}") from None
+    if channel_axis is None:
+        raise ValueError(f"{args.image} has one channel; --measure-channels needs an image with several channels")
+    n = image.shape[channel_axis]
+    if not chans or any(not 0 <= c < n for c in chans):
+        raise ValueError(f"--measure-channels {args.measure_channels}: the image has channels 0..{n - 1}")
+    if image.ndim != 3:
+        raise ValueError(f"{args.image} is a stack; measuring channels works on one plane with channels")
+    if args.thresholds == "auto":
+        thresholds = None
+    else:
+        try:
+            thresholds = [float(v) for v in str(args.thresholds).split(",")]
+        except ValueError:
+            raise ValueError(f"--thresholds takes 'auto' or numbers separated by commas, got {args.thresholds!r}") \
+                from None
+        if len(thresholds) != len(chans) or not all(np.isfinite(thresholds)):
+            raise ValueError(f"--thresholds needs one finite number per measured channel ({len(chans)}), got "
+                             f"{args.thresholds!r}")
+    if args.marker_names:
+        names = [v.strip() for v in str(args.marker_names).split(",")]
+        if len(names) != len(chans) or not all(names):
+            raise ValueError(f"--marker-names needs one name per measured channel ({len(chans)}), got "
+                             f"{args.marker_names!r}")
+    else:
+        known = io.read_tiff(args.image)[1].get("channel_names") if str(args.image).lower().endswith(
+            (".tif", ".tiff")) else None
+        names = [known[c] if known and c < len(known) and known[c] else f"ch{c}" for c in chans]
+    return {"channels": chans, "names": names, "thresholds": thresholds,
+            "pixels": np.moveaxis(np.asarray(image), channel_axis, 0)[chans]}
+
+
+def _classify(plan: dict, res) -> tuple[dict, dict]:
+    """``(summary for the output, per-point columns for the CSV)`` of the marker classes of ``res``'s points."""
+    from .markers import THRESHOLD_METHOD, auto_thresholds, class_counts, classify, nucleus_means
+
+    d = float(res.meta.get("diameter_used") or 15.0)
+    means = nucleus_means(plan["pixels"], res.points, diameter=d)
+    auto = plan["thresholds"] is None
+    thresholds = auto_thresholds(means) if auto else plan["thresholds"]
+    classes = classify(means, thresholds, plan["names"])
+    summary = {"channels": plan["channels"], "names": plan["names"],
+               "thresholds": [round(float(t), 4) for t in thresholds],
+               "threshold_method": THRESHOLD_METHOD if auto else "typed", "measured_within_px": d / 2,
+               "classes": class_counts(list(classes), plan["names"])}
+    columns = {f"mean_{n}": np.round(means[:, k], 4) for k, n in enumerate(plan["names"])}
+    columns["class"] = classes
+    return summary, columns
 
 
 def _exclude_border(res, image, channel_axis) -> int:

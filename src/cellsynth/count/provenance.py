@@ -26,7 +26,8 @@ __all__ = ["FORMAT", "sidecar", "count_record", "apply", "check_model", "points_
 
 FORMAT = "cellsynth-provenance"
 #: The count settings a record keeps (the command-line names).
-SETTINGS = ("model", "diameter", "channel", "device", "tile", "overlap", "batch_size", "exclude_border", "regions")
+SETTINGS = ("model", "diameter", "channel", "device", "tile", "overlap", "batch_size", "exclude_border", "regions",
+            "measure_channels", "thresholds", "marker_names")
 
 
 def sidecar(out: os.PathLike | str) -> Path:
