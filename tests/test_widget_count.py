@@ -310,3 +310,34 @@ def test_cells_per_region_follow_regions_and_clicks(open_dock, make_napari_viewe
     assert [r["count"] for r in w.regions.rows] == [4]
     out = w.regions.export(str(tmp_path / "regions.csv"))
     assert out.read_text().splitlines()[0].startswith("region,kind,count,area_px")
+
+
+def test_marker_classes_from_other_layers_reclassify_at_once(open_dock, make_napari_viewer, qtbot):
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(3)
+    nuclei, ki67 = np.zeros((120, 120), np.uint16), np.zeros((120, 120), np.uint16)
+    centres = [(20 + 40 * i, 20 + 40 * j) for i in range(3) for j in range(3)]
+    for k, c in enumerate(centres):
+        rr, cc = disk(c, 6, shape=nuclei.shape)
+        nuclei[rr, cc] = 800
+        ki67[rr, cc] = 300 + 100 * k if k < 4 else 20  # 4 positive
+    nuclei += rng.integers(0, 10, nuclei.shape).astype(np.uint16)
+    viewer = make_napari_viewer()
+    viewer.add_image(nuclei, name="DAPI")
+    viewer.add_image(ki67, name="Ki67")
+    w = open_dock(viewer, "Count cells")
+    w.image.value = viewer.layers["DAPI"]
+    w.model.value = "classic"
+    w.diameter.value.value = 12.0
+    assert _run(qtbot, w) == "done"
+    assert list(w.markers.markers.choices) == [("layer", "Ki67")]  # DAPI itself is not offered
+    w.markers.markers.value = [("layer", "Ki67")]
+    summary = w.markers.classify()
+    assert {r["class"]: r["count"] for r in summary["classes"]} == {"negative": 5, "Ki67+": 4}
+    pts = viewer.layers[result_name("DAPI")]
+    assert sorted(pts.features["class"]) == ["Ki67+"] * 4 + ["negative"] * 5
+    assert "Ki67+: 4 (44.44 %)" in w.markers.result.text()
+    w.markers.thresholds.value = "450"  # typed: re-classified at once, no new count
+    assert {r["class"]: r["count"] for r in w.markers.summary["classes"]} == {"negative": 7, "Ki67+": 2}  # 500, 600
+    assert w.markers.summary["threshold_method"] == "typed"

@@ -15,6 +15,7 @@ from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, c
                         current_frame, prepare_counter, refresh_count, result_name, show_points, style_as_count)
 from ._layers import on_layer_renamed, provenance, real_viewer
 from .compare import CompareSection
+from .markers_section import MarkersSection
 from .regions_section import RegionsSection
 from ._models import recent_models, registry_events
 from ._settings import start_with_default_counter
@@ -91,6 +92,8 @@ class CountWidget(QWidget):
         layout.addWidget(self.compare)
         self.regions = RegionsSection(self)
         layout.addWidget(self.regions)
+        self.markers = MarkersSection(self)
+        layout.addWidget(self.markers)
         layout.addStretch(1)
 
         self.model.changed.connect(lambda v: setattr(self.model_file, "visible", v == "file"))
