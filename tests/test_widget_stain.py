@@ -115,7 +115,7 @@ def test_nsc_masks_per_channel_with_provenance(open_dock, make_napari_viewer, qt
     stack = np.full((2, 64, 64), 10.0, np.float32)
     stack[0, 10:40, 10:40] = 200
     stack[1, 30:60, 30:60] = 200
-    src = viewer.add_image(stack, name="cells", scale=(1, 2, 2))
+    src = viewer.add_image(stack, name="cells", scale=(1, 2, 2), metadata={"planes": ["z-1", "z0"]})
     w = open_dock(viewer, "NSC masks")
     w.form.k.value, w.form.r.value, w.form.fov.value = 2, 1, 64
     assert w.layer.value is src
@@ -125,6 +125,8 @@ def test_nsc_masks_per_channel_with_provenance(open_dock, make_napari_viewer, qt
     assert m0.data[20, 20] == 1 and m0.data[50, 50] == 0 and m1.data[50, 50] == 1 and m1.data[20, 20] == 0
     assert tuple(m0.scale) == (2, 2)
     assert m0.metadata["cellsynth"]["backbone"] == "filters" and "filters" in w.info.text()
+    # the dock says which plane each mask comes from
+    assert "[0] from plane 0 (z-1), [1] from plane 1 (z0)" in w.info.text() and m1.metadata["cellsynth"]["plane"] == 1
     # one channel only, re-run updates in place
     w.channel.value = 1
     assert _click(qtbot, w, w.run_button) == "done"

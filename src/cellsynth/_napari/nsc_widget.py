@@ -133,8 +133,14 @@ class NSCWidget(QWidget):
     def _show(self, layer, channels, params: NSCParams, backbone: str, results):
         for ch, res in zip(channels, results):
             meta = provenance("stain.nsc", backbone=backbone, params=params.to_dict(), source=layer.name,
-                              channel=ch, cluster_means=[round(float(m), 4) for m in res.cluster_means])
+                              channel=ch, plane=ch, cluster_means=[round(float(m), 4) for m in res.cluster_means])
             upsert_layer(self.viewer, mask_layer_name(layer.name, ch), "labels", res.mask, metadata=meta,
                          like=layer, opacity=0.5)
             yield  # one layer per event-loop turn
-        self.info.setText(f"Masks from {backbone} features (k={params.k}, r={params.r}, {params.foreground})")
+        text = f"Masks from {backbone} features (k={params.k}, r={params.r}, {params.foreground})"
+        if len(channels) > 1 or channels[0] is not None:
+            names = (layer.metadata or {}).get("planes") or (layer.metadata or {}).get("channel_names") or []
+            which = ", ".join(f"[{ch}] from plane {ch}" + (f" ({names[ch]})" if ch < len(names) else "")
+                              for ch in channels)
+            text += f"; one mask per plane, each from that plane alone: {which}"
+        self.info.setText(text)

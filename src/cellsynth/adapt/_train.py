@@ -220,6 +220,9 @@ def finetune(
         yt = torch.from_numpy(y).to(device)
         mt = None if m is None else torch.from_numpy(m).to(device)
         loss = masked_density_loss(net(xt), yt, mt, scale=scale)
+        if progress is not None:  # between the forward and the backward pass: Cancel waits half a step
+            report(progress, stage, step, max(step + 1, min_steps),
+                   f"loss {np.mean(losses[-10:]):.4f}" if losses else "")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -229,7 +229,10 @@ def count_images(images, counter, diameter: float, progress, stage: str) -> list
 
     counts = []
     for i, im in enumerate(images):
-        counts.append(int(len(count_cells(im, counter=counter, diameter=diameter, engine="torch").points)))
+        # each tile re-reports this image's step: a Cancel is seen within a tile, not after a whole image
+        tick = None if progress is None else (lambda _event, i=i: report(progress, stage, i, len(images)))
+        counts.append(int(len(count_cells(im, counter=counter, diameter=diameter, engine="torch",
+                                          progress=tick).points)))
         report(progress, stage, i + 1, len(images))
     return counts
 
@@ -400,7 +403,7 @@ def _adapt_sampler(train: list[Item], user: list[Item], p: AdaptParams, config: 
 
 def _layouts(stats, factor, user_planes, p: AdaptParams, mode: str, seed: int, progress):
     layouts = matched_layouts(stats, p.n_layouts + p.n_holdout, shape=(p.layout_size, p.layout_size), scale=factor,
-                              references=user_planes if mode == "fast" else (), rng=seed)
+                              references=user_planes if mode == "fast" else (), rng=seed, progress=progress)
     if mode == "inst":
         from ._inst import inst_stylize
 

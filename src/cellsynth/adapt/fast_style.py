@@ -233,6 +233,7 @@ def matched_layouts(
     references: Sequence[np.ndarray] = (),
     rng: RngLike = None,
     params: Optional[FastStyleParams] = None,
+    progress=None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Labelled synthetic nuclei images matching estimated stats, stylized like the references.
 
@@ -276,10 +277,14 @@ def matched_layouts(
     sp = SynthParams(shape=tuple(int(s) for s in shape), diameter=(max(1.0, 0.85 * d), max(1.0, 1.15 * d)),
                      coverage=cov, plain_fraction=0.0)
     out = []
-    for _ in range(int(n)):
+    for k in range(int(n)):
         img, centres, _ = synthetic_nuclei(sp, rng=rng)
         if len(references):
             ref = references[int(rng.integers(0, len(references)))]
             img = normalize_image(fast_stylize(img, ref, rng=rng, params=params))
         out.append((img.astype(np.float32), np.asarray(centres, float).reshape(-1, 2)))
+        if progress is not None:  # one event per layout: a Cancel is seen between two layouts
+            from ..progress import report
+
+            report(progress, "layouts", k + 1, int(n))
     return out

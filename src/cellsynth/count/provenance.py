@@ -42,10 +42,24 @@ def points_sha256(points: np.ndarray) -> str:
 
 
 def _file(path: os.PathLike | str) -> dict:
+    """Name, size and SHA-256 of a file; for a folder (OME-Zarr), of the list of its files and their sizes."""
+    p = Path(path)
+    return {"path": str(p.resolve()), "name": p.name, "bytes": _size(p), "sha256": _sha256(p)}
+
+
+def _size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+
+def _sha256(p: Path) -> str:
     from ..weights import file_sha256
 
-    p = Path(path)
-    return {"path": str(p.resolve()), "name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    if not p.is_dir():
+        return file_sha256(p)
+    h = hashlib.sha256()  # a folder's chunks are many: their names and sizes stand for them
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(f"{f.relative_to(p).as_posix()}\0{f.stat().st_size}\n".encode())
+    return h.hexdigest()
 
 
 def count_record(args, counter, result, *, left_out=None) -> dict:
@@ -100,20 +114,18 @@ def apply(args, path: os.PathLike | str) -> dict:
     FileNotFoundError, ValueError
         No such file, not a count's provenance, or an input that is gone or changed.
     """
-    from ..weights import file_sha256
-
     doc = _read(path)
     src = doc.get("input") or {}
     image = Path(str(src.get("path", "")))
-    if not image.is_file():
+    if not image.exists():
         raise FileNotFoundError(f"the image this count was made from is not at {image} any more")
-    if file_sha256(image) != src.get("sha256"):
+    if _sha256(image) != src.get("sha256"):
         raise ValueError(f"{image} has changed since the count (its SHA-256 differs from the record's); the count "
                          "cannot be redone on it")
     settings: dict[str, Any] = dict(doc.get("settings") or {})
     regions = settings.get("regions")
     if isinstance(regions, dict):
-        if not Path(regions.get("path", "")).is_file() or file_sha256(regions["path"]) != regions.get("sha256"):
+        if not Path(regions.get("path", "")).is_file() or _sha256(Path(regions["path"])) != regions.get("sha256"):
             raise ValueError(f"the regions file {regions.get('path')} is gone or has changed since the count")
         settings["regions"] = regions["path"]
     args.image = str(image)
