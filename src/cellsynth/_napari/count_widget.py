@@ -104,7 +104,7 @@ class CountWidget(QWidget):
         self.image.changed.connect(self._on_image)
         self.runner.busy.connect(lambda b: [setattr(w, "enabled", not b) for w in (self.run_button, self.estimate_button)])
         self.viewer.layers.events.inserted.connect(self.image.reset_choices)
-        self.viewer.layers.events.inserted.connect(lambda e: self._on_image(self.image.value))
+        self.viewer.layers.events.inserted.connect(self._on_layer_added)
         self.viewer.dims.events.current_step.connect(self._on_frame)
         self.viewer.layers.events.removed.connect(self.image.reset_choices)
         on_layer_renamed(self.viewer, self.image.reset_choices)
@@ -131,6 +131,13 @@ class CountWidget(QWidget):
     def _image_layers(self, *_: Any) -> list:
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
 
+    def _on_layer_added(self, event=None) -> None:
+        """A new layer may be the chosen image's count (made in the other dock, or opened from a file)."""
+        try:
+            self._on_image(self.image.value)
+        except RuntimeError:  # the dock was closed: its Qt widgets are gone
+            pass
+
     def _on_image(self, layer: Optional[Image]) -> None:
         n = channel_count(layer)
         self.channel.visible = n > 0
@@ -150,9 +157,12 @@ class CountWidget(QWidget):
 
     def _on_frame(self, event=None) -> None:
         """Another frame of a stack is shown: the count shown is that frame's."""
-        points = self._points_layer()
-        if points is not None and points.ndim > 2:
-            self.count_label.setText(count_text(points, current_frame(points, self.viewer)))
+        try:
+            points = self._points_layer()
+            if points is not None and points.ndim > 2:
+                self.count_label.setText(count_text(points, current_frame(points, self.viewer)))
+        except RuntimeError:  # the dock was closed: its Qt widgets are gone
+            pass
 
     def _points_layer(self) -> Optional[Points]:
         layer = self.image.value

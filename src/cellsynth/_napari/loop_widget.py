@@ -160,7 +160,7 @@ class LoopWidget(QWidget):
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
                    self.viewer.layers.events.moved):
             ev.connect(self.image.reset_choices)
-        self.viewer.layers.events.inserted.connect(lambda e: self._on_image(self.image.value))
+        self.viewer.layers.events.inserted.connect(self._on_layer_added)
         on_layer_renamed(self.viewer, self.image.reset_choices)
         registry_events.changed.connect(self._models_changed)
         prepare_counter(self.model.value)  # the one-time export, in another process, before the first Count
@@ -175,6 +175,13 @@ class LoopWidget(QWidget):
 
     def _image_layers(self, *_: Any) -> list:
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _on_layer_added(self, event=None) -> None:
+        """A new layer may be the chosen image's count (made in the other dock, or opened from a file)."""
+        try:
+            self._on_image(self.image.value)
+        except RuntimeError:  # the dock was closed: its Qt widgets are gone
+            pass
 
     def _on_image(self, layer: Optional[Image]) -> None:
         pts = self._points_layer(layer)
