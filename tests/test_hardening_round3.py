@@ -335,8 +335,16 @@ def test_counts_in_regions_from_napari_shapes_and_geojson(tmp_path, capsys):
     doc = _count(capsys, tmp_path / "img.tif", "--model", "classic", "--regions", str(tmp_path / "regions.geojson"))
     assert [(r["region"], r["count"]) for r in doc["regions"]] == [("left half", 4)]
     assert main(["count", str(tmp_path / "img.tif"), "--diameter", "8", "--model", "classic", "--quiet",
-                 "--regions", str(tmp_path / "shapes.csv")]) == 0
+                 "--regions", str(tmp_path / "shapes.csv"), "--out", str(tmp_path / "p.csv")]) == 0
     assert "region 2: 2 cells" in capsys.readouterr().out
+    # per nucleus: pixels, micrometres (0.5 µm per pixel), score, source and the region it lies in
+    import csv
+
+    with open(tmp_path / "p.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"row", "col", "row_world", "col_world", "score", "source", "region"} <= set(rows[0])
+    assert all(abs(float(r["row_world"]) - 0.5 * float(r["row"])) < 1e-6 for r in rows)
+    assert sorted(r["region"] for r in rows) == [""] + ["region 1"] * 4 + ["region 2"] * 2
 
 
 @pytest.mark.parametrize("content, name, why", [

@@ -242,13 +242,21 @@ def _count(args) -> int:
         per_region = count_in_regions(res.points, regions, _plane_shape(image, channel_axis),
                                       pixel_size=io.read_pixel_size(args.image))
     record = provenance.count_record(args, counter, res, left_out=left_out)
-    features = {"score": res.scores}
+    features = {"score": res.scores, "source": np.array(["model"] * len(res.points), dtype=object)}
+    if regions is not None:
+        from .regions import point_regions
+
+        features["region"] = np.array(point_regions(res.points, regions, _plane_shape(image, channel_axis)),
+                                      dtype=object)
+    pixel_size = io.read_pixel_size(args.image)
     classes = None
     if markers is not None:
         classes, per_point = _classify(markers, res)
         features.update(per_point)
     if args.out:
-        io.write_points_csv(args.out, res.points, features=features, overwrite=args.overwrite)
+        # with a pixel size, the world columns are the positions in micrometres
+        scale = (1.0,) * (res.points.shape[1] - 2) + (pixel_size,) * 2 if pixel_size else None
+        io.write_points_csv(args.out, res.points, features=features, scale=scale, overwrite=args.overwrite)
         io.write_json(provenance.sidecar(args.out), record, overwrite=args.overwrite)
     if args.json:
         doc = {

@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["Region", "read_regions", "region_mask", "count_in_regions", "REGION_KINDS"]
+__all__ = ["Region", "read_regions", "region_mask", "count_in_regions", "point_regions", "REGION_KINDS"]
 
 #: Shapes a region can have.
 REGION_KINDS = ("rectangle", "ellipse", "polygon")
@@ -118,6 +118,22 @@ def count_in_regions(points: np.ndarray, regions: list[Region], shape: tuple, *,
             row["per_megapixel"] = round(n / (area * 1e-6), 3)
         out.append(row)
     return out
+
+
+def point_regions(points: np.ndarray, regions: list[Region], shape: tuple) -> list[str]:
+    """For each point, the names of the regions holding it (the border rule above), joined by ``;`` ("" for none)."""
+    p = np.asarray(points, float)
+    p = p.reshape(-1, p.shape[-1] if p.ndim == 2 else 2)[:, -2:]
+    rows, cols = int(shape[-2]), int(shape[-1])
+    idx = np.clip(np.rint(p).astype(int), 0, [rows - 1, cols - 1]) if len(p) else np.zeros((0, 2), int)
+    inside = np.all(np.rint(p) == idx, axis=1) if len(p) else np.zeros(0, bool)
+    names: list[list[str]] = [[] for _ in range(len(p))]
+    for region in regions:
+        mask = region_mask(region, (rows, cols))
+        hit = mask[idx[:, 0], idx[:, 1]] & inside if len(p) else np.zeros(0, bool)
+        for k in np.flatnonzero(hit):
+            names[k].append(region.name)
+    return [";".join(n) for n in names]
 
 
 def read_regions(path: os.PathLike | str) -> list[Region]:
