@@ -1,0 +1,45 @@
+"""Refusing work that the free memory cannot hold, and one-line messages from decoders' errors.
+
+The bottom of the package: :mod:`cellsynth.io` re-exports these.
+"""
+
+from __future__ import annotations
+
+__all__ = ["NotEnoughMemory", "require_memory"]
+
+
+class NotEnoughMemory(ValueError):
+    """The estimated peak memory of some work exceeds the memory free now."""
+
+
+def require_memory(nbytes: float, *, what: str, hint: str) -> None:
+    """Refuse work whose estimated peak memory exceeds the memory free now.
+
+    Parameters
+    ----------
+    nbytes : float
+        Estimated peak, in bytes.
+    what : str
+        The work, for the message (e.g. ``"reading x.tif ((40000, 40000) uint8)"``).
+    hint : str
+        What would make it fit.
+
+    Raises
+    ------
+    NotEnoughMemory
+        A ValueError naming both sizes and the hint.
+    """
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if nbytes > free:
+        raise NotEnoughMemory(f"{what} needs about {_size(nbytes)} of memory but only {_size(free)} are free; {hint}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (decoders may add several lines of advice)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
