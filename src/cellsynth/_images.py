@@ -19,7 +19,7 @@ import numpy as np
 from ._atomic import atomic_path
 from ._memory import NotEnoughMemory, _first_line, require_memory
 
-__all__ = ["read_tiff", "read_picture", "read_pixel_size", "tiff_layout", "write_tiff", "is_ome_zarr"]
+__all__ = ["read_tiff", "read_tiff_header", "read_picture", "tiff_layout", "write_tiff", "is_ome_zarr"]
 
 
 def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
@@ -59,10 +59,7 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
             if keep is not None:  # alpha samples are opacity, not signal
                 data = np.take(data, range(keep), axis=axes.index("S"))
             meta = {"axes": axes, "pixel_size": None, "unit": None, "channel_names": None}
-            if tif.ome_metadata:
-                names = re.findall(r'<Channel\b[^>]*?\bName="([^"]*)"', tif.ome_metadata)
-                meta["channel_names"] = names or None
-            meta["pixel_size"], meta["unit"] = _tiff_pixel_size(tif)
+            meta.update(_header(tif))
     except NotEnoughMemory:
         raise
     except MemoryError:
@@ -99,18 +96,26 @@ def _tiff_pixel_size(tif) -> tuple:
     return None, None
 
 
-def read_pixel_size(path: os.PathLike | str) -> Optional[float]:
-    """Micrometres per pixel that a TIFF declares (OME, ImageJ or resolution tags), read from its header; else None."""
+def _header(tif) -> dict:
+    """``pixel_size``, ``unit`` and ``channel_names`` (OME) that an open TIFF's header declares."""
+    names = re.findall(r'<Channel\b[^>]*?\bName="([^"]*)"', tif.ome_metadata) if tif.ome_metadata else []
+    size, unit = _tiff_pixel_size(tif)
+    return {"pixel_size": size, "unit": unit, "channel_names": names or None}
+
+
+def read_tiff_header(path: os.PathLike | str) -> dict:
+    """What a TIFF's header says (see :func:`read_tiff`'s ``meta``: pixel size, unit, channel names), without
+    reading its pixels; for other files, and unreadable headers, every value is None."""
     import tifffile
 
     path = Path(path)
-    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
-        return None
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return _tiff_pixel_size(tif)[0]
-    except Exception:  # an unreadable header: no pixel size (reading the pixels says what is wrong)
-        return None
+    if path.suffix.lower() in (".tif", ".tiff") and path.is_file():
+        try:
+            with tifffile.TiffFile(path) as tif:
+                return _header(tif)
+        except Exception:  # an unreadable header: nothing declared (reading the pixels says what is wrong)
+            pass
+    return {"pixel_size": None, "unit": None, "channel_names": None}
 
 
 def read_picture(path: os.PathLike | str) -> np.ndarray:

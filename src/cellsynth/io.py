@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ._atomic import atomic_path, prepare_output, remove_stale_parts, remove_unfinished
-from ._images import is_ome_zarr, read_picture, read_pixel_size, read_tiff, tiff_layout, write_tiff
+from ._images import is_ome_zarr, read_picture, read_tiff, read_tiff_header, tiff_layout, write_tiff
 from ._memory import NotEnoughMemory, _first_line, require_memory
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "NotEnoughMemory",
     "read_tiff",
     "read_picture",
-    "read_pixel_size",
+    "read_tiff_header",
     "tiff_layout",
     "write_tiff",
     "is_ome_zarr",

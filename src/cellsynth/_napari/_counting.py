@@ -24,7 +24,7 @@ from napari.layers import Image, Points
 from ._layers import provenance, upsert_layer
 
 __all__ = ["COLORS", "LEGEND", "DiameterField", "apply_threshold", "channel_count", "count_text", "count_work",
-           "current_frame", "image_data", "prepare_counter", "refresh_count", "result_name", "show_points",
+           "current_frame", "image_data", "plane_shape", "prepare_counter", "refresh_count", "result_name", "show_points",
            "style_as_count"]
 
 STORE = "points_store"
@@ -47,6 +47,12 @@ def result_name(image_name: str) -> str:
 def image_data(layer: Image) -> np.ndarray:
     """The layer's pixels (the finest level of a multiscale image)."""
     return np.asarray(layer.data if not layer.multiscale else layer.data[0])
+
+
+def plane_shape(layer: Image) -> tuple:
+    """``(rows, cols)`` of an image layer's planes, without reading its pixels (colour samples left out)."""
+    shape = np.shape(layer.data[0] if layer.multiscale else layer.data)
+    return tuple(shape[-3:-1] if channel_count(layer) else shape[-2:])
 
 
 def channel_count(layer: Optional[Image]) -> int:
@@ -107,19 +113,14 @@ def prepare_counter(model: str) -> Optional[subprocess.Popen]:
     A first count on a new computer otherwise builds and exports the network
     before counting (most of its time), in the window's own interpreter. The
     docks call this when they open; a count started meanwhile waits for it and
-    says so (:func:`count_work`). Nothing happens for the classic counter, with
-    exports kept in memory only (``$CELLSYNTH_ONNX_CACHE`` empty), or when
-    counting does not use onnxruntime.
+    says so (:func:`count_work`). Nothing starts for the classic counter; the
+    process does nothing when counting does not use onnxruntime or exports are
+    kept in memory only (``$CELLSYNTH_ONNX_CACHE`` empty).
     """
-    from ..count import _onnx
-
-    if model in ("classic", "file") or not model or model in _PREPARING or _onnx.onnx_cache_dir() is None:
+    if model in ("classic", "file") or not model or model in _PREPARING:
         return _PREPARING.get(model)
-    try:
-        if _onnx.resolve_engine(None, "cpu") != "onnxruntime":
-            return None
-    except ValueError:  # a bad CELLSYNTH_ENGINE: the count says so
-        return None
+    # whether an export is needed and kept is decided in that process: importing the count package here
+    # (scipy) would hold the window ~0.4 s as the dock opens
     try:
         proc = subprocess.Popen([sys.executable, "-m", "cellsynth.count._prepare", str(model)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -136,8 +137,8 @@ def _wait_prepared(model: str, progress) -> None:
     proc = _PREPARING.get(model)
     t0 = time.monotonic()
     while proc is not None and proc.poll() is None:
-        report(progress, "loading the counter", 0, 1, "preparing the counter for this computer: once, about "
-                                                      f"20 s ({time.monotonic() - t0:.0f} s)")
+        report(progress, "loading the counter", 0, 1,
+               f"preparing the counter for this computer, once ({time.monotonic() - t0:.0f} s)")
         time.sleep(0.2)
 
 
@@ -288,7 +289,7 @@ def show_points(viewer, image_layer: Image, counter, result, *, parameters: dict
     on_manual = _near(pts, manual_pts, radius) & ~on_deleted
     from ..count.metrics import cut_by_border
 
-    plane = tuple(np.shape(image_layer.data)[-3:-1] if image_layer.rgb else np.shape(image_layer.data)[-2:])
+    plane = plane_shape(image_layer)
     store = {"points": pts, "scores": scores, "threshold": threshold,
              "hidden": np.flatnonzero(on_deleted | on_manual).astype(int), "deleted": deleted,
              "border": cut_by_border(pts, plane, radius=radius), "exclude_border": exclude_border}
@@ -334,8 +335,8 @@ def style_as_count(layer: Points) -> bool:
     layer.border_width_is_relative = True
     layer.border_width = 0.12
     if "source" in layer.features and len(layer.features) == len(layer.data):
-        layer.border_color_cycle = list(COLORS.values())
-        layer.border_color = [COLORS.get(str(v), "yellow") for v in layer.features["source"]]
+        layer.border_color_cycle = COLORS  # as show_points draws a count: yellow from the model, cyan by hand
+        layer.border_color = "source"
     else:
         layer.border_color = "yellow"
     return True
@@ -343,7 +344,7 @@ def style_as_count(layer: Points) -> bool:
 
 def current_frame(layer: Points, viewer) -> Optional[tuple]:
     """The stack index (leading data coordinates) of ``layer`` shown now, or None for a 2D layer."""
-    ndim = int(np.shape(layer.data)[1]) if np.ndim(layer.data) == 2 and len(layer.data) else int(layer.ndim)
+    ndim = int(layer.ndim)
     if ndim <= 2:
         return None
     point = np.asarray(layer.world_to_data(viewer.dims.point[-ndim:]), float)

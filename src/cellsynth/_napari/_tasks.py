@@ -22,8 +22,9 @@ from typing import Any, Optional
 
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (QFrame, QHBoxLayout, QLabel, QProgressBar, QPushButton, QScrollArea, QVBoxLayout,
+                            QWidget)
 
 from .._llvm_guard import avoid_llvm_clash
 from ..progress import Cancelled, Progress
@@ -31,28 +32,27 @@ from ..progress import Cancelled, Progress
 __all__ = ["TaskRunner", "avoid_llvm_clash", "dock_layout", "stop_all"]
 
 
+class _Scroll(QScrollArea):
+    """Scrolls up and down only, and is never narrower than its controls (a dock is then not clipped)."""
+
+    def minimumSizeHint(self):  # noqa: N802 (Qt's name)
+        hint = super().minimumSizeHint()
+        if self.widget() is not None:
+            bar = self.verticalScrollBar().sizeHint().width()
+            hint.setWidth(max(hint.width(), self.widget().minimumSizeHint().width() + bar))
+        return hint
+
+    def sizeHint(self):  # noqa: N802 (Qt's name)
+        hint = super().sizeHint()
+        hint.setWidth(max(hint.width(), self.minimumSizeHint().width()))
+        return hint
+
+
 def dock_layout(widget: QWidget, footer: QWidget) -> QVBoxLayout:
     """Give a dock widget a scroll area for its controls and a footer (the task panel) always in view.
 
     Returns the layout inside the scroll area, so that a dock never grows taller than the screen.
     """
-    from qtpy.QtCore import Qt
-    from qtpy.QtWidgets import QFrame, QScrollArea
-
-    class _Scroll(QScrollArea):
-        """Scrolls up and down only, and is never narrower than its controls (a dock is then not clipped)."""
-
-        def minimumSizeHint(self):  # noqa: N802 (Qt's name)
-            hint = super().minimumSizeHint()
-            bar = self.verticalScrollBar().sizeHint().width()
-            hint.setWidth(max(hint.width(), inner.minimumSizeHint().width() + bar))
-            return hint
-
-        def sizeHint(self):  # noqa: N802 (Qt's name)
-            hint = super().sizeHint()
-            hint.setWidth(max(hint.width(), self.minimumSizeHint().width()))
-            return hint
-
     inner = QWidget()
     layout = QVBoxLayout(inner)
     layout.setContentsMargins(0, 0, 0, 0)

@@ -261,21 +261,17 @@ class CountWidget(QWidget):
             self._setting_threshold = False
 
     def _on_threshold(self, value: float) -> None:
-        if self._setting_threshold:
-            return
-        layer = self._points_layer()
-        if layer is None:
-            return
-        apply_threshold(layer, float(value))
-        self.count_label.setText(count_text(layer, current_frame(layer, self.viewer)))
+        self._show_model_points(threshold=float(value))
 
     def _on_border(self, value: bool) -> None:
-        if self._setting_threshold:
-            return
+        self._show_model_points(exclude_border=bool(value))
+
+    def _show_model_points(self, **view) -> None:
+        """The score threshold or the border box changed: the points shown and the count follow."""
         layer = self._points_layer()
-        if layer is None:
+        if self._setting_threshold or layer is None:
             return
-        apply_threshold(layer, exclude_border=bool(value))
+        apply_threshold(layer, **view)
         self.count_label.setText(count_text(layer, current_frame(layer, self.viewer)))
 
     def _show_windows(self, layer, result, meta: dict) -> None:

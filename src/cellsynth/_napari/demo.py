@@ -51,7 +51,7 @@ def open_viewer(*, seed: int = 0, show: bool = True):
         if name not in STACK_DOCKS:
             _preselect(viewer, widgets[name], picks)
 
-    def open_stack(visible: bool, name: str) -> None:
+    def open_stack(visible: bool) -> None:
         if not visible or "brightfield (simulated)" in viewer.layers:
             return
         viewer.open_sample(PLUGIN, "brightfield")
@@ -59,7 +59,7 @@ def open_viewer(*, seed: int = 0, show: bool = True):
             _preselect(viewer, widgets[other], PRESELECT[other])
 
     for name in STACK_DOCKS:
-        docks[name].visibilityChanged.connect(lambda visible, name=name: open_stack(visible, name))
+        docks[name].visibilityChanged.connect(open_stack)
     docks["Count cells"].raise_()
     QTimer.singleShot(200, docks["Count cells"].raise_)  # napari raises each new tab once the loop runs
     viewer.layers.selection.active = viewer.layers["neurocyte_010"]

@@ -229,32 +229,37 @@ class FrameTable(QWidget):
 
     def export(self, path: Optional[str] = None) -> Optional[Path]:
         """Write the table as CSV (asks where when ``path`` is None); never replaces a file without asking."""
-        if not self.rows:
-            return None
-        if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, f"Export counts per {self.key}",
-                                                  f"{getattr(self.layer, 'name', None) or 'counts'}_counts.csv",
-                                                  "CSV (*.csv)")
-            if not path:
-                return None
-            overwrite = True  # the dialog asked before replacing a file
-        else:
-            overwrite = False
-        from ..io import atomic_path
+        rows = [[r[self.key], r["count"] if r["count"] % 1 else int(r["count"]),
+                 "" if r["diameter"] is None else r["diameter"]] for r in self.rows]
+        return export_csv(self, [self.key, "count", "diameter"], rows, path=path, what=f"counts per {self.key}",
+                          name=f"{getattr(self.layer, 'name', None) or 'counts'}_counts.csv")
 
-        try:
-            with atomic_path(path, overwrite=overwrite) as tmp:
-                with open(tmp, "w", newline="") as fh:
-                    w = csv.writer(fh)
-                    w.writerow([self.key, "count", "diameter"])
-                    for r in self.rows:
-                        w.writerow([r[self.key], r["count"] if r["count"] % 1 else int(r["count"]),
-                                    "" if r["diameter"] is None else r["diameter"]])
-        except (OSError, FileExistsError) as exc:
-            show_error(f"Could not export the table: {exc}")
+
+def export_csv(parent: QWidget, header: list, rows: list, *, path: Optional[str], what: str,
+               name: str) -> Optional[Path]:
+    """Write a dock's table as CSV, atomically; without ``path`` a dialog asks where (and asks before replacing
+    a file), with one an existing file is never replaced. Nothing to write, a cancelled dialog or a failed
+    write (said in a notification) give None."""
+    if not rows:
+        return None
+    overwrite = path is None
+    if path is None:
+        path, _ = QFileDialog.getSaveFileName(parent, f"Export {what}", name, "CSV (*.csv)")
+        if not path:
             return None
-        show_info(f"Counts per {self.key} written to {path}")
-        return Path(path)
+    from ..io import atomic_path
+
+    try:
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(header)
+                w.writerows(rows)
+    except (OSError, FileExistsError) as exc:
+        show_error(f"Could not export the table: {exc}")
+        return None
+    show_info(f"{what[0].upper()}{what[1:]} written to {path}")
+    return Path(path)
 
 
 def show_frame_table(widget: QWidget, layer, result) -> Optional[FrameTable]:

@@ -19,7 +19,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
-from ._counting import channel_count, image_data
+from ._counting import channel_count, image_data, plane_shape
 
 __all__ = ["MarkersSection", "CLASS_COLOURS"]
 
@@ -61,10 +61,10 @@ class MarkersSection(QWidget):
         if image is None:
             return []
         out = [(f"{image.name}: channel {c}", ("channel", c)) for c in range(channel_count(image))]
-        plane = np.shape(image_data(image))[:2] if channel_count(image) else np.shape(image.data)[-2:]
+        plane = plane_shape(image)
         for layer in self.viewer.layers:
-            if isinstance(layer, Image) and layer is not image and not layer.rgb \
-                    and tuple(np.shape(layer.data)) == tuple(plane):
+            if isinstance(layer, Image) and layer is not image and not channel_count(layer) \
+                    and not layer.multiscale and tuple(np.shape(layer.data)) == plane:
                 out.append((layer.name, ("layer", layer.name)))
         return out
 

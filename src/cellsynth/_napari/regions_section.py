@@ -10,16 +10,16 @@ added or deleted.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container
 from napari.layers import Shapes
-from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QPushButton, QTableWidget,
-                            QTableWidgetItem, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QPushButton, QTableWidget, QTableWidgetItem,
+                            QVBoxLayout, QWidget)
+
+from ._counting import plane_shape
 
 __all__ = ["RegionsSection", "layer_regions"]
 
@@ -100,7 +100,7 @@ class RegionsSection(QWidget):
             return self.rows
         self._watch(shapes)
         self._watch(points)
-        plane = tuple(np.shape(image.data)[-3:-1] if image.rgb else np.shape(image.data)[-2:])
+        plane = plane_shape(image)
         scale = float(np.mean(np.abs(image.scale[-2:])))
         physical = not np.allclose(image.scale[-2:], 1.0)
         try:
@@ -128,24 +128,8 @@ class RegionsSection(QWidget):
 
     def export(self, path: Optional[str] = None) -> Optional[Path]:
         """Write the table as CSV (asks where when ``path`` is None); never replaces a file without asking."""
-        if not self.rows:
-            return None
-        overwrite = path is None
-        if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Export cells per region", "regions.csv", "CSV (*.csv)")
-            if not path:
-                return None
-        from ..io import atomic_path
+        from .frame_table import export_csv
 
         columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        try:
-            with atomic_path(path, overwrite=overwrite) as tmp:
-                with open(tmp, "w", newline="") as fh:
-                    w = csv.DictWriter(fh, fieldnames=columns)
-                    w.writeheader()
-                    w.writerows(self.rows)
-        except (OSError, FileExistsError) as exc:
-            show_error(f"Could not export the table: {exc}")
-            return None
-        show_info(f"Cells per region written to {path}")
-        return Path(path)
+        return export_csv(self, columns, [[r.get(c, "") for c in columns] for r in self.rows], path=path,
+                          what="cells per region", name="regions.csv")

@@ -192,43 +192,22 @@ def _progress(args):
 
 
 def _count(args) -> int:
-    from . import provenance
-
-    if args.from_provenance:
-        if args.image:
-            raise ValueError("give an IMAGE or --from-provenance FILE, not both")
-        recorded = provenance.apply(args, args.from_provenance)
-    elif not args.image:
-        raise ValueError("give the IMAGE to count (or --from-provenance FILE)")
-    else:
-        recorded = None
-    if args.model is None:
-        from ..settings import load_settings
-
-        args.model = load_settings().default_counter
-    from . import count_cells
-    from .data import read_image_axes
-
-    if args.out:
-        io.prepare_output(args.out, overwrite=args.overwrite)
-        io.prepare_output(provenance.sidecar(args.out), overwrite=args.overwrite)
+    from . import count_cells, provenance
     from .models import load_counter
 
-    image, channel_axis = read_image_axes(args.image)
-    if image.ndim >= 2:
-        check_scale(_plane_shape(image, channel_axis), args.diameter, None, what=str(args.image))
-    regions = None
-    if args.regions:  # read and checked against the image before counting
-        from .regions import count_in_regions, read_regions
-
-        regions = read_regions(args.regions)
-        count_in_regions(np.zeros((0, 2)), regions, _plane_shape(image, channel_axis))
-    markers = _marker_plan(args, image, channel_axis)  # checked before counting
+    # 1. inputs, every one checked before counting
+    recorded = _count_inputs(args)
+    image, channel_axis = _read_count_image(args)
+    plane = _plane_shape(image, channel_axis)
+    header = io.read_tiff_header(args.image)
+    regions, masks = _regions(args, plane)
+    markers = _marker_plan(args, image, channel_axis, header)
     counter = load_counter(args.model, device=args.device)
     if recorded is not None:
         provenance.check_model(recorded, counter)
     if counter.kind != "classic" and counter.settings.rescale and image.ndim >= 2:
-        check_scale(_plane_shape(image, channel_axis), args.diameter, counter.diameter, what=str(args.image))
+        check_scale(plane, args.diameter, counter.diameter, what=str(args.image))
+    # 2. count
     cb, close = _progress(args)
     try:
         res = count_cells(image, counter=counter, diameter=args.diameter, channel=args.channel,
@@ -236,73 +215,115 @@ def _count(args) -> int:
                           batch_size=args.batch_size, progress=cb)
     finally:
         close()
-    left_out = _exclude_border(res, image, channel_axis) if args.exclude_border else None
-    per_region = None
-    if regions is not None:
-        per_region = count_in_regions(res.points, regions, _plane_shape(image, channel_axis),
-                                      pixel_size=io.read_pixel_size(args.image))
-    record = provenance.count_record(args, counter, res, left_out=left_out)
+    # 3. what is reported with the points: border, regions, marker classes, provenance
+    extras = {"left_out_border": _exclude_border(res, plane) if args.exclude_border else None}
     features = {"score": res.scores, "source": np.array(["model"] * len(res.points), dtype=object)}
     if regions is not None:
-        from .regions import point_regions
+        from .regions import count_in_regions, point_regions
 
-        features["region"] = np.array(point_regions(res.points, regions, _plane_shape(image, channel_axis)),
-                                      dtype=object)
-    pixel_size = io.read_pixel_size(args.image)
-    classes = None
+        extras["regions"] = count_in_regions(res.points, regions, plane, pixel_size=header["pixel_size"],
+                                             masks=masks)
+        features["region"] = np.array(point_regions(res.points, regions, plane, masks=masks), dtype=object)
     if markers is not None:
-        classes, per_point = _classify(markers, res)
+        extras["markers"], per_point = _classify(markers, res)
         features.update(per_point)
+    record = provenance.count_record(args, counter, res, left_out=extras["left_out_border"],
+                                     pixel_size=header["pixel_size"])
+    # 4. write and print
     if args.out:
         # with a pixel size, the world columns are the positions in micrometres
-        scale = (1.0,) * (res.points.shape[1] - 2) + (pixel_size,) * 2 if pixel_size else None
+        ps = header["pixel_size"]
+        scale = (1.0,) * (res.points.shape[1] - 2) + (ps, ps) if ps else None
         io.write_points_csv(args.out, res.points, features=features, scale=scale, overwrite=args.overwrite)
         io.write_json(provenance.sidecar(args.out), record, overwrite=args.overwrite)
     if args.json:
-        doc = {
-            "count": res.count,
-            "density_sum": None if res.density_sum is None else round(res.density_sum, 3),
-            "diameter": res.meta.get("diameter_used"),
-            "diameter_source": res.meta.get("diameter_source"),
-            "points": np.round(res.points, 3).tolist(),
-            "scores": np.round(res.scores, 4).tolist(),
-            "per_plane": res.per_plane.ravel().tolist(),
-            "kind": res.meta.get("kind"),
-            "model": res.meta.get("model"),
-            "meta": res.meta,
-        }
-        if left_out is not None:
-            doc["left_out_border"] = left_out
-        if per_region is not None:
-            doc["regions"] = per_region
-        if classes is not None:
-            doc["markers"] = classes
-        doc["provenance"] = record
-        if res.windows:
-            doc["windows"] = [list(w) for w in res.windows]
-        print(json.dumps(doc, default=io.json_default, allow_nan=False))
+        _print_count_json(res, extras, record)
     else:
-        d = res.meta.get("diameter_used")
-        scale = f"diameter {d:.1f} px ({res.meta.get('diameter_source')})" if d else str(res.meta.get("diameter_source"))
-        if res.meta.get("kind") == "regression":
-            print(f"{res.count:.2f} (sum of window counts, no positions; {scale})")
-        elif left_out:
-            print(f"{res.count} cells ({scale}; {left_out} cut by the image border left out)")
-        elif res.per_plane.size > 1:
-            per = ", ".join(str(int(round(float(v)))) for v in res.per_plane.ravel())
-            print(f"{res.count} cells in {res.per_plane.size} planes ({scale}; per plane: {per})")
-        else:
-            print(f"{res.count} cells ({scale})")
-        for row in (classes or {}).get("classes", []):
-            print(f"  {row['class']}: {row['count']} ({row['percent']:g} %)")
-        for row in per_region or []:
-            density = (f"{row['per_mm2']:g} per mm²" if "per_mm2" in row else
-                       f"{row['per_megapixel']:g} per megapixel")
-            print(f"  {row['region']}: {row['count']} cells, {row['area_px']} px, {density}")
+        _print_count(res, extras)
     return 0
 
 
-def _marker_plan(args, image, channel_axis) -> Optional[dict]:
+def _count_inputs(args):
+    """Fill ``args`` from a provenance file and the settings, refuse outputs that exist; the record or None."""
+    from . import provenance
+
+    recorded = None
+    if args.from_provenance:
+        if args.image:
+            raise ValueError("give an IMAGE or --from-provenance FILE, not both")
+        recorded = provenance.apply(args, args.from_provenance)
+    elif not args.image:
+        raise ValueError("give the IMAGE to count (or --from-provenance FILE)")
+    if args.model is None:
+        from ..settings import load_settings
+
+        args.model = load_settings().default_counter
+    if args.out:
+        io.prepare_output(args.out, overwrite=args.overwrite)
+        io.prepare_output(provenance.sidecar(args.out), overwrite=args.overwrite)
+    return recorded
+
+
+def _read_count_image(args):
+    from .data import read_image_axes
+
+    image, channel_axis = read_image_axes(args.image)
+    if image.ndim >= 2:
+        check_scale(_plane_shape(image, channel_axis), args.diameter, None, what=str(args.image))
+    return image, channel_axis
+
+
+def _regions(args, plane: tuple):
+    """``(regions, their masks)`` of ``--regions``, checked against the image; ``(None, None)`` without."""
+    if not args.regions:
+        return None, None
+    from .regions import read_regions, region_masks
+
+    regions = read_regions(args.regions)
+    return regions, region_masks(regions, plane)
+
+
+def _print_count_json(res, extras: dict, record: dict) -> None:
+    doc = {
+        "count": res.count,
+        "density_sum": None if res.density_sum is None else round(res.density_sum, 3),
+        "diameter": res.meta.get("diameter_used"),
+        "diameter_source": res.meta.get("diameter_source"),
+        "points": np.round(res.points, 3).tolist(),
+        "scores": np.round(res.scores, 4).tolist(),
+        "per_plane": res.per_plane.ravel().tolist(),
+        "kind": res.meta.get("kind"),
+        "model": res.meta.get("model"),
+        "meta": res.meta,
+    }
+    doc.update({k: v for k, v in extras.items() if v is not None})
+    doc["provenance"] = record
+    if res.windows:
+        doc["windows"] = [list(w) for w in res.windows]
+    print(json.dumps(doc, default=io.json_default, allow_nan=False))
+
+
+def _print_count(res, extras: dict) -> None:
+    d = res.meta.get("diameter_used")
+    scale = f"diameter {d:.1f} px ({res.meta.get('diameter_source')})" if d else str(res.meta.get("diameter_source"))
+    left_out = extras.get("left_out_border")
+    if res.meta.get("kind") == "regression":
+        print(f"{res.count:.2f} (sum of window counts, no positions; {scale})")
+    elif left_out:
+        print(f"{res.count} cells ({scale}; {left_out} cut by the image border left out)")
+    elif res.per_plane.size > 1:
+        per = ", ".join(str(int(round(float(v)))) for v in res.per_plane.ravel())
+        print(f"{res.count} cells in {res.per_plane.size} planes ({scale}; per plane: {per})")
+    else:
+        print(f"{res.count} cells ({scale})")
+    for row in (extras.get("markers") or {}).get("classes", []):
+        print(f"  {row['class']}: {row['count']} ({row['percent']:g} %)")
+    for row in extras.get("regions") or []:
+        density = f"{row['per_mm2']:g} per mm²" if "per_mm2" in row else f"{row['per_megapixel']:g} per megapixel"
+        print(f"  {row['region']}: {row['count']} cells, {row['area_px']} px, {density}")
+
+
+def _marker_plan(args, image, channel_axis, header: dict) -> Optional[dict]:
     """The channels to measure, their names and thresholds, checked against the image (None: no measuring)."""
     if not args.measure_channels:
         if args.marker_names or args.thresholds != "auto":
@@ -337,9 +358,8 @@ def _marker_plan(args, image, channel_axis) -> Optional[dict]:
             raise ValueError(f"--marker-names needs one name per measured channel ({len(chans)}), got "
                              f"{args.marker_names!r}")
     else:
-        known = io.read_tiff(args.image)[1].get("channel_names") if str(args.image).lower().endswith(
-            (".tif", ".tiff")) else None
-        names = [known[c] if known and c < len(known) and known[c] else f"ch{c}" for c in chans]
+        known = header.get("channel_names") or []
+        names = [known[c] if c < len(known) and known[c] else f"ch{c}" for c in chans]
     return {"channels": chans, "names": names, "thresholds": thresholds,
             "pixels": np.moveaxis(np.asarray(image), channel_axis, 0)[chans]}
 
@@ -362,14 +382,14 @@ def _classify(plan: dict, res) -> tuple[dict, dict]:
     return summary, columns
 
 
-def _exclude_border(res, image, channel_axis) -> int:
+def _exclude_border(res, plane: tuple) -> int:
     """Drop the points of nuclei cut by the image border from ``res`` (in place); how many were dropped."""
     from .metrics import cut_by_border
 
     d = res.meta.get("diameter_used")
     if not d or not len(res.points):
         return 0
-    cut = cut_by_border(res.points, _plane_shape(image, channel_axis), radius=0.5 * float(d))
+    cut = cut_by_border(res.points, plane, radius=0.5 * float(d))
     res.points, res.scores = res.points[~cut], res.scores[~cut]
     res.count = int(len(res.points))
     if res.per_plane.size > 1:

@@ -20,9 +20,17 @@ def prepare(model: str) -> str:
     Run in a separate process (``python -m cellsynth.count._prepare MODEL``)
     by the napari docks when they open, so that the one-time export (building
     the network and tracing it, most of a first count) neither holds the
-    window's interpreter nor waits for the first click on Count.
+    window's interpreter nor waits for the first click on Count. Nothing is
+    done when counting does not run on onnxruntime here (``"not used"``) or
+    exports are kept in memory only (``"not kept"``).
     """
-
+    if _onnx.onnx_cache_dir() is None:  # exports kept in memory only: this process's would be lost
+        return "not kept"
+    try:
+        if _onnx.resolve_engine(None, "cpu") != "onnxruntime":
+            return "not used"
+    except ValueError:  # a bad CELLSYNTH_ENGINE: the count itself says so
+        return "not used"
     counter = load_counter(model, device="cpu")
     if counter.kind == "classic":
         return "cached"

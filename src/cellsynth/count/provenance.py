@@ -62,7 +62,7 @@ def _sha256(p: Path) -> str:
     return h.hexdigest()
 
 
-def count_record(args, counter, result, *, left_out=None) -> dict:
+def count_record(args, counter, result, *, left_out=None, pixel_size=None) -> dict:
     """The provenance record of one ``cellsynth count`` run."""
     from .. import __version__
 
@@ -72,7 +72,7 @@ def count_record(args, counter, result, *, left_out=None) -> dict:
     return {
         "format": FORMAT, "version": 1, "operation": "count", "cellsynth_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "input": {**_file(args.image), "pixel_size_um": io.read_pixel_size(args.image)},
+        "input": {**_file(args.image), "pixel_size_um": pixel_size},
         "model": counter.describe(),
         "settings": settings,
         "result": {"count": result.count, "per_plane": np.asarray(result.per_plane).ravel().tolist(),

@@ -32,7 +32,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["Region", "read_regions", "region_mask", "count_in_regions", "point_regions", "REGION_KINDS"]
+__all__ = ["Region", "read_regions", "region_mask", "region_masks", "count_in_regions", "point_regions",
+           "REGION_KINDS"]
 
 #: Shapes a region can have.
 REGION_KINDS = ("rectangle", "ellipse", "polygon")
@@ -77,8 +78,34 @@ def region_mask(region: Region, shape: tuple) -> np.ndarray:
     return mask
 
 
+def region_masks(regions: list[Region], shape: tuple) -> list[np.ndarray]:
+    """The pixels of each region on an image of ``shape``.
+
+    Raises
+    ------
+    ValueError
+        A region that holds no pixel of the image (it lies outside it).
+    """
+    rows, cols = int(shape[-2]), int(shape[-1])
+    masks = [region_mask(r, (rows, cols)) for r in regions]
+    for region, mask in zip(regions, masks):
+        if not mask.any():
+            raise ValueError(f"region {region.name!r} holds no pixel of the {rows}x{cols} image (it lies outside "
+                             "it, or is thinner than a pixel)")
+    return masks
+
+
+def _centre_pixels(points: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixel of each centre, whether it lies on the image)`` by the border rule (rounded centres)."""
+    p = np.asarray(points, float)
+    p = p.reshape(-1, p.shape[-1] if p.ndim == 2 else 2)[:, -2:]
+    idx = np.rint(p).astype(int)
+    inside = (idx[:, 0] >= 0) & (idx[:, 0] < int(shape[-2])) & (idx[:, 1] >= 0) & (idx[:, 1] < int(shape[-1]))
+    return np.where(inside[:, None], idx, 0), inside
+
+
 def count_in_regions(points: np.ndarray, regions: list[Region], shape: tuple, *,
-                     pixel_size: Optional[float] = None) -> list[dict]:
+                     pixel_size: Optional[float] = None, masks: Optional[list] = None) -> list[dict]:
     """One row per region: ``region``, ``count``, ``area_px`` and a density.
 
     Parameters
@@ -91,25 +118,20 @@ def count_in_regions(points: np.ndarray, regions: list[Region], shape: tuple, *,
     pixel_size : float, optional
         Micrometres per pixel: adds ``area_um2`` and ``per_mm2``; without it the
         density is ``per_megapixel``.
+    masks : list of ndarray, optional
+        The regions' :func:`region_masks`, when already made.
 
     Raises
     ------
     ValueError
         A region that holds no pixel of the image (it lies outside it).
     """
-    p = np.asarray(points, float)
-    p = p.reshape(-1, p.shape[-1] if p.ndim == 2 else 2)[:, -2:]
-    rows, cols = int(shape[-2]), int(shape[-1])
-    idx = np.rint(p).astype(int)
-    inside = (idx[:, 0] >= 0) & (idx[:, 0] < rows) & (idx[:, 1] >= 0) & (idx[:, 1] < cols)
+    masks = region_masks(regions, shape) if masks is None else masks
+    idx, inside = _centre_pixels(points, shape)
     out = []
-    for region in regions:
-        mask = region_mask(region, (rows, cols))
+    for region, mask in zip(regions, masks):
         area = int(mask.sum())
-        if area == 0:
-            raise ValueError(f"region {region.name!r} holds no pixel of the {rows}x{cols} image (it lies outside "
-                             "it, or is thinner than a pixel)")
-        n = int(mask[idx[inside, 0], idx[inside, 1]].sum())
+        n = int((mask[idx[:, 0], idx[:, 1]] & inside).sum())
         row = {"region": region.name, "kind": region.kind, "count": n, "area_px": area}
         if pixel_size:
             um2 = area * float(pixel_size) ** 2
@@ -120,18 +142,14 @@ def count_in_regions(points: np.ndarray, regions: list[Region], shape: tuple, *,
     return out
 
 
-def point_regions(points: np.ndarray, regions: list[Region], shape: tuple) -> list[str]:
+def point_regions(points: np.ndarray, regions: list[Region], shape: tuple, *,
+                  masks: Optional[list] = None) -> list[str]:
     """For each point, the names of the regions holding it (the border rule above), joined by ``;`` ("" for none)."""
-    p = np.asarray(points, float)
-    p = p.reshape(-1, p.shape[-1] if p.ndim == 2 else 2)[:, -2:]
-    rows, cols = int(shape[-2]), int(shape[-1])
-    idx = np.clip(np.rint(p).astype(int), 0, [rows - 1, cols - 1]) if len(p) else np.zeros((0, 2), int)
-    inside = np.all(np.rint(p) == idx, axis=1) if len(p) else np.zeros(0, bool)
-    names: list[list[str]] = [[] for _ in range(len(p))]
-    for region in regions:
-        mask = region_mask(region, (rows, cols))
-        hit = mask[idx[:, 0], idx[:, 1]] & inside if len(p) else np.zeros(0, bool)
-        for k in np.flatnonzero(hit):
+    masks = region_masks(regions, shape) if masks is None else masks
+    idx, inside = _centre_pixels(points, shape)
+    names: list[list[str]] = [[] for _ in range(len(idx))]
+    for region, mask in zip(regions, masks):
+        for k in np.flatnonzero(mask[idx[:, 0], idx[:, 1]] & inside):
             names[k].append(region.name)
     return [";".join(n) for n in names]
 
