@@ -172,27 +172,15 @@ def image_statistics(plane, counter, *, diameter: Union[float, str, None] = "aut
     """
     from scipy.ndimage import gaussian_filter
 
-    from ..count.classic import ClassicParams, estimate_diameter, foreground_threshold
+    from ..count.classic import ClassicParams, foreground_threshold
+    from ..count.infer import resolve_diameter, scale_factor
     from ..count.objects import ObjectParams
-    from ..count.preprocess import normalize_image
+    from ..count.preprocess import counter_input
 
     x = _as_dask(plane)
     kind = counter.kind
-    if isinstance(diameter, str):
-        if diameter != "auto":
-            raise ValueError(f"diameter must be a number of pixels, 'auto' or None, got {diameter!r}")
-        try:
-            d, source = estimate_diameter(_central_crop(x)), "estimated"
-        except ValueError:
-            d, source = None, "model scale (no cells found to estimate a diameter)"
-    elif diameter is None:
-        d, source = None, "model scale"
-    else:
-        if isinstance(diameter, bool) or not (np.isscalar(diameter) and np.isfinite(diameter) and diameter > 0):
-            raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
-        d, source = float(diameter), "given"
-    rescale = kind != "classic" and d is not None and counter.settings.rescale
-    factor = counter.diameter / d if rescale else 1.0
+    d, source = resolve_diameter(diameter, lambda: _central_crop(x))
+    factor = scale_factor(counter, d)
 
     norm = counter.config.get("normalize", {})
     step = _stride(x.shape)
@@ -205,11 +193,7 @@ def image_statistics(plane, counter, *, diameter: Union[float, str, None] = "aut
                                                                      99.99]))
 
     def normalised(block):
-        if norm.get("mode") == "fixed":
-            from ..count.infer import _normalize
-
-            return _normalize(block, norm)
-        return normalize_image(block, low=norm.get("low", 1.0), high=norm.get("high", 99.8), percentiles=percentiles)
+        return counter_input(block, norm, percentiles)
 
     foreground = sigma = None
     if kind == "classic":

@@ -24,11 +24,12 @@ from ..progress import ProgressCallback, report
 from .classic import ClassicParams, classic_peaks, estimate_diameter
 from .models import Counter, load_counter
 from .objects import ObjectParams, reconcile_with_objects
-from .preprocess import counter_input, normalize_image, rescale_plane, split_planes
+from .preprocess import counter_input, rescale_plane, split_planes
 from .peaks import density_peaks
 from .tiling import _blend_window, _pad_to, _plane_tiles, tile_layout, tile_starts
 
-__all__ = ["CountResult", "count_cells", "density_peaks", "tile_layout", "tile_starts"]
+__all__ = ["CountResult", "count_cells", "density_peaks", "density_points", "model_density",
+           "resolve_diameter", "scale_factor", "tile_layout", "tile_starts"]
 
 
 #: Tiles per forward pass on the CPU (see ``count_cells(batch_size=...)``).
@@ -173,6 +174,199 @@ def _cached_counter(model: str, device: str) -> Counter:
     return _cached(model, device, stamp)
 
 
+@dataclass
+class _Plan:
+    """Everything counting decides once for all planes of one image."""
+
+    counter: Counter
+    diameter: Optional[float]
+    factor: float
+    tile: int
+    overlap: int
+    batch_size: int
+    objects: Optional[ObjectParams]
+    percentiles: Optional[tuple]
+    foreground: Optional[float]
+    tile_grid: Optional[tuple]
+    progress: Optional[ProgressCallback]
+    engine: str = "none"
+    runner: Any = None
+    total: int = 0
+    done: list = field(default_factory=lambda: [0])
+
+
+@dataclass
+class _Plane:
+    """One plane counted: points and scores in input pixels, its count, density (input scale) and windows."""
+
+    points: np.ndarray
+    scores: np.ndarray
+    count: float
+    density: Optional[np.ndarray] = None
+    density_sum: Optional[float] = None
+    windows: list = field(default_factory=list)
+
+
+def _check_settings(arr: np.ndarray, tile, overlap, batch_size) -> tuple[int, int]:
+    """Refuse what cannot be counted; ``(tile, overlap)`` as integers."""
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(f"image must be a numeric array, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise TypeError("image must be real-valued, got a complex array")
+    if arr.ndim > 5:
+        raise ValueError(f"image has {arr.ndim} dimensions (shape {arr.shape}); expected 2 to 5")
+    if int(tile) != tile or tile < 64 or tile % 32 or tile > 4096:
+        raise ValueError(f"tile must be a multiple of 32 from 64 to 4096, got {tile!r}")
+    tile = int(tile)
+    if overlap is None:
+        overlap = tile // 8
+    if int(overlap) != overlap or not 0 <= overlap <= tile // 2:
+        raise ValueError(f"overlap must be an integer in [0, tile/2 = {tile // 2}], got {overlap!r}")
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return tile, int(overlap)
+
+
+def _the_counter(counter, model, device) -> Counter:
+    if counter is None:
+        return _cached_counter(str(model), str(device)) if isinstance(model, str) else load_counter(model, device=device)
+    if not isinstance(counter, Counter):
+        raise TypeError(f"counter must be a Counter from load_counter, got {type(counter).__name__}")
+    return counter
+
+
+def _make_plan(counter: Counter, planes: np.ndarray, diameter, *, tile, overlap, batch_size, engine,
+               **rest) -> _Plan:
+    kind = counter.kind
+    factor = scale_factor(counter, diameter)
+    batch = int(batch_size) if batch_size is not None else (CPU_BATCH if counter.device_name == "cpu" else 8)
+    objects = counter.settings.objects
+    plan = _Plan(counter=counter, diameter=diameter, factor=factor, tile=tile, overlap=overlap, batch_size=batch,
+                 objects=ObjectParams(**objects) if kind == "density" and objects else None, **rest)
+    if kind != "classic":
+        work_shape = [max(1, int(round(s * factor))) for s in planes.shape[1:]]
+        t_eff = counter.config.get("window", tile) if kind == "regression" else tile
+        plan.total = len(planes) * _n_tiles(work_shape, kind, int(t_eff), overlap)
+    _check_memory(planes, factor, tile, batch, kind, len(planes))
+    if kind != "classic":
+        plan.engine, plan.runner = _engine(counter, engine)
+    return plan
+
+
+def density_points(counter: Counter, plane: np.ndarray, density: np.ndarray, *, factor: float,
+                   foreground: Optional[float] = None, peak_threshold: Optional[float] = None,
+                   objects: Union[ObjectParams, None, str] = "counter") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points of a density counter's prediction: peaks at the model scale, mapped back, reconciled with objects.
+
+    Parameters
+    ----------
+    counter : Counter
+        A density counter (its diameter, sigma and settings).
+    plane : ndarray of shape (M, N)
+        The normalised input plane (:func:`~cellsynth.count.preprocess.counter_input`).
+    density : ndarray
+        The network's density at the model scale (the plane rescaled by ``factor``).
+    factor : float
+        Model scale over input scale.
+    foreground : float, optional
+        Foreground threshold for the objects (default: Otsu's of the plane).
+    peak_threshold : float, optional
+        Minimum peak height (default: the counter's).
+    objects : ObjectParams, None or "counter"
+        How peaks are reconciled with foreground objects (None: not at all;
+        ``"counter"``: as the counter's config says).
+
+    Returns
+    -------
+    points, scores, density at the input scale (same sum as ``density``)
+    """
+    s = counter.settings
+    if isinstance(objects, str):
+        objects = ObjectParams(**s.objects) if s.objects else None
+    pts, sc = density_peaks(density, min_distance=0.3 * counter.diameter, sigma=s.sigma,
+                            threshold=s.peak_threshold if peak_threshold is None else peak_threshold)
+    dens = density
+    if factor != 1.0:
+        total = float(density.sum(dtype=np.float64))
+        pts = (pts + 0.5) / factor - 0.5
+        back = rescale_plane(density, 1.0 / factor)
+        back = _pad_to(back[: plane.shape[0], : plane.shape[1]], plane.shape[0], plane.shape[1])
+        s_back = float(back.sum(dtype=np.float64))
+        dens = back * (total / s_back) if s_back > 0 else back
+    if objects is not None:
+        pts, sc = reconcile_with_objects(plane, pts, sc, dens, diameter=counter.diameter / factor,
+                                         params=objects, threshold=foreground)
+    return pts, sc, dens
+
+
+def model_density(counter: Counter, plane: np.ndarray, factor: float, **kw) -> np.ndarray:
+    """A density counter's prediction for a normalised plane rescaled by ``factor`` (the model scale).
+
+    ``kw``: ``tile`` (256), ``overlap`` (``tile // 8``), ``batch_size``, ``progress``,
+    ``runner`` (an onnxruntime session; default PyTorch).
+    """
+    tile = int(kw.get("tile", 256))
+    runner = kw.get("runner")
+    with _no_autograd(runner):
+        return _density_plane(counter, rescale_plane(plane, factor), grid=kw.get("grid"), tile=tile,
+                              overlap=int(kw.get("overlap", tile // 8)),
+                              batch_size=int(kw.get("batch_size") or CPU_BATCH), progress=kw.get("progress"),
+                              done=kw.get("done", [0]), total=int(kw.get("total", 0)), runner=runner)
+
+
+def _count_plane(plan: _Plan, raw: np.ndarray, index: int, n_planes: int) -> _Plane:
+    counter = plan.counter
+    plane = counter_input(raw, counter.config.get("normalize", {}), plan.percentiles)
+    if counter.kind == "classic":
+        cp = dict(counter.config.get("classic", {}))
+        cp["diameter"] = plan.diameter if plan.diameter is not None else _safe_estimate(plane, counter.diameter)
+        if plan.foreground is not None:
+            cp["threshold"] = float(plan.foreground)
+        pts, sc = classic_peaks(plane, ClassicParams(**cp))
+        report(plan.progress, "planes", index + 1, n_planes)
+        return _Plane(pts, sc, float(len(pts)))
+    common = dict(tile=plan.tile, overlap=plan.overlap, batch_size=plan.batch_size, progress=plan.progress,
+                  done=plan.done, total=plan.total, runner=plan.runner)
+    if counter.kind == "density":
+        dens = model_density(counter, plane, plan.factor, grid=plan.tile_grid, **common)
+        total = float(dens.sum(dtype=np.float64))
+        pts, sc, dens = density_points(counter, plane, dens, factor=plan.factor, foreground=plan.foreground,
+                                       objects=plan.objects)
+        return _Plane(pts, sc, len(pts), dens.astype(np.float32), total)
+    with _no_autograd(plan.runner):
+        wins = _regression_plane(counter, rescale_plane(plane, plan.factor),
+                                 window=int(counter.config.get("window", plan.tile)), **{
+                                     k: v for k, v in common.items() if k not in ("tile", "overlap")})
+    f = plan.factor
+    windows = [(int(round(r0 / f)), int(round(c0 / f)), int(round(nr / f)), int(round(nc / f)), v)
+               for r0, c0, nr, nc, v in wins]
+    return _Plane(np.zeros((0, 2)), np.zeros(0), float(sum(w[-1] for w in wins)), windows=windows)
+
+
+def _assemble(plan: _Plan, done: list[_Plane], lead: tuple, meta: dict) -> CountResult:
+    all_pts, windows = [], []
+    for p, res in enumerate(done):
+        pts = res.points.reshape(-1, 2)
+        if lead:
+            coords = np.array(np.unravel_index(p, lead), dtype=float)
+            pts = np.concatenate([np.broadcast_to(coords, (len(pts), len(lead))), pts], axis=1)
+            windows += [(p,) + w for w in res.windows]
+        else:
+            windows += res.windows
+        all_pts.append(pts)
+    kind = plan.counter.kind
+    per = np.array([r.count for r in done], dtype=float).reshape(lead if lead else (1,))
+    dens = [r.density for r in done if r.density is not None]
+    density = (np.stack(dens).reshape(lead + dens[0].shape) if lead else dens[0]) if dens else None
+    sums = [r.density_sum for r in done if r.density_sum is not None]
+    return CountResult(
+        count=float(per.sum()) if kind == "regression" else int(round(float(per.sum()))),
+        points=np.concatenate(all_pts, axis=0),
+        scores=np.concatenate([np.asarray(r.scores, float) for r in done]) if done else np.zeros(0),
+        density=density, windows=windows, per_plane=per,
+        density_sum=float(np.sum(sums)) if sums else None, meta=meta)
+
+
 def count_cells(
     image: np.ndarray,
     *,
@@ -270,139 +464,33 @@ def count_cells(
     """
     from .. import __version__
 
-    # 1. check inputs
     arr = np.asarray(image)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise TypeError(f"image must be a numeric array, got dtype {arr.dtype}")
-    if np.iscomplexobj(arr):
-        raise TypeError("image must be real-valued, got a complex array")
-    if arr.ndim > 5:
-        raise ValueError(f"image has {arr.ndim} dimensions (shape {arr.shape}); expected 2 to 5")
-    if int(tile) != tile or tile < 64 or tile % 32 or tile > 4096:
-        raise ValueError(f"tile must be a multiple of 32 from 64 to 4096, got {tile!r}")
-    tile = int(tile)
-    if overlap is None:
-        overlap = tile // 8
-    if int(overlap) != overlap or not 0 <= overlap <= tile // 2:
-        raise ValueError(f"overlap must be an integer in [0, tile/2 = {tile // 2}], got {overlap!r}")
-    overlap = int(overlap)
-    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    tile, overlap = _check_settings(arr, tile, overlap, batch_size)
     planes, lead = split_planes(arr, channel=channel, channel_axis=channel_axis)
     if min(planes.shape[1:]) < 2:
         raise ValueError(f"image planes must be at least 2x2 pixels, got {planes.shape[1:]}")
-    diameter, diameter_source = _resolve_diameter(diameter, arr, channel, channel_axis)
-
-    # 2. prepare the counter
-    if counter is None:
-        counter = _cached_counter(str(model), str(device)) if isinstance(model, str) else load_counter(model, device=device)
-    elif not isinstance(counter, Counter):
-        raise TypeError(f"counter must be a Counter from load_counter, got {type(counter).__name__}")
-    kind = counter.kind
-    if batch_size is None:
-        batch_size = CPU_BATCH if counter.device_name == "cpu" else 8
-    batch_size = int(batch_size)
-    norm = counter.config.get("normalize", {})
-    objects = ObjectParams(**counter.config["objects"]) if kind == "density" and counter.config.get("objects") else None
-    rescale = kind != "classic" and diameter is not None and counter.settings.rescale
-    factor = counter.diameter / diameter if rescale else 1.0
-
-    # 3. count plane by plane
-    all_pts, all_scores, dens_out, windows, per_plane, dens_sums = [], [], [], [], [], []
-    n_planes = len(planes)
-    total = 0
-    if kind != "classic":
-        work_shape = [max(1, int(round(s * factor))) for s in planes.shape[1:]]
-        t_eff = counter.config.get("window", tile) if kind == "regression" else tile
-        total = n_planes * _n_tiles(work_shape, kind, int(t_eff), overlap)
-    _check_memory(planes, factor, tile, batch_size, kind, n_planes)
-    engine_used, runner = _engine(counter, engine) if kind != "classic" else ("none", None)
-    done = [0]
-    for p, raw in enumerate(planes):
-        plane = counter_input(raw, norm, percentiles)
-        if kind == "classic":
-            d_used = diameter if diameter is not None else _safe_estimate(plane, counter.diameter)
-            cp = dict(counter.config.get("classic", {}))
-            cp["diameter"] = d_used
-            if foreground is not None:
-                cp["threshold"] = float(foreground)
-            pts, sc = classic_peaks(plane, ClassicParams(**cp))
-            per_plane.append(float(len(pts)))
-            report(progress, "planes", p + 1, n_planes)
-        else:
-            work = rescale_plane(plane, factor)
-            with _no_autograd(runner):
-                if kind == "density":
-                    dens = _density_plane(counter, work, grid=tile_grid, tile=tile, overlap=overlap, batch_size=batch_size,
-                                          progress=progress, done=done, total=total, runner=runner)
-                else:
-                    wins = _regression_plane(counter, work, window=int(counter.config.get("window", tile)),
-                                             batch_size=batch_size, progress=progress, done=done, total=total,
-                                             runner=runner)
-            if kind == "density":
-                # At the model scale cells are about counter.diameter wide.
-                pts, sc = density_peaks(dens, min_distance=0.3 * counter.diameter,
-                                        sigma=counter.settings.sigma,
-                                        threshold=counter.settings.peak_threshold)
-                total_p = float(dens.sum(dtype=np.float64))
-                dens_sums.append(total_p)
-                if factor != 1.0:
-                    pts = (pts + 0.5) / factor - 0.5
-                    back = rescale_plane(dens, 1.0 / factor)
-                    back = _pad_to(back[: raw.shape[0], : raw.shape[1]], raw.shape[0], raw.shape[1])
-                    s = float(back.sum(dtype=np.float64))
-                    dens = back * (total_p / s) if s > 0 else back
-                if objects is not None:
-                    pts, sc = reconcile_with_objects(plane, pts, sc, dens, diameter=counter.diameter / factor,
-                                                     params=objects, threshold=foreground)
-                per_plane.append(len(pts))
-                dens_out.append(dens.astype(np.float32))
-            else:
-                pts, sc = np.zeros((0, 2)), np.zeros(0)
-                per_plane.append(float(sum(w[-1] for w in wins)))
-                for r0, c0, nr, nc, v in wins:
-                    box = (int(round(r0 / factor)), int(round(c0 / factor)),
-                           int(round(nr / factor)), int(round(nc / factor)), v)
-                    windows.append(box if not lead else (p,) + box)
-        if lead:
-            coords = np.array(np.unravel_index(p, lead), dtype=float)
-            pts = np.concatenate([np.broadcast_to(coords, (len(pts), len(lead))), pts.reshape(-1, 2)], axis=1)
-        all_pts.append(pts.reshape(-1, 2 + len(lead)))
-        all_scores.append(np.asarray(sc, float))
-
-    # 4. assemble
-    points = np.concatenate(all_pts, axis=0)
-    per = np.array(per_plane, dtype=float).reshape(lead if lead else (1,))
-    density = None
-    if dens_out:
-        density = np.stack(dens_out).reshape(lead + dens_out[0].shape) if lead else dens_out[0]
+    diameter, diameter_source = resolve_diameter(diameter, arr, channel, channel_axis)
+    counter = _the_counter(counter, model, device)
+    plan = _make_plan(counter, planes, diameter, tile=tile, overlap=overlap, batch_size=batch_size, engine=engine,
+                      percentiles=percentiles, foreground=foreground, tile_grid=tile_grid, progress=progress)
+    done = [_count_plane(plan, raw, p, len(planes)) for p, raw in enumerate(planes)]
     meta = {
         "operation": "count",
         **counter.describe(),
         "diameter_used": diameter,
         "diameter_source": diameter_source,
-        "scale_factor": factor,
+        "scale_factor": plan.factor,
         "tile": tile,
-        "overlap": overlap if kind == "density" else 0,
+        "overlap": overlap if counter.kind == "density" else 0,
         "channel": channel,
         "device": counter.device_name,
-        "engine": engine_used,
-        "n_planes": n_planes,
+        "engine": plan.engine,
+        "n_planes": len(planes),
         "cellsynth_version": __version__,
     }
-    if kind == "regression":
+    if counter.kind == "regression":
         meta["note"] = "regression counter: counts per window, no cell positions"
-    total_count = float(per.sum()) if kind == "regression" else int(round(float(per.sum())))
-    return CountResult(
-        count=total_count,
-        points=points,
-        scores=np.concatenate(all_scores) if all_scores else np.zeros(0),
-        density=density,
-        windows=windows,
-        per_plane=per,
-        density_sum=float(np.sum(dens_sums)) if dens_sums else None,
-        meta=meta,
-    )
+    return _assemble(plan, done, lead, meta)
 
 
 def _no_autograd(runner):
@@ -433,12 +521,26 @@ def _check_memory(planes, factor, tile, batch_size, kind, n_planes) -> None:
     require_memory(need, what=f"counting {n_planes} plane(s) of {rows}x{cols} pixels", hint=hint)
 
 
-def _resolve_diameter(diameter, arr, channel, channel_axis):
-    """``(diameter in pixels or None, where it came from)``: given, estimated, or the model's scale."""
+def resolve_diameter(diameter, image, channel: Optional[int] = None,
+                     channel_axis: Optional[int] = None) -> tuple[Optional[float], str]:
+    """``(diameter in pixels or None, where it came from)``: given, estimated, or the model's scale.
+
+    The one reading of a ``diameter`` argument for every counting path. ``image``
+    is what ``"auto"`` estimates from: an array, or a callable returning one
+    (read only when an estimate is needed, e.g. a crop of a large image).
+
+    Examples
+    --------
+    >>> resolve_diameter(12, None)
+    (12.0, 'given')
+    >>> resolve_diameter(None, None)
+    (None, 'model scale')
+    """
     if isinstance(diameter, str):
         if diameter != "auto":
             raise ValueError(f"diameter must be a number of pixels, 'auto' or None, got {diameter!r}")
         try:
+            arr = image() if callable(image) else image
             return estimate_diameter(arr, channel=channel, channel_axis=channel_axis), "estimated"
         except ValueError:
             # Nothing cell-like (e.g. an empty field): count at the model's own scale.
@@ -449,6 +551,17 @@ def _resolve_diameter(diameter, arr, channel, channel_axis):
                                           and np.isfinite(diameter) and diameter > 0):
         raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
     return float(diameter), "given"
+
+
+def scale_factor(counter: Counter, diameter: Optional[float]) -> float:
+    """Model scale over input scale: how much an image with cells of ``diameter`` px is resized for ``counter``.
+
+    A counter whose config has a ``diameter_scale`` (fitted to corrections)
+    takes the nuclei to be that multiple of ``diameter``.
+    """
+    s = counter.settings
+    rescale = counter.kind != "classic" and diameter is not None and s.rescale
+    return counter.diameter / (diameter * s.diameter_scale) if rescale else 1.0
 
 
 def _safe_estimate(plane: np.ndarray, fallback: float) -> float:
