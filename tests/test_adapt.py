@@ -287,6 +287,7 @@ def test_retraining_keeps_the_state_that_counts_the_validation_strip_best(images
         return net.eval(), {"steps": 2, "seconds": 0.0, "loss_first": None, "loss_last": None}
 
     monkeypatch.setattr(retrain_mod, "finetune", train)
+    monkeypatch.setattr(retrain_mod, "WEAK_VALIDATION", 1)  # the tiny strip holds a few cells: enough here
     img, centres = images[0]
     res = retrain_counter([img], [centres], out=None, base=base, diameter=12.0, minutes=0.05, device="cpu",
                           params=TINY)
@@ -315,3 +316,27 @@ def test_retrain_cli_writes_a_counter_and_reports(tmp_path, tiny_model, images, 
     assert main(args[:2] + args[3:]) == 2  # an image without its points file
     assert main(["adapt-counter", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "x")]) == 2
     assert "no such image" in capsys.readouterr().err
+
+
+def test_a_retrained_network_needs_enough_held_out_cells(images, monkeypatch, one_torch_thread):
+    from cellsynth.adapt import retrain as retrain_mod
+    good = load_counter("default", device="cpu")
+    good_state = {k: v.clone() for k, v in good.net.state_dict().items()}
+    base = load_counter("default", device="cpu")
+    with torch.no_grad():  # a base that finds no cells
+        base.net.head.weight.zero_()
+        base.net.head.bias.fill_(-1.0)
+
+    def repair(net, sample, *, on_check, **kw):  # "training" that validates better
+        net.load_state_dict(good_state)
+        on_check(net.eval(), 1)
+        return net.eval(), {"steps": 1, "seconds": 0.0, "loss_first": None, "loss_last": None}
+
+    monkeypatch.setattr(retrain_mod, "finetune", repair)
+    img, centres = images[0]
+    res = retrain_counter([img], [centres], out=None, base=base, diameter=12.0, minutes=0.05, device="cpu",
+                          params=TINY)
+    n = res.report["score_before"]["validation"]["n_true"]
+    assert 0 < n < retrain_mod.WEAK_VALIDATION
+    assert not res.report["network_accepted"] and res.counts_after == res.counts_before
+    assert f"needs at least {retrain_mod.WEAK_VALIDATION} held-out cells" in res.report["decision"]

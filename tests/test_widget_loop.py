@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cellsynth._napari._models import recent_models, remember_model
+from cellsynth.count import load_counter
 from cellsynth._napari.count_widget import CountWidget
 from cellsynth._napari.loop_widget import LoopWidget, regions_name
 from cellsynth._napari._counting import result_name
@@ -146,6 +147,14 @@ def test_correct_mark_regions_and_retrain(open_dock, make_napari_viewer, qtbot, 
         return real(images, points, **kw)
 
     monkeypatch.setattr(cellsynth.adapt, "retrain_counter", spy)
+    from cellsynth.adapt import fit as fit_mod, retrain as retrain_mod
+
+    def fitted(counter, *a, **kw):  # the 48 px box is too small to hold out cells: the settings fit is what changes
+        cfg = fit_mod.with_settings(counter.config, {"peak_threshold": 0.45})
+        return fit_mod.FitResult(settings={"peak_threshold": 0.45}, base={"peak_threshold": 0.3}, accepted=True,
+                                 cv_loss=0.1, base_cv_loss=0.2, config=cfg)
+
+    monkeypatch.setattr(retrain_mod, "_fit_settings", fitted)
     viewer = make_napari_viewer()
     viewer.add_image(_image(shape=(96, 96)), name="nuclei")
     loop = open_dock(viewer, "Counting loop")
@@ -174,6 +183,7 @@ def test_correct_mark_regions_and_retrain(open_dock, make_napari_viewer, qtbot, 
     assert len(seen[0]["points"][0]) == n and [40.0, 40.0] in seen[0]["points"][0].tolist()
     out = seen[0]["out"]
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert load_counter(out).settings.peak_threshold == 0.45
     assert out.name.startswith("nuclei-retrained-") and loop.model.value == str(out)
     assert "Retrained counter saved" in loop.result_label.text() and "→" in loop.result_label.text()
     assert recent_models()[0]["path"] == str(out)

@@ -497,8 +497,10 @@ def adapt_counter(
 
     # 3. base counter and working scale
     base_counter = load_base(base, dev)
-    s = working_scale(d_user, base_counter.diameter, p.span)
-    factor = s / d_user
+    d_eff = d_user * base_counter.settings.diameter_scale  # the nuclei as the base's fitted settings see them
+    stats = {**stats, "diameter": d_eff}
+    s = working_scale(d_eff, base_counter.diameter, p.span)
+    factor = s / d_eff
     config = copy.deepcopy(base_counter.config)
     config.pop("training", None)
     config.pop("dtype", None)

@@ -3,10 +3,14 @@
 Steps of :func:`retrain_counter`:
 
 1. check inputs (images, points, checked regions);
-2. choose the working scale as :func:`~cellsynth.adapt.adapt_counter` does and
-   bring images, points and regions to it;
-3. density targets from the points and a loss mask of the checked regions (the
-   whole image when none is given): outside them the loss is zero;
+2. fit the counter's point settings (peak threshold, object split and keep
+   rules, nucleus size) to the corrected points without training, kept only
+   when they count held-out folds of the corrections better
+   (:func:`~cellsynth.adapt.fit.fit_point_settings`);
+3. choose the working scale as :func:`~cellsynth.adapt.adapt_counter` does and
+   bring images, points and regions to it; density targets from the points and
+   a loss mask of the checked regions (the whole image when none is given):
+   outside them the loss is zero;
 4. a small replay set of stylized synthetic layouts (against forgetting), a few
    of them held out;
 5. hold out a strip of the checked regions for validation (the last quarter of
@@ -20,11 +24,13 @@ Steps of :func:`retrain_counter`:
    checked regions, mixed with replay crops, for the time budget, with the
    BatchNorm statistics of the base kept; score it on the validation strips at
    each quarter of the budget and keep the best state (early stopping);
-8. keep the new counter when it counts the validation strips better than the
-   base and its held-out synthetic error did not grow much (else the base,
-   ``accepted=False``). Without a validation strip (checked boxes too small to
-   split) the rule falls back to "not worse in the checked regions", which
-   cannot detect over-fitting, and the report says so;
+8. keep the new network when it counts the validation strips better than the
+   base's network (with the fitted settings) and its held-out synthetic error did
+   not grow much; else the base's network with the fitted settings when they were
+   kept, else the base itself (``accepted=False``). A network is kept only on
+   evidence: strips holding at least :data:`WEAK_VALIDATION` annotated cells
+   (checked boxes too small to split, or too few cells, keep the base's
+   network, and the decision says why);
 9. count with the kept counter, write the report and the counter.
 """
 
@@ -45,6 +51,7 @@ from ._train import Item, crop_item, finetune, forward_density, make_item, peak_
 from .adapt import (AdaptParams, AdaptResult, check_budget, check_images, count_images, finish, load_base,
                     working_planes)
 from .fast_style import matched_layouts
+from .fit import FitResult, fit_point_settings
 from .stats import combine_stats, estimate_image_stats
 
 __all__ = ["retrain_counter", "region_mask", "region_error", "split_validation", "validation_error"]
@@ -211,24 +218,56 @@ def validation_error(counter, images, points, val_boxes, diameter: float) -> dic
     return {"error": err / tot_, "density_error": derr / tot_, "score": (err + 0.25 * derr) / tot_, "n_true": tot}
 
 
-#: Fewer annotated cells than this in the held-out strips make weak evidence, and the decision says so.
+#: A retrained network is kept only when the held-out strips hold at least this many annotated cells.
 WEAK_VALIDATION = 10
 
 
-def _decision(accepted: bool, validate: bool, before: dict, after: dict) -> str:
-    """One line a person can judge: what was decided, on what evidence, with the numbers."""
-    verdict = "accepted" if accepted else "kept the base"
+def _fit_settings(counter, planes, points, boxes, diameter, progress) -> FitResult:
+    """:func:`~cellsynth.adapt.fit.fit_point_settings` for density counters; other kinds keep their settings."""
+    if counter.kind == "density":
+        return fit_point_settings(counter, planes, points, boxes, diameter, progress=progress)
+    own = {}
+    return FitResult(settings=own, base=own, accepted=False, cv_loss=0.0, base_cv_loss=0.0,
+                     config=copy.deepcopy(counter.config))
+
+
+def _settings_line(fit: FitResult) -> str:
+    if not fit.base:
+        return "point settings: none to fit for this kind of counter"
+    changed = {k: v for k, v in fit.settings.items() if v != fit.base[k]}
+    loss = f"held-out loss {fit.base_cv_loss:.3f} with the base's, {fit.cv_loss:.3f} fitted"
+    if not fit.accepted:
+        return f"point settings kept ({loss})"
+    return "point settings fitted: " + ", ".join(f"{k} {fit.base[k]:g} -> {v:g}" for k, v in changed.items()) + \
+        f" ({loss})"
+
+
+def _decision(accepted: bool, validate: bool, before: dict, after: dict, fit: Optional[FitResult] = None) -> str:
+    """One line a person can judge: what was decided, on what evidence, with the numbers.
+
+    ``accepted``: whether the retrained network was kept; ``fit``: the point settings fitted before.
+    """
+    line = _network_line(accepted, validate, before, after)
+    if fit is None:
+        return line.replace("retrained network kept", "accepted").replace("retrained network not kept", "kept the base")
+    verdict = "accepted" if (accepted or fit.accepted) else "kept the base"
+    return f"{verdict}: {_settings_line(fit)}; {line}"
+
+
+def _network_line(accepted: bool, validate: bool, before: dict, after: dict) -> str:
+    verdict = "retrained network kept" if accepted else "retrained network not kept"
     if validate:
         n = int(before["validation"]["n_true"])
         e0, e1 = before["validation"]["error"], after["validation"]["error"]
         why = (f"count error in the held-out strip ({n} annotated cells) {100 * e0:.1f} % with the base, "
                f"{100 * e1:.1f} % with the retrained counter")
         if n < WEAK_VALIDATION:
-            why += f"; weak evidence: fewer than {WEAK_VALIDATION} cells were held out (check a larger region)"
+            why += (f"; too few to show a gain: a retrained network needs at least {WEAK_VALIDATION} held-out cells "
+                    "(correct a larger region or more images)")
     else:
-        why = (f"no region large enough to hold out a strip, so judged on the trained regions themselves "
-               f"(error {100 * before['region_error']:.1f} % -> {100 * after['region_error']:.1f} %), which cannot "
-               "show over-fitting")
+        why = (f"no region large enough to hold out a strip (error in the trained regions "
+               f"{100 * before['region_error']:.1f} % -> {100 * after['region_error']:.1f} %, which cannot show "
+               "over-fitting); correct a larger region or more images")
     if after["synthetic_error"] > max(1.5 * before["synthetic_error"], before["synthetic_error"] + 0.05):
         why += (f"; it counts held-out synthetic layouts worse ({100 * before['synthetic_error']:.1f} % -> "
                 f"{100 * after['synthetic_error']:.1f} %)")
@@ -329,12 +368,13 @@ def retrain_counter(
     if not isinstance(p, AdaptParams):
         raise TypeError(f"params must be an AdaptParams, got {type(p).__name__}")
     imgs = check_images(images)
-    shapes = []
+    flat = []
     for i, im in enumerate(imgs):
         planes, _ = split_planes(im)
         if len(planes) != 1:
             raise ValueError(f"images[{i}] is a stack of {len(planes)} planes; retraining takes 2D images")
-        shapes.append(planes.shape[1:])
+        flat.append(planes[0])
+    shapes = [pl.shape for pl in flat]
     pts = _check_points(points, shapes)
     boxes = _check_regions(regions, shapes)
     check_budget(minutes, seed)
@@ -350,15 +390,22 @@ def retrain_counter(
     else:
         per_image = [estimate_image_stats(im, diameter=diameter) for im in imgs]
         d_user = combine_stats(per_image)["diameter"]
-    s = working_scale(d_user, base_counter.diameter, p.span)
-    factor = s / d_user
-    config = copy.deepcopy(base_counter.config)
+    checked = [[(0, 0, sh[0], sh[1])] if bx is None else bx for bx, sh in zip(boxes, shapes)]
+    t = lap("prepare", t)
+
+    # 3. the point settings fitted to the corrections (the network unchanged), judged by cross-validation
+    fit = _fit_settings(base_counter, flat, pts, checked, d_user, progress)
+    t = lap("fit_settings", t)
+    d_eff = d_user * CounterConfig.of(fit.config).diameter_scale  # the nuclei as the fitted settings see them
+    s = working_scale(d_eff, base_counter.diameter, p.span)
+    factor = s / d_eff
+    config = copy.deepcopy(fit.config)
     base_training = config.pop("training", None)
     config.pop("dtype", None)
     config.update(diameter=s, name="retrained")
 
-    # 3. validation strips, targets and masks at the working scale
-    checked = [[(0, 0, sh[0], sh[1])] if bx is None else bx for bx, sh in zip(boxes, shapes)]
+
+    # 4. validation strips, targets and masks at the working scale
     gap = int(np.ceil((4.0 * CounterConfig.of(config).sigma + 2.0) / factor))  # the reach of a target's density
     split = [split_validation(bx, min_side=2.0 * d_user, gap=gap) for bx in checked]
     train_boxes, val_boxes = [sp[0] for sp in split], [sp[1] for sp in split]
@@ -369,7 +416,7 @@ def retrain_counter(
         mask = None if (bx is None and not vb) else region_mask(pl.shape, tb, factor)
         user.append(make_item(pl, cw, config, mask))
         work_boxes.append(_scaled_boxes(tb, factor, pl.shape))
-    t = lap("prepare", t)
+    t = lap("targets", t)
 
     # 4. replay layouts like the images
     stats = {"diameter": d_user, "foreground_fraction": float(np.mean([st["foreground_fraction"] for st in per_image]))
@@ -432,16 +479,22 @@ def retrain_counter(
     synthetic_ok = after["synthetic_error"] <= max(1.5 * before["synthetic_error"], before["synthetic_error"] + 0.05)
     if validate:
         after["validation"] = val_score(live)
-        accepted = bool(best["state"] is not None and synthetic_ok)
-        rule = "validation strips counted better than by the base"
+        enough = before["validation"]["n_true"] >= WEAK_VALIDATION
+        tuned = bool(best["state"] is not None and synthetic_ok and enough)
     else:
-        accepted = bool(after["region_error"] <= before["region_error"] + 1e-9 and synthetic_ok)
-        rule = ("not worse in the checked regions (they were too small to hold out a validation strip, "
-                "so over-fitting cannot be detected)")
+        tuned = False  # nothing held out: a gain cannot be told from over-fitting
+    rule = (f"validation strips (at least {WEAK_VALIDATION} annotated cells) counted better than by the base, "
+            "held-out synthetic layouts not much worse")
+    accepted = tuned or fit.accepted
     report(progress, "check", 2, 2, "accepted" if accepted else "kept the base")
     t = lap("check_after", t)
 
     # 9. counts, report, write
+    if not tuned:  # the base's network with the fitted point settings (the base itself when they were not kept)
+        config, net = copy.deepcopy(fit.config), copy.deepcopy(base_net)
+        config.pop("training", None)
+        config.pop("dtype", None)
+        config["name"] = "retrained"
     candidate = to_device(Counter(kind="density", name="retrained", config=copy.deepcopy(config),
                                   net=copy.deepcopy(net)), dev)
     if accepted:
@@ -458,7 +511,9 @@ def retrain_counter(
         "n_points": [int(len(c)) for c in pts],
         "regions": [None if b is None else [list(x) for x in b] for b in boxes],
         "validation_regions": [[list(x) for x in vb] for vb in val_boxes],
-        "acceptance": rule,
+        "acceptance": f"network: {rule}; point settings: held-out folds of the corrections counted better",
+        "point_settings": fit.to_dict(),
+        "network_accepted": tuned,
         "diameter": {"used": d_user, "given": diameter if not isinstance(diameter, str) else None,
                      "per_image": [st["diameter"] for st in per_image]},
         "working_scale": s,
@@ -476,8 +531,8 @@ def retrain_counter(
         "device": str(dev),
         "seconds": seconds,
     }
-    doc["decision"] = _decision(accepted, validate, before, after)
-    if abs(factor - 1.0) > 1e-6:
+    doc["decision"] = _decision(tuned, validate, before, after, fit)
+    if tuned and abs(factor - 1.0) > 1e-6:
         doc["note"] = (f"trained at {s:g} px cells; count the images with diameter={d_user:.3g} "
                        f"(cellsynth count IMAGE --model DIR --diameter {d_user:.3g})")
     config["training"] = doc

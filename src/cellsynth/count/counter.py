@@ -28,7 +28,7 @@ CONFIG_FILE = "config.json"
 #: what :class:`CounterConfig` reads where a config (an older or imported one) leaves a setting out.
 DEFAULTS: dict[str, Any] = {
     "in_chans": 1, "diameter": 15.0, "normalize": {"low": 1.0, "high": 99.8}, "blocks": 4, "sigma": 2.5,
-    "density_scale": 100.0, "peak_threshold": 0.3, "window": 256, "rescale": True,
+    "density_scale": 100.0, "peak_threshold": 0.3, "window": 256, "rescale": True, "diameter_scale": 1.0,
 }
 
 
@@ -60,6 +60,7 @@ class CounterConfig:
     peak_threshold: float
     window: int
     rescale: bool
+    diameter_scale: float = 1.0
     normalize: dict = field(default_factory=dict)
     objects: Optional[dict] = None
 
@@ -76,7 +77,7 @@ class CounterConfig:
         return cls(kind=config["kind"], diameter=float(get("diameter")), in_chans=int(get("in_chans")),
                    blocks=int(get("blocks")), sigma=float(get("sigma")), density_scale=float(get("density_scale")),
                    peak_threshold=float(threshold), window=int(get("window")), rescale=bool(get("rescale")),
-                   normalize=dict(config.get("normalize") or {}), objects=config.get("objects") or None)
+                   diameter_scale=float(get("diameter_scale")), normalize=dict(config.get("normalize") or {}), objects=config.get("objects") or None)
 
 
 def counter_config(kind: str = "density", *, backbone: str = "efficientnet_b0", **overrides: Any) -> dict:
@@ -90,7 +91,9 @@ def counter_config(kind: str = "density", *, backbone: str = "efficientnet_b0", 
     ``normalize`` (percentiles). Optional: ``objects`` (density counters: the
     :class:`~cellsynth.count.objects.ObjectParams` that reconcile peaks with
     foreground objects; absent: the points are the density peaks), ``rescale``
-    (False: never rescale to a diameter, for imported models of unknown scale).
+    (False: never rescale to a diameter, for imported models of unknown scale),
+    ``diameter_scale`` (the nuclei are counted as this multiple of the diameter
+    given or estimated: fitted to a person's corrections by retraining).
 
     Examples
     --------
@@ -120,7 +123,8 @@ def counter_config(kind: str = "density", *, backbone: str = "efficientnet_b0", 
     else:
         cfg.pop("backbone")
         cfg.pop("in_chans")
-    unknown = set(overrides) - set(cfg) - {"training", "name", "description", "rescale", "pretrained", "objects"}
+    unknown = set(overrides) - set(cfg) - {"training", "name", "description", "rescale", "pretrained", "objects",
+                                           "diameter_scale"}
     if unknown:
         raise ValueError(f"unknown counter config keys {sorted(unknown)}; expected some of {sorted(cfg)}")
     cfg.update(overrides)
@@ -284,7 +288,7 @@ def _check_config_numbers(cfg: dict, where: Path) -> None:
     """Refuse a counter config whose scale settings are not positive finite numbers."""
     import math
 
-    for key in ("diameter", "sigma", "density_scale", "window", "blocks", "in_chans"):
+    for key in ("diameter", "sigma", "density_scale", "window", "blocks", "in_chans", "diameter_scale"):
         if key in cfg:
             v = cfg[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
