@@ -146,24 +146,14 @@ def count_work(image: np.ndarray, *, model: str, diameter, channel: Optional[int
     """The function a TaskRunner runs to count: returns ``(counter, CountResult)``."""
 
     def work(progress):
-        from ..count import count_cells, estimate_diameter, load_counter
+        from ..count import count_cells, load_counter
         from ..progress import report
 
         _wait_prepared(model, progress)
         report(progress, "loading the counter", 0, 1)
         counter = load_counter(model, device=device)
-        d, source = diameter, None
-        if diameter == "auto":  # estimated here, as count_cells would, so that the bar says what is going on
-            report(progress, "estimating the cell diameter", 0, 1)
-            try:
-                d, source = estimate_diameter(image, channel=channel), "estimated"
-            except ValueError:  # nothing cell-like: count at the model's own scale
-                d, source = None, "model scale (no cells found to estimate a diameter)"
-            report(progress, "estimating the cell diameter", 1, 1)
-        result = count_cells(image, counter=counter, diameter=d, channel=channel, device=device,
+        result = count_cells(image, counter=counter, diameter=diameter, channel=channel, device=device,
                              batch_size=TILES_PER_STEP, progress=progress)
-        if source is not None:
-            result.meta["diameter_source"] = source
         return counter, result
 
     return work

@@ -4,9 +4,8 @@
 time-lapse: one row per frame (its index, count and the diameter used), a plot
 of the count over frames, and Export CSV. Clicking a row moves the viewer to
 that frame. :func:`lazy_count_work` counts a dask-backed or multiscale layer
-plane by plane: planes up to :data:`LARGE_PIXELS` are read one at a time,
-larger ones are counted in chunks (:func:`cellsynth.batch.count_large`), with
-progress, never loading the whole layer.
+with :func:`cellsynth.batch.lazy.count_planes` (plane by plane, large planes in
+chunks), with progress, never loading the whole layer.
 """
 
 from __future__ import annotations
@@ -20,12 +19,8 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QPushButton, QTableWidget,
                             QTableWidgetItem, QVBoxLayout, QWidget)
 
-__all__ = ["FrameTable", "LARGE_PIXELS", "estimate_input", "is_lazy", "layer_pixels", "lazy_count_work",
+__all__ = ["FrameTable", "estimate_input", "is_lazy", "layer_pixels", "lazy_count_work",
            "show_frame_table"]
-
-#: Planes with more pixels are counted in chunks, never read whole.
-LARGE_PIXELS = 4096 * 4096
-
 
 def is_lazy(data: Any) -> bool:
     """True for array-likes that are not in memory (dask, zarr): they go through the lazy path."""
@@ -50,74 +45,25 @@ def _as_dask(data):
         else da.from_array(data, chunks="auto")
 
 
-def _layout(shape) -> tuple[tuple[int, ...], bool]:
-    """``(stack shape, colour samples last)`` by the rule ``split_planes`` applies."""
-    colour = len(shape) >= 3 and shape[-1] <= 4 and min(shape[-3:-1]) > 4
-    spatial = 3 if colour else 2
-    return tuple(shape[:-spatial]), colour
-
-
 def estimate_input(image: Any) -> Any:
-    """What to estimate a diameter on: the image itself, or for a lazy one the crop the estimate reads (loaded)."""
-    if not is_lazy(image):
-        return image
-    from ..batch.lazy import _central_crop
+    """What to estimate a diameter on (:func:`cellsynth.batch.lazy.diameter_input`)."""
+    from ..batch.lazy import diameter_input
 
-    lead, colour = _layout(image.shape)
-    plane = image[tuple(s // 2 for s in lead)] if lead else image
-    if colour:
-        rows, cols = plane.shape[:2]
-        side_r = min(rows, int(np.sqrt(640 * 640 * rows / cols)) + 1)
-        side_c = min(cols, 640 * 640 // max(side_r, 1) + 1)
-        r0, c0 = (rows - side_r) // 2, (cols - side_c) // 2
-        return np.asarray(plane[r0:r0 + side_r, c0:c0 + side_c])
-    return _central_crop(plane)
+    return diameter_input(image)
 
 
 def lazy_count_work(image: Any, *, model: str, diameter, channel: Optional[int], device: str):
-    """The TaskRunner function for a lazy layer: ``(counter, CountResult)`` like ``count_work``'s."""
+    """The TaskRunner function for a lazy layer: ``(counter, CountResult)`` like ``count_work``'s
+    (:func:`cellsynth.batch.lazy.count_planes`)."""
 
     def work(progress):
-        from ..batch import count_large
-        from ..count import CountResult, count_cells, estimate_diameter, load_counter
+        from ..batch.lazy import count_planes
+        from ..count import load_counter
         from ..progress import report
 
         report(progress, "loading the counter", 0, 1)
         counter = load_counter(model, device=device)
-        d, source = diameter, "given"
-        if diameter == "auto":  # once for the whole stack, on the middle plane, as in memory
-            report(progress, "estimating the cell diameter", 0, 1)
-            try:
-                d, source = estimate_diameter(estimate_input(image), channel=channel), "estimated"
-            except ValueError:
-                d, source = None, "model scale (no cells found to estimate a diameter)"
-        lead, colour = _layout(image.shape)
-        indices = list(np.ndindex(*lead)) if lead else [()]
-        pts, scores, per, meta = [], [], [], {}
-        for k, idx in enumerate(indices):
-            plane = image[idx] if idx else image
-            rows, cols = plane.shape[:2] if colour else plane.shape[-2:]
-            if rows * cols > LARGE_PIXELS:
-                res = count_large(plane, counter=counter, diameter=d, channel=channel,
-                                  progress=lambda p, k=k: report(progress, f"plane {k + 1} of {len(indices)}: "
-                                                                           f"{p.stage}", p.step, p.total))
-            else:
-                res = count_cells(np.asarray(plane), counter=counter, diameter=d, channel=channel)
-            meta = res.meta
-            p = np.asarray(res.points, float).reshape(-1, 2)
-            if idx:
-                p = np.concatenate([np.broadcast_to(np.array(idx, float), (len(p), len(idx))), p], axis=1)
-            pts.append(p)
-            scores.append(np.asarray(res.scores, float))
-            per.append(res.count)
-            report(progress, "planes", k + 1, len(indices))
-        points = np.concatenate(pts) if pts else np.zeros((0, 2 + len(lead)))
-        meta = {**meta, "diameter_used": d, "diameter_source": source, "n_planes": len(indices), "lazy": True}
-        result = CountResult(count=int(round(float(np.sum(per)))), points=points,
-                             scores=np.concatenate(scores) if scores else np.zeros(0), density=None,
-                             per_plane=np.array(per, float).reshape(lead if lead else (1,)), density_sum=None,
-                             meta=meta)
-        return counter, result
+        return counter, count_planes(image, counter=counter, diameter=diameter, channel=channel, progress=progress)
 
     return work
 

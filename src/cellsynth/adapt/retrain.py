@@ -48,8 +48,8 @@ from ..count.counter import CounterConfig
 from ..progress import ProgressCallback, report
 from ._output import REPORT_FILE, check_out
 from ._train import Item, crop_item, finetune, forward_density, make_item, peak_count, stack_batch, working_scale
-from .adapt import (AdaptParams, AdaptResult, check_budget, check_images, count_images, finish, load_base,
-                    working_planes)
+from ._common import (AdaptParams, AdaptResult, check_budget, check_images, count_images, finish, load_base,
+                      working_planes)
 from .fast_style import matched_layouts
 from .fit import FitResult, fit_point_settings
 from .stats import combine_stats, estimate_image_stats
@@ -352,196 +352,217 @@ def retrain_counter(
     FileExistsError
         ``out`` is not empty and ``overwrite`` is False.
     """
-    from ..count.preprocess import split_planes
     from ..device import resolve_device
 
-    t_start = time.perf_counter()
-    seconds: dict[str, float] = {}
-
-    def lap(name: str, t: float) -> float:
-        now = time.perf_counter()
-        seconds[name] = round(now - t, 2)
-        return now
-
-    # 1. check inputs
     p = params or AdaptParams()
     if not isinstance(p, AdaptParams):
         raise TypeError(f"params must be an AdaptParams, got {type(p).__name__}")
-    imgs = check_images(images)
-    flat = []
-    for i, im in enumerate(imgs):
-        planes, _ = split_planes(im)
-        if len(planes) != 1:
-            raise ValueError(f"images[{i}] is a stack of {len(planes)} planes; retraining takes 2D images")
-        flat.append(planes[0])
-    shapes = [pl.shape for pl in flat]
-    pts = _check_points(points, shapes)
-    boxes = _check_regions(regions, shapes)
+    run = _Run(p=p, progress=progress, seed=seed, minutes=minutes)
+    # 1. check inputs
+    run.inputs(images, points, regions)
     check_budget(minutes, seed)
     out = check_out(out, overwrite)
-    dev = resolve_device(device)
-    t = time.perf_counter()
-
-    # 2. scale
-    base_counter = load_base(base, dev)
-    if diameter is None:
-        d_user = base_counter.diameter
-        per_image = []
-    else:
-        per_image = [estimate_image_stats(im, diameter=diameter) for im in imgs]
-        d_user = combine_stats(per_image)["diameter"]
-    checked = [[(0, 0, sh[0], sh[1])] if bx is None else bx for bx, sh in zip(boxes, shapes)]
-    t = lap("prepare", t)
-
-    # 3. the point settings fitted to the corrections (the network unchanged), judged by cross-validation
-    fit = _fit_settings(base_counter, flat, pts, checked, d_user, progress)
-    t = lap("fit_settings", t)
-    d_eff = d_user * CounterConfig.of(fit.config).diameter_scale  # the nuclei as the fitted settings see them
-    s = working_scale(d_eff, base_counter.diameter, p.span)
-    factor = s / d_eff
-    config = copy.deepcopy(fit.config)
-    base_training = config.pop("training", None)
-    config.pop("dtype", None)
-    config.update(diameter=s, name="retrained")
-
-
-    # 4. validation strips, targets and masks at the working scale
-    gap = int(np.ceil((4.0 * CounterConfig.of(config).sigma + 2.0) / factor))  # the reach of a target's density
-    split = [split_validation(bx, min_side=2.0 * d_user, gap=gap) for bx in checked]
-    train_boxes, val_boxes = [sp[0] for sp in split], [sp[1] for sp in split]
-    planes = working_planes(imgs, config, factor)
-    user, work_boxes = [], []
-    for pl, c, tb, vb, bx in zip(planes, pts, train_boxes, val_boxes, boxes):
-        cw = (c + 0.5) * factor - 0.5
-        mask = None if (bx is None and not vb) else region_mask(pl.shape, tb, factor)
-        user.append(make_item(pl, cw, config, mask))
-        work_boxes.append(_scaled_boxes(tb, factor, pl.shape))
-    t = lap("targets", t)
-
-    # 4. replay layouts like the images
-    stats = {"diameter": d_user, "foreground_fraction": float(np.mean([st["foreground_fraction"] for st in per_image]))
-             if per_image else 0.15}
-    n_replay = max(1, p.n_layouts // 2)
-    lays = matched_layouts(stats, n_replay + p.n_holdout, shape=(p.layout_size, p.layout_size), scale=factor,
-                           references=planes, rng=seed)
-    replay = [make_item(img, cen, config) for img, cen in lays[:n_replay]]
-    holdout = lays[n_replay:]
-    t = lap("layouts", t)
-
-    # 5. base
-    counts_before = count_images(imgs, base_counter, d_user, progress, "count before")
-    t = lap("count_before", t)
-    from ..count.models import Counter, to_device
-
-    base_net = copy.deepcopy(base_counter.net).float().to(dev).eval()
-    net = copy.deepcopy(base_net)
-    # the candidate as counting runs it (points reconciled with objects), sharing the training network
-    live = to_device(Counter(kind="density", name="retrained", config=copy.deepcopy(config), net=net), dev)
-    validate = any(val_boxes)
-
-    def val_score(counter) -> dict:
-        return validation_error(counter, imgs, pts, val_boxes, d_user)
-
-    before = {"region_error": region_error(base_net, config, user, dev)["error"],
-              "synthetic_error": _synthetic_error(base_net, config, holdout, dev)}
-    if validate:
-        before["validation"] = val_score(live)
-        validate = before["validation"]["n_true"] > 0
-    report(progress, "check", 1, 2, "base scored")
-    t = lap("check_before", t)
-
-    # 7. fine-tune, keeping the state that counts the validation strips best
-    best = {"step": 0, "score": before["validation"]["score"] if validate else None, "state": None}
-    history: list[dict] = []
-
-    def on_check(trained, step: int) -> None:
-        v = val_score(live)
-        history.append({"step": int(step), **v})
-        if v["score"] < best["score"] - 1e-9:
-            best.update(step=int(step), score=v["score"],
-                        state={k: x.detach().clone() for k, x in trained.state_dict().items()})
-
-    reserve = 2.0 * (seconds["count_before"] + seconds["check_before"]) + 5.0
-    train_seconds = max(0.0, minutes * 60.0 - (time.perf_counter() - t_start) - reserve)
-    net, info = finetune(net, _retrain_sampler(user, work_boxes, replay, p), seconds=train_seconds,
-                         max_steps=p.max_steps, min_steps=p.min_steps, lr=p.lr,
-                         scale=CounterConfig.of(config).density_scale, device=dev, seed=seed, progress=progress,
-                         freeze_bn=True, checks=4 if validate else 0, on_check=on_check if validate else None)
-    if validate and best["state"] is not None:
-        net.load_state_dict(best["state"])
-    info["validation"] = history
-    info["best_step"] = best["step"]
-    t = lap("train", t)
-
-    # 8. check
-    after = {"region_error": region_error(net, config, user, dev)["error"],
-             "synthetic_error": _synthetic_error(net, config, holdout, dev)}
-    synthetic_ok = after["synthetic_error"] <= max(1.5 * before["synthetic_error"], before["synthetic_error"] + 0.05)
-    if validate:
-        after["validation"] = val_score(live)
-        enough = before["validation"]["n_true"] >= WEAK_VALIDATION
-        tuned = bool(best["state"] is not None and synthetic_ok and enough)
-    else:
-        tuned = False  # nothing held out: a gain cannot be told from over-fitting
-    rule = (f"validation strips (at least {WEAK_VALIDATION} annotated cells) counted better than by the base, "
-            "held-out synthetic layouts not much worse")
-    accepted = tuned or fit.accepted
-    report(progress, "check", 2, 2, "accepted" if accepted else "kept the base")
-    t = lap("check_after", t)
-
-    # 9. counts, report, write
-    if not tuned:  # the base's network with the fitted point settings (the base itself when they were not kept)
-        config, net = copy.deepcopy(fit.config), copy.deepcopy(base_net)
-        config.pop("training", None)
-        config.pop("dtype", None)
-        config["name"] = "retrained"
-    candidate = to_device(Counter(kind="density", name="retrained", config=copy.deepcopy(config),
-                                  net=copy.deepcopy(net)), dev)
-    if accepted:
-        counts_after = count_images(imgs, candidate, d_user, progress, "count after")
-    else:
-        counts_after = list(counts_before)
-    t = lap("count_after", t)
-    doc = {
-        "operation": "retrain-counter",
-        "accepted": accepted,
-        "base": base_counter.describe(),
-        "base_training": base_training,
-        "n_images": len(imgs),
-        "n_points": [int(len(c)) for c in pts],
-        "regions": [None if b is None else [list(x) for x in b] for b in boxes],
-        "validation_regions": [[list(x) for x in vb] for vb in val_boxes],
-        "acceptance": f"network: {rule}; point settings: held-out folds of the corrections counted better",
-        "point_settings": fit.to_dict(),
-        "network_accepted": tuned,
-        "diameter": {"used": d_user, "given": diameter if not isinstance(diameter, str) else None,
-                     "per_image": [st["diameter"] for st in per_image]},
-        "working_scale": s,
-        "scale_factor": factor,
-        "n_replay": len(replay),
-        "n_holdout": len(holdout),
-        "training": info,
-        "score_before": before,
-        "score_after": after,
-        "counts_before": counts_before,
-        "counts_after": counts_after,
-        "params": p.to_dict(),
-        "minutes": float(minutes),
-        "seed": int(seed),
-        "device": str(dev),
-        "seconds": seconds,
-    }
-    doc["decision"] = _decision(tuned, validate, before, after, fit)
-    if tuned and abs(factor - 1.0) > 1e-6:
-        doc["note"] = (f"trained at {s:g} px cells; count the images with diameter={d_user:.3g} "
-                       f"(cellsynth count IMAGE --model DIR --diameter {d_user:.3g})")
-    config["training"] = doc
-    counter, path = finish(base=base_counter, candidate=candidate, net=net, accepted=accepted, config=config,
-                           out=out, overwrite=overwrite, report_doc=doc)
-    seconds["total"] = round(time.perf_counter() - t_start, 2)
+    run.dev = resolve_device(device)
+    # 2. the base, the diameter and the point settings fitted to the corrections
+    run.base = load_base(base, run.dev)
+    run.diameter(diameter)
+    run.fit = _fit_settings(run.base, run.flat, run.pts, run.checked, run.d_user, progress)
+    run.lap("fit_settings")
+    # 3.-4. working scale, validation strips, targets, replay layouts
+    run.targets()
+    run.replay()
+    # 5.-7. score the base, fine-tune, judge
+    run.score_base()
+    run.train()
+    run.judge()
+    # 8. counts, report, write
+    candidate = run.candidate()
+    run.counts_after = (count_images(run.imgs, candidate, run.d_user, progress, "count after") if run.accepted
+                        else list(run.counts_before))
+    run.lap("count_after")
+    doc = run.report_doc(diameter)
+    run.config["training"] = doc
+    counter, path = finish(base=run.base, candidate=candidate, net=run.net, accepted=run.accepted,
+                           config=run.config, out=out, overwrite=overwrite, report_doc=doc)
+    run.seconds["total"] = round(time.perf_counter() - run.t_start, 2)
     if path is not None:
         from .. import io
 
         io.write_json(Path(path) / REPORT_FILE, doc, overwrite=True)
-    return AdaptResult(counter=counter, path=path, accepted=accepted, report=doc,
-                       counts_before=counts_before, counts_after=counts_after)
+    return AdaptResult(counter=counter, path=path, accepted=run.accepted, report=doc,
+                       counts_before=run.counts_before, counts_after=run.counts_after)
+
+
+class _Run:
+    """The state of one retraining, step by step (see the module's list of steps)."""
+
+    def __init__(self, *, p: AdaptParams, progress, seed: int, minutes: float) -> None:
+        self.p, self.progress, self.seed, self.minutes = p, progress, seed, minutes
+        self.t_start = self._t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._t, 2)
+        self._t = now
+
+    def inputs(self, images, points, regions) -> None:
+        from ..count.preprocess import split_planes
+
+        self.imgs = check_images(images)
+        self.flat = []
+        for i, im in enumerate(self.imgs):
+            planes, _ = split_planes(im)
+            if len(planes) != 1:
+                raise ValueError(f"images[{i}] is a stack of {len(planes)} planes; retraining takes 2D images")
+            self.flat.append(planes[0])
+        shapes = [pl.shape for pl in self.flat]
+        self.pts = _check_points(points, shapes)
+        self.boxes = _check_regions(regions, shapes)
+        self.checked = [[(0, 0, sh[0], sh[1])] if bx is None else bx for bx, sh in zip(self.boxes, shapes)]
+        self._t = time.perf_counter()
+
+    def diameter(self, diameter) -> None:
+        if diameter is None:
+            self.d_user, self.per_image = self.base.diameter, []
+        else:
+            self.per_image = [estimate_image_stats(im, diameter=diameter) for im in self.imgs]
+            self.d_user = combine_stats(self.per_image)["diameter"]
+        self.lap("prepare")
+
+    def targets(self) -> None:
+        """Working scale, validation strips, density targets and loss masks at that scale."""
+        d_eff = self.d_user * CounterConfig.of(self.fit.config).diameter_scale  # as the fitted settings see them
+        self.s = working_scale(d_eff, self.base.diameter, self.p.span)
+        self.factor = factor = self.s / d_eff
+        config = copy.deepcopy(self.fit.config)
+        self.base_training = config.pop("training", None)
+        config.pop("dtype", None)
+        config.update(diameter=self.s, name="retrained")
+        self.config = config
+        gap = int(np.ceil((4.0 * CounterConfig.of(config).sigma + 2.0) / factor))  # a target's density reach
+        split = [split_validation(bx, min_side=2.0 * self.d_user, gap=gap) for bx in self.checked]
+        train_boxes, self.val_boxes = [sp[0] for sp in split], [sp[1] for sp in split]
+        self.planes = working_planes(self.imgs, config, factor)
+        self.user, self.work_boxes = [], []
+        for pl, c, tb, vb, bx in zip(self.planes, self.pts, train_boxes, self.val_boxes, self.boxes):
+            cw = (c + 0.5) * factor - 0.5
+            mask = None if (bx is None and not vb) else region_mask(pl.shape, tb, factor)
+            self.user.append(make_item(pl, cw, config, mask))
+            self.work_boxes.append(_scaled_boxes(tb, factor, pl.shape))
+        self.lap("targets")
+
+    def replay(self) -> None:
+        """Stylized synthetic layouts like the images: replayed against forgetting, a few held out."""
+        p = self.p
+        fg = float(np.mean([st["foreground_fraction"] for st in self.per_image])) if self.per_image else 0.15
+        n_replay = max(1, p.n_layouts // 2)
+        lays = matched_layouts({"diameter": self.d_user, "foreground_fraction": fg}, n_replay + p.n_holdout,
+                               shape=(p.layout_size, p.layout_size), scale=self.factor, references=self.planes,
+                               rng=self.seed)
+        self.replay_items = [make_item(img, cen, self.config) for img, cen in lays[:n_replay]]
+        self.holdout = lays[n_replay:]
+        self.lap("layouts")
+
+    def val_score(self) -> dict:
+        return validation_error(self.live, self.imgs, self.pts, self.val_boxes, self.d_user)
+
+    def score_base(self) -> None:
+        from ..count.models import Counter, to_device
+
+        self.counts_before = count_images(self.imgs, self.base, self.d_user, self.progress, "count before")
+        self.lap("count_before")
+        dev = self.dev
+        self.base_net = copy.deepcopy(self.base.net).float().to(dev).eval()
+        self.net = copy.deepcopy(self.base_net)
+        # the candidate as counting runs it (points reconciled with objects), sharing the training network
+        self.live = to_device(Counter(kind="density", name="retrained", config=copy.deepcopy(self.config),
+                                      net=self.net), dev)
+        self.before = {"region_error": region_error(self.base_net, self.config, self.user, dev)["error"],
+                       "synthetic_error": _synthetic_error(self.base_net, self.config, self.holdout, dev)}
+        self.validate = any(self.val_boxes)
+        if self.validate:
+            self.before["validation"] = self.val_score()
+            self.validate = self.before["validation"]["n_true"] > 0
+        report(self.progress, "check", 1, 2, "base scored")
+        self.lap("check_before")
+
+    def train(self) -> None:
+        """Fine-tune, keeping the state that counts the validation strips best."""
+        p, validate = self.p, self.validate
+        best = {"step": 0, "score": self.before["validation"]["score"] if validate else None, "state": None}
+        history: list[dict] = []
+
+        def on_check(trained, step: int) -> None:
+            v = self.val_score()
+            history.append({"step": int(step), **v})
+            if v["score"] < best["score"] - 1e-9:
+                best.update(step=int(step), score=v["score"],
+                            state={k: x.detach().clone() for k, x in trained.state_dict().items()})
+
+        reserve = 2.0 * (self.seconds["count_before"] + self.seconds["check_before"]) + 5.0
+        budget = max(0.0, self.minutes * 60.0 - (time.perf_counter() - self.t_start) - reserve)
+        self.net, info = finetune(self.net, _retrain_sampler(self.user, self.work_boxes, self.replay_items, p),
+                                  seconds=budget, max_steps=p.max_steps, min_steps=p.min_steps, lr=p.lr,
+                                  scale=CounterConfig.of(self.config).density_scale, device=self.dev, seed=self.seed,
+                                  progress=self.progress, freeze_bn=True, checks=4 if validate else 0,
+                                  on_check=on_check if validate else None)
+        if validate and best["state"] is not None:
+            self.net.load_state_dict(best["state"])
+        self.info = {**info, "validation": history, "best_step": best["step"]}
+        self.improved = best["state"] is not None
+        self.lap("train")
+
+    def judge(self) -> None:
+        """Keep the retrained network only on evidence; the fitted settings on their own cross-validation."""
+        dev, before = self.dev, self.before
+        self.after = after = {"region_error": region_error(self.net, self.config, self.user, dev)["error"],
+                              "synthetic_error": _synthetic_error(self.net, self.config, self.holdout, dev)}
+        synthetic_ok = after["synthetic_error"] <= max(1.5 * before["synthetic_error"],
+                                                       before["synthetic_error"] + 0.05)
+        self.tuned = False  # nothing held out: a gain cannot be told from over-fitting
+        if self.validate:
+            after["validation"] = self.val_score()
+            enough = before["validation"]["n_true"] >= WEAK_VALIDATION
+            self.tuned = bool(self.improved and synthetic_ok and enough)
+        self.accepted = self.tuned or self.fit.accepted
+        report(self.progress, "check", 2, 2, "accepted" if self.accepted else "kept the base")
+        self.lap("check_after")
+
+    def candidate(self):
+        """The retrained network, or the base's with the fitted point settings (the base's own when not kept)."""
+        from ..count.models import Counter, to_device
+
+        if not self.tuned:
+            self.config, self.net = copy.deepcopy(self.fit.config), copy.deepcopy(self.base_net)
+            self.config.pop("training", None)
+            self.config.pop("dtype", None)
+            self.config["name"] = "retrained"
+        return to_device(Counter(kind="density", name="retrained", config=copy.deepcopy(self.config),
+                                 net=copy.deepcopy(self.net)), self.dev)
+
+    def report_doc(self, diameter) -> dict:
+        rule = (f"network: validation strips (at least {WEAK_VALIDATION} annotated cells) counted better than by "
+                "the base, held-out synthetic layouts not much worse; point settings: held-out folds of the "
+                "corrections counted better")
+        doc = {
+            "operation": "retrain-counter", "accepted": self.accepted, "base": self.base.describe(),
+            "base_training": self.base_training, "n_images": len(self.imgs),
+            "n_points": [int(len(c)) for c in self.pts],
+            "regions": [None if b is None else [list(x) for x in b] for b in self.boxes],
+            "validation_regions": [[list(x) for x in vb] for vb in self.val_boxes],
+            "acceptance": rule, "point_settings": self.fit.to_dict(), "network_accepted": self.tuned,
+            "diameter": {"used": self.d_user, "given": diameter if not isinstance(diameter, str) else None,
+                         "per_image": [st["diameter"] for st in self.per_image]},
+            "working_scale": self.s, "scale_factor": self.factor, "n_replay": len(self.replay_items),
+            "n_holdout": len(self.holdout), "training": self.info, "score_before": self.before,
+            "score_after": self.after, "counts_before": self.counts_before, "counts_after": self.counts_after,
+            "params": self.p.to_dict(), "minutes": float(self.minutes), "seed": int(self.seed),
+            "device": str(self.dev), "seconds": self.seconds,
+        }
+        doc["decision"] = _decision(self.tuned, self.validate, self.before, self.after, self.fit)
+        if self.tuned and abs(self.factor - 1.0) > 1e-6:
+            d = self.d_user
+            doc["note"] = (f"trained at {self.s:g} px cells; count the images with diameter={d:.3g} "
+                           f"(cellsynth count IMAGE --model DIR --diameter {d:.3g})")
+        return doc

@@ -37,6 +37,7 @@ import numpy as np
 
 from .._cluster import WORKER_BYTES, _accepts_n_workers, _local_workers, cluster_client  # noqa: F401
 from ..progress import ProgressCallback, report
+from .lazy import LARGE_PIXELS
 from .results import _Folder, _key, _names, _prepare_plot, _rows, _write_plot, _write_table
 from .sources import find_images, open_image
 
@@ -80,7 +81,7 @@ class BatchParams:
     tile: int = 256
     overlap: Optional[int] = None
     batch_size: Optional[int] = None
-    large_pixels: int = 4096 * 4096
+    large_pixels: int = LARGE_PIXELS
 
     def __post_init__(self) -> None:
         d = self.diameter

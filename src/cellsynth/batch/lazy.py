@@ -388,3 +388,110 @@ def count_large(
             "cellsynth_version": __version__}
     return CountResult(count=int(len(points)), points=points, scores=scores, density=None,
                        per_plane=np.array([float(len(points))]), density_sum=None, meta=meta)
+
+
+#: Planes with more pixels than this are counted in chunks (:func:`count_large`), never read whole: the one
+#: threshold of the CLI's batch counting and the napari docks.
+LARGE_PIXELS = 4096 * 4096
+
+
+def stack_layout(shape) -> tuple[tuple[int, ...], bool]:
+    """``(stack shape, colour samples last)`` of an image's shape, by the rule ``split_planes`` applies.
+
+    Examples
+    --------
+    >>> stack_layout((5, 100, 120)), stack_layout((100, 120, 3)), stack_layout((2, 5, 100, 120))
+    (((5,), False), ((), True), ((2, 5), False))
+    """
+    colour = len(shape) >= 3 and shape[-1] <= 4 and min(shape[-3:-1]) > 4
+    spatial = 3 if colour else 2
+    return tuple(shape[:-spatial]), colour
+
+
+def diameter_input(image: Any) -> Any:
+    """What a diameter is estimated on: an in-memory image as it is; of a lazy one, the crop the estimate reads.
+
+    For a lazy stack, the crop of its middle plane (as in memory, where the
+    middle plane is analysed); only that crop is read.
+    """
+    if isinstance(image, np.ndarray):
+        return image
+    lead, colour = stack_layout(image.shape)
+    plane = image[tuple(s // 2 for s in lead)] if lead else image
+    if colour:
+        rows, cols = plane.shape[:2]
+        side_r = min(rows, int(np.sqrt(640 * 640 * rows / cols)) + 1)
+        side_c = min(cols, 640 * 640 // max(side_r, 1) + 1)
+        r0, c0 = (rows - side_r) // 2, (cols - side_c) // 2
+        return np.asarray(plane[r0:r0 + side_r, c0:c0 + side_c])
+    return _central_crop(plane)
+
+
+def count_planes(image: Any, *, counter: Any, diameter: Union[float, str, None] = "auto",
+                 channel: Optional[int] = None, progress: Optional[ProgressCallback] = None):
+    """Count an array-like image or stack that is not in memory (dask, zarr), plane by plane, never loading it whole.
+
+    The diameter is resolved once for the whole stack (``"auto"``: on the middle
+    plane's central crop). Planes up to :data:`LARGE_PIXELS` are read one at a
+    time and counted with :func:`~cellsynth.count.count_cells`; larger ones with
+    :func:`count_large`, chunk by chunk.
+
+    Parameters
+    ----------
+    image : array-like
+        ``(..., M, N)`` or ``(..., M, N, C)`` with ``C <= 4``.
+    counter : Counter
+    diameter : float, "auto" or None
+    channel : int, optional
+    progress : ProgressCallback, optional
+        Stage ``"estimating the cell diameter"``, then ``"planes"`` once per
+        plane (and a large plane's own stages, prefixed with its number).
+
+    Returns
+    -------
+    CountResult
+        Points with the stack coordinates first; ``density`` is None;
+        ``meta["lazy"]`` is True.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from skimage.draw import disk
+    >>> from cellsynth.count import load_counter
+    >>> img = np.zeros((2, 60, 90), np.uint8)
+    >>> for c in (15, 45, 75):
+    ...     img[0][disk((30, c), 6)] = 200
+    >>> res = count_planes(da.from_array(img), counter=load_counter("classic"), diameter=12)
+    >>> res.per_plane.tolist(), res.points.shape[1]
+    ([3.0, 0.0], 3)
+    """
+    from ..count import CountResult, count_cells
+    from ..count.infer import resolve_diameter
+
+    if diameter == "auto":
+        report(progress, "estimating the cell diameter", 0, 1)
+    d, source = resolve_diameter(diameter, lambda: diameter_input(image), channel)
+    lead, colour = stack_layout(image.shape)
+    indices = list(np.ndindex(*lead)) if lead else [()]
+    pts, scores, per, meta = [], [], [], {}
+    for k, idx in enumerate(indices):
+        plane = image[idx] if idx else image
+        rows, cols = plane.shape[:2] if colour else plane.shape[-2:]
+        if rows * cols > LARGE_PIXELS:
+            res = count_large(plane, counter=counter, diameter=d, channel=channel,
+                              progress=lambda p, k=k: report(progress, f"plane {k + 1} of {len(indices)}: "
+                                                                       f"{p.stage}", p.step, p.total))
+        else:
+            res = count_cells(np.asarray(plane), counter=counter, diameter=d, channel=channel)
+        meta = res.meta
+        p = np.asarray(res.points, float).reshape(-1, 2)
+        if idx:
+            p = np.concatenate([np.broadcast_to(np.array(idx, float), (len(p), len(idx))), p], axis=1)
+        pts.append(p)
+        scores.append(np.asarray(res.scores, float))
+        per.append(res.count)
+        report(progress, "planes", k + 1, len(indices))
+    meta = {**meta, "diameter_used": d, "diameter_source": source, "n_planes": len(indices), "lazy": True}
+    return CountResult(count=int(round(float(np.sum(per)))), points=np.concatenate(pts),
+                       scores=np.concatenate(scores), density=None,
+                       per_plane=np.array(per, float).reshape(lead if lead else (1,)), density_sum=None, meta=meta)

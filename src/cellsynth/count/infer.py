@@ -419,7 +419,8 @@ def count_cells(
         processor's caches: a 2048x2048 count is ~15 % faster than with 8) and 8 on GPUs.
     progress : ProgressCallback, optional
         Called once per batch of tiles (stage ``"tiles"``), or per plane for the
-        classic counter (stage ``"planes"``); may raise ``Cancelled``.
+        classic counter (stage ``"planes"``), after ``"estimating the cell
+        diameter"`` with ``diameter="auto"``; may raise ``Cancelled``.
     engine : {"auto", "torch", "onnxruntime"}
         What runs the network: ``"auto"`` (default) uses onnxruntime on the CPU
         when it is installed (faster there; see :mod:`cellsynth.count._onnx`),
@@ -469,6 +470,8 @@ def count_cells(
     planes, lead = split_planes(arr, channel=channel, channel_axis=channel_axis)
     if min(planes.shape[1:]) < 2:
         raise ValueError(f"image planes must be at least 2x2 pixels, got {planes.shape[1:]}")
+    if isinstance(diameter, str):
+        report(progress, "estimating the cell diameter", 0, 1)
     diameter, diameter_source = resolve_diameter(diameter, arr, channel, channel_axis)
     counter = _the_counter(counter, model, device)
     plan = _make_plan(counter, planes, diameter, tile=tile, overlap=overlap, batch_size=batch_size, engine=engine,
