@@ -53,7 +53,7 @@ import json, sys, time
 from pathlib import Path
 from cellsynth import io
 from cellsynth.count import count_cells, load_counter
-from cellsynth.count._onnx import default_threads
+from cellsynth.count.engines import default_threads
 from cellsynth.count.data import read_image_axes
 counter = load_counter("default", device="cpu")
 out = Path(sys.argv[2])
@@ -87,9 +87,9 @@ def _timed(cmd: list, env: dict | None = None) -> tuple:
 
 def _warm_export() -> None:
     """The default counter's ONNX export in the cache (made once, with torch, when missing)."""
-    from cellsynth.count import _onnx, load_counter
+    from cellsynth.count import engines, load_counter
 
-    _onnx.export_bytes(load_counter("default", device="cpu"))
+    engines.export_bytes(load_counter("default", device="cpu"))
 
 
 def _ratio(n_images: int, workdir: Path, rounds: int = 2) -> dict:

@@ -12,8 +12,11 @@ Labels of the development images are used for the error and for the corrected
 images only, never for tuning. The error is the relative count error
 ``|points - true| / true``, averaged over the images that were not corrected.
 
-Run: ``python benchmarks/bench_retrain_series.py [--data DIR] [--corrected 1] [--minutes 2] [--json OUT]``
-(about 6 minutes on 2 CPU cores with one corrected image).
+``--adapt`` measures label-free adaptation instead: :func:`cellsynth.adapt.adapt_counter`
+on all images of a series (no labels), then every image counted with the result.
+
+Run: ``python benchmarks/bench_retrain_series.py [--data DIR] [--corrected 1] [--minutes 2] [--adapt]
+[--json OUT]`` (about 6 minutes on 2 CPU cores with one corrected image or with ``--adapt --minutes 3``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cellsynth import io
-from cellsynth.adapt import retrain_counter
+from cellsynth.adapt import adapt_counter, retrain_counter
 from cellsynth.count import count_cells, load_counter
 from cellsynth.count.data import read_image
 
@@ -77,20 +80,42 @@ def run_series(name, cases, *, corrected, minutes, seed=0):
     return out
 
 
+def adapt_series(name, cases, *, minutes, seed=0):
+    base = load_counter("default", device="cpu")
+    out = {"series": name, "corrected": [], "others": [c["name"] for c in cases]}
+    for key in ("given", "auto"):
+        out[f"base_{key}"] = _errors(base, cases, key)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        ad = adapt_counter([c["image"] for c in cases], out=Path(tmp) / "a", minutes=minutes, seed=seed,
+                           device="cpu", stylize="fast")
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        new = load_counter(ad.path, device="cpu")
+        for key in ("given", "auto"):
+            out[f"retrained_{key}"] = _errors(new, cases, key)
+    out["accepted"] = ad.accepted
+    out["decision"] = ad.report.get("decision")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--corrected", type=int, default=1, help="corrected images at the start of each series")
     ap.add_argument("--minutes", type=float, default=2.0, help="retraining budget")
+    ap.add_argument("--adapt", action="store_true", help="label-free adaptation on each whole series instead")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     results = []
     for name, cases in series(args.data).items():
-        if len(cases) <= args.corrected:
+        if args.adapt:
+            r = adapt_series(name, cases, minutes=args.minutes)
+        elif len(cases) <= args.corrected:
             continue
-        r = run_series(name, cases, corrected=args.corrected, minutes=args.minutes)
+        else:
+            r = run_series(name, cases, corrected=args.corrected, minutes=args.minutes)
         results.append(r)
-        print(f"\n== {name}: corrected {', '.join(r['corrected'])}; retrain {r['seconds']} s; "
+        print(f"\n== {name}: corrected {', '.join(r['corrected']) or 'none (adapted)'}; {r['seconds']} s; "
               f"accepted {r['accepted']}\n   {r['decision']}")
         for key in ("given", "auto"):
             b, a = np.mean(r[f"base_{key}"]), np.mean(r[f"retrained_{key}"])

@@ -257,13 +257,13 @@ def test_workers_count_from_the_clients_onnx_export_without_torch(client, images
     import sys
 
     torch = pytest.importorskip("torch")
-    from cellsynth.count import _onnx, counter_config, save_counter
+    from cellsynth.count import engines, counter_config, save_counter
     from cellsynth.count._nets import build_net
 
-    if not _onnx.available():
+    if not engines.available():
         pytest.skip("onnxruntime is not installed")
     monkeypatch.setenv("CELLSYNTH_ONNX_CACHE", "")  # the export lives in this process only: workers get it sent
-    monkeypatch.setattr(_onnx, "_MEMORY", {})  # and is forgotten after this test
+    monkeypatch.setattr(engines, "_MEMORY", {})  # and is forgotten after this test
     monkeypatch.delenv("CELLSYNTH_ENGINE", raising=False)
     torch.manual_seed(0)
     cfg = counter_config("density", backbone="test_efficientnet", blocks=3)
@@ -277,10 +277,10 @@ def test_workers_count_from_the_clients_onnx_export_without_torch(client, images
         ref = count_cells(tifffile.imread(row["image"]), counter=counter, diameter=12.0, tile=128)
         assert int(row["count"]) == ref.count and ref.meta["engine"] == "onnxruntime"
     # the workers that counted did so with the client's export (in their memory); none imported torch or timm
-    key = _onnx.export_bytes(counter)[0]
+    key = engines.export_bytes(counter)[0]
     records = (tmp_path / "out" / ".records").glob("*.json")
     pids = {int(json.loads(p.read_text())["worker"].rsplit(":", 1)[1]) for p in records}
-    held = client.run(lambda k=key: (os.getpid(), k in __import__("cellsynth.count._onnx").count._onnx._MEMORY))
+    held = client.run(lambda k=key: (os.getpid(), k in __import__("cellsynth.count.engines").count.engines._MEMORY))
     assert pids and pids <= {pid for pid, has in held.values() if has}, (pids, held)
     assert not any(client.run(lambda: "torch" in sys.modules or "timm" in sys.modules).values())
 

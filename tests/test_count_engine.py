@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from cellsynth.count import _onnx, count_cells, load_counter
+from cellsynth.count import engines, count_cells, load_counter
 from cellsynth.count._nets import build_net
 from cellsynth.count.models import Counter, counter_config, save_counter, to_device
 from cellsynth.count.synth import SynthParams, synthetic_nuclei
 
-pytestmark = pytest.mark.skipif(not _onnx.available(), reason="onnxruntime is not installed")
+pytestmark = pytest.mark.skipif(not engines.available(), reason="onnxruntime is not installed")
 
 
 @pytest.fixture(autouse=True)
 def _no_exports_in_memory(monkeypatch):
     """Exports kept in this process by earlier tests (e.g. of the same seeded tiny counter) stay out of these."""
-    monkeypatch.setattr(_onnx, "_MEMORY", {})
+    monkeypatch.setattr(engines, "_MEMORY", {})
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +62,14 @@ def test_exports_are_cached_on_disk_by_weights_and_a_damaged_file_is_replaced(im
     def no_export(*a, **k):
         raise AssertionError("exported again")
 
-    real_export = _onnx._export
-    monkeypatch.setattr(_onnx, "_export", no_export)
+    real_export = engines._export
+    monkeypatch.setattr(engines, "_export", no_export)
     again = load_counter(counter.path, device="cpu")  # a new process would load the file like this
     assert count_cells(img, counter=again, diameter=13.0).count == first.count
     # other weights: another file (the old export is never used for them)
     with torch.no_grad():
         again.net.head.bias.add_(0.5)
-    monkeypatch.setattr(_onnx, "_export", real_export)
+    monkeypatch.setattr(engines, "_export", real_export)
     changed = count_cells(img, counter=again, diameter=13.0)
     assert len(list((tmp_path / "cache").glob("*.onnx"))) == 2
     assert changed.density_sum != pytest.approx(first.density_sum)
@@ -92,7 +92,7 @@ def test_engine_choice_and_fallbacks(image, tmp_path, monkeypatch, one_torch_thr
     with pytest.raises(ValueError, match="engine must be one of"):
         count_cells(img, counter=counter, diameter=13.0, engine="tensorrt")
     # without onnxruntime: "auto" counts with PyTorch, asking for it explicitly is a clear error
-    monkeypatch.setattr(_onnx, "available", lambda: False)
+    monkeypatch.setattr(engines, "available", lambda: False)
     assert count_cells(img, counter=counter, diameter=13.0).meta["engine"] == "torch"
     with pytest.raises(ValueError, match="pip install onnxruntime"):
         count_cells(img, counter=counter, diameter=13.0, engine="onnxruntime")
@@ -102,7 +102,7 @@ def test_engine_choice_and_fallbacks(image, tmp_path, monkeypatch, one_torch_thr
     def broken(*a, **k):
         raise RuntimeError("unsupported operator")
 
-    monkeypatch.setattr(_onnx, "_export", broken)
+    monkeypatch.setattr(engines, "_export", broken)
     other = to_device(Counter(kind="density", name="other", config=dict(counter.config), net=build_net(counter.config)),
                       "cpu")
     res = count_cells(img, counter=other, diameter=13.0)
@@ -122,9 +122,9 @@ print(json.dumps({"engine": res.meta["engine"], "built": counter.network_built, 
 
 
 def _accelerator_driver() -> bool:
-    from cellsynth.device import _nvidia_driver_present
+    from cellsynth.device import nvidia_driver_present
 
-    return _nvidia_driver_present() or os.path.exists("/dev/kfd") or sys.platform == "darwin"
+    return nvidia_driver_present() or os.path.exists("/dev/kfd") or sys.platform == "darwin"
 
 
 def test_a_cached_export_counts_in_a_fresh_process_without_torch(image, tmp_path, monkeypatch, one_torch_thread):
@@ -185,7 +185,7 @@ def test_a_damaged_foreign_or_stale_cached_export_is_not_used(image, tmp_path, m
     # other torch/timm/onnxruntime releases or network code: another key, so the old export is not looked up
     export.write_bytes(good)
     with monkeypatch.context() as m:
-        m.setattr(_onnx, "_versions", lambda: "other releases")
+        m.setattr(engines, "_versions", lambda: "other releases")
         assert load_counter(counter.path, device="cpu").network_built
 
     # the weights file replaced after a counter was loaded from the export: its network is not built from the new file

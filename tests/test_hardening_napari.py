@@ -180,7 +180,7 @@ def test_device_menus_offer_only_devices_this_machine_has(make_napari_viewer, mo
     finally:
         sys.modules["torch"] = torch
     assert choices[:2] == ["auto", "cpu"]
-    assert ("cuda" in choices) == device._nvidia_driver_present()
+    assert ("cuda" in choices) == device.nvidia_driver_present()
     assert ("mps" in choices) == (sys.platform == "darwin" and __import__("platform").machine() == "arm64")
     viewer = make_napari_viewer()
     real = set(device.available_devices())

@@ -111,10 +111,68 @@ def test_the_weights_stain_and_engine_circles_stay_closed():
     graph = import_map()
     assert "cellsynth.weights" not in graph["cellsynth.weights.download"]
     assert "cellsynth.stain.pipeline_stain" not in graph["cellsynth.stain.model"]
-    assert not graph["cellsynth.count._onnx"] & {"cellsynth.count.infer", "cellsynth.count.models"}
+    assert not graph["cellsynth.count.engines"] & {"cellsynth.count.infer", "cellsynth.count.models"}
 
 
 def test_the_dataset_writers_do_not_reach_up_into_batch():
     graph = import_map()
     for writer in ("cellsynth.layouts.dataset", "cellsynth.stylize.dataset"):
         assert not {m for m in graph[writer] if m.startswith("cellsynth.batch")}, writer
+
+
+#: The floors of ../shared/DESIGN.md's import direction, bottom (1) to top: a module imports only its own
+#: package and packages on lower floors. Within the rooms' floor, layouts (the generator) sits below the
+#: rooms that draw layouts (count's synthetic data, stain's simulation, stylize's datasets).
+FLOORS = {"layouts": 2.0, "count": 2.1, "stain": 2.1, "stylize": 2.2, "adapt": 3.0, "batch": 3.0, "_napari": 4.0,
+          "cli": 5.0}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _floor(module: str) -> float:
+    return FLOORS.get(_room(module), 1.0) if "." in module else 0.5
+
+
+def test_no_import_runs_back_up_the_floors():
+    up = [f"{m} -> {d}" for m, deps in import_map().items() for d in deps
+          if _room(d) != _room(m) and d != "cellsynth" and _floor(d) >= _floor(m) > 1.0]
+    assert not up, f"imports running up (or across) the floors: {up}"
+
+
+def _private_imports() -> list[str]:
+    """``from X import _name`` or ``from X._module import ...`` where X is another room (module-level or not)."""
+    mods = _modules()
+    found = []
+    for name, path in mods.items():
+        here_pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level):
+                continue
+            base = here_pkg[: len(here_pkg) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            if len(base) < 2 or base[1] == _room(name) or (len(base) == 2 and base[1].startswith("_")):
+                continue  # the same room, or a private module at the package's top (shared by every room)
+            hidden = [p for p in base[2:] if p.startswith("_")]
+            names = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            if hidden or names:
+                found.append(f"{name}: from {'.'.join(base)} import {', '.join(a.name for a in node.names)}")
+    return found
+
+
+def test_no_room_imports_another_rooms_private_names():
+    assert not _private_imports()
+
+
+def test_one_definition_of_the_counting_decisions():
+    """The diameter rule, the large-plane threshold and plane splitting live in the library, once."""
+    sources = {str(p.relative_to(SRC)): p.read_text() for p in SRC.rglob("*.py")}
+    homes = {"model scale (no cells found": "count/infer.py", "4096 * 4096": "batch/lazy.py",
+             "def split_planes(": "count/preprocess.py"}
+    for needle, home in homes.items():
+        assert [f for f, text in sources.items() if needle in text] == [home], needle
+    for f, text in sources.items():
+        if f.startswith("_napari/"):
+            for call in ("split_planes(", "count_large(", "estimate_diameter(image", "LARGE_PIXELS"):
+                assert call not in text, f"{f} decides itself what the library decides: {call}"

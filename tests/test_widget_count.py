@@ -208,7 +208,7 @@ def test_the_first_count_does_not_export_in_the_window(open_dock, make_napari_vi
 
     from cellsynth._napari import _counting
     from cellsynth._napari.sample import sample_nuclei
-    from cellsynth.count import _onnx
+    from cellsynth.count import engines
 
     monkeypatch.setenv("CELLSYNTH_ONNX_CACHE", str(tmp_path / "onnx"))
     monkeypatch.setattr(_counting, "_PREPARING", {})
@@ -222,7 +222,7 @@ def test_the_first_count_does_not_export_in_the_window(open_dock, make_napari_vi
     def no_export(*args, **kwargs):
         raise AssertionError("the export ran in the window's process")
 
-    monkeypatch.setattr(_onnx, "_export", no_export)
+    monkeypatch.setattr(engines, "_export", no_export)
     messages = []
     w.runner._bridge.progress.connect(lambda p: messages.append(getattr(p, "message", "")))
     assert _run(qtbot, w) == "done"

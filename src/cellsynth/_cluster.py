@@ -23,7 +23,7 @@ __all__ = ["cluster_client", "run_in_order", "WORKER_BYTES"]
 WORKER_BYTES = 0.5e9
 
 
-def _local_workers(requested: Optional[int]) -> int:
+def local_workers(requested: Optional[int]) -> int:
     import psutil
 
     if requested is not None:
@@ -81,7 +81,7 @@ def cluster_client(scheduler: Any = None, *, workers: Optional[int] = None, thre
         yield scheduler
         return
     if scheduler in (None, "local"):
-        n = _local_workers(workers)
+        n = local_workers(workers)
         threads = int(threads_per_worker)
         env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
         # dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers, which fixes glibc's mmap threshold
@@ -118,7 +118,7 @@ def cluster_client(scheduler: Any = None, *, workers: Optional[int] = None, thre
         client.close()
 
 
-def _accepts_n_workers(client) -> bool:
+def accepts_n_workers(client) -> bool:
     import inspect
 
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
@@ -198,3 +198,24 @@ def run_in_order(fn: Callable, tasks: Iterable[tuple], *, scheduler: Any = None,
         finally:
             for _, fut in pending.values():
                 fut.cancel()
+
+
+def cluster_args(scheduler, workers) -> dict:
+    """``scheduler``/``workers`` keywords of a dask run from command-line values, or none (run in this process).
+
+    Examples
+    --------
+    >>> cluster_args(None, None), cluster_args(None, 2), cluster_args("tcp://h:8786", None)
+    ({}, {'scheduler': 'local', 'workers': 2}, {'scheduler': 'tcp://h:8786', 'workers': None})
+    >>> cluster_args("tcp://h:8786", 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: --workers applies to a local cluster; size a remote cluster where it runs
+    """
+    if workers is not None and (isinstance(workers, bool) or int(workers) != workers or workers < 1):
+        raise ValueError(f"--workers must be a whole number >= 1, got {workers!r}")
+    if workers is not None and scheduler not in (None, "local"):
+        raise ValueError("--workers applies to a local cluster; size a remote cluster where it runs")
+    if workers is not None:
+        local_workers(workers)  # more than the machine can run is refused before anything is written
+    return {} if scheduler is None and workers is None else {"scheduler": scheduler or "local", "workers": workers}

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ._atomic import atomic_path
-from ._memory import NotEnoughMemory, _first_line, require_memory
+from ._memory import NotEnoughMemory, first_line, require_memory
 
 __all__ = ["read_tiff", "read_tiff_header", "read_picture", "tiff_layout", "write_tiff", "is_ome_zarr"]
 
@@ -66,7 +66,7 @@ def read_tiff(path: os.PathLike | str) -> tuple[np.ndarray, dict]:
         raise NotEnoughMemory(f"reading {path} needs more memory than is free; crop or downsample the image "
                               "first") from None
     except Exception as exc:  # truncated or corrupt files raise whatever the decoder meets (struct.error, ...)
-        raise ValueError(f"{path} is not a readable TIFF file: {_first_line(exc)}") from exc
+        raise ValueError(f"{path} is not a readable TIFF file: {first_line(exc)}") from exc
     return data, meta
 
 
@@ -152,7 +152,7 @@ def read_picture(path: os.PathLike | str) -> np.ndarray:
     except NotEnoughMemory:
         raise
     except Exception as exc:  # truncated or corrupt files, decompression bombs: whatever the decoder raises
-        raise ValueError(f"{path} is not a readable {kind} image: {_first_line(exc)}") from exc
+        raise ValueError(f"{path} is not a readable {kind} image: {first_line(exc)}") from exc
 
 
 def tiff_layout(tif) -> tuple[str, Optional[int]]:
@@ -302,7 +302,7 @@ def _read_ome_zarr(path: Path) -> tuple[np.ndarray, dict]:
         arr = group[level["path"]]
         shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
     except (KeyError, IndexError, TypeError, ValueError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable OME-Zarr image: {_first_line(exc)}") from exc
+        raise ValueError(f"{path} is not a readable OME-Zarr image: {first_line(exc)}") from exc
     require_memory(float(np.prod(shape)) * dtype.itemsize, what=f"reading {path} ({shape} {dtype})",
                    hint="crop or downsample the image first, or read it in tiles")
     data = np.asarray(arr[...])

@@ -5,7 +5,9 @@ The bottom of the package: :mod:`cellsynth.io` re-exports these.
 
 from __future__ import annotations
 
-__all__ = ["NotEnoughMemory", "require_memory"]
+from typing import Optional
+
+__all__ = ["NotEnoughMemory", "require_memory", "first_line"]
 
 
 class NotEnoughMemory(ValueError):
@@ -36,10 +38,19 @@ def require_memory(nbytes: float, *, what: str, hint: str) -> None:
         raise NotEnoughMemory(f"{what} needs about {_size(nbytes)} of memory but only {_size(free)} are free; {hint}")
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (decoders may add several lines of advice)."""
+def first_line(exc: BaseException, limit: Optional[int] = None) -> str:
+    """The first line of an exception's message (decoders may add several lines of advice), cut at ``limit``.
+
+    Examples
+    --------
+    >>> first_line(ValueError("bad header\nadvice"))
+    'bad header'
+    >>> first_line(OSError("Got: " + "x" * 10), limit=4)
+    'xxxx…'
+    """
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)
+    text = (text.splitlines()[0].strip() if text else type(exc).__name__).removeprefix("Got: ")
+    return text if limit is None or len(text) <= limit else text[:limit] + "…"
 
 def _size(nbytes: float) -> str:
     return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"

@@ -69,14 +69,14 @@ def device_choices() -> list:
     if "torch" in sys.modules:
         return available_devices()
     choices = ["auto", "cpu"]
-    if _nvidia_driver_present():
+    if nvidia_driver_present():
         choices.append("cuda")
     if sys.platform == "darwin" and platform.machine() == "arm64":
         choices.append("mps")
     return choices
 
 
-def _nvidia_driver_present() -> bool:
+def nvidia_driver_present() -> bool:
     """Whether an NVIDIA driver is installed (cheap: no torch import); torch decides later if CUDA works."""
     import os
 

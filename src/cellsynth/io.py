@@ -30,7 +30,7 @@ import numpy as np
 
 from ._atomic import atomic_path, prepare_output, remove_stale_parts, remove_unfinished
 from ._images import is_ome_zarr, read_picture, read_tiff, read_tiff_header, tiff_layout, write_tiff
-from ._memory import NotEnoughMemory, _first_line, require_memory
+from ._memory import NotEnoughMemory, first_line, require_memory
 
 __all__ = [
     "atomic_path",
@@ -51,6 +51,7 @@ __all__ = [
     "write_json",
     "path_inside",
     "json_default",
+    "first_line",
 ]
 
 
@@ -272,7 +273,7 @@ def read_json(path: os.PathLike | str) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {_first_line(exc)}") from exc
+        raise ValueError(f"{path} is not valid JSON: {first_line(exc)}") from exc
     except IsADirectoryError:
         raise ValueError(f"{path} is a folder; expected a JSON file") from None
 

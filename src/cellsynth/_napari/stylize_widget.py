@@ -269,7 +269,7 @@ class StylizeWidget(QWidget):
         self._show_weights(args, found)
 
     def _show_weights(self, args, found) -> None:
-        from ..weights import _offline_from_env, human_size
+        from ..weights import offline_from_env, human_size
 
         self.weights = found
         text = found.summary()
@@ -277,7 +277,7 @@ class StylizeWidget(QWidget):
         if found.to_download:
             names = " and ".join(s.spec.name for s in found.to_download)
             self.download_button.text = f"Download ({human_size(found.download_bytes)})"
-            if _offline_from_env():
+            if offline_from_env():
                 self.download_button.enabled = False
                 self.download_button.tooltip = "Downloads are off: HF_HUB_OFFLINE is set"
                 text += " Downloads are off (HF_HUB_OFFLINE is set): choose a local folder or file."
@@ -326,9 +326,9 @@ class StylizeWidget(QWidget):
         names = [s.spec.name for s in found.to_download]
         if not names:
             return
-        from ..weights import _offline_from_env
+        from ..weights import offline_from_env
 
-        if _offline_from_env():
+        if offline_from_env():
             self._error("Downloads are off because HF_HUB_OFFLINE is set; choose a local folder or file instead")
             return
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -14,7 +15,7 @@ import numpy as np
 from ..progress import report
 from ._output import write_counter_folder
 
-__all__ = ["AdaptParams", "AdaptResult", "check_images", "check_budget", "load_base", "working_planes",
+__all__ = ["AdaptParams", "AdaptResult", "Steps", "check_images", "check_budget", "load_base", "working_planes",
            "count_images", "finish"]
 
 
@@ -225,3 +226,26 @@ def finish(*, base, candidate, net, accepted: bool, config: dict, out, overwrite
         path = write_counter_folder(Path(out), cpu_net, save_cfg, report_doc, overwrite=overwrite)
         kept = dataclasses.replace(kept, path=path, name=str(path) if accepted else kept.name)
     return kept, path
+
+
+class Steps:
+    """One run of a loop, step by step: its settings, the time each step took, and the time left for training."""
+
+    def __init__(self, *, p: AdaptParams, progress, seed: int, minutes: float) -> None:
+        self.p, self.progress, self.seed, self.minutes = p, progress, seed, minutes
+        self.t_start = self._t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def restart(self) -> None:
+        """Time the next step from now (input checks are not a step)."""
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._t, 2)
+        self._t = now
+
+    def budget_left(self) -> float:
+        """Seconds left for training: the budget less what ran and enough for the check, counts and write after."""
+        reserve = 2.0 * (self.seconds["count_before"] + self.seconds["check_before"]) + 5.0
+        return max(0.0, self.minutes * 60.0 - (time.perf_counter() - self.t_start) - reserve)

@@ -179,16 +179,12 @@ def finetune(
     """
     import torch
 
-    from ..count._nets import ema_update
+    from ..count.train import ema_update
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     train_mode(net, freeze_bn)
-    teacher = None
-    if ema is not None:
-        teacher = copy.deepcopy(net).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    teacher = _frozen_copy(net) if ema is not None else None
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     t0 = time.perf_counter()
@@ -236,11 +232,25 @@ def finetune(
     if on_check is not None and checks > 0:
         check()
     net.eval()
+    return net, _train_info(losses, step, time.perf_counter() - t0)
+
+
+def _frozen_copy(net):
+    teacher = copy.deepcopy(net).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _train_info(losses: list[float], steps: int, seconds: float) -> dict:
+    """Steps, seconds, the mean loss of the first and last tenth of steps, and the loss curve (at most 200 points)."""
     k = max(1, len(losses) // 10)
-    info = {"steps": step, "seconds": round(time.perf_counter() - t0, 2),
+    every = max(1, len(losses) // 200)
+    return {"steps": steps, "seconds": round(seconds, 2),
             "loss_first": float(np.mean(losses[:k])) if losses else None,
-            "loss_last": float(np.mean(losses[-k:])) if losses else None}
-    return net, info
+            "loss_last": float(np.mean(losses[-k:])) if losses else None,
+            "loss_curve": [[i + 1, round(float(np.mean(losses[i:i + every])), 6)]
+                           for i in range(0, len(losses), every)]}
 
 
 def train_mode(net, freeze_bn: bool = False):

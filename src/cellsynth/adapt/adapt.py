@@ -37,8 +37,8 @@ import numpy as np
 
 from ..count.counter import CounterConfig
 from ..progress import ProgressCallback, report
-from ._common import (AdaptParams, AdaptResult, check_budget, check_images, count_images, finish, load_base,
-                      working_planes)
+from ._common import (AdaptParams, AdaptResult, Steps, check_budget, check_images, count_images, finish,
+                      load_base, working_planes)
 from ._output import REPORT_FILE, check_out
 from ._train import Item, crop_item, finetune, forward_density, make_item, peak_count, stack_batch, working_scale
 from .fast_style import matched_layouts
@@ -257,121 +257,120 @@ def adapt_counter(
     """
     from ..device import resolve_device
 
-    t_start = time.perf_counter()
-    seconds: dict[str, float] = {}
-
-    def lap(name: str, t: float) -> float:
-        now = time.perf_counter()
-        seconds[name] = round(now - t, 2)
-        return now
-
-    # 1. check inputs
     p = params or AdaptParams()
     if not isinstance(p, AdaptParams):
         raise TypeError(f"params must be an AdaptParams, got {type(p).__name__}")
-    imgs = check_images(images)
+    run = _Run(p=p, progress=progress, seed=seed, minutes=minutes)
+    # 1. check inputs
+    run.imgs = check_images(images)
     check_budget(minutes, seed)
     out = check_out(out, overwrite)
-    mode = resolve_stylize(stylize)
-    dev = resolve_device(device)
-    t = time.perf_counter()
-
-    # 2. stats
-    per_image = []
-    for i, im in enumerate(imgs):
-        per_image.append(estimate_image_stats(im, diameter=diameter))
-        report(progress, "stats", i + 1, len(imgs))
-    stats = combine_stats(per_image)
-    d_user = stats["diameter"]
-    t = lap("stats", t)
-
-    # 3. base counter and working scale
-    base_counter = load_base(base, dev)
-    d_eff = d_user * base_counter.settings.diameter_scale  # the nuclei as the base's fitted settings see them
-    stats = {**stats, "diameter": d_eff}
-    s = working_scale(d_eff, base_counter.diameter, p.span)
-    factor = s / d_eff
-    config = copy.deepcopy(base_counter.config)
-    config.pop("training", None)
-    config.pop("dtype", None)
-    config.update(diameter=s, name="adapted")
-    user_planes = working_planes(imgs, config, factor)
-
-    # 4. layouts
-    layouts, holdout = _layouts(stats, factor, user_planes, p, mode, seed, progress)
-    t = lap("layouts", t)
-
-    # 5. base: counts and label-free score
-    counts_before = count_images(imgs, base_counter, d_user, progress, "count before")
-    t = lap("count_before", t)
-    base_net = copy.deepcopy(base_counter.net).float().to(dev).eval()
-    score_before = label_free_score(base_net, config, user_planes, holdout, dev)
-    report(progress, "check", 1, 2, "base scored")
-    t = lap("check_before", t)
-
-    # 6. fine-tune for the time left, keeping enough for the check, the counts after and the write
-    reserve = 2.0 * (seconds["count_before"] + seconds["check_before"]) + 5.0
-    train_seconds = max(0.0, minutes * 60.0 - (time.perf_counter() - t_start) - reserve)
-    train = [make_item(img, cen, config) for img, cen in layouts]
-    user = [Item(pl, None) for pl in user_planes]
-    net = copy.deepcopy(base_net).train()
-    net, info = finetune(net, _adapt_sampler(train, user, p, config, dev), seconds=train_seconds,
-                         max_steps=p.max_steps, min_steps=p.min_steps, lr=p.lr,
-                         scale=CounterConfig.of(config).density_scale, device=dev, seed=seed,
-                         ema=p.ema if p.mix_share > 0 else None, progress=progress)
-    t = lap("train", t)
-
-    # 7. label-free check
-    score_after = label_free_score(net, config, user_planes, holdout, dev)
-    why_not = refusal(score_before, score_after, p.margin)
-    accepted = why_not is None
-    report(progress, "check", 2, 2, "accepted" if accepted else "kept the base")
-    t = lap("check_after", t)
-
+    run.mode = resolve_stylize(stylize)
+    run.dev = resolve_device(device)
+    run.restart()
+    # 2.-4. statistics, the base and the working scale, layouts
+    run.statistics(diameter)
+    run.base = load_base(base, run.dev)
+    run.working_scale()
+    run.layouts, run.holdout = _layouts(run.stats, run.factor, run.user_planes, p, run.mode, seed, progress)
+    run.lap("layouts")
+    # 5.-7. score the base, fine-tune, the label-free check
+    run.score_base()
+    run.train()
+    run.judge()
     # 8. counts with the kept counter, report, write
     from ..count.models import Counter, to_device
 
-    candidate = to_device(Counter(kind="density", name="adapted", config=copy.deepcopy(config),
-                                  net=copy.deepcopy(net)), dev)
-    kept = candidate if accepted else base_counter
-    counts_after = count_images(imgs, kept, d_user, progress, "count after") if accepted else list(counts_before)
-    t = lap("count_after", t)
-    doc = {
-        "operation": "adapt-counter",
-        "accepted": accepted,
-        "decision": "accepted: a lower label-free score, no worse on any part of it" if accepted else
-                    f"kept the base: {why_not}",
-        "base": base_counter.describe(),
-        "n_images": len(imgs),
-        "diameter": {"used": d_user, "given": None if isinstance(diameter, str) else float(diameter),
-                     "per_image": [st["diameter"] for st in per_image]},
-        "stats": {"combined": stats, "per_image": per_image},
-        "working_scale": s,
-        "scale_factor": factor,
-        "stylization": mode,
-        "n_layouts": len(layouts),
-        "n_holdout": len(holdout),
-        "training": info,
-        "score_before": {k: v for k, v in score_before.items() if k != "counts"},
-        "score_after": {k: v for k, v in score_after.items() if k != "counts"},
-        "counts_before": counts_before,
-        "counts_after": counts_after,
-        "params": p.to_dict(),
-        "minutes": float(minutes),
-        "seed": int(seed),
-        "device": str(dev),
-        "seconds": seconds,
-    }
-    if abs(factor - 1.0) > 1e-6:
-        doc["note"] = (f"trained at {s:g} px cells; count the images with diameter={d_user:.3g} "
-                       f"(cellsynth count IMAGE --model DIR --diameter {d_user:.3g})")
-    config["training"] = doc
-    counter, path = finish(base=base_counter, candidate=candidate, net=net, accepted=accepted, config=config,
-                           out=out, overwrite=overwrite, report_doc=doc)
-    seconds["total"] = round(time.perf_counter() - t_start, 2)
+    candidate = to_device(Counter(kind="density", name="adapted", config=copy.deepcopy(run.config),
+                                  net=copy.deepcopy(run.net)), run.dev)
+    kept = candidate if run.accepted else run.base
+    run.counts_after = (count_images(run.imgs, kept, run.d_user, progress, "count after") if run.accepted
+                        else list(run.counts_before))
+    run.lap("count_after")
+    doc = run.report_doc(diameter)
+    run.config["training"] = doc
+    counter, path = finish(base=run.base, candidate=candidate, net=run.net, accepted=run.accepted,
+                           config=run.config, out=out, overwrite=overwrite, report_doc=doc)
+    run.seconds["total"] = round(time.perf_counter() - run.t_start, 2)
     if path is not None:  # the report beside the model also gets the total time
         from .. import io
 
         io.write_json(path / REPORT_FILE, doc, overwrite=True)
-    return AdaptResult(counter=counter, path=path, accepted=accepted, report=doc,
-                       counts_before=counts_before, counts_after=counts_after)
+    return AdaptResult(counter=counter, path=path, accepted=run.accepted, report=doc,
+                       counts_before=run.counts_before, counts_after=run.counts_after)
+
+
+class _Run(Steps):
+    """The state of one adaptation, step by step (see the module's list of steps)."""
+
+    def statistics(self, diameter) -> None:
+        self.per_image = []
+        for i, im in enumerate(self.imgs):
+            self.per_image.append(estimate_image_stats(im, diameter=diameter))
+            report(self.progress, "stats", i + 1, len(self.imgs))
+        self.stats = combine_stats(self.per_image)
+        self.d_user = self.stats["diameter"]
+        self.lap("stats")
+
+    def working_scale(self) -> None:
+        d_eff = self.d_user * self.base.settings.diameter_scale  # the nuclei as the base's fitted settings see them
+        self.stats = {**self.stats, "diameter": d_eff}
+        self.s = working_scale(d_eff, self.base.diameter, self.p.span)
+        self.factor = self.s / d_eff
+        config = copy.deepcopy(self.base.config)
+        config.pop("training", None)
+        config.pop("dtype", None)
+        config.update(diameter=self.s, name="adapted")
+        self.config = config
+        self.user_planes = working_planes(self.imgs, config, self.factor)
+
+    def score_base(self) -> None:
+        self.counts_before = count_images(self.imgs, self.base, self.d_user, self.progress, "count before")
+        self.lap("count_before")
+        self.base_net = copy.deepcopy(self.base.net).float().to(self.dev).eval()
+        self.score_before = label_free_score(self.base_net, self.config, self.user_planes, self.holdout, self.dev)
+        report(self.progress, "check", 1, 2, "base scored")
+        self.lap("check_before")
+
+    def train(self) -> None:
+        """Fine-tune for the time left, keeping enough for the check, the counts after and the write."""
+        p, config = self.p, self.config
+        train = [make_item(img, cen, config) for img, cen in self.layouts]
+        user = [Item(pl, None) for pl in self.user_planes]
+        net = copy.deepcopy(self.base_net).train()
+        self.net, self.info = finetune(net, _adapt_sampler(train, user, p, config, self.dev),
+                                       seconds=self.budget_left(), max_steps=p.max_steps, min_steps=p.min_steps,
+                                       lr=p.lr, scale=CounterConfig.of(config).density_scale, device=self.dev,
+                                       seed=self.seed, ema=p.ema if p.mix_share > 0 else None,
+                                       progress=self.progress)
+        self.lap("train")
+
+    def judge(self) -> None:
+        self.score_after = label_free_score(self.net, self.config, self.user_planes, self.holdout, self.dev)
+        self.why_not = refusal(self.score_before, self.score_after, self.p.margin)
+        self.accepted = self.why_not is None
+        report(self.progress, "check", 2, 2, "accepted" if self.accepted else "kept the base")
+        self.lap("check_after")
+
+    def report_doc(self, diameter) -> dict:
+        doc = {
+            "operation": "adapt-counter", "accepted": self.accepted,
+            "decision": "accepted: a lower label-free score, no worse on any part of it" if self.accepted else
+                        f"kept the base: {self.why_not}",
+            "base": self.base.describe(), "n_images": len(self.imgs),
+            "diameter": {"used": self.d_user, "given": None if isinstance(diameter, str) else float(diameter),
+                         "per_image": [st["diameter"] for st in self.per_image]},
+            "stats": {"combined": self.stats, "per_image": self.per_image},
+            "working_scale": self.s, "scale_factor": self.factor, "stylization": self.mode,
+            "n_layouts": len(self.layouts), "n_holdout": len(self.holdout), "training": self.info,
+            "score_before": {k: v for k, v in self.score_before.items() if k != "counts"},
+            "score_after": {k: v for k, v in self.score_after.items() if k != "counts"},
+            "counts_before": self.counts_before, "counts_after": self.counts_after,
+            "params": self.p.to_dict(), "minutes": float(self.minutes), "seed": int(self.seed),
+            "device": str(self.dev), "seconds": self.seconds,
+        }
+        if abs(self.factor - 1.0) > 1e-6:
+            d = self.d_user
+            doc["note"] = (f"trained at {self.s:g} px cells; count the images with diameter={d:.3g} "
+                           f"(cellsynth count IMAGE --model DIR --diameter {d:.3g})")
+        return doc

@@ -48,8 +48,8 @@ from ..count.counter import CounterConfig
 from ..progress import ProgressCallback, report
 from ._output import REPORT_FILE, check_out
 from ._train import Item, crop_item, finetune, forward_density, make_item, peak_count, stack_batch, working_scale
-from ._common import (AdaptParams, AdaptResult, check_budget, check_images, count_images, finish, load_base,
-                      working_planes)
+from ._common import (AdaptParams, AdaptResult, Steps, check_budget, check_images, count_images, finish,
+                      load_base, working_planes)
 from .fast_style import matched_layouts
 from .fit import FitResult, fit_point_settings
 from .stats import combine_stats, estimate_image_stats
@@ -195,31 +195,53 @@ def _inside(points: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def validation_error(counter, images, points, val_boxes, diameter: float) -> dict:
-    """Count error in the validation boxes as :func:`~cellsynth.count.count_cells` counts the whole images.
+    """Errors in the validation boxes as :func:`~cellsynth.count.count_cells` counts the whole images.
 
-    ``error``: summed absolute point-count differences over the summed true
-    counts; ``density_error``: the same for the density sum; ``score``:
+    Points are matched to the true cells one to one within half a diameter over
+    the whole image, so a nucleus on a box's edge is not an error when its point
+    falls just outside. ``misses``: true cells in the boxes left unmatched;
+    ``extras``: points in the boxes matched to no cell; ``error``: ``(misses +
+    extras) / n_true``; ``precision``, ``recall``, ``f1`` of the matched points in
+    the boxes; ``count_error``: summed absolute count differences in the boxes over
+    ``n_true``; ``density_error``: the same for the density sum; ``score``:
     ``error + 0.25 * density_error``; ``n_true``: true cells in the boxes.
     """
     from ..count.infer import count_cells
+    from ..count.metrics import match_points
 
-    err = derr = 0.0
+    misses = extras = tp = n_pred = 0
+    cerr = derr = 0.0
     tot = 0
     for im, pts, vb in zip(images, points, val_boxes):
         if not vb:
             continue
         res = count_cells(im, counter=counter, diameter=diameter, engine="torch")
         mask = region_mask(res.density.shape, vb)
-        n_true = int(_inside(pts, mask).sum())
-        err += abs(int(_inside(res.points, mask).sum()) - n_true)
-        derr += abs(float((res.density * mask).sum(dtype=np.float64)) - n_true)
-        tot += n_true
+        t_in, p_in = _inside(pts, mask), _inside(res.points, mask)
+        m = match_points(res.points, pts, radius=0.5 * diameter, indices=True)
+        matched_true = np.zeros(len(t_in), bool)
+        matched_true[m["pairs"][:, 1]] = True
+        matched_pred = np.zeros(len(p_in), bool)
+        matched_pred[m["pairs"][:, 0]] = True
+        misses += int((t_in & ~matched_true).sum())
+        extras += int((p_in & ~matched_pred).sum())
+        tp += int((t_in & matched_true).sum())
+        n_pred += int(p_in.sum())
+        cerr += abs(int(p_in.sum()) - int(t_in.sum()))
+        derr += abs(float((res.density * mask).sum(dtype=np.float64)) - int(t_in.sum()))
+        tot += int(t_in.sum())
     tot_ = max(tot, 1)
-    return {"error": err / tot_, "density_error": derr / tot_, "score": (err + 0.25 * derr) / tot_, "n_true": tot}
+    err = (misses + extras) / tot_
+    return {"error": err, "misses": misses, "extras": extras, "precision": tp / max(tp + extras, 1),
+            "recall": tp / tot_, "f1": 2 * tp / max(2 * tp + misses + extras, 1), "count_error": cerr / tot_,
+            "density_error": derr / tot_, "score": err + 0.25 * derr / tot_, "n_true": tot}
 
 
-#: A retrained network is kept only when the held-out strips hold at least this many annotated cells.
+#: A retrained network is kept only when the held-out strips hold at least this many annotated cells,
 WEAK_VALIDATION = 10
+#: and when it makes at least this many fewer errors (missed plus extra cells) there than the base: one cell is
+#: not evidence.
+MIN_FIXED = 2
 
 
 def _fit_settings(counter, planes, points, boxes, diameter, progress) -> FitResult:
@@ -257,13 +279,16 @@ def _decision(accepted: bool, validate: bool, before: dict, after: dict, fit: Op
 def _network_line(accepted: bool, validate: bool, before: dict, after: dict) -> str:
     verdict = "retrained network kept" if accepted else "retrained network not kept"
     if validate:
-        n = int(before["validation"]["n_true"])
-        e0, e1 = before["validation"]["error"], after["validation"]["error"]
-        why = (f"count error in the held-out strip ({n} annotated cells) {100 * e0:.1f} % with the base, "
-               f"{100 * e1:.1f} % with the retrained counter")
+        v0, v1 = before["validation"], after["validation"]
+        n = int(v0["n_true"])
+        why = (f"in the held-out strip ({n} annotated cells) the base misses {v0['misses']} and adds {v0['extras']} "
+               f"(F1 {v0['f1']:.2f}), the retrained network misses {v1['misses']} and adds {v1['extras']} "
+               f"(F1 {v1['f1']:.2f})")
         if n < WEAK_VALIDATION:
             why += (f"; too few to show a gain: a retrained network needs at least {WEAK_VALIDATION} held-out cells "
                     "(correct a larger region or more images)")
+        elif (v0["misses"] + v0["extras"]) - (v1["misses"] + v1["extras"]) < MIN_FIXED:
+            why += f"; a retrained network must make at least {MIN_FIXED} fewer errors there"
     else:
         why = (f"no region large enough to hold out a strip (error in the trained regions "
                f"{100 * before['region_error']:.1f} % -> {100 * after['region_error']:.1f} %, which cannot show "
@@ -393,18 +418,8 @@ def retrain_counter(
                        counts_before=run.counts_before, counts_after=run.counts_after)
 
 
-class _Run:
+class _Run(Steps):
     """The state of one retraining, step by step (see the module's list of steps)."""
-
-    def __init__(self, *, p: AdaptParams, progress, seed: int, minutes: float) -> None:
-        self.p, self.progress, self.seed, self.minutes = p, progress, seed, minutes
-        self.t_start = self._t = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = round(now - self._t, 2)
-        self._t = now
 
     def inputs(self, images, points, regions) -> None:
         from ..count.preprocess import split_planes
@@ -420,7 +435,7 @@ class _Run:
         self.pts = _check_points(points, shapes)
         self.boxes = _check_regions(regions, shapes)
         self.checked = [[(0, 0, sh[0], sh[1])] if bx is None else bx for bx, sh in zip(self.boxes, shapes)]
-        self._t = time.perf_counter()
+        self.restart()
 
     def diameter(self, diameter) -> None:
         if diameter is None:
@@ -500,8 +515,7 @@ class _Run:
                 best.update(step=int(step), score=v["score"],
                             state={k: x.detach().clone() for k, x in trained.state_dict().items()})
 
-        reserve = 2.0 * (self.seconds["count_before"] + self.seconds["check_before"]) + 5.0
-        budget = max(0.0, self.minutes * 60.0 - (time.perf_counter() - self.t_start) - reserve)
+        budget = self.budget_left()
         self.net, info = finetune(self.net, _retrain_sampler(self.user, self.work_boxes, self.replay_items, p),
                                   seconds=budget, max_steps=p.max_steps, min_steps=p.min_steps, lr=p.lr,
                                   scale=CounterConfig.of(self.config).density_scale, device=self.dev, seed=self.seed,
@@ -523,8 +537,10 @@ class _Run:
         self.tuned = False  # nothing held out: a gain cannot be told from over-fitting
         if self.validate:
             after["validation"] = self.val_score()
-            enough = before["validation"]["n_true"] >= WEAK_VALIDATION
-            self.tuned = bool(self.improved and synthetic_ok and enough)
+            v0, v1 = before["validation"], after["validation"]
+            enough = v0["n_true"] >= WEAK_VALIDATION
+            fixed = (v0["misses"] + v0["extras"]) - (v1["misses"] + v1["extras"])
+            self.tuned = bool(self.improved and synthetic_ok and enough and fixed >= MIN_FIXED)
         self.accepted = self.tuned or self.fit.accepted
         report(self.progress, "check", 2, 2, "accepted" if self.accepted else "kept the base")
         self.lap("check_after")

@@ -10,30 +10,10 @@ import argparse
 import json
 import sys
 
-__all__ = ["register", "cluster_args"]
+from .._cluster import cluster_args
+from .lazy import LARGE_PIXELS
 
-
-def cluster_args(scheduler, workers) -> dict:
-    """``scheduler``/``workers`` keywords of a dask run from command-line values, or none (run in this process).
-
-    Examples
-    --------
-    >>> cluster_args(None, None), cluster_args(None, 2), cluster_args("tcp://h:8786", None)
-    ({}, {'scheduler': 'local', 'workers': 2}, {'scheduler': 'tcp://h:8786', 'workers': None})
-    >>> cluster_args("tcp://h:8786", 2)
-    Traceback (most recent call last):
-    ...
-    ValueError: --workers applies to a local cluster; size a remote cluster where it runs
-    """
-    if workers is not None and (isinstance(workers, bool) or int(workers) != workers or workers < 1):
-        raise ValueError(f"--workers must be a whole number >= 1, got {workers!r}")
-    if workers is not None and scheduler not in (None, "local"):
-        raise ValueError("--workers applies to a local cluster; size a remote cluster where it runs")
-    if workers is not None:
-        from .._cluster import _local_workers
-
-        _local_workers(workers)  # more than the machine can run is refused before anything is written
-    return {} if scheduler is None and workers is None else {"scheduler": scheduler or "local", "workers": workers}
+__all__ = ["register", "cluster_args"]  # cluster_args: re-exported from where it lived before
 
 
 def _workers(text: str) -> int:
@@ -68,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default tile/8)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per forward pass (default: 2 on the CPU, 8 on a GPU)")
-    p.add_argument("--large-pixels", type=int, default=4096 * 4096,
+    p.add_argument("--large-pixels", type=int, default=LARGE_PIXELS,
                    help="planes with more pixels are counted in chunks, never read whole (default 4096*4096)")
     p.add_argument("--scheduler", default="local",
                    help="'local' (a new local cluster of processes) or the address of a running dask scheduler, "

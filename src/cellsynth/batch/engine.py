@@ -35,7 +35,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .._cluster import WORKER_BYTES, _accepts_n_workers, _local_workers, cluster_client  # noqa: F401
+from .._cluster import WORKER_BYTES, accepts_n_workers, local_workers, cluster_client  # noqa: F401
 from ..progress import ProgressCallback, report
 from .lazy import LARGE_PIXELS
 from .results import _Folder, _key, _names, _prepare_plot, _rows, _write_plot, _write_table
@@ -180,9 +180,9 @@ def count_plane(path: str, index: tuple, params: BatchParams, export: Optional[t
     small = None if index else read_small_plane(path, params.large_pixels)  # without dask.array when small
     arr, ch = small if small is not None else open_image(path).plane(tuple(index))
     if export is not None:
-        from ..count import _onnx
+        from ..count import engines
 
-        _onnx.install(*export)
+        engines.install(*export)
     counter = _worker_counter(params.model, params.device)
     t0 = time.perf_counter()  # the counting itself (a worker loads its counter once, on its first plane)
     spatial = arr.shape[:2] if ch is not None else (arr.shape[:2] if arr.ndim == 3 and arr.shape[-1] <= 4
@@ -270,13 +270,13 @@ def _settings(params: BatchParams) -> tuple:
 
 def _worker_export(counter, params: BatchParams) -> Optional[tuple]:
     """``(key, ONNX bytes)`` for workers that count on the CPU with onnxruntime, made once here; else None."""
-    from ..count import _onnx
+    from ..count import engines
 
     if counter.kind == "classic" or params.device not in ("auto", "cpu"):
         return None
-    if _onnx.resolve_engine(None, "cpu") != "onnxruntime":
+    if engines.resolve_engine(None, "cpu") != "onnxruntime":
         return None
-    return _onnx.export_bytes(counter)
+    return engines.export_bytes(counter)
 
 
 def count_batch(
@@ -323,7 +323,7 @@ def count_batch(
     out = Path(out)
     paths = find_images(list(inputs) if isinstance(inputs, (list, tuple)) else [inputs], skip=out)
     if workers is not None and scheduler in (None, "local"):
-        _local_workers(workers)  # refused before anything is written
+        local_workers(workers)  # refused before anything is written
     folder = _Folder(out)
     with contextlib.ExitStack() as stack:
         cluster = None
@@ -342,18 +342,18 @@ def count_batch(
                             progress=progress, t0=t0)
 
 
-def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, *, scheduler, workers,
-                 threads_per_worker, overwrite, progress, t0) -> BatchResult:
-    """The body of :func:`count_batch`: plan, count on ``cluster`` (started when None), write the results."""
+def _plan(paths, folder, out, overwrite: bool):
+    """``(images, errors, planes to count, planes done, planes per image, records per image)``.
 
-    # 1. plan: one task per plane not done yet
+    An unreadable file is reported and the others are counted; a file changed
+    since its planes were counted into ``out`` is refused (unless ``overwrite``).
+    """
     images, errors = {}, []
-    for p in paths:  # an unreadable file is reported and the others are counted
+    for p in paths:
         try:
             images[p.resolve()] = open_image(p)
         except (ValueError, OSError) as exc:
             errors.append(str(exc))
-    names = _names(paths)
     todo, skipped, expected, have = [], 0, {}, {}
     for r, img in images.items():
         fp = img.fingerprint()
@@ -369,6 +369,16 @@ def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, 
                 have[r].append(rec)
                 continue
             todo.append((key, r, flat, index, fp))
+    return images, errors, todo, skipped, expected, have
+
+
+def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, *, scheduler, workers,
+                 threads_per_worker, overwrite, progress, t0) -> BatchResult:
+    """The body of :func:`count_batch`: plan, count on ``cluster`` (started when None), write the results."""
+
+    # 1. plan: one task per plane not done yet
+    images, errors, todo, skipped, expected, have = _plan(paths, folder, out, overwrite)
+    names = _names(paths)
     folder.start(settings, overwrite)
 
     # 2. count on the cluster, recording each plane as it arrives
@@ -390,7 +400,7 @@ def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, 
         export = _worker_export(counter, params)  # while the cluster starts
         client = cluster.client()
         n_workers = len(client.scheduler_info(n_workers=-1).get("workers", {})) \
-            if _accepts_n_workers(client) else len(client.scheduler_info().get("workers", {}))
+            if accepts_n_workers(client) else len(client.scheduler_info().get("workers", {}))
         from distributed import as_completed
 
         if export is not None:  # one copy per worker, sent once

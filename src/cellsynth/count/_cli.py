@@ -7,9 +7,7 @@ each sets ``func`` to a callable ``(args) -> int``. Results go to stdout
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from typing import Optional
@@ -76,7 +74,12 @@ def _plane_shape(image: np.ndarray, channel_axis) -> tuple:
 
 
 def register(subparsers) -> None:
-    """Add ``count``, ``train-counter`` and ``evaluate-counter`` to ``subparsers``."""
+    """Add ``count``, ``train-counter``, ``evaluate-counter`` and ``export-counter`` to ``subparsers``."""
+    for add in (_register_count, _register_train, _register_evaluate, _register_export):
+        add(subparsers)
+
+
+def _register_count(subparsers) -> None:
     p = subparsers.add_parser("count", help="count cells in an image", description="Count cells in an image and print the count.")
     p.add_argument("image", nargs="?", default=None,
                    help="image file (TIFF, PNG, JPEG); stacks are counted plane by plane")
@@ -115,6 +118,8 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_count)
 
+
+def _register_train(subparsers) -> None:
     t = subparsers.add_parser("train-counter", help="train a cell counter",
                               description="Train a density or regression counter with one of the paper's strategies.")
     t.add_argument("train", nargs="?", default=None,
@@ -153,6 +158,8 @@ def register(subparsers) -> None:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_train)
 
+
+def _register_evaluate(subparsers) -> None:
     e = subparsers.add_parser("evaluate-counter", help="evaluate a counter on annotated images",
                               description="Count annotated images and print MAE, RMSE, ACP@5%% and ACP@10%%.")
     e.add_argument("dataset", help="dataset folder (manifest.json) or folder of annotated images")
@@ -166,6 +173,8 @@ def register(subparsers) -> None:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_evaluate)
 
+
+def _register_export(subparsers) -> None:
     x = subparsers.add_parser("export-counter", help="export a counter as a bioimage.io model package",
                               description="Write a trained counter as a bioimage.io model package (.zip) that "
                                           "bioimageio.core and other bioimage.io tools run; the package is "

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DensityNet", "RegressionNet", "build_net", "density_loss", "ema_update", "fold_batchnorm"]
+__all__ = ["DensityNet", "RegressionNet", "build_net", "density_loss", "fold_batchnorm"]
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -181,15 +181,6 @@ def density_loss(pred: torch.Tensor, target: torch.Tensor, *, scale: float, coun
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """Move ``teacher`` towards ``student``: ``t = decay * t + (1 - decay) * s`` (integer buffers copied)."""
-    for pt, ps in zip(teacher.state_dict().values(), student.state_dict().values()):
-        if pt.dtype.is_floating_point:
-            pt.mul_(decay).add_(ps.detach(), alpha=1 - decay)
-        else:
-            pt.copy_(ps)
-
-
 def fold_batchnorm(net: nn.Module) -> nn.Module:
     """An inference copy of ``net`` with every BatchNorm folded into the convolution before it.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from . import _onnx
+from . import engines
 from .models import load_counter
 
 __all__ = ["prepare"]
@@ -24,10 +24,10 @@ def prepare(model: str) -> str:
     done when counting does not run on onnxruntime here (``"not used"``) or
     exports are kept in memory only (``"not kept"``).
     """
-    if _onnx.onnx_cache_dir() is None:  # exports kept in memory only: this process's would be lost
+    if engines.onnx_cache_dir() is None:  # exports kept in memory only: this process's would be lost
         return "not kept"
     try:
-        if _onnx.resolve_engine(None, "cpu") != "onnxruntime":
+        if engines.resolve_engine(None, "cpu") != "onnxruntime":
             return "not used"
     except ValueError:  # a bad CELLSYNTH_ENGINE: the count itself says so
         return "not used"
@@ -36,7 +36,7 @@ def prepare(model: str) -> str:
         return "cached"
     if not counter.network_built and counter.extra.get("onnx_runner"):
         return "cached"
-    _onnx.session_for(counter)
+    engines.session_for(counter)
     return "exported"
 
 

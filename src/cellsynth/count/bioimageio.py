@@ -229,12 +229,38 @@ def _torchscript(net, example: np.ndarray, stride: int, where: Path) -> Optional
 
 def _build_descr(counter, workdir: Path, x: np.ndarray, y: np.ndarray, *, name: str, authors: list,
                  licence: str, diameter: float, stride: int, torchscript: bool, notes: list):
-    import torch
     from bioimageio.spec.model import v0_5 as m
+
+    cfg = counter.config
+    short = _write_files(counter, workdir, x, y, name=name, diameter=diameter)
+    weights = _weights_descr(counter, workdir, x, stride=stride, torchscript=torchscript, notes=notes)
+    inputs, outputs = _tensor_descrs(counter, workdir, y, diameter=diameter, stride=stride)
+    tol = m.ReproducibilityTolerance(relative_tolerance=1e-3, absolute_tolerance=float(1e-4 * max(1e-6, np.abs(y).max())))
+    from .. import __version__
+
+    meta = copy.deepcopy(cfg)
+    meta.update(exported_from=counter.name, sha256=counter.sha256, exported_by=f"napari-cellsynth {__version__}",
+                density_scale_applied=counter.kind == "density")
+    return m.ModelDescr(
+        name=name, description=short, authors=authors, license=licence,
+        documentation=m.FileDescr(source=workdir / "README.md"), covers=[m.FileDescr(source=workdir / "cover.png")],
+        tags=["cell counting", "nuclei", "density", "2d", "fluorescence", "pytorch", "napari-cellsynth"],
+        inputs=inputs, outputs=outputs, weights=m.WeightsDescr(**weights),
+        config=m.Config(bioimageio=m.BioimageioConfig(
+            reproducibility_tolerance=[tol], task="cell counting", modality="fluorescence microscopy",
+            target_structure=["nuclei"], architecture_type="EfficientNet-B0" if "b0" in cfg["backbone"] else cfg["backbone"],
+            training=_training_details(cfg),
+            model_parameter_count=int(sum(p.numel() for p in counter.net.parameters()))),
+            **{CONFIG_KEY: _jsonable(meta)}),
+    )
+
+
+def _write_files(counter, workdir: Path, x: np.ndarray, y: np.ndarray, *, name: str, diameter: float) -> str:
+    """Test tensors, architecture source, weights, environment, README and cover in ``workdir``; the short description."""
+    import torch
 
     from . import _nets
 
-    cfg = counter.config
     np.save(workdir / "test_input.npy", x[None, None].astype(np.float32))
     np.save(workdir / "test_output.npy", y.astype(np.float32))
     shutil.copyfile(_nets.__file__, workdir / _ARCH_FILE)
@@ -248,7 +274,14 @@ def _build_descr(counter, workdir: Path, x: np.ndarray, y: np.ndarray, *, name: 
     short, doc = _describe(counter, name=name, diameter=diameter)
     (workdir / "README.md").write_text(doc, encoding="utf-8")
     _cover(x, y, workdir / "cover.png", counter.kind)
+    return short
 
+
+def _weights_descr(counter, workdir: Path, x: np.ndarray, *, stride: int, torchscript: bool, notes: list) -> dict:
+    import torch
+    from bioimageio.spec.model import v0_5 as m
+
+    cfg = counter.config
     kwargs = {"backbone": cfg["backbone"], "in_chans": int(cfg["in_chans"])}
     if counter.kind == "density":
         kwargs["blocks"] = int(cfg["blocks"])
@@ -267,7 +300,14 @@ def _build_descr(counter, workdir: Path, x: np.ndarray, y: np.ndarray, *, name: 
                 comment="BatchNorm folded into the convolutions, traced")
         else:
             notes.append(f"torchscript left out: {why}")
+    return weights
 
+
+def _tensor_descrs(counter, workdir: Path, y: np.ndarray, *, diameter: float, stride: int):
+    """The input and output tensor descriptions (axes, halo, pre- and postprocessing, test tensors)."""
+    from bioimageio.spec.model import v0_5 as m
+
+    cfg = counter.config
     # One cell diameter of context on each side, a multiple of the stride so that a padded or tiled
     # input keeps the network's grid alignment (the decoder upsamples from stride-aligned features).
     halo = stride * max(1, int(np.ceil(diameter / stride)))
@@ -296,24 +336,7 @@ def _build_descr(counter, workdir: Path, x: np.ndarray, y: np.ndarray, *, name: 
                                    description=out_desc, axes=out_axes, postprocessing=post,
                                    test_tensor=m.FileDescr(source=workdir / "test_output.npy"),
                                    data=m.IntervalOrRatioDataDescr(type="float32"))]
-    tol = m.ReproducibilityTolerance(relative_tolerance=1e-3, absolute_tolerance=float(1e-4 * max(1e-6, np.abs(y).max())))
-    from .. import __version__
-
-    meta = copy.deepcopy(cfg)
-    meta.update(exported_from=counter.name, sha256=counter.sha256, exported_by=f"napari-cellsynth {__version__}",
-                density_scale_applied=counter.kind == "density")
-    return m.ModelDescr(
-        name=name, description=short, authors=authors, license=licence,
-        documentation=m.FileDescr(source=workdir / "README.md"), covers=[m.FileDescr(source=workdir / "cover.png")],
-        tags=["cell counting", "nuclei", "density", "2d", "fluorescence", "pytorch", "napari-cellsynth"],
-        inputs=inputs, outputs=outputs, weights=m.WeightsDescr(**weights),
-        config=m.Config(bioimageio=m.BioimageioConfig(
-            reproducibility_tolerance=[tol], task="cell counting", modality="fluorescence microscopy",
-            target_structure=["nuclei"], architecture_type="EfficientNet-B0" if "b0" in cfg["backbone"] else cfg["backbone"],
-            training=_training_details(cfg),
-            model_parameter_count=int(sum(p.numel() for p in counter.net.parameters()))),
-            **{CONFIG_KEY: _jsonable(meta)}),
-    )
+    return inputs, outputs
 
 
 def _jsonable(obj: Any) -> Any:

@@ -275,7 +275,7 @@ def _build_loaded(cfg: dict, state: dict, where: Path):
         net = build_net(cfg)
     except (KeyError, TypeError, ValueError, RuntimeError, AssertionError, IndexError) as exc:
         raise ValueError(f"the config beside {where} does not describe a network that can be built "
-                         f"({type(exc).__name__}: {io._first_line(exc)})") from exc
+                         f"({type(exc).__name__}: {io.first_line(exc)})") from exc
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -88,12 +88,12 @@ def _inference_net(counter: Counter):
 
 def _engine(counter: Counter, engine: Optional[str]):
     """``(name, ORT runner or None)``: onnxruntime on the CPU when installed and the network exports."""
-    from . import _onnx
+    from . import engines
 
-    name = _onnx.resolve_engine(engine, counter.device_name)
+    name = engines.resolve_engine(engine, counter.device_name)
     if name != "onnxruntime":
         return "torch", None
-    runner = _onnx.session_for(counter)
+    runner = engines.session_for(counter)
     return ("onnxruntime", runner) if runner is not None else ("torch (onnxruntime could not run this counter)", None)
 
 
@@ -423,7 +423,7 @@ def count_cells(
         diameter"`` with ``diameter="auto"``; may raise ``Cancelled``.
     engine : {"auto", "torch", "onnxruntime"}
         What runs the network: ``"auto"`` (default) uses onnxruntime on the CPU
-        when it is installed (faster there; see :mod:`cellsynth.count._onnx`),
+        when it is installed (faster there; see :mod:`cellsynth.count.engines`),
         PyTorch otherwise and on GPUs; ``$CELLSYNTH_ENGINE`` overrides ``"auto"``.
         The engine used is in ``meta["engine"]``.
     percentiles : tuple of 3 float, optional

@@ -9,7 +9,7 @@ A trained counter is a folder with ``model.safetensors`` (the state dict) and
 
 torch is imported inside the functions, so importing this module is cheap. On
 the CPU, a counter whose onnxruntime export is already cached is loaded without
-building its network (see :mod:`cellsynth.count._onnx`): counting with it
+building its network (see :mod:`cellsynth.count.engines`): counting with it
 imports neither torch nor timm, and the network is built from the file the
 first time something asks for ``counter.net`` (training, the torch engine,
 export).
@@ -68,7 +68,7 @@ def _load_error(exc: BaseException) -> str:
     if marker in text:
         detail = next((ln.strip() for ln in text.split(marker, 1)[1].splitlines() if ln.strip()), "")
         return detail or type(exc).__name__
-    return io._first_line(exc)[:200]
+    return io.first_line(exc)[:200]
 
 
 # Input scaling of the paper's public training code: 8-bit images to [0, 1], then
@@ -188,7 +188,7 @@ def load_counter(model: str | os.PathLike | Counter = "default", *, device: Any 
     counter = Counter(kind=cfg["kind"], name=name, config=cfg, net=net, sha256=file_sha256(weights), path=p)
     counter = to_device(counter, device)
     if _file_keyed(weights, cfg_path) and counter.device.type == "cpu":
-        from ._onnx import file_key
+        from .engines import file_key
 
         counter.extra["onnx_source"] = {"key": file_key(counter.sha256, cfg), "stamp": net_stamp(counter.net)}
     return counter
@@ -211,10 +211,10 @@ def _cpu_without_torch(device: Any) -> bool:
         from ..device import resolve_device
 
         return resolve_device("auto").type == "cpu"
-    from ..device import _nvidia_driver_present
+    from ..device import nvidia_driver_present
 
     # "auto" is the CPU where there is no accelerator torch could use (no NVIDIA or ROCm driver, no Apple silicon)
-    return not (_nvidia_driver_present() or os.path.exists("/dev/kfd")
+    return not (nvidia_driver_present() or os.path.exists("/dev/kfd")
                 or (sys.platform == "darwin" and os.uname().machine == "arm64"))
 
 
@@ -222,9 +222,9 @@ def _from_cached_export(name: str, p: Path, weights: Path, cfg_path: Path, devic
     """A counter that waits to build its network, when its onnxruntime export is cached; else None."""
     if not _file_keyed(weights, cfg_path) or not weights.is_file() or not _cpu_without_torch(device):
         return None
-    from . import _onnx
+    from . import engines
 
-    if _onnx.resolve_engine(None, "cpu") != "onnxruntime":
+    if engines.resolve_engine(None, "cpu") != "onnxruntime":
         return None
     cfg = io.read_json(cfg_path)
     if not isinstance(cfg, dict) or cfg.get("format") != COUNTER_FORMAT or cfg.get("kind") not in KINDS:
@@ -236,9 +236,9 @@ def _from_cached_export(name: str, p: Path, weights: Path, cfg_path: Path, devic
 
     _check_weights_size(weights)  # before hashing: a file claiming a terabyte is refused at once
     sha = file_sha256(weights)
-    key = _onnx.file_key(sha, cfg)
-    threads = _onnx.default_threads()
-    runner = _onnx.cached_runner(key, threads)
+    key = engines.file_key(sha, cfg)
+    threads = engines.default_threads()
+    runner = engines.cached_runner(key, threads)
     if runner is None:  # not exported yet, or a damaged export: load as usual (the next count exports again)
         return None
     counter = Counter(kind=cfg["kind"], name=name, config=cfg, sha256=sha, path=p)

@@ -142,7 +142,13 @@ def _render(layout, d: float, rng: np.random.Generator) -> np.ndarray:
                 cell += gaussian_filter(spots, s) * (2 * np.pi * s * s) * rng.uniform(0.2, 0.6)
     blur = rng.uniform(0.3, max(0.35, 0.15 * d))
     cell = gaussian_filter(cell, blur)
-    img = cell.copy()
+    img = _surroundings(cell.copy(), cell, labels, inside, bright, d, rng)
+    return _acquisition(img, rng)
+
+
+def _surroundings(img, cell, labels, inside, bright, d: float, rng: np.random.Generator) -> np.ndarray:
+    """Dim cytoplasm, out-of-focus haze and debris around the nuclei (added to ``img``)."""
+    shape, k = labels.shape, len(bright)
     # Dim cytoplasm around some nuclei (uncounted halo of irregular extent).
     if k and rng.random() < 0.4:
         from scipy.ndimage import grey_dilation
@@ -163,6 +169,12 @@ def _render(layout, d: float, rng: np.random.Generator) -> np.ndarray:
         spots[rng.integers(0, shape[0], n_debris), rng.integers(0, shape[1], n_debris)] = rng.uniform(0.3, 1.5, n_debris)
         s = rng.uniform(0.5, max(0.6, d / 12))
         img += gaussian_filter(spots, s) * (2 * np.pi * s * s)
+    return img
+
+
+def _acquisition(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Illumination, background, noise, gamma, saturation and quantisation of a rendered field."""
+    shape = img.shape
     # Illumination: vignetting and a linear gradient (multiplicative), background (additive).
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
     yy, xx = yy / shape[0] - rng.uniform(0.2, 0.8), xx / shape[1] - rng.uniform(0.2, 0.8)

@@ -47,9 +47,18 @@ from .metrics import _as_items, evaluate_counter
 from .models import Counter, counter_config, load_counter, save_counter, to_device
 from .targets import cutmix, density_target
 
-__all__ = ["TrainConfig", "TrainResult", "train_counter", "STRATEGIES"]
+__all__ = ["TrainConfig", "TrainResult", "train_counter", "ema_update", "STRATEGIES"]
 
 STRATEGIES = ("supervised", "finetune", "dual", "cutmix", "pseudo-label")
+
+
+def ema_update(teacher, student, decay: float) -> None:
+    """Move ``teacher`` towards ``student``: ``t = decay * t + (1 - decay) * s`` (integer buffers copied)."""
+    for pt, ps in zip(teacher.state_dict().values(), student.state_dict().values()):
+        if pt.dtype.is_floating_point:
+            pt.mul_(decay).add_(ps.detach(), alpha=1 - decay)
+        else:
+            pt.copy_(ps)
 
 
 @dataclass(frozen=True)
@@ -400,145 +409,29 @@ def train_counter(
     import torch
 
     from ..device import resolve_device
-    from ._nets import build_net, ema_update
 
     cfg = config or TrainConfig()
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
     _check_training_memory(cfg)
-    # 1. model config and initial weights
-    start_counter = None
-    if init is not None:
-        start_counter = load_counter(init, device="cpu")
-        if start_counter.kind == "classic":
-            raise ValueError("cannot train from the classic counter; give a trained model or none")
-        if start_counter.kind != cfg.kind:
-            cfg = dataclasses.replace(cfg, kind=start_counter.kind)
-        mcfg = copy.deepcopy(start_counter.config)
-        mcfg.pop("training", None)
-        cfg = dataclasses.replace(cfg, diameter=float(mcfg.get("diameter", cfg.diameter)),
-                                  sigma=float(mcfg.get("sigma", cfg.sigma)),
-                                  density_scale=float(mcfg.get("density_scale", cfg.density_scale)))
-    else:
-        extra = {"blocks": cfg.blocks, "sigma": cfg.sigma, "density_scale": cfg.density_scale} if cfg.kind == "density" else {}
-        mcfg = counter_config(cfg.kind, backbone=cfg.backbone, diameter=cfg.diameter, **extra)
-    if cfg.kind == "regression":
-        mcfg["window"] = cfg.crop
-
-    # 2. data
-    factor = 1.0 if data_diameter is None else cfg.diameter / float(data_diameter)
-    real = _as_items(train, factor=factor)
-    syn = _as_items(synthetic, factor=factor)
-    unl = [it for it in _as_items(unlabelled, factor=factor, unlabelled=True)]
-    real = [it for it in real if it.centres is not None]
-    need = {"supervised": real, "finetune": real, "dual": real, "cutmix": real}
-    if cfg.strategy in need and not real:
-        if cfg.strategy == "supervised" and syn:
-            real, syn = syn, []
-        else:
-            raise ValueError(f"strategy {cfg.strategy!r} needs labelled training images (train=...)")
-    if cfg.strategy in ("dual", "finetune", "cutmix") and not syn:
-        raise ValueError(f"strategy {cfg.strategy!r} needs synthetic images (synthetic=...)")
-    if cfg.strategy == "pseudo-label":
-        if not unl:
-            raise ValueError("strategy 'pseudo-label' needs unlabelled real images (--unlabelled)")
-        if not (real or syn):
-            raise ValueError("strategy 'pseudo-label' needs labelled images (--synthetic or TRAIN)")
-    rng = np.random.default_rng(cfg.seed)
-    if val is not None:
-        val_items = [it for it in _as_items(val, factor=factor) if it.centres is not None]
-    elif cfg.val_fraction > 0:
-        if len(real) > 1:
-            real, val_items = split_items(real, cfg.val_fraction, rng=rng)
-        elif len(syn) > 1:
-            syn, val_items = split_items(syn, cfg.val_fraction, rng=rng)
-        else:
-            val_items = []
-    else:
-        val_items = []
-    n_lab = len(real) + len(syn)
-    steps = cfg.steps_per_epoch or max(1, int(math.ceil(n_lab / cfg.batch_size)))
-
+    # 1. model config and initial weights; 2. data
+    cfg, mcfg, start_counter = _model_config(cfg, init)
+    real, syn, unl, val_items = _training_data(cfg, train, synthetic, unlabelled, val, data_diameter)
+    steps = cfg.steps_per_epoch or max(1, int(math.ceil((len(real) + len(syn)) / cfg.batch_size)))
     # 3. network, optimiser, checkpoint
     dev = resolve_device(device)
     torch.manual_seed(cfg.seed)
-    pretrained_file = None
-    if start_counter is None and cfg.pretrained:
-        pretrained_file, mcfg["pretrained"] = _pretrained_file(cfg.pretrained)
-    net = build_net(mcfg, pretrained_file=pretrained_file).float()
-    if start_counter is not None:
-        net.load_state_dict(start_counter.net.state_dict())
-    net = net.to(dev)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    teacher = None
-    if cfg.strategy == "pseudo-label":
-        teacher = copy.deepcopy(net).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    mcfg["training"] = {"config": cfg.to_dict(), "data_diameter": data_diameter,
-                        "n_train": len(real), "n_synthetic": len(syn), "n_unlabelled": len(unl), "n_val": len(val_items)}
+    net, opt, teacher = _network(cfg, mcfg, start_counter, dev)
+    mcfg["training"] = {"config": cfg.to_dict(), "data_diameter": data_diameter, "n_train": len(real),
+                        "n_synthetic": len(syn), "n_unlabelled": len(unl), "n_val": len(val_items)}
     out = Path(out) if out is not None else None
     ckpt = out / "checkpoint" if out is not None else None
-    if out is not None and not resume and not overwrite and out.exists() and any(out.iterdir()):
-        hint = "pass --resume to continue it or " if (ckpt / "state.json").is_file() else ""
-        raise FileExistsError(f"{out} already holds a model or training run; {hint}pass --overwrite to replace it")
-    state = {"epoch": 0, "history": [], "best": None}
-    if resume:
-        if ckpt is None or not (ckpt / "state.json").is_file():
-            raise FileNotFoundError(f"nothing to resume: no checkpoint in {ckpt}")
-        from safetensors.torch import load_file
-
-        net.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        opt.load_state_dict(torch.load(str(ckpt / "optimizer.pt"), map_location=dev, weights_only=True))
-        if teacher is not None and (ckpt / "teacher.safetensors").is_file():
-            teacher.load_state_dict(load_file(str(ckpt / "teacher.safetensors")))
-        state = io.read_json(ckpt / "state.json")
+    state = _start_state(out, ckpt, resume, overwrite, net, opt, teacher, dev)
     best_net = copy.deepcopy(net).cpu() if state["epoch"] else None
-
     # 4. epochs
-    total = cfg.epochs * steps
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        erng = np.random.default_rng([cfg.seed, epoch])
-        batcher = _Batcher(cfg, real, syn, unl, erng)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, epoch)
-        net.train()
-        losses = []
-        t0 = time.time()
-        for step in range(1, steps + 1):
-            x, y = batcher.labelled(epoch)
-            xt = torch.from_numpy(x).to(dev)
-            yt = torch.from_numpy(y).to(dev)
-            loss = _loss(net, xt, yt, cfg)
-            if teacher is not None:
-                mx, my, mw = _pseudo_label_batch(batcher, teacher, mcfg, dev, torch.float32)
-                loss = loss + _loss(net, torch.from_numpy(mx).to(dev), torch.from_numpy(my).to(dev), cfg,
-                                    weight=torch.from_numpy(mw).to(dev))
-            if not bool(torch.isfinite(loss)):
-                raise ValueError(
-                    f"training diverged: the loss became {float(loss.detach())} at epoch {epoch}, step {step} (learning "
-                    f"rate {_lr_at(cfg, epoch):g}); try a smaller --lr (the best model of earlier epochs, if any, stays in --out)"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if teacher is not None:
-                ema_update(teacher, net, cfg.ema)
-            losses.append(float(loss.detach()))
-            last = state["history"][-1] if state["history"] else {}
-            msg = f"epoch {epoch}/{cfg.epochs} loss {np.mean(losses):.4f}"
-            if last.get("val_mae") is not None:
-                msg += f" val MAE {last['val_mae']:.2f}"
-            report(progress, "train", (epoch - 1) * steps + step, total, msg)
-        record = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": _lr_at(cfg, epoch),
-                  "seconds": round(time.time() - t0, 2)}
-        net.eval()
-        if not _sane_output(net, xt, cfg):  # a finite loss can hide weights grown to 1e20 and more
-            raise ValueError(
-                f"training diverged: after epoch {epoch} the model's output is not finite or counts more cells than "
-                f"pixels (learning rate {_lr_at(cfg, epoch):g}); try a smaller --lr (the best model of earlier epochs, "
-                "if any, stays in --out)"
-            )
+        batcher = _Batcher(cfg, real, syn, unl, np.random.default_rng([cfg.seed, epoch]))
+        record = _epoch(net, opt, teacher, batcher, cfg, mcfg, epoch, steps, dev, state, progress)
         if val_items:
             counter = Counter(kind=mcfg["kind"], name="training", config=mcfg, net=net, device=dev, dtype=torch.float32)
             m = evaluate_counter(val_items, model=counter)
@@ -552,18 +445,9 @@ def train_counter(
                 final = copy.deepcopy(mcfg)
                 final["training"]["best"] = record
                 save_counter(best_net, final, out, overwrite=True)
-        if ckpt is not None:
-            save_counter(net, mcfg, ckpt, overwrite=True)
-            with io.atomic_path(ckpt / "optimizer.pt", overwrite=True) as tmp:
-                torch.save(opt.state_dict(), str(tmp))
-            if teacher is not None:
-                from safetensors.torch import save_file
-
-                with io.atomic_path(ckpt / "teacher.safetensors", overwrite=True) as tmp:
-                    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp))
-            state["epoch"] = epoch
-            io.write_json(ckpt / "state.json", state, overwrite=True)
         state["epoch"] = epoch
+        if ckpt is not None:
+            _save_checkpoint(ckpt, net, opt, teacher, mcfg, state)
     final_cfg = copy.deepcopy(mcfg)
     if state["best"] is not None:
         final_cfg["training"]["best"] = {k: v for k, v in state["best"].items() if k != "score"}
@@ -571,3 +455,157 @@ def train_counter(
     counter = Counter(kind=mcfg["kind"], name=str(out) if out else "trained", config=final_cfg, net=best.float().eval())
     counter = to_device(counter, device)
     return TrainResult(counter=counter, history=state["history"], best=state["best"] or {}, path=out)
+
+
+def _model_config(cfg: "TrainConfig", init):
+    """``(cfg, model config, start counter or None)``: a new config, or the one of the counter trained on."""
+    start_counter = None
+    if init is not None:
+        start_counter = load_counter(init, device="cpu")
+        if start_counter.kind == "classic":
+            raise ValueError("cannot train from the classic counter; give a trained model or none")
+        if start_counter.kind != cfg.kind:
+            cfg = dataclasses.replace(cfg, kind=start_counter.kind)
+        mcfg = copy.deepcopy(start_counter.config)
+        mcfg.pop("training", None)
+        cfg = dataclasses.replace(cfg, diameter=float(mcfg.get("diameter", cfg.diameter)),
+                                  sigma=float(mcfg.get("sigma", cfg.sigma)),
+                                  density_scale=float(mcfg.get("density_scale", cfg.density_scale)))
+    else:
+        extra = {"blocks": cfg.blocks, "sigma": cfg.sigma, "density_scale": cfg.density_scale} \
+            if cfg.kind == "density" else {}
+        mcfg = counter_config(cfg.kind, backbone=cfg.backbone, diameter=cfg.diameter, **extra)
+    if cfg.kind == "regression":
+        mcfg["window"] = cfg.crop
+    return cfg, mcfg, start_counter
+
+
+def _training_data(cfg: "TrainConfig", train, synthetic, unlabelled, val, data_diameter):
+    """``(real, synthetic, unlabelled, validation)`` items at the model's scale, checked against the strategy."""
+    factor = 1.0 if data_diameter is None else cfg.diameter / float(data_diameter)
+    real = [it for it in _as_items(train, factor=factor) if it.centres is not None]
+    syn = _as_items(synthetic, factor=factor)
+    unl = list(_as_items(unlabelled, factor=factor, unlabelled=True))
+    if cfg.strategy in ("supervised", "finetune", "dual", "cutmix") and not real:
+        if cfg.strategy == "supervised" and syn:
+            real, syn = syn, []
+        else:
+            raise ValueError(f"strategy {cfg.strategy!r} needs labelled training images (train=...)")
+    if cfg.strategy in ("dual", "finetune", "cutmix") and not syn:
+        raise ValueError(f"strategy {cfg.strategy!r} needs synthetic images (synthetic=...)")
+    if cfg.strategy == "pseudo-label":
+        if not unl:
+            raise ValueError("strategy 'pseudo-label' needs unlabelled real images (--unlabelled)")
+        if not (real or syn):
+            raise ValueError("strategy 'pseudo-label' needs labelled images (--synthetic or TRAIN)")
+    rng = np.random.default_rng(cfg.seed)
+    val_items = []
+    if val is not None:
+        val_items = [it for it in _as_items(val, factor=factor) if it.centres is not None]
+    elif cfg.val_fraction > 0 and len(real) > 1:
+        real, val_items = split_items(real, cfg.val_fraction, rng=rng)
+    elif cfg.val_fraction > 0 and len(syn) > 1:
+        syn, val_items = split_items(syn, cfg.val_fraction, rng=rng)
+    return real, syn, unl, val_items
+
+
+def _network(cfg: "TrainConfig", mcfg: dict, start_counter, dev):
+    """``(network, optimiser, teacher or None)`` on ``dev``."""
+    import torch
+
+    from ._nets import build_net
+
+    pretrained_file = None
+    if start_counter is None and cfg.pretrained:
+        pretrained_file, mcfg["pretrained"] = _pretrained_file(cfg.pretrained)
+    net = build_net(mcfg, pretrained_file=pretrained_file).float()
+    if start_counter is not None:
+        net.load_state_dict(start_counter.net.state_dict())
+    net = net.to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    teacher = None
+    if cfg.strategy == "pseudo-label":
+        teacher = copy.deepcopy(net).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    return net, opt, teacher
+
+
+def _start_state(out, ckpt, resume: bool, overwrite: bool, net, opt, teacher, dev) -> dict:
+    """The run's state: new, or read back with the weights from the checkpoint when resuming."""
+    import torch
+
+    if out is not None and not resume and not overwrite and out.exists() and any(out.iterdir()):
+        hint = "pass --resume to continue it or " if (ckpt / "state.json").is_file() else ""
+        raise FileExistsError(f"{out} already holds a model or training run; {hint}pass --overwrite to replace it")
+    if not resume:
+        return {"epoch": 0, "history": [], "best": None}
+    if ckpt is None or not (ckpt / "state.json").is_file():
+        raise FileNotFoundError(f"nothing to resume: no checkpoint in {ckpt}")
+    from safetensors.torch import load_file
+
+    net.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    opt.load_state_dict(torch.load(str(ckpt / "optimizer.pt"), map_location=dev, weights_only=True))
+    if teacher is not None and (ckpt / "teacher.safetensors").is_file():
+        teacher.load_state_dict(load_file(str(ckpt / "teacher.safetensors")))
+    return io.read_json(ckpt / "state.json")
+
+
+def _epoch(net, opt, teacher, batcher, cfg: "TrainConfig", mcfg: dict, epoch: int, steps: int, dev, state: dict,
+           progress) -> dict:
+    """One epoch of training; its record (loss, learning rate, seconds). Refuses a diverged network."""
+    import torch
+
+    for g in opt.param_groups:
+        g["lr"] = _lr_at(cfg, epoch)
+    net.train()
+    losses = []
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        x, y = batcher.labelled(epoch)
+        xt = torch.from_numpy(x).to(dev)
+        loss = _loss(net, xt, torch.from_numpy(y).to(dev), cfg)
+        if teacher is not None:
+            mx, my, mw = _pseudo_label_batch(batcher, teacher, mcfg, dev, torch.float32)
+            loss = loss + _loss(net, torch.from_numpy(mx).to(dev), torch.from_numpy(my).to(dev), cfg,
+                                weight=torch.from_numpy(mw).to(dev))
+        if not bool(torch.isfinite(loss)):
+            raise ValueError(
+                f"training diverged: the loss became {float(loss.detach())} at epoch {epoch}, step {step} (learning "
+                f"rate {_lr_at(cfg, epoch):g}); try a smaller --lr (the best model of earlier epochs, if any, stays in --out)"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if teacher is not None:
+            ema_update(teacher, net, cfg.ema)
+        losses.append(float(loss.detach()))
+        last = state["history"][-1] if state["history"] else {}
+        msg = f"epoch {epoch}/{cfg.epochs} loss {np.mean(losses):.4f}"
+        if last.get("val_mae") is not None:
+            msg += f" val MAE {last['val_mae']:.2f}"
+        report(progress, "train", (epoch - 1) * steps + step, cfg.epochs * steps, msg)
+    net.eval()
+    if not _sane_output(net, xt, cfg):  # a finite loss can hide weights grown to 1e20 and more
+        raise ValueError(
+            f"training diverged: after epoch {epoch} the model's output is not finite or counts more cells than "
+            f"pixels (learning rate {_lr_at(cfg, epoch):g}); try a smaller --lr (the best model of earlier epochs, "
+            "if any, stays in --out)"
+        )
+    return {"epoch": epoch, "loss": float(np.mean(losses)), "lr": _lr_at(cfg, epoch),
+            "seconds": round(time.time() - t0, 2)}
+
+
+def _save_checkpoint(ckpt: Path, net, opt, teacher, mcfg: dict, state: dict) -> None:
+    """Weights, optimiser, teacher and state of the last epoch, each written atomically (``--resume`` reads them)."""
+    import torch
+
+    save_counter(net, mcfg, ckpt, overwrite=True)
+    with io.atomic_path(ckpt / "optimizer.pt", overwrite=True) as tmp:
+        torch.save(opt.state_dict(), str(tmp))
+    if teacher is not None:
+        from safetensors.torch import save_file
+
+        with io.atomic_path(ckpt / "teacher.safetensors", overwrite=True) as tmp:
+            save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp))
+    io.write_json(ckpt / "state.json", state, overwrite=True)

@@ -47,7 +47,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from ..batch._cli import cluster_args
+    from .._cluster import cluster_args
     from ..progress import tqdm_callback
     from .dataset import export_dataset, read_dataset
 

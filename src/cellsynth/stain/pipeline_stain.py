@@ -339,14 +339,14 @@ def load_stain_model(path: os.PathLike | str = "default", *, device: str = "auto
         unet = build_unet(config)
     except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
         raise ValueError(f"{folder / 'config.json'} does not describe a staining model that can be built "
-                         f"({type(exc).__name__}: {io._first_line(exc)})") from exc
+                         f"({type(exc).__name__}: {io.first_line(exc)})") from exc
     weights = folder / "model.safetensors"
     io.require_memory(2.0 * weights.stat().st_size, what=f"loading the weights in {weights}",
                       hint="is this really a staining model folder?")
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors' own error type for corrupt or truncated files
-        raise ValueError(f"{weights} is not a readable safetensors weights file: {io._first_line(exc)}") from exc
+        raise ValueError(f"{weights} is not a readable safetensors weights file: {io.first_line(exc)}") from exc
     _check_finite(state, str(weights))
     try:
         unet.load_state_dict({k: v.float() for k, v in state.items()})

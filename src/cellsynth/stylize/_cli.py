@@ -201,7 +201,7 @@ def _stylize_dataset(args) -> int:
     _check_images(np.zeros((2, 2), np.uint8), style)
     token = read_token(args.token)
     qc_counter(args.qc_model)  # a misspelt --qc-model fails here, not after loading the model
-    from ..batch._cli import cluster_args
+    from .._cluster import cluster_args
 
     cluster = cluster_args(args.dask_scheduler, args.workers)
     callback, close = tqdm_callback()

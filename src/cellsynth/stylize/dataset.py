@@ -358,12 +358,12 @@ class StylizeOnCluster:
         self.model_name = ""
 
     def __enter__(self) -> "StylizeOnCluster":
-        from .._cluster import _accepts_n_workers
+        from .._cluster import accepts_n_workers
 
         self.client = self._cluster.__enter__()
         try:
             # every worker there now loads the pipeline at once (others load it with their first image)
-            info = self.client.scheduler_info(**({"n_workers": -1} if _accepts_n_workers(self.client) else {}))
+            info = self.client.scheduler_info(**({"n_workers": -1} if accepts_n_workers(self.client) else {}))
             futs = [self.client.submit(_pipeline_name, self.spec, workers=[w], allow_other_workers=False, pure=False)
                     for w in info.get("workers", {})] or [self.client.submit(_pipeline_name, self.spec, pure=False)]
             self.model_name = self.client.gather(futs)[0]

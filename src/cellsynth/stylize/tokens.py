@@ -161,13 +161,13 @@ def load_token(path: os.PathLike | str) -> StyleToken:
     try:
         state = load_file(str(folder / _WEIGHTS))
     except Exception as exc:  # safetensors' own error type for corrupt or truncated files
-        raise ValueError(f"{folder / _WEIGHTS} is not a readable safetensors file: {io._first_line(exc)}") from exc
+        raise ValueError(f"{folder / _WEIGHTS} is not a readable safetensors file: {io.first_line(exc)}") from exc
     _check_finite(state, folder / _WEIGHTS)
     try:
         mapper = StyleMapper.from_state_dict(state, heads=cfg["heads"], dropout=float(cfg.get("dropout", 0.05)))
     except (KeyError, RuntimeError, TypeError, ZeroDivisionError, AttributeError) as exc:
         raise ValueError(f"{folder / _WEIGHTS} does not hold a style mapper that fits {_CONFIG} "
-                         f"({type(exc).__name__}: {io._first_line(exc)})") from exc
+                         f"({type(exc).__name__}: {io.first_line(exc)})") from exc
     return StyleToken(mapper=mapper, placeholder=doc.get("placeholder", "*"),
                       clip_input=doc.get("clip_input", "proper"), encoder=doc.get("encoder", ""),
                       training=doc.get("training", {}), style_sha256=doc.get("style_sha256", []),

@@ -25,7 +25,7 @@ from typing import Optional
 from ..progress import ProgressCallback
 from .download import HUB_TIMEOUT, _download, download
 from .registry import (REGISTRY, ModelSpec, WeightsNotFoundError, _cache_dir, _cached_snapshot, _missing_files,
-                       _not_found, _offline_from_env, _registry_spec, file_sha256, human_size,
+                       _not_found, offline_from_env, _registry_spec, file_sha256, human_size,
                        resources_dir)
 
 __all__ = [
@@ -99,7 +99,7 @@ def resolve(
     if cached is not None and not _missing_files(cached, spec.files):
         return cached
 
-    env_offline = _offline_from_env()
+    env_offline = offline_from_env()
     if offline is None:
         offline = env_offline
     if offline:

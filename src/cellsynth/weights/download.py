@@ -17,8 +17,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .._memory import first_line
 from ..progress import Cancelled, ProgressCallback, report
-from .registry import (ModelSpec, _cache_dir, _cached_snapshot, _first_line, _missing_files, _not_found,
+from .registry import (ModelSpec, _cache_dir, _cached_snapshot, _missing_files, _not_found,
                        _registry_spec, human_size)
 
 __all__ = ["HUB_TIMEOUT", "download"]
@@ -44,12 +45,12 @@ def _bytes_to_fetch(spec: ModelSpec, cached: Optional[Path], timeout: float) -> 
     except OfflineModeIsEnabled:
         return None
     except HfHubHTTPError as err:
-        raise _not_found(spec, f"the hub refused the request ({_first_line(err)}).") from err
+        raise _not_found(spec, f"the hub refused the request ({first_line(err, 160)}).") from err
     except (AttributeError, NameError, TypeError):  # a programming error, not the network
         raise
     except Exception as err:  # the HTTP client's transport errors (no network, DNS, proxy, timeout)
         host = constants.ENDPOINT.split("://")[-1]
-        raise _not_found(spec, f"{host} cannot be reached ({_first_line(err) or type(err).__name__}).") from err
+        raise _not_found(spec, f"{host} cannot be reached ({first_line(err, 160) or type(err).__name__}).") from err
     sizes = []
     for sibling in info.siblings or []:
         if not any(fnmatch.fnmatchcase(sibling.rfilename, pat) for pat in spec.files):
@@ -126,7 +127,7 @@ def _download(spec: ModelSpec, cache_dir, cached: Optional[Path], progress, time
     except Cancelled:
         raise
     except Exception as err:  # hub errors are OSError; its HTTP client's transport errors are not
-        raise _not_found(spec, f"the download failed ({type(err).__name__}: {_first_line(err)}).") from err
+        raise _not_found(spec, f"the download failed ({type(err).__name__}: {first_line(err, 160)}).") from err
     missing = _missing_files(folder, spec.files)
     if missing:
         raise _not_found(spec, f"the hub snapshot at {folder} lacks {', '.join(missing)}.")

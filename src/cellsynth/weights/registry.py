@@ -207,12 +207,6 @@ def human_size(nbytes: float) -> str:
     return f"{int(nbytes)} B"
 
 
-def _first_line(err: BaseException, limit: int = 160) -> str:
-    text = (str(err).strip().splitlines() or [""])[0].strip()
-    text = text.removeprefix("Got: ")
-    return text[:limit] + ("…" if len(text) > limit else "")
-
-
 def _not_found(spec: ModelSpec, reason: str, *, offline: str = "") -> WeightsNotFoundError:
     """The error for missing weights: one sentence first, then the details.
 
@@ -235,7 +229,7 @@ def _not_found(spec: ModelSpec, reason: str, *, offline: str = "") -> WeightsNot
     )
 
 
-def _offline_from_env() -> bool:
+def offline_from_env() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE_VALUES
 
 
