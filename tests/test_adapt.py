@@ -268,21 +268,25 @@ def test_retraining_holds_out_a_validation_strip(tiny_model, images, monkeypatch
     assert not res.accepted  # no training happened: the base is kept
 
 
+def _blind(counter_or_net):
+    """A counter (or network) whose density is zero everywhere: it finds no cells."""
+    net = getattr(counter_or_net, "net", counter_or_net)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.fill_(-1.0)
+    return counter_or_net
+
+
 def test_retraining_keeps_the_state_that_counts_the_validation_strip_best(images, monkeypatch, one_torch_thread):
     from cellsynth.adapt import retrain as retrain_mod
     good = load_counter("default", device="cpu")
     good_state = {k: v.clone() for k, v in good.net.state_dict().items()}
-    base = load_counter("default", device="cpu")
-    with torch.no_grad():  # a base that finds no cells
-        base.net.head.weight.zero_()
-        base.net.head.bias.fill_(-1.0)
+    base = _blind(load_counter("default", device="cpu"))  # a base that finds no cells
 
     def train(net, sample, *, on_check, **kw):
         net.load_state_dict(good_state)  # "training" repairs the network: validates better
         on_check(net.eval(), 1)
-        with torch.no_grad():  # then over-fits into a network that finds no cells again
-            net.head.weight.zero_()
-            net.head.bias.fill_(-1.0)
+        _blind(net)  # then over-fits into a network that finds no cells again
         on_check(net.eval(), 2)
         return net.eval(), {"steps": 2, "seconds": 0.0, "loss_first": None, "loss_last": None}
 
@@ -322,10 +326,7 @@ def test_a_retrained_network_needs_enough_held_out_cells(images, monkeypatch, on
     from cellsynth.adapt import retrain as retrain_mod
     good = load_counter("default", device="cpu")
     good_state = {k: v.clone() for k, v in good.net.state_dict().items()}
-    base = load_counter("default", device="cpu")
-    with torch.no_grad():  # a base that finds no cells
-        base.net.head.weight.zero_()
-        base.net.head.bias.fill_(-1.0)
+    base = _blind(load_counter("default", device="cpu"))  # a base that finds no cells
 
     def repair(net, sample, *, on_check, **kw):  # "training" that validates better
         net.load_state_dict(good_state)

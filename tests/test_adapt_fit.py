@@ -84,3 +84,24 @@ def test_retraining_keeps_fitted_settings_when_the_network_is_not_better(cases, 
     assert res.report["decision"].startswith("accepted: point settings fitted: diameter_scale 1.6 -> ")
     assert res.counter.config["diameter_scale"] != 1.6
     assert _error(res.counter, cases[2:]) < _error(wrong, cases[2:])
+
+
+def test_a_nucleus_on_the_strips_edge_is_no_validation_error():
+    from skimage.draw import disk
+
+    from cellsynth.adapt.retrain import validation_error
+
+    img = np.zeros((40, 100), np.uint8)
+    for c in (20, 50, 80):
+        img[disk((20, c), 6)] = 200
+    truth = np.array([[20.0, 20.0], [20.0, 51.2], [20.0, 80.0]])  # annotated just inside the strip
+    strip = [[(0, 51, 40, 100)]]
+    v = validation_error(load_counter("classic"), [img], [truth], strip, 12.0)
+    assert v["n_true"] == 2 and v["count_error"] == 0.5  # the counted point (col 50) falls outside the strip
+    assert v["error"] == 0.0 and v["misses"] == v["extras"] == 0 and v["f1"] == 1.0
+    v = validation_error(load_counter("classic"), [img], [truth[[0, 2]]], strip, 12.0)  # a cell not annotated
+    assert v["extras"] == 0 and v["misses"] == 0 and v["n_true"] == 1  # its point lies outside the strip
+    wrong = truth.copy()
+    wrong[2] = (5.0, 95.0)  # annotated where no nucleus is: a miss and an extra point in the strip
+    v = validation_error(load_counter("classic"), [img], [wrong], strip, 12.0)
+    assert (v["misses"], v["extras"]) == (1, 1) and v["error"] == 1.0

@@ -133,6 +133,10 @@ def test_cancel_leaves_layers_and_models_untouched(open_dock, make_napari_viewer
     assert recent_models() == [] and loop.model.value == "default" and loop.result_label.text() == ""
 
 
+def seen_report(folder) -> dict:
+    return json.loads((folder / "adapt_report.json").read_text())
+
+
 def test_correct_mark_regions_and_retrain(open_dock, make_napari_viewer, qtbot, monkeypatch, tiny_model, _data_dir,
                                           one_torch_thread):
     """Count (classic), correct by hand, mark a checked box, retrain the tiny counter for real."""
@@ -186,6 +190,8 @@ def test_correct_mark_regions_and_retrain(open_dock, make_napari_viewer, qtbot, 
     assert load_counter(out).settings.peak_threshold == 0.45
     assert out.name.startswith("nuclei-retrained-") and loop.model.value == str(out)
     assert "Retrained counter saved" in loop.result_label.text() and "→" in loop.result_label.text()
+    steps = seen_report(out)["training"]["steps"]  # the curves of the run: one loss per training step
+    assert loop.curves.isVisibleTo(loop) and len(loop.curves.series["loss"]) == steps > 0
     assert recent_models()[0]["path"] == str(out)
 
 

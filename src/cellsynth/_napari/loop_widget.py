@@ -20,6 +20,7 @@ from ._layers import on_layer_renamed, real_viewer
 from ._models import new_model_dir, registry_events, remember_model
 from ._tasks import TaskRunner, dock_layout
 from .count_widget import model_choices
+from .curves import TrainingCurves
 
 __all__ = ["against_budget", "LoopWidget", "regions_name", "checked_regions"]
 
@@ -126,6 +127,7 @@ class LoopWidget(QWidget):
         self.count_label.setWordWrap(True)
         self.result_label = QLabel("")
         self.result_label.setWordWrap(True)
+        self.curves = TrainingCurves()
         self.runner = TaskRunner()
         self._watched: set[int] = set()
 
@@ -145,6 +147,7 @@ class LoopWidget(QWidget):
                                Container(widgets=[self.retrain_minutes, self.retrain_button])))
         layout.addWidget(_step("6 · Count every open image", self.count_all_button))
         layout.addWidget(self.result_label)
+        layout.addWidget(self.curves)
         layout.addStretch(1)
 
         self.estimate_button.changed.connect(self.estimate)
@@ -253,6 +256,7 @@ class LoopWidget(QWidget):
         if res.path is None:
             return
         report = res.report if isinstance(res.report, dict) else {}
+        self.curves.show_report(report)
         decision = report.get("decision", "")
         d = (report.get("diameter") or {}).get("used")
         if d:

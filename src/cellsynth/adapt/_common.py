@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..progress import report
-from ._output import write_counter_folder
+from ._output import REPORT_FILE, write_counter_folder
 
 __all__ = ["AdaptParams", "AdaptResult", "Steps", "check_images", "check_budget", "load_base", "working_planes",
            "count_images", "finish"]
@@ -249,3 +249,21 @@ class Steps:
         """Seconds left for training: the budget less what ran and enough for the check, counts and write after."""
         reserve = 2.0 * (self.seconds["count_before"] + self.seconds["check_before"]) + 5.0
         return max(0.0, self.minutes * 60.0 - (time.perf_counter() - self.t_start) - reserve)
+
+    def conclude(self, candidate, diameter, *, out, overwrite: bool) -> "AdaptResult":
+        """Count with the kept counter, write the counter and its report (with ``out``); the result."""
+        kept = candidate if self.accepted else self.base
+        self.counts_after = (count_images(self.imgs, kept, self.d_user, self.progress, "count after")
+                             if self.accepted else list(self.counts_before))
+        self.lap("count_after")
+        doc = self.report_doc(diameter)
+        self.config["training"] = doc
+        counter, path = finish(base=self.base, candidate=candidate, net=self.net, accepted=self.accepted,
+                               config=self.config, out=out, overwrite=overwrite, report_doc=doc)
+        self.seconds["total"] = round(time.perf_counter() - self.t_start, 2)
+        if path is not None:  # the report beside the model also gets the total time
+            from .. import io
+
+            io.write_json(Path(path) / REPORT_FILE, doc, overwrite=True)
+        return AdaptResult(counter=counter, path=path, accepted=self.accepted, report=doc,
+                           counts_before=self.counts_before, counts_after=self.counts_after)

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from ..count.counter import CounterConfig
 from ..progress import ProgressCallback, report
-from ._common import (AdaptParams, AdaptResult, Steps, check_budget, check_images, count_images, finish,
-                      load_base, working_planes)
-from ._output import REPORT_FILE, check_out
+from ._common import (AdaptParams, AdaptResult, Steps, check_budget, check_images, count_images, load_base,
+                      working_planes)
+from ._output import check_out
 from ._train import Item, crop_item, finetune, forward_density, make_item, peak_count, stack_batch, working_scale
 from .fast_style import matched_layouts
 from .stats import combine_stats, estimate_image_stats
@@ -283,21 +282,7 @@ def adapt_counter(
 
     candidate = to_device(Counter(kind="density", name="adapted", config=copy.deepcopy(run.config),
                                   net=copy.deepcopy(run.net)), run.dev)
-    kept = candidate if run.accepted else run.base
-    run.counts_after = (count_images(run.imgs, kept, run.d_user, progress, "count after") if run.accepted
-                        else list(run.counts_before))
-    run.lap("count_after")
-    doc = run.report_doc(diameter)
-    run.config["training"] = doc
-    counter, path = finish(base=run.base, candidate=candidate, net=run.net, accepted=run.accepted,
-                           config=run.config, out=out, overwrite=overwrite, report_doc=doc)
-    run.seconds["total"] = round(time.perf_counter() - run.t_start, 2)
-    if path is not None:  # the report beside the model also gets the total time
-        from .. import io
-
-        io.write_json(path / REPORT_FILE, doc, overwrite=True)
-    return AdaptResult(counter=counter, path=path, accepted=run.accepted, report=doc,
-                       counts_before=run.counts_before, counts_after=run.counts_after)
+    return run.conclude(candidate, diameter, out=out, overwrite=overwrite)
 
 
 class _Run(Steps):

@@ -38,18 +38,16 @@ from __future__ import annotations
 
 import copy
 import os
-import time
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from ..count.counter import CounterConfig
 from ..progress import ProgressCallback, report
-from ._output import REPORT_FILE, check_out
+from ._common import (AdaptParams, AdaptResult, Steps, check_budget, check_images, count_images, load_base,
+                      working_planes)
+from ._output import check_out
 from ._train import Item, crop_item, finetune, forward_density, make_item, peak_count, stack_batch, working_scale
-from ._common import (AdaptParams, AdaptResult, Steps, check_budget, check_images, count_images, finish,
-                      load_base, working_planes)
 from .fast_style import matched_layouts
 from .fit import FitResult, fit_point_settings
 from .stats import combine_stats, estimate_image_stats
@@ -216,7 +214,7 @@ def validation_error(counter, images, points, val_boxes, diameter: float) -> dic
         if not vb:
             continue
         res = count_cells(im, counter=counter, diameter=diameter, engine="torch")
-        mask = region_mask(res.density.shape, vb)
+        mask = region_mask(np.asarray(im).shape[:2], vb)
         t_in, p_in = _inside(pts, mask), _inside(res.points, mask)
         m = match_points(res.points, pts, radius=0.5 * diameter, indices=True)
         matched_true = np.zeros(len(t_in), bool)
@@ -228,7 +226,8 @@ def validation_error(counter, images, points, val_boxes, diameter: float) -> dic
         tp += int((t_in & matched_true).sum())
         n_pred += int(p_in.sum())
         cerr += abs(int(p_in.sum()) - int(t_in.sum()))
-        derr += abs(float((res.density * mask).sum(dtype=np.float64)) - int(t_in.sum()))
+        mass = float((res.density * mask).sum(dtype=np.float64)) if res.density is not None else float(p_in.sum())
+        derr += abs(mass - int(t_in.sum()))
         tot += int(t_in.sum())
     tot_ = max(tot, 1)
     err = (misses + extras) / tot_
@@ -401,21 +400,7 @@ def retrain_counter(
     run.train()
     run.judge()
     # 8. counts, report, write
-    candidate = run.candidate()
-    run.counts_after = (count_images(run.imgs, candidate, run.d_user, progress, "count after") if run.accepted
-                        else list(run.counts_before))
-    run.lap("count_after")
-    doc = run.report_doc(diameter)
-    run.config["training"] = doc
-    counter, path = finish(base=run.base, candidate=candidate, net=run.net, accepted=run.accepted,
-                           config=run.config, out=out, overwrite=overwrite, report_doc=doc)
-    run.seconds["total"] = round(time.perf_counter() - run.t_start, 2)
-    if path is not None:
-        from .. import io
-
-        io.write_json(Path(path) / REPORT_FILE, doc, overwrite=True)
-    return AdaptResult(counter=counter, path=path, accepted=run.accepted, report=doc,
-                       counts_before=run.counts_before, counts_after=run.counts_after)
+    return run.conclude(run.candidate(), diameter, out=out, overwrite=overwrite)
 
 
 class _Run(Steps):
