@@ -266,3 +266,39 @@ def test_adapting_shows_the_time_spent_against_the_budget():
     assert seen[0].message.startswith("loss 0.2 · 0:0") and seen[0].message.endswith(" of 3:00")
     assert seen[1].message.endswith(" of 3:00") and (seen[1].step, seen[1].total) == (2, 10)
     assert against_budget(None, 3.0) is None
+
+
+def test_retraining_takes_every_image_with_checked_regions_when_asked(open_dock, make_napari_viewer, qtbot,
+                                                                     monkeypatch, tiny_model, _data_dir):
+    import cellsynth.adapt
+
+    fake, seen = _fake_adapt(tiny_model, []), []
+
+    def fake_retrain(images, points, **kw):
+        seen.append((images, points, kw["regions"]))
+        return fake(images, **kw)
+
+    monkeypatch.setattr(cellsynth.adapt, "retrain_counter", fake_retrain)
+    viewer = make_napari_viewer()
+    for name, seed in (("a", 3), ("b", 4), ("c", 5)):
+        viewer.add_image(_image(seed), name=name)
+    loop = open_dock(viewer, "Counting loop")
+    remember_model(tiny_model, kind="adapted", image="a")
+    loop.model.value = "classic"
+    loop.diameter.value.value = 15.0
+    assert _click(qtbot, loop, loop.count_all_button) == "done"  # every image has its points; c gets no regions
+    loop.image.value = viewer.layers["b"]
+    loop.regions_button.native.click()
+    viewer.layers[regions_name("b")].add_rectangles(np.array([[0.0, 0.0], [40.0, 40.0]]))
+    loop.image.value = viewer.layers["a"]
+    loop.model.reset_choices()
+    loop.model.value = str(tiny_model)
+    loop.retrain_all.value = True
+    assert _click(qtbot, loop, loop.retrain_button) == "done"
+    images, points, regions = seen[0]
+    assert len(images) == 2 and regions[0] is None and regions[1] == [(0, 0, 40, 40)]
+    assert len(points[1]) == len(viewer.layers[result_name("b")].data)
+    loop.retrain_all.value = False  # the chosen image only
+    loop.model.value = str(tiny_model)
+    assert _click(qtbot, loop, loop.retrain_button) == "done"
+    assert len(seen[1][0]) == 1 and seen[1][2] is None

@@ -119,6 +119,7 @@ class LoopWidget(QWidget):
         # 5
         self.retrain_minutes = FloatSpinBox(label="minutes", value=2.0, min=0.05, max=240.0, step=0.5,
                                             tooltip="time budget of the retraining")
+        self.retrain_all = CheckBox(value=False, text="also every open image with checked regions marked")
         self.retrain_button = PushButton(text="Retrain on my corrections")
         # 6
         self.count_all_button = PushButton(text="Count all open images")
@@ -144,7 +145,7 @@ class LoopWidget(QWidget):
                                legend))
         layout.addWidget(_step("4 · Correct the points", help_label, self.regions_button))
         layout.addWidget(_step("5 · Retrain on your corrections",
-                               Container(widgets=[self.retrain_minutes, self.retrain_button])))
+                               Container(widgets=[self.retrain_all, self.retrain_minutes, self.retrain_button])))
         layout.addWidget(_step("6 · Count every open image", self.count_all_button))
         layout.addWidget(self.result_label)
         layout.addWidget(self.curves)
@@ -373,22 +374,53 @@ class LoopWidget(QWidget):
     # -- 5 -----------------------------------------------------------------------
 
     def retrain(self) -> None:
-        """Retrain the selected counter on the corrected points of the chosen image."""
+        """Retrain the selected counter on the corrected points of the chosen image (and, with the box ticked,
+        of every other open image whose checked regions are marked)."""
         layer = self._chosen()
         if layer is None:
-            return
-        pts = self._points_layer(layer)
-        if pts is None or len(pts.data) == 0:
-            show_error(f"Count '{layer.name}' first (step 3) and correct its points")
-            return
-        img = image_data(layer)
-        if np.shape(pts.data)[1] != 2 or (channel_count(layer) == 0 and img.ndim != 2):
-            show_error("Retraining works on 2D images; this one is a stack")
             return
         base = self.model.value
         if base == "classic":
             show_error("Retraining needs a density counter: choose 'default' or one adapted here in step 3")
             return
+        first = self._corrections(layer)
+        if isinstance(first, str):
+            show_error(first)
+            return
+        layers, found = [layer], [first]
+        if self.retrain_all.value:
+            for other in self._image_layers():
+                name = regions_name(other.name)
+                if other is layer or name not in self.viewer.layers or not len(self.viewer.layers[name].data):
+                    continue
+                got = self._corrections(other)
+                if isinstance(got, str):
+                    show_info(f"'{other.name}' left out: {got}")
+                    continue
+                layers.append(other)
+                found.append(got)
+        imgs, points, regions = (list(x) for x in zip(*found))
+        out = new_model_dir(layer.name, "retrained")
+        kwargs = dict(out=out, base=base, regions=None if all(r is None for r in regions) else regions,
+                      diameter=self.diameter.arg(), minutes=float(self.retrain_minutes.value),
+                      device=self.device.value, params=self.params)
+
+        def work(progress):
+            from ..adapt import retrain_counter
+
+            return retrain_counter(imgs, points, progress=against_budget(progress, kwargs["minutes"]), **kwargs)
+
+        label = "Retraining on your corrections" + (f" ({len(layers)} images)" if len(layers) > 1 else "")
+        self._start(work, lambda res: self._made(res, "retrained", layers), label)
+
+    def _corrections(self, layer: Image):
+        """``(image, corrected points, checked boxes or None)`` of an image layer, or why it cannot be used."""
+        pts = self._points_layer(layer)
+        if pts is None or len(pts.data) == 0:
+            return f"Count '{layer.name}' first (step 3) and correct its points"
+        img = image_data(layer)
+        if np.shape(pts.data)[1] != 2 or (channel_count(layer) == 0 and img.ndim != 2):
+            return f"Retraining works on 2D images; '{layer.name}' is a stack"
         name = regions_name(layer.name)
         shapes = self.viewer.layers[name] if name in self.viewer.layers else None
         regions = checked_regions(shapes if isinstance(shapes, Shapes) else None, img.shape[:2])
@@ -397,14 +429,4 @@ class LoopWidget(QWidget):
         if not inside.all():  # clicks beside the image are no cells of it
             show_info(f"{int((~inside).sum())} point(s) of '{pts.name}' lie outside the image and are left out")
             points = points[inside]
-        out = new_model_dir(layer.name, "retrained")
-        kwargs = dict(out=out, base=base, regions=None if regions is None else [regions],
-                      diameter=self.diameter.arg(), minutes=float(self.retrain_minutes.value),
-                      device=self.device.value, params=self.params)
-
-        def work(progress):
-            from ..adapt import retrain_counter
-
-            return retrain_counter([img], [points], progress=against_budget(progress, kwargs["minutes"]), **kwargs)
-
-        self._start(work, lambda res: self._made(res, "retrained", [layer]), "Retraining on your corrections")
+        return img, points, regions

@@ -44,8 +44,8 @@ class AdaptParams:
     max_steps, min_steps : int
         Bounds on the optimiser steps (the time budget decides in between).
     span : float
-        The working scale is the user's diameter clipped to
-        ``[base / span, base * span]``.
+        Adaptation: the working scale is the user's diameter clipped to
+        ``[base / span, base * span]`` (retraining works at the base's own scale).
     margin : float
         The candidate's label-free score must be lower than the base's by this much.
     replay_share : float

@@ -7,8 +7,8 @@ Steps of :func:`retrain_counter`:
    rules, nucleus size) to the corrected points without training, kept only
    when they count held-out folds of the corrections better
    (:func:`~cellsynth.adapt.fit.fit_point_settings`);
-3. choose the working scale as :func:`~cellsynth.adapt.adapt_counter` does and
-   bring images, points and regions to it; density targets from the points and
+3. bring images, points and regions to the base's own scale (its diameter: the
+   network learns the images' look, not a new scale); density targets from the points and
    a loss mask of the checked regions (the whole image when none is given):
    outside them the loss is zero;
 4. a small replay set of stylized synthetic layouts (against forgetting), a few
@@ -47,7 +47,7 @@ from ..progress import ProgressCallback, report
 from ._common import (AdaptParams, AdaptResult, Steps, check_budget, check_images, count_images, load_base,
                       working_planes)
 from ._output import check_out
-from ._train import Item, crop_item, finetune, forward_density, make_item, peak_count, stack_batch, working_scale
+from ._train import Item, crop_item, finetune, forward_density, make_item, peak_count, stack_batch
 from .fast_style import matched_layouts
 from .fit import FitResult, fit_point_settings
 from .stats import combine_stats, estimate_image_stats
@@ -433,7 +433,9 @@ class _Run(Steps):
     def targets(self) -> None:
         """Working scale, validation strips, density targets and loss masks at that scale."""
         d_eff = self.d_user * CounterConfig.of(self.fit.config).diameter_scale  # as the fitted settings see them
-        self.s = working_scale(d_eff, self.base.diameter, self.p.span)
+        # at the base's own scale: the network learns the images' look, not a new scale, and the held-out
+        # strip compares it with the base as the base counts
+        self.s = self.base.diameter
         self.factor = factor = self.s / d_eff
         config = copy.deepcopy(self.fit.config)
         self.base_training = config.pop("training", None)
