@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["NotEnoughMemory", "require_memory", "first_line"]
+__all__ = ["NotEnoughMemory", "require_memory", "first_line", "human_size"]
 
 
 class NotEnoughMemory(ValueError):
@@ -35,7 +35,7 @@ def require_memory(nbytes: float, *, what: str, hint: str) -> None:
 
     free = psutil.virtual_memory().available
     if nbytes > free:
-        raise NotEnoughMemory(f"{what} needs about {_size(nbytes)} of memory but only {_size(free)} are free; {hint}")
+        raise NotEnoughMemory(f"{what} needs about {human_size(nbytes)} of memory but only {human_size(free)} are free; {hint}")
 
 
 def first_line(exc: BaseException, limit: Optional[int] = None) -> str:
@@ -43,7 +43,7 @@ def first_line(exc: BaseException, limit: Optional[int] = None) -> str:
 
     Examples
     --------
-    >>> first_line(ValueError("bad header\nadvice"))
+    >>> first_line(ValueError("bad header\\nadvice"))
     'bad header'
     >>> first_line(OSError("Got: " + "x" * 10), limit=4)
     'xxxx…'
@@ -52,5 +52,16 @@ def first_line(exc: BaseException, limit: Optional[int] = None) -> str:
     text = (text.splitlines()[0].strip() if text else type(exc).__name__).removeprefix("Got: ")
     return text if limit is None or len(text) <= limit else text[:limit] + "…"
 
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+def human_size(nbytes: float) -> str:
+    """A byte count for people.
+
+    Examples
+    --------
+    >>> human_size(4270e6), human_size(88e6), human_size(5000)
+    ('4.3 GB', '88 MB', '5 kB')
+    """
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.1f} {unit}" if unit == "GB" else f"{value:.0f} {unit}"
+    return f"{int(nbytes)} B"

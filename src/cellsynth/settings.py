@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-__all__ = ["Settings", "ENV", "load_settings", "save_settings", "settings_path", "setting_sources",
+__all__ = ["Settings", "ENV", "config_dir", "load_settings", "save_settings", "settings_path", "setting_sources",
            "confirm_download", "set_download_confirmer"]
 
 #: Setting name -> environment variable.
@@ -98,7 +98,8 @@ class Settings:
         return dataclasses.asdict(self)
 
 
-def _config_dir() -> Path:
+def config_dir() -> Path:
+    """Folder for settings: ``$CELLSYNTH_CONFIG_DIR`` or the platform's user config folder."""
     env = os.environ.get("CELLSYNTH_CONFIG_DIR")
     if env:
         return Path(env)
@@ -110,7 +111,7 @@ def _config_dir() -> Path:
 def settings_path() -> Path:
     """The settings file: ``$CELLSYNTH_SETTINGS``, else ``settings.json`` in the user config folder."""
     env = os.environ.get("CELLSYNTH_SETTINGS")
-    return Path(env).expanduser() if env else _config_dir() / "settings.json"
+    return Path(env).expanduser() if env else config_dir() / "settings.json"
 
 
 def _parse(name: str, value: Any, where: str) -> Any:

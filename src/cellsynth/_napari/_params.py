@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 from magicgui.widgets import CheckBox, Container, FloatSpinBox, PushButton, SpinBox, TupleEdit
 
-__all__ = ["ParamsForm", "config_dir"]
+from ..settings import config_dir
 
-
-def config_dir() -> Path:
-    """Folder for widget settings: ``$CELLSYNTH_CONFIG_DIR`` or the platform's user config folder."""
-    env = os.environ.get("CELLSYNTH_CONFIG_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_config_dir("cellsynth"))
+__all__ = ["ParamsForm", "config_dir"]  # config_dir: re-exported from cellsynth.settings
 
 
 def _widget(name: str, value: Any, meta: dict):

@@ -312,11 +312,6 @@ class TaskRunner(QWidget):
         elif self._last_progress is not None:  # progress that arrived while the bar was being added
             self._activity_later(run)
 
-    @property
-    def _cancel(self) -> threading.Event:
-        """The cancel request of the current run (a fresh, unset event when idle)."""
-        return self._run.cancel if self._run is not None else threading.Event()
-
     def cancel(self) -> None:
         """Ask the running task to stop at its next progress step."""
         if self.running and self._run is not None:

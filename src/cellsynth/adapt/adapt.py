@@ -15,8 +15,9 @@ Steps of :func:`adapt_counter`:
    stylized labelled crops and, DACS-style, labelled crops with a box of a user
    crop pasted in, labelled there by an EMA teacher's density peaks;
 7. score the candidate the same way and keep it only when it scores better
-   than the base and is not less consistent on the user's images (else the base
-   is returned, ``accepted=False``; see :func:`accept`);
+   than the base, is not less consistent on the user's images and its counts
+   there move by at most 5 % (else the base is returned, ``accepted=False``;
+   see :func:`refusal`);
 8. count the images with the kept counter, write the report and the counter.
 
 The label-free score (lower is better) is the relative count error on the
@@ -104,32 +105,36 @@ def _user_part(score: dict) -> float:
     return 0.5 * float(score.get("tta_inconsistency", 0.0)) + 0.5 * float(score.get("peak_density_gap", 0.0))
 
 
-def accept(before: dict, after: dict, margin: float = 0.0, tolerance: float = 0.0) -> bool:
-    """The candidate is kept when it scores better without doing worse on any part that could show it.
+#: Without labels nothing shows that a count is right: an adapted counter whose counts on the user's images move
+#: by more than this (mean relative change) is refused, whatever its label-free score.
+MAX_SHIFT = 0.05
 
-    Three conditions: its score is lower by ``margin``; its synthetic error is not
-    higher; and its consistency on the user's own images (half the transpose
-    inconsistency plus half the peak/density gap) is not worse by more than
-    ``tolerance`` (default 0: worse by no measure computed without labels). The held-out stylized layouts are drawn like the training
-    layouts, so the synthetic error alone improves with almost any fine-tuning;
-    only the user-image terms see the user's images, and a candidate that is less
-    consistent there is refused even when its total score is lower.
+
+def refusal(before: dict, after: dict, margin: float = 0.0, tolerance: float = 0.0,
+            max_shift: float = MAX_SHIFT) -> Optional[str]:
+    """Why the candidate is refused (one line), or None when it is kept.
+
+    It is kept when it scores better without doing worse on any part that could
+    show it: its score is lower by ``margin``; its synthetic error is not higher;
+    its consistency on the user's own images (half the transpose inconsistency plus
+    half the peak/density gap) is not worse by more than ``tolerance``; and its
+    counts on the user's images (``counts``, when the scores have them) move by at
+    most ``max_shift`` on average. The held-out stylized layouts are drawn like the
+    training layouts, so the synthetic error alone improves with almost any
+    fine-tuning; only the user-image terms see the user's images, and no label
+    says which of two different counts is right.
 
     Examples
     --------
-    >>> base = {"score": 0.3, "synthetic_error": 0.2, "tta_inconsistency": 0.1, "peak_density_gap": 0.1}
-    >>> accept(base, {"score": 0.2, "synthetic_error": 0.1, "tta_inconsistency": 0.1, "peak_density_gap": 0.1})
+    >>> base = {"score": 0.3, "synthetic_error": 0.2, "tta_inconsistency": 0.1, "peak_density_gap": 0.1,
+    ...         "counts": [100, 50]}
+    >>> refusal(base, {**base, "score": 0.2, "synthetic_error": 0.1, "counts": [102, 51]}) is None
     True
-    >>> accept(base, {"score": 0.2, "synthetic_error": 0.25, "tta_inconsistency": 0.0, "peak_density_gap": 0.0})
-    False
-    >>> accept(base, {"score": 0.25, "synthetic_error": 0.05, "tta_inconsistency": 0.2, "peak_density_gap": 0.2})
-    False
+    >>> refusal(base, {"score": 0.2, "synthetic_error": 0.25, "tta_inconsistency": 0.0, "peak_density_gap": 0.0})
+    'it counts the held-out stylized layouts worse (0.200 -> 0.250)'
+    >>> refusal(base, {**base, "score": 0.2, "synthetic_error": 0.1, "counts": [120, 50]})
+    'its counts on your images move by 10.0 % on average (at most 5 % without labels to show which is right)'
     """
-    return refusal(before, after, margin, tolerance) is None
-
-
-def refusal(before: dict, after: dict, margin: float = 0.0, tolerance: float = 0.0) -> Optional[str]:
-    """Why :func:`accept` refuses the candidate (one line), or None when it accepts it."""
     if not after["score"] < before["score"] - margin:
         return f"its label-free score is not lower ({before['score']:.3f} -> {after['score']:.3f})"
     if not after["synthetic_error"] <= before["synthetic_error"] + 1e-9:
@@ -138,7 +143,25 @@ def refusal(before: dict, after: dict, margin: float = 0.0, tolerance: float = 0
     if not _user_part(after) <= _user_part(before) + tolerance:
         return (f"it is less consistent on your images (transpose and peak/density checks "
                 f"{_user_part(before):.3f} -> {_user_part(after):.3f})")
+    shift = count_shift(before.get("counts"), after.get("counts"))
+    if shift > max_shift:
+        return (f"its counts on your images move by {100 * shift:.1f} % on average (at most {100 * max_shift:g} % "
+                "without labels to show which is right)")
     return None
+
+
+def count_shift(before, after) -> float:
+    """Mean relative change of per-image counts (0 when there are none to compare).
+
+    Examples
+    --------
+    >>> count_shift([100, 50], [90, 50])
+    0.05
+    """
+    if not before or not after or len(before) != len(after):
+        return 0.0
+    b, a = np.asarray(before, float), np.asarray(after, float)
+    return float(np.mean(np.abs(a - b) / np.maximum(b, 1.0)))
 
 
 def resolve_stylize(stylize: str) -> str:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .._memory import human_size
+
 __all__ = ["REGISTRY", "ModelSpec", "WeightsNotFoundError", "file_sha256", "human_size", "resources_dir"]
 
 _TRUE_VALUES = {"1", "on", "yes", "true"}
@@ -190,21 +192,6 @@ def _missing_files(folder: Path, patterns: Iterable[str]) -> list[str]:
     """The patterns that match no file under `folder`."""
     present = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     return [pat for pat in patterns if not any(fnmatch.fnmatchcase(f, pat) for f in present)]
-
-
-def human_size(nbytes: float) -> str:
-    """A byte count for people.
-
-    Examples
-    --------
-    >>> human_size(4270e6), human_size(88e6), human_size(5000)
-    ('4.3 GB', '88 MB', '5 kB')
-    """
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            value = nbytes / scale
-            return f"{value:.1f} {unit}" if unit == "GB" else f"{value:.0f} {unit}"
-    return f"{int(nbytes)} B"
 
 
 def _not_found(spec: ModelSpec, reason: str, *, offline: str = "") -> WeightsNotFoundError:

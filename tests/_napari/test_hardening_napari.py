@@ -21,7 +21,7 @@ from cellsynth._napari.nsc_widget import NSCWidget  # noqa: E402
 from cellsynth._napari.stain_widget import StainWidget, stain_layer_name  # noqa: E402
 from cellsynth._napari.stylize_widget import StylizeWidget  # noqa: E402
 
-NAPARI_DIR = Path(__file__).resolve().parents[1] / "src" / "cellsynth" / "_napari"
+NAPARI_DIR = Path(__file__).resolve().parents[2] / "src" / "cellsynth" / "_napari"
 WIDGETS = (CountWidget, StainWidget, NSCWidget, StylizeWidget, LayoutsWidget, LoopWidget)
 
 CLOSE_MID_RUN = textwrap.dedent(
@@ -213,7 +213,7 @@ def test_no_private_napari_attributes_are_used():
 def _sample_nuclei():
     from cellsynth.io import read_tiff
 
-    path = Path(__file__).resolve().parents[1] / "resources" / "samples" / "neurocyte_010.tif"
+    path = Path(__file__).resolve().parents[2] / "resources" / "samples" / "neurocyte_010.tif"
     return read_tiff(path)[0]
 
 

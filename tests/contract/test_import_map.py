@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "cellsynth"
+SRC = Path(__file__).resolve().parents[2] / "src" / "cellsynth"
 
 #: Circles still to be removed (each a set of modules that import each other, directly or not): none. The
 #: test fails on any other circle, and on a listed one that is gone (then delete it here).

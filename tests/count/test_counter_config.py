@@ -11,7 +11,7 @@ import pytest
 
 from cellsynth.count.counter import DEFAULTS, CounterConfig, counter_config
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "cellsynth"
+SRC = Path(__file__).resolve().parents[2] / "src" / "cellsynth"
 SETTINGS = {"in_chans", "diameter", "blocks", "sigma", "density_scale", "peak_threshold", "window", "rescale"}
 
 

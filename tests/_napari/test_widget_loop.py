@@ -226,7 +226,7 @@ def test_loop_widget_is_contributed():
 
     from npe2 import PluginManifest
 
-    m = PluginManifest.from_file(Path(__file__).parents[1] / "napari.yaml")
+    m = PluginManifest.from_file(Path(__file__).resolve().parents[2] / "napari.yaml")
     assert "Counting loop" in {w.display_name for w in m.contributions.widgets}
     cmd = {c.id: c.python_name for c in m.contributions.commands}["napari-cellsynth.loop_widget"]
     assert cmd == "cellsynth._napari.loop_widget:LoopWidget"

@@ -100,7 +100,7 @@ def test_long_jobs_never_stall_the_event_loop(open_dock, make_napari_viewer, qtb
     from cellsynth.io import read_tiff
 
     viewer = make_napari_viewer(show=True)
-    nuclei = read_tiff(Path(__file__).resolve().parents[1] / "resources" / "samples" / "neurocyte_010.tif")[0]
+    nuclei = read_tiff(Path(__file__).resolve().parents[2] / "resources" / "samples" / "neurocyte_010.tif")[0]
     viewer.add_image(nuclei[:256, :256], name="nuclei")
     bf = viewer.add_image(np.random.default_rng(0).integers(0, 255, (3, 64, 64)).astype(np.uint8), name="bf")
     count, layouts, nsc, stain = open_dock(viewer, "Count cells"), open_dock(viewer, "Cell layouts"), open_dock(viewer, "NSC masks"), open_dock(viewer, "Virtual staining")

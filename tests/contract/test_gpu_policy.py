@@ -84,7 +84,7 @@ def test_dependency_floors_cover_the_apis_used():
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     floors = {m[0].lower(): tuple(int(x) for x in m[1].split(".")[:2])
               for m in re.findall(r'"([A-Za-z_]+)(?:\[[^\]]*\])?>=([0-9.]+)"', text)}
     assert floors["torch"] >= (2, 6)  # safe_globals with (class, name) stand-ins
@@ -97,7 +97,7 @@ def _gpu_check():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ["torch", "diffusers", "transformers", "timm"]
 GUI = ["napari", "qtpy", "PyQt6", "magicgui"]
 
