@@ -425,7 +425,7 @@ def _little_memory(monkeypatch, available):
 def test_a_tiff_larger_than_free_memory_is_refused_before_reading(tmp_path, monkeypatch):
     io.write_tiff(tmp_path / "a.tif", np.zeros((200, 300), np.uint16))
     _little_memory(monkeypatch, 50_000)
-    with pytest.raises(ValueError, match=r"\(200, 300\) uint16.*0.1 MB.*free"):
+    with pytest.raises(ValueError, match=r"\(200, 300\) uint16.*120 kB.*free"):
         io.read_tiff(tmp_path / "a.tif")
 
 
