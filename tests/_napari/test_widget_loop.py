@@ -159,6 +159,7 @@ def test_correct_mark_regions_and_retrain(open_dock, make_napari_viewer, qtbot, 
                                  cv_loss=0.1, base_cv_loss=0.2, config=cfg)
 
     monkeypatch.setattr(retrain_mod, "_fit_settings", fitted)
+    monkeypatch.setattr(retrain_mod, "_worth_training", lambda run: True)  # trained, though it cannot be kept
     viewer = make_napari_viewer()
     viewer.add_image(_image(shape=(96, 96)), name="nuclei")
     loop = open_dock(viewer, "Counting loop")

@@ -219,6 +219,7 @@ def _loss_spy(monkeypatch, batches: int, seen: dict | None = None) -> list:
         return net.eval(), {"steps": 0, "seconds": 0.0, "loss_first": None, "loss_last": None}
 
     monkeypatch.setattr(retrain_mod, "finetune", spy)
+    monkeypatch.setattr(retrain_mod, "_worth_training", lambda run: True)  # train whatever can be held out
     return losses
 
 
@@ -340,4 +341,5 @@ def test_a_retrained_network_needs_enough_held_out_cells(images, monkeypatch, on
     n = res.report["score_before"]["validation"]["n_true"]
     assert 0 < n < retrain_mod.WEAK_VALIDATION
     assert not res.report["network_accepted"] and res.counts_after == res.counts_before
+    assert res.report["training"]["steps"] == 0 and "can be held out" in res.report["training"]["skipped"]
     assert f"needs at least {retrain_mod.WEAK_VALIDATION} held-out cells" in res.report["decision"]

@@ -16,21 +16,21 @@ Steps of :func:`retrain_counter`:
 5. hold out a strip of the checked regions for validation (the last quarter of
    each box's longer side, when that strip is at least two nuclei wide): the
    points there are not trained on;
-6. count and score the base: the count error in the validation strips as
-   counting gives it (points after reconciliation with the foreground objects,
-   plus a quarter of the density-sum error to break ties), and the error on
-   held-out synthetic layouts;
-7. fine-tune a copy of the base on crops placed over the training part of the
+6. count and score the base: the errors in the validation strips as counting
+   gives them (points matched one to one to the annotated cells over the whole
+   image: missed and extra cells in the strips, plus a quarter of the
+   density-sum error to break ties), and the error on held-out synthetic layouts;
+7. when the strips hold at least :data:`WEAK_VALIDATION` annotated cells,
+   fine-tune a copy of the base on crops placed over the training part of the
    checked regions, mixed with replay crops, for the time budget, with the
    BatchNorm statistics of the base kept; score it on the validation strips at
-   each quarter of the budget and keep the best state (early stopping);
-8. keep the new network when it counts the validation strips better than the
-   base's network (with the fitted settings) and its held-out synthetic error did
-   not grow much; else the base's network with the fitted settings when they were
-   kept, else the base itself (``accepted=False``). A network is kept only on
-   evidence: strips holding at least :data:`WEAK_VALIDATION` annotated cells
-   (checked boxes too small to split, or too few cells, keep the base's
-   network, and the decision says why);
+   each quarter of the budget and keep the best state (early stopping); with
+   fewer there is no evidence to keep a new network by, and nothing is trained;
+8. keep the new network when it makes at least :data:`MIN_FIXED` fewer errors
+   in the strips than the base's network (with the fitted settings) and its
+   held-out synthetic error did not grow much; else the base's network with the
+   fitted settings when they were kept, else the base itself
+   (``accepted=False``); the decision says which and why, with the numbers;
 9. count with the kept counter, write the report and the counter.
 """
 
@@ -404,6 +404,11 @@ def retrain_counter(
     return run.conclude(run.candidate(), diameter, out=out, overwrite=overwrite)
 
 
+def _worth_training(run: "_Run") -> bool:
+    """Whether a new network could be kept: only with enough held-out cells to judge it by."""
+    return bool(run.validate and run.before["validation"]["n_true"] >= WEAK_VALIDATION)
+
+
 class _Run(Steps):
     """The state of one retraining, step by step (see the module's list of steps)."""
 
@@ -491,8 +496,18 @@ class _Run(Steps):
         self.lap("check_before")
 
     def train(self) -> None:
-        """Fine-tune, keeping the state that counts the validation strips best."""
+        """Fine-tune, keeping the state that counts the validation strips best.
+
+        Without enough held-out cells to judge a new network by, nothing is trained
+        (a network that cannot be kept is not worth the wait).
+        """
         p, validate = self.p, self.validate
+        if not _worth_training(self):
+            self.info = {"steps": 0, "seconds": 0.0, "validation": [], "best_step": 0,
+                         "skipped": f"fewer than {WEAK_VALIDATION} annotated cells can be held out"}
+            self.improved = False
+            self.lap("train")
+            return
         best = {"step": 0, "score": self.before["validation"]["score"] if validate else None, "state": None}
         history: list[dict] = []
 
