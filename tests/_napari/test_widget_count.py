@@ -306,8 +306,17 @@ def test_cells_per_region_follow_regions_and_clicks(open_dock, make_napari_viewe
     pts = viewer.layers[result_name("nuclei")]
     pts.add([[40.0, 150.0]])  # a click in the ellipse: its row follows
     assert [r["count"] for r in w.regions.rows] == [4, 3]
+    names = [r["region"] for r in w.regions.rows]  # each point carries the regions holding it
+    assert sorted(pts.features["region"]) == sorted([names[0]] * 4 + [names[1]] * 3 + [""] * (len(pts.data) - 7))
     shapes.data = [rect]  # the ellipse deleted: its row goes
     assert [r["count"] for r in w.regions.rows] == [4]
+    assert list(pts.features["region"]).count(names[1]) == 0
+    from cellsynth._napari.points_io import write_points
+
+    saved = write_points(str(tmp_path / "cells.csv"), pts.data, {"features": pts.features, "scale": pts.scale,
+                                                                 "translate": pts.translate})
+    header = open(saved[0]).readline().strip().split(",")
+    assert {"row_world", "col_world", "score", "source", "region"} <= set(header)
     out = w.regions.export(str(tmp_path / "regions.csv"))
     assert out.read_text().splitlines()[0].startswith("region,kind,count,area_px")
 

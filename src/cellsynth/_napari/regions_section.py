@@ -91,7 +91,7 @@ class RegionsSection(QWidget):
 
     def update(self) -> list[dict]:
         """Recount the cells per region (nothing to do without regions or a count); returns the rows."""
-        from ..count.regions import count_in_regions
+        from ..count.regions import count_in_regions, point_regions
 
         shapes, image, points = self.shapes.value, self.dock.image.value, self.dock._points_layer()
         self.rows = []
@@ -109,6 +109,7 @@ class RegionsSection(QWidget):
                       + np.asarray(points.translate[-2:], float) - np.asarray(image.translate[-2:], float)) \
                 / np.asarray(image.scale[-2:], float)
             self.rows = count_in_regions(pixels, regions, plane, pixel_size=scale if physical else None)
+            _label_points(points, point_regions(pixels, regions, plane))
         except ValueError as exc:
             self.note.setText(str(exc))
             self.table.setRowCount(0)
@@ -133,3 +134,15 @@ class RegionsSection(QWidget):
         columns = list(dict.fromkeys(k for r in self.rows for k in r))
         return export_csv(self, columns, [[r.get(c, "") for c in columns] for r in self.rows], path=path,
                           what="cells per region", name="regions.csv")
+
+
+def _label_points(points, names: list[str]) -> None:
+    """Each point's regions as the ``region`` feature (saved with the layer: File > Save Selected Layers)."""
+    if len(names) != len(points.data):
+        return
+    current = points.features.get("region") if "region" in points.features else None
+    if current is not None and list(current) == list(names):
+        return
+    features = points.features.copy()
+    features["region"] = names
+    points.features = features
