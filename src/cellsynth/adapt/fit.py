@@ -20,6 +20,7 @@ count the held-out folds better than the counter's own settings do.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -29,7 +30,7 @@ import numpy as np
 from ..count.counter import Counter, CounterConfig
 from ..count.infer import density_points, model_density
 from ..count.metrics import match_points
-from ..count.objects import ObjectParams
+from ..count.objects import ObjectParams, plane_objects, reconcile_with_objects
 from ..count.preprocess import counter_input
 from ..progress import ProgressCallback, report
 
@@ -73,10 +74,13 @@ class FitResult:
 
 
 def _own(config: dict) -> dict:
+    """The counter's own point settings (without objects in its config, no object rules to fit)."""
     s = CounterConfig.of(config)
-    obj = ObjectParams(**(s.objects or {}))
-    return {"diameter_scale": s.diameter_scale, "peak_threshold": s.peak_threshold,
-            "split_area": obj.split_area, "keep_outside": obj.keep_outside}
+    own = {"diameter_scale": s.diameter_scale, "peak_threshold": s.peak_threshold}
+    if s.objects:
+        obj = ObjectParams(**s.objects)
+        own.update(split_area=obj.split_area, keep_outside=obj.keep_outside)
+    return own
 
 
 def with_settings(config: dict, settings: dict) -> dict:
@@ -191,6 +195,7 @@ def fit_point_settings(
         raise ValueError(f"only density counters have point settings to fit, got a {counter.kind} counter")
     grid = grid or GRID
     own = _own(counter.config)
+    own_objects = ObjectParams(**counter.settings.objects) if counter.settings.objects else None
     values = {k: sorted(set(grid.get(k, ())) | {own[k]}) for k in own}
     names = list(values)
     combos = [dict(zip(names, v)) for v in itertools.product(*(values[k] for k in names))]
@@ -208,13 +213,19 @@ def fit_point_settings(
         for ds in values["diameter_scale"]:
             factor = counter.diameter / (diameter * ds)
             dens = model_density(counter, plane, factor)
+            # the objects once per nucleus size, the peaks once per threshold: the rules are cheap after them
+            objs = plane_objects(plane, diameter=diameter * ds, params=own_objects) if own_objects else None
+            peaks = {t: density_points(counter, plane, dens, factor=factor, peak_threshold=t, objects=None)
+                     for t in values["peak_threshold"]}
             for c, combo in enumerate(combos):
                 if combo["diameter_scale"] != ds:
                     continue
-                pts, _, _ = density_points(counter, plane, dens, factor=factor, peak_threshold=combo["peak_threshold"],
-                                           objects=ObjectParams(**{**(counter.settings.objects or {}),
-                                                                   "split_area": combo["split_area"],
-                                                                   "keep_outside": combo["keep_outside"]}))
+                pts, s_t, d_t = peaks[combo["peak_threshold"]]
+                if objs is not None:
+                    rule = dataclasses.replace(own_objects, split_area=combo["split_area"],
+                                               keep_outside=combo["keep_outside"])
+                    pts, _ = reconcile_with_objects(plane, pts, s_t, d_t, diameter=diameter * ds, params=rule,
+                                                    objects=objs)
                 for f, (m, t) in enumerate(zip(masks, true_in)):
                     if m is None:
                         continue

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["ObjectParams", "reconcile_with_objects"]
+__all__ = ["ObjectParams", "PlaneObjects", "plane_objects", "reconcile_with_objects"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ def reconcile_with_objects(
     diameter: float,
     params: ObjectParams | None = None,
     threshold: float | None = None,
+    objects: PlaneObjects | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One point per nucleus-sized foreground object, the network's peaks in larger ones.
 
@@ -90,6 +91,9 @@ def reconcile_with_objects(
     threshold : float, optional
         Foreground threshold of the smoothed plane when computed elsewhere (e.g.
         once over a large image counted in tiles); by default Otsu's of ``plane``.
+    objects : PlaneObjects, optional
+        The plane's objects computed before (:func:`plane_objects` with the same
+        diameter, params and threshold), e.g. once for many reconciliations.
 
     Returns
     -------
@@ -108,29 +112,17 @@ def reconcile_with_objects(
     >>> np.round(pts).tolist(), sc.tolist()
     ([[30.0, 40.0]], [0.9])
     """
-    from scipy.ndimage import gaussian_filter, label
-
-    from .classic import foreground_threshold
-
     params = params or ObjectParams()
     if not (np.isfinite(diameter) and diameter > 0):
         raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
-    plane = np.asarray(plane, np.float32)
     points = np.asarray(points, float).reshape(-1, 2)
     scores = np.asarray(scores, float).reshape(-1)
-    sigma = max(0.5, params.outline_sigma * diameter)
-    smooth = gaussian_filter(plane, sigma)
-    thr = foreground_threshold(plane, smooth, sigma=sigma) if threshold is None else float(threshold)
-    mask = smooth > thr
-    labels, k = label(mask)
-    if k == 0:
+    objs = plane_objects(plane, diameter=diameter, params=params, threshold=threshold) if objects is None else objects
+    if objs.k == 0:
         keep = scores >= params.keep_outside
         return points[keep], scores[keep]
-    # every per-object sum runs over the foreground pixels only (label 0 is never used)
-    fg = np.flatnonzero(labels)
-    flat = labels.ravel()[fg]
-    areas = np.bincount(flat, minlength=k + 1)[1:]
-    idx = np.clip(np.round(points).astype(int), 0, np.array(plane.shape) - 1)
+    k, labels, areas = objs.k, objs.labels, objs.areas
+    idx = np.clip(np.round(points).astype(int), 0, np.array(labels.shape) - 1)
     owner = labels[idx[:, 0], idx[:, 1]] if len(points) else np.zeros(0, int)
     n_peaks = np.bincount(owner, minlength=k + 1)[1:]
     best = np.zeros(k + 1)
@@ -140,14 +132,59 @@ def reconcile_with_objects(
     single = ~split & (areas >= params.min_area * nucleus)
     outside = (owner == 0) & (scores >= params.keep_outside)
     in_split = (owner > 0) & split[np.maximum(owner, 1) - 1]
+    mass = np.bincount(objs.flat, weights=np.asarray(density).ravel()[objs.fg].astype(np.float64),
+                       minlength=k + 1)[1:]
+    single_scores = np.where(n_peaks > 0, best[1:], mass)
+    out_pts = np.concatenate([points[outside | in_split], objs.centroids[single]], axis=0)
+    out_scores = np.concatenate([scores[outside | in_split], single_scores[single]])
+    return out_pts, out_scores.astype(float)
+
+
+@dataclass(frozen=True)
+class PlaneObjects:
+    """The foreground objects of a plane (:func:`plane_objects`), computed once for any number of reconciliations.
+
+    ``labels`` (M, N) int, ``k`` objects, ``areas`` (k,), ``centroids`` (k, 2)
+    intensity-weighted, ``fg`` the flat indices of the foreground pixels and
+    ``flat`` their labels.
+    """
+
+    labels: np.ndarray
+    k: int
+    areas: np.ndarray
+    centroids: np.ndarray
+    fg: np.ndarray
+    flat: np.ndarray
+
+
+def plane_objects(plane: np.ndarray, *, diameter: float, params: ObjectParams | None = None,
+                  threshold: float | None = None) -> PlaneObjects:
+    """The foreground objects :func:`reconcile_with_objects` reconciles peaks with (smoothing, threshold, labels).
+
+    They depend on the plane, the diameter, ``params.outline_sigma`` and the
+    threshold only: settings fitted over the other parameters share them.
+    """
+    from scipy.ndimage import gaussian_filter, label
+
+    from .classic import foreground_threshold
+
+    params = params or ObjectParams()
+    if not (np.isfinite(diameter) and diameter > 0):
+        raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
+    plane = np.asarray(plane, np.float32)
+    sigma = max(0.5, params.outline_sigma * diameter)
+    smooth = gaussian_filter(plane, sigma)
+    thr = foreground_threshold(plane, smooth, sigma=sigma) if threshold is None else float(threshold)
+    labels, k = label(smooth > thr)
+    # every per-object sum runs over the foreground pixels only (label 0 is never used)
+    fg = np.flatnonzero(labels)
+    flat = labels.ravel()[fg]
+    areas = np.bincount(flat, minlength=k + 1)[1:]
     # intensity-weighted centroids (scipy's center_of_mass, by bincount: ~10x faster on large images)
     w = np.clip(plane.ravel()[fg], 0, None).astype(np.float64) + 1e-6
     rows, cols = np.divmod(fg, plane.shape[1])
-    wsum = np.bincount(flat, weights=w, minlength=k + 1)[1:]
+    wsum = np.maximum(np.bincount(flat, weights=w, minlength=k + 1)[1:], 1e-300)
     centroids = np.stack([np.bincount(flat, weights=w * rows, minlength=k + 1)[1:] / wsum,
-                          np.bincount(flat, weights=w * cols, minlength=k + 1)[1:] / wsum], axis=1)
-    mass = np.bincount(flat, weights=np.asarray(density).ravel()[fg].astype(np.float64), minlength=k + 1)[1:]
-    single_scores = np.where(n_peaks > 0, best[1:], mass)
-    out_pts = np.concatenate([points[outside | in_split], centroids[single]], axis=0)
-    out_scores = np.concatenate([scores[outside | in_split], single_scores[single]])
-    return out_pts, out_scores.astype(float)
+                          np.bincount(flat, weights=w * cols, minlength=k + 1)[1:] / wsum], axis=1) if k else \
+        np.zeros((0, 2))
+    return PlaneObjects(labels=labels, k=int(k), areas=areas, centroids=centroids, fg=fg, flat=flat)
