@@ -108,8 +108,6 @@ def train_default(
     """Train the default counter; returns the best held-out metrics. See the module docstring."""
     import torch
 
-    from ._nets import build_net, density_loss
-
     if threads:
         torch.set_num_threads(int(threads))
     out = Path(out)
@@ -117,6 +115,67 @@ def train_default(
     cfg = counter_config("density", backbone=backbone, blocks=blocks, objects=ObjectParams().to_dict())
     params = SynthParams(shape=(256, 256))
     torch.manual_seed(seed)
+    net, opt, state = _start(cfg, ckpt_dir, init=init, resume=resume, blocks=blocks, lr=lr)
+    rng = np.random.default_rng([seed, state["epoch"]])
+    command = "python -m cellsynth.count.train_default --out resources/models/counter-default"
+    if init is not None:
+        command += f" --init {init} --minutes {minutes:g} --lr {lr:g}"
+    val = held_out_set(n_val, seed=seed)
+    budget = minutes * 60.0
+    start = time.time() - state["elapsed"]
+    print(f"training density counter ({backbone}, {blocks} blocks, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}"
+          f" M parameters) for {minutes:g} min; held-out set: {n_val} images, mean "
+          f"{np.mean([len(c) for _, c in val]):.1f} cells", flush=True)
+    while True:
+        elapsed = time.time() - start
+        if elapsed >= budget or (max_epochs is not None and state["epoch"] >= max_epochs):
+            break
+        epoch = state["epoch"] + 1
+        data = _pool(rng, pool, cfg, params)
+        losses, cur = _epoch(net, opt, data, rng, cfg, start=start, budget=budget, lr=lr, crop=crop,
+                             batch_size=batch_size, steps_per_epoch=steps_per_epoch)
+        if not losses:  # the budget ran out before this epoch's first step
+            break
+        metrics = evaluate_images(net, val, cfg)
+        state["epoch"] = epoch
+        state["steps"] = state.get("steps", 0) + len(losses)
+        state["elapsed"] = time.time() - start
+        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None,
+                  "minutes": state["elapsed"] / 60, "lr": cur, **metrics}
+        state["history"].append(record)
+        improved = metrics["mae"] < state["best_mae"]
+        print(f"epoch {epoch:3d}  {state['elapsed'] / 60:5.1f} min  loss {record['loss']:.4f}  held-out MAE "
+              f"{metrics['mae']:.2f}  RMSE {metrics['rmse']:.2f}  rel {100 * metrics['mean_rel_error']:.1f}%  "
+              f"bias {metrics['bias']:+.2f}{'  *' if improved else ''}", flush=True)
+        save_counter(net, cfg, ckpt_dir, overwrite=True)
+        with io.atomic_path(ckpt_dir / "optimizer.pt", overwrite=True) as tmp:
+            torch.save(opt.state_dict(), str(tmp))
+        if improved:
+            state["best_mae"] = metrics["mae"]
+            final = dict(cfg)
+            final["name"] = "counter-default"
+            final["training"] = {
+                "command": command, "init": None if init is None else str(init), "data": _DATA.format(crop=crop),
+                "seed": seed, "epoch": epoch, "steps": state["steps"], "minutes": round(state["elapsed"] / 60, 2),
+                "budget_minutes": minutes, "threads": torch.get_num_threads(), "crop": crop, "lr": lr,
+                "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
+                "held_out": {k: round(v, 4) for k, v in metrics.items()}, "n_held_out": n_val}
+            save_counter(net, final, out, half=True, overwrite=True)
+        io.write_json(ckpt_dir / "state.json", state, overwrite=True)
+    best = min(state["history"], key=lambda r: r["mae"]) if state["history"] else {}
+    print(f"done: {state['epoch']} epochs in {state['elapsed'] / 60:.1f} min; best held-out {best}", flush=True)
+    return best
+
+
+_DATA = "synthetic nuclei (cellsynth.count.synth.SynthParams defaults), 256x256, random {crop}x{crop} crops"
+
+
+def _start(cfg: dict, ckpt_dir: Path, *, init, resume: bool, blocks: int, lr: float):
+    """``(network, optimiser, state)``: new, from ``init``'s weights, or resumed from the checkpoint."""
+    import torch
+
+    from ._nets import build_net
+
     net = build_net(cfg).to(memory_format=torch.channels_last)
     if init is not None and not resume:
         from .models import load_counter
@@ -135,81 +194,37 @@ def train_default(
         opt.load_state_dict(torch.load(str(ckpt_dir / "optimizer.pt"), weights_only=True))
         state = io.read_json(ckpt_dir / "state.json")
         print(f"resumed at epoch {state['epoch']} ({state['elapsed'] / 60:.1f} min done)", flush=True)
-    rng = np.random.default_rng([seed, state["epoch"]])
-    command = "python -m cellsynth.count.train_default --out resources/models/counter-default"
-    if init is not None:
-        command += f" --init {init} --minutes {minutes:g} --lr {lr:g}"
-    val = held_out_set(n_val, seed=seed)
-    budget = minutes * 60.0
-    start = time.time() - state["elapsed"]
+    return net, opt, state
+
+
+def _epoch(net, opt, data, rng, cfg: dict, *, start: float, budget: float, lr: float, crop: int, batch_size: int,
+           steps_per_epoch: int) -> tuple[list, float]:
+    """One epoch of random crops of ``data`` (warm-up then cosine learning rate over the budget);
+    ``(losses, last learning rate)``."""
+    import torch
+
+    from ._nets import density_loss
+
     warmup = 0.03 * budget
-    print(
-        f"training density counter ({backbone}, {blocks} blocks, "
-        f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters) for {minutes:g} min; "
-        f"held-out set: {n_val} images, mean {np.mean([len(c) for _, c in val]):.1f} cells",
-        flush=True,
-    )
-    while True:
-        elapsed = time.time() - start
-        if elapsed >= budget or (max_epochs is not None and state["epoch"] >= max_epochs):
+    net.train()
+    losses, cur = [], lr
+    for _ in range(steps_per_epoch):
+        frac = (time.time() - start) / budget
+        if frac >= 1:
             break
-        epoch = state["epoch"] + 1
-        data = _pool(rng, pool, cfg, params)
-        net.train()
-        losses = []
-        for step in range(steps_per_epoch):
-            frac = (time.time() - start) / budget
-            if frac >= 1:
-                break
-            cur = lr * min(1.0, (frac * budget + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-            for g in opt.param_groups:
-                g["lr"] = cur
-            idx = rng.integers(0, len(data), size=batch_size)
-            xs, ys = zip(*(random_crop(data[i][0], data[i][1], crop, rng=rng) for i in idx))
-            x = torch.from_numpy(np.stack(xs)[:, None]).contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(np.stack(ys)[:, None])
-            loss = density_loss(net(x), y, scale=cfg["density_scale"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-        if not losses:  # the budget ran out before this epoch's first step
-            break
-        metrics = evaluate_images(net, val, cfg)
-        state["epoch"] = epoch
-        state["steps"] = state.get("steps", 0) + len(losses)
-        state["elapsed"] = time.time() - start
-        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None,
-                  "minutes": state["elapsed"] / 60, "lr": cur, **metrics}
-        state["history"].append(record)
-        improved = metrics["mae"] < state["best_mae"]
-        print(
-            f"epoch {epoch:3d}  {state['elapsed'] / 60:5.1f} min  loss {record['loss']:.4f}  "
-            f"held-out MAE {metrics['mae']:.2f}  RMSE {metrics['rmse']:.2f}  "
-            f"rel {100 * metrics['mean_rel_error']:.1f}%  bias {metrics['bias']:+.2f}{'  *' if improved else ''}",
-            flush=True,
-        )
-        save_counter(net, cfg, ckpt_dir, overwrite=True)
-        with io.atomic_path(ckpt_dir / "optimizer.pt", overwrite=True) as tmp:
-            torch.save(opt.state_dict(), str(tmp))
-        if improved:
-            state["best_mae"] = metrics["mae"]
-            final = dict(cfg)
-            final["name"] = "counter-default"
-            final["training"] = {
-                "command": command,
-                "init": None if init is None else str(init),
-                "data": f"synthetic nuclei (cellsynth.count.synth.SynthParams defaults), 256x256, random {crop}x{crop} crops",
-                "seed": seed, "epoch": epoch, "steps": state["steps"], "minutes": round(state["elapsed"] / 60, 2),
-                "budget_minutes": minutes, "threads": torch.get_num_threads(), "crop": crop, "lr": lr,
-                "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
-                "held_out": {k: round(v, 4) for k, v in metrics.items()}, "n_held_out": n_val,
-            }
-            save_counter(net, final, out, half=True, overwrite=True)
-        io.write_json(ckpt_dir / "state.json", state, overwrite=True)
-    best = min(state["history"], key=lambda r: r["mae"]) if state["history"] else {}
-    print(f"done: {state['epoch']} epochs in {state['elapsed'] / 60:.1f} min; best held-out {best}", flush=True)
-    return best
+        cur = lr * min(1.0, (frac * budget + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        for g in opt.param_groups:
+            g["lr"] = cur
+        idx = rng.integers(0, len(data), size=batch_size)
+        xs, ys = zip(*(random_crop(data[i][0], data[i][1], crop, rng=rng) for i in idx))
+        x = torch.from_numpy(np.stack(xs)[:, None]).contiguous(memory_format=torch.channels_last)
+        y = torch.from_numpy(np.stack(ys)[:, None])
+        loss = density_loss(net(x), y, scale=cfg["density_scale"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses, cur
 
 
 def main(argv: Optional[list[str]] = None) -> int:
