@@ -350,3 +350,42 @@ def test_marker_classes_from_other_layers_reclassify_at_once(open_dock, make_nap
     w.markers.thresholds.value = "450"  # typed: re-classified at once, no new count
     assert {r["class"]: r["count"] for r in w.markers.summary["classes"]} == {"negative": 7, "Ki67+": 2}  # 500, 600
     assert w.markers.summary["threshold_method"] == "typed"
+
+
+@pytest.mark.slow
+def test_count_a_folder_shows_a_table_opens_an_image_with_its_points_and_resumes(open_dock, make_napari_viewer,
+                                                                                  qtbot, tmp_path):
+    from pathlib import Path
+
+    from napari.layers import Points
+    from skimage.draw import disk
+
+    from cellsynth import io
+
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    for name, n in (("a", 3), ("b", 5)):
+        img = np.full((64, 200), 10, np.uint8)
+        for k in range(n):
+            img[disk((32, 20 + 35 * k), 6)] = 200
+        io.write_tiff(folder / f"{name}.tif", img)
+    viewer = make_napari_viewer()
+    w = open_dock(viewer, "Count cells")
+    w.model.value = "classic"
+    w.diameter.value.value = 12.0
+    w.folder.folder.value = str(folder)
+
+    def run():
+        with qtbot.waitSignal(w.runner.finished, timeout=240000) as blocker:
+            w.folder.run(workers=1)
+        assert blocker.args[0] == "done", w.runner.last_error
+
+    run()
+    assert {Path(r["image"]).name: r["count"] for r in w.folder.rows} == {"a.tif": 3, "b.tif": 5}
+    assert w.folder.table.rowCount() == 2 and (folder / "cellsynth-counts" / "counts.csv").is_file()
+    assert w.folder.table.isVisibleTo(w) and "2 counted now" in w.folder.title.text()
+    w.folder.table.cellClicked.emit([Path(r["image"]).name for r in w.folder.rows].index("b.tif"), 0)
+    points = [layer for layer in viewer.layers if isinstance(layer, Points)]
+    assert "b" in viewer.layers and len(points) == 1 and len(points[0].data) == 5
+    run()  # again: the results are kept, nothing is counted twice
+    assert "0 counted now, 2 kept from before" in w.folder.title.text()

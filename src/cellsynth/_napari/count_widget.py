@@ -15,6 +15,7 @@ from ._counting import (LEGEND, DiameterField, apply_threshold, channel_count, c
                         current_frame, prepare_counter, refresh_count, result_name, show_points, style_as_count)
 from ._layers import on_layer_renamed, provenance, real_viewer
 from .compare import CompareSection
+from .folder_section import FolderSection
 from .markers_section import MarkersSection
 from .regions_section import RegionsSection
 from ._models import recent_models, registry_events
@@ -94,6 +95,8 @@ class CountWidget(QWidget):
         layout.addWidget(self.regions)
         self.markers = MarkersSection(self)
         layout.addWidget(self.markers)
+        self.folder = FolderSection(self)
+        layout.addWidget(self.folder)
         layout.addStretch(1)
 
         self.model.changed.connect(lambda v: setattr(self.model_file, "visible", v == "file"))
