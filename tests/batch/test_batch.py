@@ -509,3 +509,35 @@ def test_stylization_on_the_cluster_equals_the_serial_command(client, tmp_path, 
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "syn_dask" / "images").iterdir()}
     assert main(sty + ["--out", str(tmp_path / "syn_dask"), "--dask-scheduler", addr]) == 0  # done: nothing redone
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_count_batch_counts_cells_per_region_of_every_plane(client, tmp_path):
+    """Regions shared by every image (e.g. well quadrants): counts.csv gets each plane's cells per region."""
+    import csv
+
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    truth = {"w1": ([(20, 20), (20, 60), (70, 30)], [(30, 140)]), "w2": ([(40, 40)], [(20, 130), (70, 160), (50, 180)])}
+    for name, (left, right) in truth.items():
+        img = np.full((100, 200), 300, np.uint16)
+        for c in left + right:
+            img[disk(c, 6, shape=img.shape)] = 1500
+        tifffile.imwrite(folder / f"{name}.tif", img)
+    (tmp_path / "halves.csv").write_text(
+        "index,shape-type,vertex-index,axis-0,axis-1\n"
+        "0,rectangle,0,0,0\n0,rectangle,1,0,99\n0,rectangle,2,99,99\n0,rectangle,3,99,0\n"
+        "1,rectangle,0,0,100\n1,rectangle,1,0,199\n1,rectangle,2,99,199\n1,rectangle,3,99,100\n")
+    params = BatchParams(model="classic", diameter=12.0, regions=str(tmp_path / "halves.csv"))
+    res = count_batch([folder], tmp_path / "out", params=params, scheduler=client)
+    got = {Path(r["image"]).stem: (r["in region 1"], r["in region 2"]) for r in res.rows}
+    assert got == {k: (len(a), len(b)) for k, (a, b) in truth.items()}
+    with open(res.table, newline="") as fh:
+        header = next(csv.reader(fh))
+    assert header[-2:] == ["in region 1", "in region 2"]
+    # the regions are a view of the points: a re-run without them counts nothing again and drops the columns
+    again = count_batch([folder], tmp_path / "out", params=BatchParams(model="classic", diameter=12.0),
+                        scheduler=client)
+    assert again.counted == 0 and again.skipped == 2 and not any(k.startswith("in ") for k in again.rows[0])
+    with pytest.raises(FileNotFoundError):
+        count_batch([folder], tmp_path / "out2", params=BatchParams(model="classic", regions=str(tmp_path / "no.csv")),
+                    scheduler=client)

@@ -50,6 +50,9 @@ def register(subparsers) -> None:
                    help="tiles per forward pass (default: 2 on the CPU, 8 on a GPU)")
     p.add_argument("--large-pixels", type=int, default=LARGE_PIXELS,
                    help="planes with more pixels are counted in chunks, never read whole (default 4096*4096)")
+    p.add_argument("--regions", default=None, metavar="FILE",
+                   help="regions in every image's pixels (napari shapes CSV or GeoJSON, e.g. well quadrants): "
+                        "counts.csv gets the cells of each plane in each region (columns 'in <region>')")
     p.add_argument("--scheduler", default="local",
                    help="'local' (a new local cluster of processes) or the address of a running dask scheduler, "
                         "e.g. tcp://host:8786 (default: local)")
@@ -69,7 +72,7 @@ def _count_batch(args) -> int:
 
     params = BatchParams(model=args.model, diameter=args.diameter, channel=args.channel, device=args.device,
                          tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-                         large_pixels=args.large_pixels)
+                         large_pixels=args.large_pixels, regions=args.regions)
     if args.scheduler != "local" and args.workers is not None:
         raise ValueError("--workers applies to --scheduler local; size a remote cluster where it runs")
     cb, close = tqdm_callback(disable=bool(args.quiet))

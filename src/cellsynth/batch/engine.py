@@ -63,6 +63,11 @@ class BatchParams:
     large_pixels : int
         Planes with more pixels than this are counted lazily in chunks
         (:func:`~cellsynth.batch.count_large`) instead of read whole.
+    regions : str, optional
+        A regions file (napari's shapes CSV or GeoJSON, see
+        :mod:`cellsynth.count.regions`) in every image's pixel coordinates, e.g.
+        the quadrants of a well: ``counts.csv`` gets a column ``in <region>`` with
+        the cells of each plane in each region.
 
     Examples
     --------
@@ -82,6 +87,7 @@ class BatchParams:
     overlap: Optional[int] = None
     batch_size: Optional[int] = None
     large_pixels: int = LARGE_PIXELS
+    regions: Optional[str] = None
 
     def __post_init__(self) -> None:
         d = self.diameter
@@ -102,6 +108,8 @@ class BatchParams:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if int(self.large_pixels) != self.large_pixels or self.large_pixels < 64 * 64:
             raise ValueError(f"large_pixels must be a whole number >= 4096, got {self.large_pixels!r}")
+        if self.regions is not None:
+            object.__setattr__(self, "regions", str(self.regions))
 
 
 @dataclass
@@ -324,6 +332,7 @@ def count_batch(
     paths = find_images(list(inputs) if isinstance(inputs, (list, tuple)) else [inputs], skip=out)
     if workers is not None and scheduler in (None, "local"):
         local_workers(workers)  # refused before anything is written
+    regions = _read_regions(params.regions)
     folder = _Folder(out)
     with contextlib.ExitStack() as stack:
         cluster = None
@@ -339,7 +348,19 @@ def count_batch(
             stack.callback(cluster.join)
         return _count_batch(paths, out, params, settings, counter, folder, cluster, stack, scheduler=scheduler,
                             workers=workers, threads_per_worker=threads_per_worker, overwrite=overwrite,
-                            progress=progress, t0=t0)
+                            progress=progress, t0=t0, regions=regions)
+
+
+def _read_regions(path: Optional[str]):
+    """The regions of ``params.regions`` (read before any work), or None."""
+    if path is None:
+        return None
+    from ..count.regions import read_regions
+
+    regions = read_regions(path)
+    if not regions:
+        raise ValueError(f"{path} holds no regions (rectangles, ellipses or polygons)")
+    return regions
 
 
 def _plan(paths, folder, out, overwrite: bool):
@@ -373,7 +394,7 @@ def _plan(paths, folder, out, overwrite: bool):
 
 
 def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, *, scheduler, workers,
-                 threads_per_worker, overwrite, progress, t0) -> BatchResult:
+                 threads_per_worker, overwrite, progress, t0, regions=None) -> BatchResult:
     """The body of :func:`count_batch`: plan, count on ``cluster`` (started when None), write the results."""
 
     # 1. plan: one task per plane not done yet
@@ -444,7 +465,7 @@ def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, 
     for r in have:
         if not (folder.points / f"{names[r]}.csv").exists():
             finish_image(r)
-    rows = _rows(folder.all_records())
+    rows = _rows(folder.all_records(), regions)
     table = _write_table(folder.table, rows)
     plot = _write_plot(folder.plot, rows) if rows else None
     return BatchResult(rows=rows, counted=n_new, skipped=skipped, errors=errors, table=table,

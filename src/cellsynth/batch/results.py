@@ -147,12 +147,15 @@ class _Folder:
         return io.write_points_csv(path, points, features=feats, overwrite=overwrite)
 
 
-def _rows(recs: list[dict]) -> list[dict]:
+def _rows(recs: list[dict], regions=None) -> list[dict]:
+    """The rows of ``counts.csv``; with ``regions``, the cells of each plane in each (columns ``in <region>``)."""
     rows = []
+    masks: dict = {}
     for r in recs:
         rows.append({
             "image": r["source"],
             "points_csv": f"points/{r['name']}.csv",
+            **_in_regions(r, regions, masks),
             "plane": r["plane"],
             "stack_index": " ".join(f"{a}{v}" for a, v in zip(r.get("axes", ""), r["index"])),
             "count": r["count"],
@@ -165,9 +168,23 @@ def _rows(recs: list[dict]) -> list[dict]:
     return rows
 
 
+def _in_regions(rec: dict, regions, masks: dict) -> dict:
+    """``{"in <region>": cells}`` of one plane's record (empty without regions or positions)."""
+    if not regions or "shape" not in rec or rec.get("kind") == "regression":
+        return {}
+    from ..count.regions import count_in_regions, region_masks
+
+    shape = tuple(int(v) for v in rec["shape"])
+    if shape not in masks:
+        masks[shape] = region_masks(regions, shape)
+    rows = count_in_regions(np.asarray(rec["points"], float).reshape(-1, 2), regions, shape, masks=masks[shape])
+    return {f"in {row['region']}": row["count"] for row in rows}
+
+
 def _write_table(path: Path, rows: list[dict]) -> Path:
     cols = ["image", "plane", "stack_index", "count", "diameter", "diameter_source", "model", "lazy", "seconds",
             "points_csv"]
+    cols += list(dict.fromkeys(k for r in rows for k in r if k.startswith("in ")))
     with io.atomic_path(path, overwrite=True) as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=cols)
