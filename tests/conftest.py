@@ -82,7 +82,7 @@ def open_dock():
 
 
 #: What in a test's own code makes it ``slow``: it starts interpreters or a dask cluster.
-_SLOW_SIGNS = ("subprocess.", "sys.executable", "LocalCluster", '"--scheduler", "local"', 'scheduler="local"',
+_SLOW_SIGNS = ("subprocess.", "sys.executable", "LocalCluster", 'cluster_client("local"', '"--scheduler", "local"', 'scheduler="local"',
                "--workers")
 
 
@@ -97,9 +97,14 @@ def pytest_collection_modifyitems(config, items):
         if "make_napari_viewer" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.gui)
         func = getattr(item, "function", None)
-        try:
-            source = inspect.getsource(func) if func is not None else ""
-        except (OSError, TypeError):
-            source = ""
+        # the test's own source and that of the fixtures it uses (a fixture may start the cluster)
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}) or {}
+        funcs = [func] + [d.func for fds in defs.values() for d in fds if getattr(d, "baseid", "") != ""]
+        source = ""
+        for f in funcs:
+            try:
+                source += inspect.getsource(f) if f is not None else ""
+            except (OSError, TypeError):
+                pass
         if any(sign in source for sign in _SLOW_SIGNS):
             item.add_marker(pytest.mark.slow)

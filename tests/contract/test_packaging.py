@@ -20,6 +20,7 @@ def _loaded_after(code: str) -> set:
     return set(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.slow  # a fresh interpreter per probe
 @pytest.mark.parametrize(
     "module, banned",
     [
