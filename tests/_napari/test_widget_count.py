@@ -374,10 +374,11 @@ def test_count_a_folder_shows_a_table_opens_an_image_with_its_points_and_resumes
     w.model.value = "classic"
     w.diameter.value.value = 12.0
     w.folder.folder.value = str(folder)
+    w.folder.workers = 1
 
     def run():
         with qtbot.waitSignal(w.runner.finished, timeout=240000) as blocker:
-            w.folder.run(workers=1)
+            w.folder.count_button.native.click()
         assert blocker.args[0] == "done", w.runner.last_error
 
     run()

@@ -39,7 +39,8 @@ class FolderSection(QWidget):
                                 tooltip=f"where counts.csv, counts.png and points/ go (default: {RESULTS_NAME} in "
                                         "the folder); a run stopped part-way resumes there")
         self.count_button = PushButton(text="Count folder")
-        self.count_button.changed.connect(self.run)
+        self.workers: Optional[int] = None  # local cluster workers (None: as the machine allows)
+        self.count_button.changed.connect(lambda *_: self.run())
         self.title = QLabel("")
         self.title.setWordWrap(True)
         self.table = QTableWidget(0, 3)
@@ -73,14 +74,14 @@ class FolderSection(QWidget):
         out = str(self.results.value)
         return folder, (Path(out) if out not in ("", ".") else folder / RESULTS_NAME)
 
-    def run(self, workers: Optional[int] = None) -> None:
+    def run(self) -> None:
         """Count every image of the folder with the dock's settings (resuming earlier results there)."""
         paths = self._paths()
         if paths is None or self.dock.runner.running:
             return
         folder, out = paths
         model = self.dock.model.value if self.dock.model.value != "file" else str(self.dock.model_file.value)
-        diameter = self.dock.diameter.arg()
+        diameter, workers = self.dock.diameter.arg(), self.workers
 
         def work(progress):
             from ..batch import BatchParams, count_batch

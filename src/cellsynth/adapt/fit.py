@@ -242,7 +242,7 @@ def fit_point_settings(
         return base_i if losses[base_i] <= losses[order[0]] + 1e-12 else int(order[0])
 
     cv, base_cv, per_fold = 0.0, 0.0, []
-    weights = stats[base_i, :, 1]
+    weights = np.maximum(stats[base_i, :, 1], 1.0)  # a fold without cells still counts its extra points
     for f in range(len(folds)):
         rest = np.array([g != f for g in range(len(folds))])
         c = choose(rest)

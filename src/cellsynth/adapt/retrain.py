@@ -49,7 +49,7 @@ from ._common import (AdaptParams, AdaptResult, Steps, check_budget, check_image
 from ._output import check_out
 from ._train import Item, crop_item, finetune, forward_density, make_item, peak_count, stack_batch
 from .fast_style import matched_layouts
-from .fit import FitResult, fit_point_settings
+from .fit import GRID, FitResult, fit_point_settings
 from .stats import combine_stats, estimate_image_stats
 
 __all__ = ["retrain_counter", "region_mask", "region_error", "split_validation", "validation_error"]
@@ -214,13 +214,18 @@ def validation_error(counter, images, points, val_boxes, diameter: float) -> dic
         if not vb:
             continue
         res = count_cells(im, counter=counter, diameter=diameter, engine="torch")
-        mask = region_mask(np.asarray(im).shape[:2], vb)
+        shape = np.asarray(im).shape[:2]
+        mask = region_mask(shape, vb)
         t_in, p_in = _inside(pts, mask), _inside(res.points, mask)
-        m = match_points(res.points, pts, radius=0.5 * diameter, indices=True)
+        # matched near the strips only (a point farther than the radius from them cannot matter)
+        r = 0.5 * diameter
+        near = region_mask(shape, [(max(0.0, b[0] - r), max(0.0, b[1] - r), b[2] + r, b[3] + r) for b in vb])
+        t_near, p_near = np.flatnonzero(_inside(pts, near)), np.flatnonzero(_inside(res.points, near))
+        m = match_points(np.asarray(res.points)[p_near], np.asarray(pts)[t_near], radius=r, indices=True)
         matched_true = np.zeros(len(t_in), bool)
-        matched_true[m["pairs"][:, 1]] = True
+        matched_true[t_near[m["pairs"][:, 1]]] = True
         matched_pred = np.zeros(len(p_in), bool)
-        matched_pred[m["pairs"][:, 0]] = True
+        matched_pred[p_near[m["pairs"][:, 0]]] = True
         misses += int((t_in & ~matched_true).sum())
         extras += int((p_in & ~matched_pred).sum())
         tp += int((t_in & matched_true).sum())
@@ -244,10 +249,15 @@ WEAK_VALIDATION = 20
 MIN_FIXED = 2
 
 
-def _fit_settings(counter, planes, points, boxes, diameter, progress) -> FitResult:
-    """:func:`~cellsynth.adapt.fit.fit_point_settings` for density counters; other kinds keep their settings."""
+def _fit_settings(counter, planes, points, boxes, diameter, progress, scale: bool = True) -> FitResult:
+    """:func:`~cellsynth.adapt.fit.fit_point_settings` for density counters; other kinds keep their settings.
+
+    ``scale=False`` (no diameter given: counted at the model's scale, where a nucleus size has no effect) keeps
+    the counter's ``diameter_scale``.
+    """
     if counter.kind == "density":
-        return fit_point_settings(counter, planes, points, boxes, diameter, progress=progress)
+        grid = GRID if scale else {**GRID, "diameter_scale": ()}
+        return fit_point_settings(counter, planes, points, boxes, diameter, progress=progress, grid=grid)
     own = {}
     return FitResult(settings=own, base=own, accepted=False, cv_loss=0.0, base_cv_loss=0.0,
                      config=copy.deepcopy(counter.config))
@@ -264,14 +274,12 @@ def _settings_line(fit: FitResult) -> str:
         f" ({loss})"
 
 
-def _decision(accepted: bool, validate: bool, before: dict, after: dict, fit: Optional[FitResult] = None) -> str:
+def _decision(accepted: bool, validate: bool, before: dict, after: dict, fit: FitResult) -> str:
     """One line a person can judge: what was decided, on what evidence, with the numbers.
 
     ``accepted``: whether the retrained network was kept; ``fit``: the point settings fitted before.
     """
     line = _network_line(accepted, validate, before, after)
-    if fit is None:
-        return line.replace("retrained network kept", "accepted").replace("retrained network not kept", "kept the base")
     verdict = "accepted" if (accepted or fit.accepted) else "kept the base"
     return f"{verdict}: {_settings_line(fit)}; {line}"
 
@@ -361,7 +369,7 @@ def retrain_counter(
     seed : int
     device : str or torch.device
     progress : ProgressCallback, optional
-        Stages ``"count before"``, ``"train"``, ``"check"``, ``"count after"``;
+        Stages ``"fit settings"``, ``"count before"``, ``"train"``, ``"check"``, ``"count after"``;
         may raise ``Cancelled`` (then nothing is written).
     overwrite : bool
     params : AdaptParams, optional
@@ -391,7 +399,8 @@ def retrain_counter(
     # 2. the base, the diameter and the point settings fitted to the corrections
     run.base = load_base(base, run.dev)
     run.diameter(diameter)
-    run.fit = _fit_settings(run.base, run.flat, run.pts, run.checked, run.d_user, progress)
+    run.fit = _fit_settings(run.base, run.flat, run.pts, run.checked, run.d_user, progress,
+                            scale=diameter is not None)
     run.lap("fit_settings")
     # 3.-4. working scale, validation strips, targets, replay layouts
     run.targets()
@@ -429,8 +438,8 @@ class _Run(Steps):
         self.restart()
 
     def diameter(self, diameter) -> None:
-        if diameter is None:
-            self.d_user, self.per_image = self.base.diameter, []
+        if diameter is None:  # at the base's own scale, as count_cells(diameter=None) counts
+            self.d_user, self.per_image = self.base.diameter / self.base.settings.diameter_scale, []
         else:
             self.per_image = [estimate_image_stats(im, diameter=diameter) for im in self.imgs]
             self.d_user = combine_stats(self.per_image)["diameter"]
@@ -438,7 +447,7 @@ class _Run(Steps):
 
     def targets(self) -> None:
         """Working scale, validation strips, density targets and loss masks at that scale."""
-        d_eff = self.d_user * CounterConfig.of(self.fit.config).diameter_scale  # as the fitted settings see them
+        self.d_eff = d_eff = self.d_user * CounterConfig.of(self.fit.config).diameter_scale  # as the fit sees them
         # at the base's own scale: the network learns the images' look, not a new scale, and the held-out
         # strip compares it with the base as the base counts
         self.s = self.base.diameter
@@ -465,7 +474,7 @@ class _Run(Steps):
         p = self.p
         fg = float(np.mean([st["foreground_fraction"] for st in self.per_image])) if self.per_image else 0.15
         n_replay = max(1, p.n_layouts // 2)
-        lays = matched_layouts({"diameter": self.d_user, "foreground_fraction": fg}, n_replay + p.n_holdout,
+        lays = matched_layouts({"diameter": self.d_eff, "foreground_fraction": fg}, n_replay + p.n_holdout,
                                shape=(p.layout_size, p.layout_size), scale=self.factor, references=self.planes,
                                rng=self.seed)
         self.replay_items = [make_item(img, cen, self.config) for img, cen in lays[:n_replay]]
@@ -473,7 +482,7 @@ class _Run(Steps):
         self.lap("layouts")
 
     def val_score(self) -> dict:
-        return validation_error(self.live, self.imgs, self.pts, self.val_boxes, self.d_user)
+        return validation_error(self.live, self.flat, self.pts, self.val_boxes, self.d_user)
 
     def score_base(self) -> None:
         from ..count.models import Counter, to_device

@@ -492,6 +492,7 @@ def count_planes(image: Any, *, counter: Any, diameter: Union[float, str, None] 
         per.append(res.count)
         report(progress, "planes", k + 1, len(indices))
     meta = {**meta, "diameter_used": d, "diameter_source": source, "n_planes": len(indices), "lazy": True}
-    return CountResult(count=int(round(float(np.sum(per)))), points=np.concatenate(pts),
-                       scores=np.concatenate(scores), density=None,
+    return CountResult(count=int(round(float(np.sum(per)))),
+                       points=np.concatenate(pts) if pts else np.zeros((0, 2 + len(lead))),
+                       scores=np.concatenate(scores) if scores else np.zeros(0), density=None,
                        per_plane=np.array(per, float).reshape(lead if lead else (1,)), density_sum=None, meta=meta)

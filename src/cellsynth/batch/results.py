@@ -176,7 +176,12 @@ def _in_regions(rec: dict, regions, masks: dict) -> dict:
 
     shape = tuple(int(v) for v in rec["shape"])
     if shape not in masks:
-        masks[shape] = region_masks(regions, shape)
+        try:
+            masks[shape] = region_masks(regions, shape)
+        except ValueError:  # a region outside this image's size: no count there, the others are kept
+            masks[shape] = None
+    if masks[shape] is None:
+        return {f"in {region.name}": None for region in regions}
     rows = count_in_regions(np.asarray(rec["points"], float).reshape(-1, 2), regions, shape, masks=masks[shape])
     return {f"in {row['region']}": row["count"] for row in rows}
 

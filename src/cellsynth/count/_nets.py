@@ -180,7 +180,6 @@ def density_loss(pred: torch.Tensor, target: torch.Tensor, *, scale: float, coun
     return mse + count_weight * count
 
 
-@torch.no_grad()
 def fold_batchnorm(net: nn.Module) -> nn.Module:
     """An inference copy of ``net`` with every BatchNorm folded into the convolution before it.
 

@@ -51,11 +51,14 @@ __all__ = ["TrainConfig", "TrainResult", "train_counter", "ema_update", "STRATEG
 
 def ema_update(teacher, student, decay: float) -> None:
     """Move ``teacher`` towards ``student``: ``t = decay * t + (1 - decay) * s`` (integer buffers copied)."""
-    for pt, ps in zip(teacher.state_dict().values(), student.state_dict().values()):
-        if pt.dtype.is_floating_point:
-            pt.mul_(decay).add_(ps.detach(), alpha=1 - decay)
-        else:
-            pt.copy_(ps)
+    import torch
+
+    with torch.no_grad():
+        for pt, ps in zip(teacher.state_dict().values(), student.state_dict().values()):
+            if pt.dtype.is_floating_point:
+                pt.mul_(decay).add_(ps.detach(), alpha=1 - decay)
+            else:
+                pt.copy_(ps)
 
 
 # ----------------------------------------------------------------------------- batches
