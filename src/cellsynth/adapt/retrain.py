@@ -492,9 +492,16 @@ class _Run(Steps):
         dev = self.dev
         self.base_net = copy.deepcopy(self.base.net).float().to(dev).eval()
         self.net = copy.deepcopy(self.base_net)
-        # the candidate as counting runs it (points reconciled with objects), sharing the training network
-        self.live = to_device(Counter(kind="density", name="retrained", config=copy.deepcopy(self.config),
-                                      net=self.net), dev)
+        # the candidate as counting runs it (points reconciled with objects), sharing the training network; off
+        # the CPU it stays in float32 (to_device would turn the network being trained into half precision)
+        live = Counter(kind="density", name="retrained", config=copy.deepcopy(self.config), net=self.net)
+        if dev.type == "cpu":
+            self.live = to_device(live, dev)
+        else:
+            import torch
+
+            live.device, live.dtype = dev, torch.float32
+            self.live = live
         self.before = {"region_error": region_error(self.base_net, self.config, self.user, dev)["error"],
                        "synthetic_error": _synthetic_error(self.base_net, self.config, self.holdout, dev)}
         self.validate = any(self.val_boxes)
