@@ -13,7 +13,7 @@ from cellsynth.adapt import (AdaptParams, adapt_counter, estimate_image_stats, f
                              style_distance)
 from cellsynth.adapt import adapt as adapt_mod
 from cellsynth.adapt._train import crop_item, make_item, masked_density_loss
-from cellsynth.adapt.retrain import region_mask
+from cellsynth.adapt.checked import region_mask
 from cellsynth.cli import main
 from cellsynth.count import count_cells, load_counter
 from cellsynth.count.models import counter_config, save_counter

@@ -89,7 +89,7 @@ def test_retraining_keeps_fitted_settings_when_the_network_is_not_better(cases, 
 def test_a_nucleus_on_the_strips_edge_is_no_validation_error():
     from skimage.draw import disk
 
-    from cellsynth.adapt.retrain import validation_error
+    from cellsynth.adapt.checked import validation_error
 
     img = np.zeros((40, 100), np.uint8)
     for c in (20, 50, 80):

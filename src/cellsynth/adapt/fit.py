@@ -33,6 +33,7 @@ from ..count.metrics import match_points
 from ..count.objects import ObjectParams, plane_objects, reconcile_with_objects
 from ..count.preprocess import counter_input
 from ..progress import ProgressCallback, report
+from .checked import inside, region_mask
 
 __all__ = ["FitResult", "GRID", "fit_point_settings", "fold_masks", "with_settings"]
 
@@ -120,7 +121,7 @@ def fold_masks(shapes: Sequence[tuple[int, int]], boxes: Sequence[Sequence[tuple
         out = []
         for i in range(n):
             masks = [None] * n
-            masks[i] = _box_mask(shapes[i], boxes[i])
+            masks[i] = region_mask(shapes[i], boxes[i]) > 0
             out.append(masks)
         return out
     out = [[None] * n for _ in range(k)]
@@ -134,20 +135,6 @@ def fold_masks(shapes: Sequence[tuple[int, int]], boxes: Sequence[Sequence[tuple
         for j in range(k):
             out[j][i] = parts[j] if parts[j].any() else None
     return out
-
-
-def _box_mask(shape, boxes) -> np.ndarray:
-    m = np.zeros(shape, bool)
-    for r0, c0, r1, c1 in boxes:
-        m[r0:r1, c0:c1] = True
-    return m
-
-
-def _inside(points: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    pts = np.asarray(points, float).reshape(-1, 2)
-    r = np.clip(np.floor(pts[:, 0] + 0.5).astype(int), 0, mask.shape[0] - 1)
-    c = np.clip(np.floor(pts[:, 1] + 0.5).astype(int), 0, mask.shape[1] - 1)
-    return mask[r, c]
 
 
 def _loss(stats: np.ndarray) -> float:
@@ -209,7 +196,7 @@ def fit_point_settings(
     for i, (raw, true) in enumerate(zip(images, points)):
         plane = counter_input(np.asarray(raw), counter.config.get("normalize", {}))
         masks = [f[i] for f in folds]
-        true_in = [None if m is None else np.asarray(true, float).reshape(-1, 2)[_inside(true, m)] for m in masks]
+        true_in = [None if m is None else np.asarray(true, float).reshape(-1, 2)[inside(true, m)] for m in masks]
         for ds in values["diameter_scale"]:
             factor = counter.diameter / (diameter * ds)
             dens = model_density(counter, plane, factor)
@@ -229,7 +216,7 @@ def fit_point_settings(
                 for f, (m, t) in enumerate(zip(masks, true_in)):
                     if m is None:
                         continue
-                    p = pts[_inside(pts, m)]
+                    p = pts[inside(pts, m)]
                     tp = match_points(p, t, radius=radius)["tp"]
                     stats[c, f] += (len(p), len(t), tp, abs(len(p) - len(t)))
             steps += 1
