@@ -183,6 +183,7 @@ def test_correct_mark_regions_and_retrain(open_dock, make_napari_viewer, qtbot, 
     loop.params = AdaptParams(crop=64, batch_size=2, n_layouts=3, n_holdout=2, layout_size=64, max_steps=2,
                               min_steps=2)
     loop.retrain_minutes.value = 0.05
+    assert loop.curves.canvas is None  # the plot is made when there is something to draw, not as the dock opens
     assert _click(qtbot, loop, loop.retrain_button, timeout=240000) == "done", loop.runner.last_error
     assert seen[0]["regions"] == [[(0, 0, 48, 48)]] and seen[0]["base"] == str(tiny_model)
     assert len(seen[0]["points"][0]) == n and [40.0, 40.0] in seen[0]["points"][0].tolist()
@@ -193,6 +194,7 @@ def test_correct_mark_regions_and_retrain(open_dock, make_napari_viewer, qtbot, 
     assert "Retrained counter saved" in loop.result_label.text() and "→" in loop.result_label.text()
     steps = seen_report(out)["training"]["steps"]  # the curves of the run: one loss per training step
     assert loop.curves.isVisibleTo(loop) and len(loop.curves.series["loss"]) == steps > 0
+    assert loop.curves.canvas is not None and loop.curves.figure.axes
     assert recent_models()[0]["path"] == str(out)
 
 

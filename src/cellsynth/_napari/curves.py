@@ -49,28 +49,33 @@ class TrainingCurves(QWidget):
 
     def __init__(self, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(3.2, 1.8), dpi=100)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(150)
+        self.figure = self.canvas = None  # made at the first drawing: opening the dock imports no matplotlib
         self.matched = QLabel("")
         self.matched.setWordWrap(True)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas)
-        layout.addWidget(self.matched)
+        self._layout = QVBoxLayout(self)
+        self._layout.setContentsMargins(0, 0, 0, 0)
+        self._layout.addWidget(self.matched)
         self.series: dict = {}
         self.setVisible(False)
+
+    def _canvas(self):
+        if self.canvas is None:
+            from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+            from matplotlib.figure import Figure
+
+            self.figure = Figure(figsize=(3.2, 1.8), dpi=100)
+            self.canvas = FigureCanvasQTAgg(self.figure)
+            self.canvas.setMinimumHeight(150)
+            self._layout.insertWidget(0, self.canvas)
+        return self.figure
 
     def show_report(self, report: dict) -> None:
         """Draw the curves of ``report`` (nothing to draw: hidden)."""
         self.series = curve_points(report if isinstance(report, dict) else {})
-        self.figure.clear()
         if not self.series["loss"]:
             self.setVisible(False)
             return
+        self._canvas().clear()
         ax = self.figure.add_subplot(111)
         steps, loss = zip(*self.series["loss"])
         ax.plot(steps, loss, color="tab:blue", lw=1)
