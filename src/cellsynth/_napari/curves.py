@@ -58,7 +58,7 @@ class TrainingCurves(QWidget):
         self.series: dict = {}
         self.setVisible(False)
 
-    def _canvas(self):
+    def _figure(self):
         if self.canvas is None:
             from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
             from matplotlib.figure import Figure
@@ -75,7 +75,7 @@ class TrainingCurves(QWidget):
         if not self.series["loss"]:
             self.setVisible(False)
             return
-        self._canvas().clear()
+        self._figure().clear()
         ax = self.figure.add_subplot(111)
         steps, loss = zip(*self.series["loss"])
         ax.plot(steps, loss, color="tab:blue", lw=1)
