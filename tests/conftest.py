@@ -86,13 +86,27 @@ _SLOW_SIGNS = ("subprocess.", "sys.executable", "LocalCluster", 'cluster_client(
                "--workers")
 
 
+def _starts_something(func, seen: dict) -> bool:
+    """Whether ``func``'s source shows a slow sign (looked up once per function: parametrised tests and
+    shared fixtures would otherwise be read again for every test)."""
+    import inspect
+
+    key = getattr(func, "__code__", func)
+    if key not in seen:
+        try:
+            source = inspect.getsource(func)
+        except (OSError, TypeError):
+            source = ""
+        seen[key] = any(sign in source for sign in _SLOW_SIGNS)
+    return seen[key]
+
+
 def pytest_collection_modifyitems(config, items):
     """``gui`` on every test that opens a napari viewer, ``slow`` on those that start interpreters or clusters.
 
     ``pytest -m "not slow and not gui"`` is the quick run; ``.ci/run`` runs everything.
     """
-    import inspect
-
+    seen: dict = {}
     for item in items:
         if "make_napari_viewer" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.gui)
@@ -100,11 +114,5 @@ def pytest_collection_modifyitems(config, items):
         # the test's own source and that of the fixtures it uses (a fixture may start the cluster)
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}) or {}
         funcs = [func] + [d.func for fds in defs.values() for d in fds if getattr(d, "baseid", "") != ""]
-        source = ""
-        for f in funcs:
-            try:
-                source += inspect.getsource(f) if f is not None else ""
-            except (OSError, TypeError):
-                pass
-        if any(sign in source for sign in _SLOW_SIGNS):
+        if any(_starts_something(f, seen) for f in funcs if f is not None):
             item.add_marker(pytest.mark.slow)

@@ -95,6 +95,7 @@ def _tiny_stain_model(folder):
     return folder
 
 
+@pytest.mark.slow  # a timing benchmark of four real jobs (each run twice): the whole suite runs it, the quick run not
 @pytest.mark.usefixtures("one_torch_thread")
 def test_long_jobs_never_stall_the_event_loop(open_dock, make_napari_viewer, qtbot, capsys, tmp_path):
     from cellsynth.io import read_tiff
