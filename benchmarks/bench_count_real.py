@@ -50,7 +50,7 @@ def real_cases(folder: Path):
 
 def synthetic_cases(n: int, seed: int = 12345):
     """Held-out synthetic images with nuclei from 8 to 60 px (log-uniform); seed 12345 is this benchmark's."""
-    from cellsynth.count.calibrate import synthetic_cases as cases
+    from cellsynth.tools.calibrate import synthetic_cases as cases
 
     return cases(n, seed)
 

@@ -34,7 +34,7 @@ def main() -> int:
     from cellsynth.stain.model import load_stain_model, to_unit
     from cellsynth.stain.params import StainParams
     from cellsynth.stain.simulate import simulate_stain_pair
-    from cellsynth.stain.train_demo import VAL_SEED
+    from cellsynth.tools.train_demo import VAL_SEED
 
     torch.set_num_threads(args.threads)
     pipe = load_stain_model(args.model, device="cpu")

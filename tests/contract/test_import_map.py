@@ -124,7 +124,7 @@ def test_the_dataset_writers_do_not_reach_up_into_batch():
 #: package and packages on lower floors. Within the rooms' floor, layouts (the generator) sits below the
 #: rooms that draw layouts (count's synthetic data, stain's simulation, stylize's datasets).
 FLOORS = {"layouts": 2.0, "count": 2.1, "stain": 2.1, "stylize": 2.2, "adapt": 3.0, "batch": 3.0, "_napari": 4.0,
-          "cli": 5.0}
+          "cli": 5.0, "tools": 6.0}
 
 
 def _room(module: str) -> str:
@@ -152,6 +152,8 @@ def _private_imports() -> list[str]:
             if not (isinstance(node, ast.ImportFrom) and node.level):
                 continue
             base = here_pkg[: len(here_pkg) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            if _room(name) == "tools":
+                continue  # the build scripts of the shipped weights train the rooms' own networks
             if len(base) < 2 or base[1] == _room(name) or (len(base) == 2 and base[1].startswith("_")):
                 continue  # the same room, or a private module at the package's top (shared by every room)
             hidden = [p for p in base[2:] if p.startswith("_")]
@@ -159,6 +161,13 @@ def _private_imports() -> list[str]:
             if hidden or names:
                 found.append(f"{name}: from {'.'.join(base)} import {', '.join(a.name for a in node.names)}")
     return found
+
+
+def test_the_library_never_imports_the_build_scripts():
+    """``cellsynth.tools`` (training and calibrating the shipped weights) is run by hand, not imported."""
+    users = [f"{m} -> {d}" for m, deps in import_map().items() for d in deps
+             if _room(d) == "tools" and _room(m) != "tools"]
+    assert not users and "cellsynth.tools.train_default" in import_map(), users
 
 
 def test_no_room_imports_another_rooms_private_names():

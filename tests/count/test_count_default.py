@@ -98,7 +98,7 @@ def test_default_counts_an_empty_image_as_nearly_zero(default):
 
 
 def test_calibration_picks_the_lowest_error_and_restores_the_config(default):
-    from cellsynth.count.calibrate import calibrate_keep_outside, synthetic_cases
+    from cellsynth.tools.calibrate import calibrate_keep_outside, synthetic_cases
 
     cases = list(synthetic_cases(2, seed=5))
     before = dict(default.config["objects"])
@@ -112,7 +112,7 @@ def test_calibration_picks_the_lowest_error_and_restores_the_config(default):
 
 def test_shipped_keep_outside_is_the_recorded_calibration(default):
     cal = default.config.get("calibration")
-    assert cal is not None, "the default counter's peak filtering must come from cellsynth.count.calibrate"
+    assert cal is not None, "the default counter's peak filtering must come from cellsynth.tools.calibrate"
     assert cal["parameter"] == "objects.keep_outside"
     assert default.config["objects"]["keep_outside"] == cal["chosen"]
     errors = cal["mean_rel_error"]
@@ -120,7 +120,7 @@ def test_shipped_keep_outside_is_the_recorded_calibration(default):
 
 
 def test_calibrate_cli_refuses_a_folder_without_a_counter(tmp_path, capsys):
-    from cellsynth.count.calibrate import main
+    from cellsynth.tools.calibrate import main
 
     assert main([str(tmp_path), "--n", "1"]) == 2
     assert capsys.readouterr().err.startswith("error: ")

@@ -191,7 +191,7 @@ class StainWidget(QWidget):
     def train(self, *, steps_per_epoch: int = 0) -> None:
         """Train a model on a paired-data folder in a worker thread; it becomes the widget's model."""
         from ..stain.train import TrainConfig
-        from ..stain.train_demo import DEMO_MODEL
+        from ..stain.params import DEMO_MODEL
 
         data, out = str(self.train_data.value or ""), str(self.train_out.value or "")
         if data in ("", ".") or out in ("", "."):

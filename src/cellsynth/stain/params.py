@@ -15,6 +15,11 @@ FOREGROUND_MODES = ("auto", "brightest", "all")
 #: Samplers of the staining pipeline.
 SCHEDULERS = ("ddim", "ddpm")
 
+#: The UNet of the shipped demo model (``resources/models/stain-demo``, built by
+#: ``python -m cellsynth.tools.train_demo``); the staining dock trains a small model of this size.
+DEMO_MODEL = {"block_out_channels": [32, 64, 128], "layers_per_block": 1, "norm_num_groups": 16,
+              "attention_head_dim": 8, "dropout": 0.0, "prediction_type": "v_prediction"}
+
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field carrying its help text and limits (read by the CLI and the widgets)."""

@@ -13,7 +13,7 @@ folder's ``config.json`` (written atomically; the weights are not touched).
 
 Run::
 
-    python -m cellsynth.count.calibrate resources/models/counter-default [--n 48] [--seed 777] [--write]
+    python -m cellsynth.tools.calibrate resources/models/counter-default [--n 48] [--seed 777] [--write]
 
 No real image is used: calibration, like training, sees synthetic data only.
 """
@@ -48,7 +48,7 @@ def synthetic_cases(n: int, seed: int) -> Iterator[tuple[str, np.ndarray, np.nda
     >>> name, image.dtype, centres.shape[1], bool(8 <= d <= 70)
     ('synthetic_00', dtype('uint16'), 2, True)
     """
-    from .synth import SynthParams, synthetic_nuclei
+    from ..count.synth import SynthParams, synthetic_nuclei
 
     rng = np.random.default_rng(seed)
     for i in range(int(n)):
@@ -81,7 +81,7 @@ def calibrate_keep_outside(counter, cases: Sequence[tuple], grid: Sequence[float
         ``errors`` ({value: mean relative error}), ``best`` (the value with the
         lowest error; the lower value on ties) and ``n_images``.
     """
-    from .infer import count_cells
+    from ..count.infer import count_cells
 
     if counter.kind != "density" or not counter.config.get("objects"):
         raise ValueError("only a density counter with object reconciliation (config 'objects') can be calibrated")
@@ -111,9 +111,9 @@ def calibrate_keep_outside(counter, cases: Sequence[tuple], grid: Sequence[float
 
 def main(argv=None) -> int:
     from .. import io
-    from .models import load_counter
+    from ..count.models import load_counter
 
-    ap = argparse.ArgumentParser(prog="python -m cellsynth.count.calibrate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m cellsynth.tools.calibrate", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="counter folder (config.json + model.safetensors)")
     ap.add_argument("--n", type=int, default=48, help="number of synthetic images (default 48)")
     ap.add_argument("--seed", type=int, default=CALIBRATION_SEED)
@@ -142,9 +142,9 @@ def main(argv=None) -> int:
         cfg = io.read_json(folder / "config.json")
         cfg.setdefault("objects", {})["keep_outside"] = res["best"]
         cfg["calibration"] = {
-            "command": f"python -m cellsynth.count.calibrate {folder.as_posix()} --n {a.n} --seed {a.seed} --write",
+            "command": f"python -m cellsynth.tools.calibrate {folder.as_posix()} --n {a.n} --seed {a.seed} --write",
             "parameter": "objects.keep_outside",
-            "data": f"{res['n_images']} synthetic images (cellsynth.count.calibrate.synthetic_cases, seed {a.seed})",
+            "data": f"{res['n_images']} synthetic images (cellsynth.tools.calibrate.synthetic_cases, seed {a.seed})",
             "mean_rel_error": {f"{v:g}": round(e, 4) for v, e in res["errors"].items()},
             "chosen": res["best"],
         }

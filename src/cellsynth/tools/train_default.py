@@ -7,7 +7,7 @@ fine-tunes it on today's richer appearance model::
 
     git show 01d2b0f:resources/models/counter-default/model.safetensors > stage1/model.safetensors
     git show 01d2b0f:resources/models/counter-default/config.json > stage1/config.json
-    python -m cellsynth.count.train_default --out resources/models/counter-default --init stage1 \
+    python -m cellsynth.tools.train_default --out resources/models/counter-default --init stage1 \
         --minutes 45 --lr 1e-3        # then the same with --resume --minutes 75 (budget extended)
 
 The saved config also carries the default :class:`~cellsynth.count.objects.ObjectParams`:
@@ -41,10 +41,10 @@ from typing import Optional
 import numpy as np
 
 from .. import io
-from .models import counter_config, save_counter
-from .objects import ObjectParams
-from .synth import SynthParams, synthetic_nuclei
-from .targets import density_target, random_crop
+from ..count.models import counter_config, save_counter
+from ..count.objects import ObjectParams
+from ..count.synth import SynthParams, synthetic_nuclei
+from ..count.targets import density_target, random_crop
 
 VAL_SEED_OFFSET = 1_000_003
 
@@ -117,7 +117,7 @@ def train_default(
     torch.manual_seed(seed)
     net, opt, state = _start(cfg, ckpt_dir, init=init, resume=resume, blocks=blocks, lr=lr)
     rng = np.random.default_rng([seed, state["epoch"]])
-    command = "python -m cellsynth.count.train_default --out resources/models/counter-default"
+    command = "python -m cellsynth.tools.train_default --out resources/models/counter-default"
     if init is not None:
         command += f" --init {init} --minutes {minutes:g} --lr {lr:g}"
     val = held_out_set(n_val, seed=seed)
@@ -174,11 +174,11 @@ def _start(cfg: dict, ckpt_dir: Path, *, init, resume: bool, blocks: int, lr: fl
     """``(network, optimiser, state)``: new, from ``init``'s weights, or resumed from the checkpoint."""
     import torch
 
-    from ._nets import build_net
+    from ..count._nets import build_net
 
     net = build_net(cfg).to(memory_format=torch.channels_last)
     if init is not None and not resume:
-        from .models import load_counter
+        from ..count.models import load_counter
 
         start = load_counter(init, device="cpu")
         if start.config.get("kind") != "density" or start.config.get("blocks") != blocks:
@@ -203,7 +203,7 @@ def _epoch(net, opt, data, rng, cfg: dict, *, start: float, budget: float, lr: f
     ``(losses, last learning rate)``."""
     import torch
 
-    from ._nets import density_loss
+    from ..count._nets import density_loss
 
     warmup = 0.03 * budget
     net.train()
@@ -228,7 +228,7 @@ def _epoch(net, opt, data, rng, cfg: dict, *, start: float, budget: float, lr: f
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cellsynth.count.train_default", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m cellsynth.tools.train_default", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder (model.safetensors, config.json, checkpoint/)")
     ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock training budget (default 40)")
     ap.add_argument("--seed", type=int, default=0)

@@ -2,7 +2,7 @@
 
 Reproduce it with::
 
-    python -m cellsynth.stain.train_demo --out resources/models/stain-demo
+    python -m cellsynth.tools.train_demo --out resources/models/stain-demo
 
 Data: simulated brightfield / fluorescence pairs (:mod:`cellsynth.stain.simulate`),
 128x128 pixels, ``--n-train`` fields of view for training (seeds ``[seed, i]``) and
@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 from .. import io
+from ..stain.params import DEMO_MODEL
 
-DEMO_MODEL = {"block_out_channels": [32, 64, 128], "layers_per_block": 1, "norm_num_groups": 16,
-              "attention_head_dim": 8, "dropout": 0.0, "prediction_type": "v_prediction"}
 VAL_SEED = 1_000_003
 
 
@@ -50,7 +49,7 @@ def _readme(out: Path, doc: dict) -> None:
         "- Data: simulated brightfield (3 focus planes) / fluorescence (DNA, ER, RNA, AGP, Mito) pairs, "
         f"128x128 px: {t['n_fovs']} training fields of view (seed {t.get('seed', 0)}), "
         f"{ev.get('n', 0)} held-out ones (seed {VAL_SEED}).",
-        f"- Command: `{t.get('command', 'python -m cellsynth.stain.train_demo --out resources/models/stain-demo')}`",
+        f"- Command: `{t.get('command', 'python -m cellsynth.tools.train_demo --out resources/models/stain-demo')}`",
         f"- Training: {t['steps']} steps of batch {t['config']['batch_size']} ({t['epochs']} epochs), "
         f"64x64 crops, {t['seconds'] / 60:.1f} min on {t.get('device', 'CPU')}, torch threads: {t.get('threads', 1)}.",
         f"- Model: UNet2DModel {DEMO_MODEL['block_out_channels']}, {DEMO_MODEL['layers_per_block']} block per level, "
@@ -90,11 +89,11 @@ def main(argv=None) -> int:
     import torch
 
     from ..progress import tqdm_callback
-    from .metrics import evaluate_stain
-    from .pipeline_stain import load_stain_model
-    from .params import StainParams
-    from .simulate import simulate_stain_pairs
-    from .train import TrainConfig, train_stain
+    from ..stain.metrics import evaluate_stain
+    from ..stain.pipeline_stain import load_stain_model
+    from ..stain.params import StainParams
+    from ..stain.simulate import simulate_stain_pairs
+    from ..stain.train import TrainConfig, train_stain
 
     torch.set_num_threads(args.threads)
     out, data = Path(args.out), Path(args.data)
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
         print(key, json.dumps(final[key]["average"]), file=sys.stderr)
     final["n"] = final["no_guidance"]["n"]
     doc["training"].update(final=final, seed=args.seed, threads=args.threads, device="CPU",
-                           command="python -m cellsynth.stain.train_demo --out resources/models/stain-demo")
+                           command="python -m cellsynth.tools.train_demo --out resources/models/stain-demo")
     io.write_json(out / "config.json", doc, overwrite=True)
     _readme(out, doc)
     return 0
