@@ -541,3 +541,56 @@ def test_count_batch_counts_cells_per_region_of_every_plane(client, tmp_path):
     with pytest.raises(FileNotFoundError):
         count_batch([folder], tmp_path / "out2", params=BatchParams(model="classic", regions=str(tmp_path / "no.csv")),
                     scheduler=client)
+
+
+def _marker_image(path: Path, seed: int, positive: int, n: int = 16) -> None:
+    """Nuclei in channel 0, a marker in the first ``positive`` of ``n`` of them (channel 1)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 20, (2, 128, 128)).astype(np.uint16)
+    centres: list = []
+    while len(centres) < n:
+        c = rng.uniform(10, 118, 2)
+        if all(np.hypot(*(c - d)) > 22 for d in centres):
+            centres.append(c)
+    for k, c in enumerate(centres):
+        rr, cc = disk(tuple(c), 6, shape=img.shape[1:])
+        img[0, rr, cc] += 800
+        img[1, rr, cc] += 500 + 30 * k if k < positive else 25
+    tifffile.imwrite(path, img, imagej=True, metadata={"axes": "CYX"})
+
+
+def test_count_batch_classes_marker_positive_nuclei_as_the_count_command(client, tmp_path, capsys):
+    folder = tmp_path / "wells"
+    folder.mkdir()
+    truth = {"a": 5, "b": 11}
+    for k, (name, pos) in enumerate(truth.items()):
+        _marker_image(folder / f"{name}.tif", k, pos)
+    params = BatchParams(model="classic", diameter=12.0, channel=0, measure_channels="1", marker_names="Ki67")
+    res = count_batch([folder], tmp_path / "out", params=params, scheduler=client)
+    rows = {Path(r["image"]).stem: r for r in res.rows}
+    for name, pos in truth.items():
+        assert (rows[name]["count"], rows[name]["Ki67+"], rows[name]["negative"]) == (16, pos, 16 - pos)
+        # the same classes, thresholds and points as `cellsynth count` on the same image
+        assert main(["count", str(folder / f"{name}.tif"), "--model", "classic", "--diameter", "12", "--channel", "0",
+                     "--measure-channels", "1", "--marker-names", "Ki67", "--json", "--quiet"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert {c["class"]: c["count"] for c in doc["markers"]["classes"]} == {"negative": 16 - pos, "Ki67+": pos}
+        assert doc["markers"]["thresholds"] == [rows[name]["threshold Ki67"]]
+        with open(tmp_path / "out" / rows[name]["points_csv"], newline="") as fh:
+            classes = [p["class"] for p in csv.DictReader(fh)]
+        assert classes.count("Ki67+") == pos
+    with open(res.table, newline="") as fh:
+        header = next(csv.reader(fh))
+    assert {"negative", "Ki67+", "Ki67+ %", "threshold Ki67"} <= set(header)
+    # thresholds are applied to the records: a typed one counts nothing again and re-classes the points files
+    again = count_batch([folder], tmp_path / "out", params=BatchParams(
+        model="classic", diameter=12.0, channel=0, measure_channels=(1,), thresholds=(5000.0,)), scheduler=client)
+    assert again.counted == 0 and all(r["ch1+"] == 0 and r["negative"] == 16 for r in again.rows)
+    with open(tmp_path / "out" / "points" / "a.csv", newline="") as fh:
+        assert {p["class"] for p in csv.DictReader(fh)} == {"negative"}
+    # a channel the images do not have: an error per image, nothing recorded for it
+    bad = count_batch([folder], tmp_path / "out3", params=BatchParams(model="classic", diameter=12.0, channel=0,
+                                                                      measure_channels=(4,)), scheduler=client)
+    assert bad.counted == 0 and len(bad.errors) == 2 and "channels 0..1" in bad.errors[0]
+    with pytest.raises(ValueError, match="one finite number per measured channel"):
+        BatchParams(measure_channels=(1, 2), thresholds=(3.0,))

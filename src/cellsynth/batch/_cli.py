@@ -53,6 +53,14 @@ def register(subparsers) -> None:
     p.add_argument("--regions", default=None, metavar="FILE",
                    help="regions in every image's pixels (napari shapes CSV or GeoJSON, e.g. well quadrants): "
                         "counts.csv gets the cells of each plane in each region (columns 'in <region>')")
+    p.add_argument("--measure-channels", default=None, metavar="C1,C2",
+                   help="measure these channels within each nucleus and class it as marker-positive or not: "
+                        "counts.csv gets the nuclei of each class per plane, the points CSVs mean_<name> and class")
+    p.add_argument("--thresholds", default="auto", metavar="auto|V1,V2",
+                   help="one threshold per measured channel, or 'auto' (Otsu's method on each plane's per-nucleus "
+                        "means; default)")
+    p.add_argument("--marker-names", default=None, metavar="NAME1,NAME2",
+                   help="names of the measured channels in the class names (default ch<C>)")
     p.add_argument("--scheduler", default="local",
                    help="'local' (a new local cluster of processes) or the address of a running dask scheduler, "
                         "e.g. tcp://host:8786 (default: local)")
@@ -72,7 +80,9 @@ def _count_batch(args) -> int:
 
     params = BatchParams(model=args.model, diameter=args.diameter, channel=args.channel, device=args.device,
                          tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-                         large_pixels=args.large_pixels, regions=args.regions)
+                         large_pixels=args.large_pixels, regions=args.regions,
+                         measure_channels=args.measure_channels, thresholds=args.thresholds,
+                         marker_names=args.marker_names)
     if args.scheduler != "local" and args.workers is not None:
         raise ValueError("--workers applies to --scheduler local; size a remote cluster where it runs")
     cb, close = tqdm_callback(disable=bool(args.quiet))

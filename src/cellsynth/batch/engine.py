@@ -68,6 +68,17 @@ class BatchParams:
         :mod:`cellsynth.count.regions`) in every image's pixel coordinates, e.g.
         the quadrants of a well: ``counts.csv`` gets a column ``in <region>`` with
         the cells of each plane in each region.
+    measure_channels : tuple of int, optional
+        Channels measured within each nucleus (as ``cellsynth count
+        --measure-channels``): the records keep each nucleus's means, ``counts.csv``
+        gets the nuclei of each marker class per plane (``<class>``, ``<class> %``,
+        ``threshold <name>``) and the points CSVs ``mean_<name>`` and ``class``.
+    thresholds : tuple of float, optional
+        One per measured channel; None or ``"auto"``: Otsu's method on each
+        plane's per-nucleus means. Like ``regions``, thresholds and names are
+        applied to the records, so changing them recounts nothing.
+    marker_names : tuple of str, optional
+        Names of the measured channels (default ``ch<C>``).
 
     Examples
     --------
@@ -88,6 +99,9 @@ class BatchParams:
     batch_size: Optional[int] = None
     large_pixels: int = LARGE_PIXELS
     regions: Optional[str] = None
+    measure_channels: Optional[tuple] = None
+    thresholds: Optional[tuple] = None
+    marker_names: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         d = self.diameter
@@ -110,6 +124,20 @@ class BatchParams:
             raise ValueError(f"large_pixels must be a whole number >= 4096, got {self.large_pixels!r}")
         if self.regions is not None:
             object.__setattr__(self, "regions", str(self.regions))
+        from ..count.markers import marker_options
+
+        chans, thresholds, names = marker_options(self.measure_channels, self.thresholds or "auto",
+                                                  self.marker_names)
+        object.__setattr__(self, "measure_channels", tuple(chans) or None)
+        object.__setattr__(self, "thresholds", None if thresholds is None else tuple(thresholds))
+        object.__setattr__(self, "marker_names", None if names is None else tuple(names))
+
+    def markers(self) -> Optional[dict]:
+        """``{"names", "thresholds"}`` of the measured channels (thresholds None: automatic), or None."""
+        if not self.measure_channels:
+            return None
+        names = list(self.marker_names or (f"ch{c}" for c in self.measure_channels))
+        return {"names": names, "thresholds": None if self.thresholds is None else list(self.thresholds)}
 
 
 @dataclass
@@ -203,7 +231,7 @@ def count_plane(path: str, index: tuple, params: BatchParams, export: Optional[t
     # Reads happen here, in this process (a worker's own client would ship the file handles elsewhere).
     with dask.config.set(scheduler="synchronous"):
         res = count_large(arr, **kw) if lazy else count_cells(np.asarray(arr), **kw)
-    return {
+    out = {
         "count": res.count,
         "points": np.asarray(res.points, float).reshape(-1, 2),
         "scores": np.asarray(res.scores, float),
@@ -215,6 +243,43 @@ def count_plane(path: str, index: tuple, params: BatchParams, export: Optional[t
         "seconds": round(time.perf_counter() - t0, 3),
         "worker": f"{os.uname().nodename}:{os.getpid()}",
     }
+    if params.measure_channels:
+        out["means"] = np.round(plane_means(arr, ch, params.measure_channels, out["points"],
+                                            out["diameter"], path), 4).tolist()
+    return out
+
+
+def plane_means(arr, channel_axis: Optional[int], channels, points: np.ndarray, diameter: Optional[float],
+                path: str = "the image", band: int = 2048) -> np.ndarray:
+    """Per-nucleus means ``(K, len(channels))`` of a plane (numpy or dask), read in bands of rows.
+
+    The same numbers as :func:`~cellsynth.count.markers.nucleus_means` on the whole
+    plane (each band is read with a margin of one radius and the neighbouring
+    centres), so a plane too large to read whole is measured too.
+    """
+    from ..count.markers import nucleus_means
+
+    if channel_axis is None:
+        raise ValueError(f"{path} has one channel; measuring channels needs images with several channels")
+    n = arr.shape[channel_axis]
+    if any(not 0 <= c < n for c in channels):
+        raise ValueError(f"{path}: measured channels {list(channels)}, but the image has channels 0..{n - 1}")
+    chans = np.moveaxis(arr, channel_axis, 0) if channel_axis != 0 else arr
+    d = float(diameter or 15.0)  # as `cellsynth count` measures
+    p = np.asarray(points, float).reshape(-1, 2)
+    out = np.full((len(p), len(channels)), np.nan)
+    r = int(np.ceil(d / 2)) + 1
+    rows = chans.shape[1]
+    for top in range(0, rows, band):
+        mine = (p[:, 0] >= top) & (p[:, 0] < top + band)
+        if not mine.any():
+            continue
+        a, b = max(0, top - r), min(rows, top + band + r)
+        near = (p[:, 0] >= a - r) & (p[:, 0] < b + r)  # neighbours share out the pixels between centres
+        window = np.asarray(chans[list(channels), a:b])
+        means = nucleus_means(window, p[near] - [a, 0], diameter=d)
+        out[mine] = means[mine[near]]
+    return out
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -272,7 +337,8 @@ def _settings(params: BatchParams) -> tuple:
     from ..count import load_counter
 
     counter = load_counter(params.model, device="cpu")
-    return {**asdict(params), "model_sha256": counter.sha256, "kind": counter.kind,
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items()}  # as JSON reads back
+    return {**plain, "model_sha256": counter.sha256, "kind": counter.kind,
             "overlap": params.tile // 8 if params.overlap is None else params.overlap}, counter
 
 
@@ -405,12 +471,13 @@ def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, 
     # 2. count on the cluster, recording each plane as it arrives
     n_workers = n_new = 0
 
-    def finish_image(r: Path) -> None:
+    def finish_image(r: Path, again: bool = False) -> None:
         recs = sorted(have[r], key=lambda x: x["plane"])
         if len(recs) == expected[r]:
             target = folder.points / f"{recs[0]['name']}.csv"
-            if overwrite or not target.exists():
-                folder.write_points(recs[0]["name"], recs, recs[0].get("axes", ""), overwrite=True)
+            if overwrite or again or not target.exists():
+                folder.write_points(recs[0]["name"], recs, recs[0].get("axes", ""), overwrite=True,
+                                    markers=params.markers())
 
     if todo and cluster is None:
         cluster = _ClusterInBackground(scheduler, workers, threads_per_worker)
@@ -462,10 +529,10 @@ def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, 
             cluster.close()  # closes while the table and the plot are written
 
     # 3. points files of images completed earlier, the table and the plot
-    for r in have:
-        if not (folder.points / f"{names[r]}.csv").exists():
-            finish_image(r)
-    rows = _rows(folder.all_records(), regions)
+    for r in have:  # marker classes follow this run's thresholds and names: their points files are redone
+        if params.markers() is not None or not (folder.points / f"{names[r]}.csv").exists():
+            finish_image(r, again=True)
+    rows = _rows(folder.all_records(), regions, params.markers())
     table = _write_table(folder.table, rows)
     plot = _write_plot(folder.plot, rows) if rows else None
     return BatchResult(rows=rows, counted=n_new, skipped=skipped, errors=errors, table=table,

@@ -18,7 +18,7 @@ from .. import io
 
 _FORMAT = "cellsynth-count-batch"
 #: Settings that change the counts (a re-run with other values would not resume the same work).
-_RESULT_KEYS = ("model", "model_sha256", "kind", "diameter", "channel", "tile", "overlap")
+_RESULT_KEYS = ("model", "model_sha256", "kind", "diameter", "channel", "tile", "overlap", "measure_channels")
 
 
 def _key(path: Path, index: tuple) -> str:
@@ -128,7 +128,8 @@ class _Folder:
         recs.sort(key=lambda r: (r["name"], r["index"]))
         return recs
 
-    def write_points(self, name: str, recs: list[dict], axes: str, *, overwrite: bool) -> Path:
+    def write_points(self, name: str, recs: list[dict], axes: str, *, overwrite: bool,
+                     markers: Optional[dict] = None) -> Path:
         path = self.points / f"{name}.csv"
         stacked = any(r["index"] for r in recs)
         pts, feats = [], {"score": []}
@@ -143,12 +144,42 @@ class _Folder:
                     feats[a].extend([v] * len(p))
             pts.append(p)
             feats["score"].extend(r["scores"])
+            _point_classes(feats, r, markers)
         points = np.concatenate(pts) if pts else np.zeros((0, 3 if stacked else 2))
         return io.write_points_csv(path, points, features=feats, overwrite=overwrite)
 
 
-def _rows(recs: list[dict], regions=None) -> list[dict]:
-    """The rows of ``counts.csv``; with ``regions``, the cells of each plane in each (columns ``in <region>``)."""
+def _point_classes(feats: dict, rec: dict, markers: Optional[dict]) -> None:
+    """Append one plane's ``mean_<name>`` and ``class`` per point to ``feats`` (nothing without measurements)."""
+    if not markers or "means" not in rec:
+        return
+    from ..count.markers import auto_thresholds, classify
+
+    means = np.asarray(rec["means"], float).reshape(-1, len(markers["names"]))
+    thresholds = markers["thresholds"]
+    if thresholds is None:
+        try:
+            thresholds = auto_thresholds(means)
+        except ValueError:
+            thresholds = None
+    for k, n in enumerate(markers["names"]):
+        feats.setdefault(f"mean_{n}", []).extend(means[:, k].tolist())
+    feats.setdefault("class", []).extend(classify(means, thresholds, markers["names"]).tolist()
+                                         if thresholds is not None else [""] * len(means))
+
+
+def _marker_columns(rec: dict, markers: Optional[dict]) -> dict:
+    """The marker classes of one plane's record: counts, percentages and thresholds (see ``class_columns``)."""
+    if not markers or "means" not in rec or rec.get("kind") == "regression":
+        return {}
+    from ..count.markers import class_columns
+
+    return class_columns(np.asarray(rec["means"], float), markers["thresholds"], markers["names"])
+
+
+def _rows(recs: list[dict], regions=None, markers: Optional[dict] = None) -> list[dict]:
+    """The rows of ``counts.csv``; with ``regions``, the cells of each plane in each (columns ``in <region>``);
+    with ``markers``, the nuclei of each marker class (``<class>``, ``<class> %``, ``threshold <name>``)."""
     rows = []
     masks: dict = {}
     for r in recs:
@@ -164,6 +195,7 @@ def _rows(recs: list[dict], regions=None) -> list[dict]:
             "model": r.get("model"),
             "lazy": bool(r.get("lazy")),
             "seconds": r.get("seconds"),
+            **_marker_columns(r, markers),
         })
     return rows
 
@@ -189,7 +221,7 @@ def _in_regions(rec: dict, regions, masks: dict) -> dict:
 def _write_table(path: Path, rows: list[dict]) -> Path:
     cols = ["image", "plane", "stack_index", "count", "diameter", "diameter_source", "model", "lazy", "seconds",
             "points_csv"]
-    cols += list(dict.fromkeys(k for r in rows for k in r if k.startswith("in ")))
+    cols += list(dict.fromkeys(k for r in rows for k in r if k not in cols))  # regions, marker classes
     with io.atomic_path(path, overwrite=True) as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=cols)

@@ -334,39 +334,19 @@ def _print_count(res, extras: dict) -> None:
 
 def _marker_plan(args, image, channel_axis, header: dict) -> Optional[dict]:
     """The channels to measure, their names and thresholds, checked against the image (None: no measuring)."""
-    if not args.measure_channels:
-        if args.marker_names or args.thresholds != "auto":
-            raise ValueError("--thresholds and --marker-names go with --measure-channels")
+    from .markers import marker_options
+
+    chans, thresholds, names = marker_options(args.measure_channels, args.thresholds, args.marker_names)
+    if not chans:
         return None
-    try:
-        chans = [int(v) for v in str(args.measure_channels).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--measure-channels takes channel numbers separated by commas, e.g. 1,2; got "
-                         f"{args.measure_channels!r}") from None
     if channel_axis is None:
         raise ValueError(f"{args.image} has one channel; --measure-channels needs an image with several channels")
     n = image.shape[channel_axis]
-    if not chans or any(not 0 <= c < n for c in chans):
+    if any(not 0 <= c < n for c in chans):
         raise ValueError(f"--measure-channels {args.measure_channels}: the image has channels 0..{n - 1}")
     if image.ndim != 3:
         raise ValueError(f"{args.image} is a stack; measuring channels works on one plane with channels")
-    if args.thresholds == "auto":
-        thresholds = None
-    else:
-        try:
-            thresholds = [float(v) for v in str(args.thresholds).split(",")]
-        except ValueError:
-            raise ValueError(f"--thresholds takes 'auto' or numbers separated by commas, got {args.thresholds!r}") \
-                from None
-        if len(thresholds) != len(chans) or not all(np.isfinite(thresholds)):
-            raise ValueError(f"--thresholds needs one finite number per measured channel ({len(chans)}), got "
-                             f"{args.thresholds!r}")
-    if args.marker_names:
-        names = [v.strip() for v in str(args.marker_names).split(",")]
-        if len(names) != len(chans) or not all(names):
-            raise ValueError(f"--marker-names needs one name per measured channel ({len(chans)}), got "
-                             f"{args.marker_names!r}")
-    else:
+    if names is None:
         known = header.get("channel_names") or []
         names = [known[c] if c < len(known) and known[c] else f"ch{c}" for c in chans]
     return {"channels": chans, "names": names, "thresholds": thresholds,

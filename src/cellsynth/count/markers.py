@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["nucleus_means", "auto_thresholds", "classify", "class_counts", "THRESHOLD_METHOD"]
+__all__ = ["nucleus_means", "auto_thresholds", "classify", "class_counts", "marker_options", "class_columns",
+           "THRESHOLD_METHOD"]
 
 #: How thresholds are chosen when not typed.
 THRESHOLD_METHOD = "otsu"
@@ -131,3 +132,68 @@ def class_counts(classes: Sequence[str], names: Optional[Sequence[str]] = None) 
     order += sorted(set(classes) - set(order))
     return [{"class": c, "count": classes.count(c), "percent": round(100.0 * classes.count(c) / total, 2)
              if total else 0.0} for c in order]
+
+
+def marker_options(channels, thresholds="auto", names=None) -> tuple[list, Optional[list], Optional[list]]:
+    """``(channels, thresholds or None for automatic, names or None)`` from the command line's
+    ``--measure-channels 1,2 --thresholds auto|V1,V2 --marker-names A,B`` (strings or sequences), checked.
+
+    Examples
+    --------
+    >>> marker_options("1,2", "auto", "Ki67,EdU")
+    ([1, 2], None, ['Ki67', 'EdU'])
+    >>> marker_options("1", "x")
+    Traceback (most recent call last):
+    ...
+    ValueError: --thresholds takes 'auto' or numbers separated by commas, got 'x'
+    """
+    def parts(v) -> list:
+        return [t.strip() for t in v.split(",")] if isinstance(v, str) else list(v)
+
+    if channels is None or (isinstance(channels, str) and not channels.strip()):
+        if names or (thresholds is not None and thresholds != "auto"):
+            raise ValueError("--thresholds and --marker-names go with --measure-channels")
+        return [], None, None
+    try:
+        chans = [int(v) for v in parts(channels) if str(v).strip()]
+    except ValueError:
+        raise ValueError(f"--measure-channels takes channel numbers separated by commas, e.g. 1,2; got "
+                         f"{channels!r}") from None
+    if not chans or any(c < 0 for c in chans):
+        raise ValueError(f"--measure-channels takes channel numbers (0, 1, ...), got {channels!r}")
+    values = None
+    if thresholds is not None and thresholds != "auto":
+        try:
+            values = [float(v) for v in parts(thresholds)]
+        except (TypeError, ValueError):
+            raise ValueError(f"--thresholds takes 'auto' or numbers separated by commas, got {thresholds!r}") \
+                from None
+        if len(values) != len(chans) or not all(np.isfinite(values)):
+            raise ValueError(f"--thresholds needs one finite number per measured channel ({len(chans)}), got "
+                             f"{thresholds!r}")
+    labels = None
+    if names:
+        labels = [str(v).strip() for v in parts(names)]
+        if len(labels) != len(chans) or not all(labels):
+            raise ValueError(f"--marker-names needs one name per measured channel ({len(chans)}), got {names!r}")
+    return chans, values, labels
+
+
+def class_columns(means: np.ndarray, thresholds: Optional[Sequence[float]], names: Sequence[str]) -> dict:
+    """The marker columns of a table row for one image's nuclei: ``{"<class>": count, "<class> %": percent}``
+    for every class, plus ``"threshold <name>"`` per channel (automatic where ``thresholds`` is None).
+
+    An image without nuclei gets zero counts and empty thresholds.
+    """
+    m = np.asarray(means, float).reshape(-1, len(names))
+    if thresholds is None:
+        try:
+            thresholds = auto_thresholds(m)
+        except ValueError:  # too few nuclei to choose: no threshold, every class empty
+            thresholds = None
+    row = {f"threshold {n}": (None if thresholds is None else round(float(t), 4))
+           for n, t in zip(names, thresholds if thresholds is not None else [None] * len(names))}
+    classes = classify(m, thresholds, names) if thresholds is not None else []
+    for c in class_counts(list(classes), names):
+        row[c["class"]], row[f"{c['class']} %"] = c["count"], c["percent"]
+    return row
