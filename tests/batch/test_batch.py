@@ -594,3 +594,20 @@ def test_count_batch_classes_marker_positive_nuclei_as_the_count_command(client,
     assert bad.counted == 0 and len(bad.errors) == 2 and "channels 0..1" in bad.errors[0]
     with pytest.raises(ValueError, match="one finite number per measured channel"):
         BatchParams(measure_channels=(1, 2), thresholds=(3.0,))
+
+
+def test_plane_means_in_bands_equal_the_whole_plane():
+    """Large planes are measured in bands of rows: the same means as on the whole plane, neighbours included."""
+    import dask.array as da
+
+    from cellsynth.batch.engine import plane_means
+    from cellsynth.count.markers import nucleus_means
+
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 1000, (100, 90, 3)).astype(np.uint16)  # channels last, as RGB-like files read
+    pts = rng.uniform(0, 100, (60, 2)) * [1.0, 0.9]
+    whole = nucleus_means(np.moveaxis(img, -1, 0)[[2, 0]], pts, diameter=9.0)
+    banded = plane_means(da.from_array(img, chunks=(25, 30, 3)), 2, (2, 0), pts, 9.0, band=16)
+    np.testing.assert_allclose(banded, whole)
+    with pytest.raises(ValueError, match="one channel"):
+        plane_means(img[..., 0], None, (1,), pts, 9.0)
