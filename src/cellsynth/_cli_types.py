@@ -46,3 +46,17 @@ def diameter_or_auto(text: str):
     ('auto', 12.0)
     """
     return "auto" if text == "auto" else cell_diameter(text)
+
+
+def add_marker_options(p: argparse.ArgumentParser, *, per: str = "image") -> None:
+    """``--measure-channels``, ``--thresholds`` and ``--marker-names`` (``count`` and ``count-batch`` alike;
+    parsed by :func:`cellsynth.count.markers.marker_options`). ``per``: what an automatic threshold is chosen for."""
+    p.add_argument("--measure-channels", default=None, metavar="C1,C2",
+                   help="measure these channels (0-based) in each nucleus and class it marker-positive or negative "
+                        "per channel, e.g. 1,2 for Ki67 and EdU beside a nuclear stain counted in --channel 0")
+    p.add_argument("--thresholds", default="auto", metavar="auto|V1,V2",
+                   help=f"the per-channel intensity above which a nucleus is positive: auto (Otsu's method on each "
+                        f"{per}'s nuclei's means, the default) or one number per measured channel")
+    p.add_argument("--marker-names", default=None, metavar="NAME1,NAME2",
+                   help="names of the measured channels for the classes (default: ch1, ch2 ... by channel number"
+                        + (", or the file's channel names)" if per == "image" else ")"))

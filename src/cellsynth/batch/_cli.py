@@ -28,6 +28,7 @@ def _workers(text: str) -> int:
 
 def register(subparsers) -> None:
     """Add ``count-batch`` to ``subparsers``."""
+    from .._cli_types import add_marker_options
     from .._cli_types import diameter_or_auto as _diameter
 
     p = subparsers.add_parser(
@@ -53,14 +54,7 @@ def register(subparsers) -> None:
     p.add_argument("--regions", default=None, metavar="FILE",
                    help="regions in every image's pixels (napari shapes CSV or GeoJSON, e.g. well quadrants): "
                         "counts.csv gets the cells of each plane in each region (columns 'in <region>')")
-    p.add_argument("--measure-channels", default=None, metavar="C1,C2",
-                   help="measure these channels within each nucleus and class it as marker-positive or not: "
-                        "counts.csv gets the nuclei of each class per plane, the points CSVs mean_<name> and class")
-    p.add_argument("--thresholds", default="auto", metavar="auto|V1,V2",
-                   help="one threshold per measured channel, or 'auto' (Otsu's method on each plane's per-nucleus "
-                        "means; default)")
-    p.add_argument("--marker-names", default=None, metavar="NAME1,NAME2",
-                   help="names of the measured channels in the class names (default ch<C>)")
+    add_marker_options(p, per="plane")
     p.add_argument("--scheduler", default="local",
                    help="'local' (a new local cluster of processes) or the address of a running dask scheduler, "
                         "e.g. tcp://host:8786 (default: local)")

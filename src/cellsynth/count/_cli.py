@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from .. import io
-from .._cli_types import cell_diameter, diameter_or_auto, positive_float
+from .._cli_types import add_marker_options, cell_diameter, diameter_or_auto, positive_float
 
 __all__ = ["register"]
 
@@ -103,15 +103,7 @@ def _register_count(subparsers) -> None:
     p.add_argument("--regions", default=None, metavar="FILE",
                    help="count per region of interest too: napari's shapes CSV or GeoJSON (e.g. from QuPath); a "
                         "cell belongs to a region when the pixel holding its centre does")
-    p.add_argument("--measure-channels", default=None, metavar="C1,C2",
-                   help="measure these channels (0-based) in each nucleus and class it marker-positive or negative "
-                        "per channel, e.g. 1,2 for Ki67 and EdU beside a nuclear stain counted in --channel 0")
-    p.add_argument("--thresholds", default="auto", metavar="auto|V1,V2",
-                   help="the per-channel intensity above which a nucleus is positive: auto (Otsu's method on the "
-                        "nuclei's means, the default) or one number per measured channel")
-    p.add_argument("--marker-names", default=None, metavar="NAME1,NAME2",
-                   help="names of the measured channels for the classes (default: the file's channel names, else "
-                        "ch1, ch2 ... by channel number)")
+    add_marker_options(p)
     p.add_argument("--exclude-border", action="store_true",
                    help="leave out nuclei cut by the image border (a disk of the diameter used reaching past the "
                         "edge); the output says how many")
