@@ -41,7 +41,10 @@ def test_regions_and_marker_classes_match_the_truth_and_the_cli(make_napari_view
     rows = list(csv.DictReader(open(tmp_path / "export" / "regions.csv")))
     assert [int(r["count"]) for r in rows] == truth
     cells = list(csv.DictReader(open(tmp_path / "export" / "cells.csv")))
-    assert len(cells) == len(centres) and {"class", "region", "score"} <= set(cells[0])
+    assert len(cells) == len(centres) and {"class", "region", "score", "area_px"} <= set(cells[0])
+    # each nucleus's area: its object (disks of 14 px, 154 px², blurred: brighter ones reach further)
+    areas = np.array([float(c["area_px"]) for c in cells]) / (np.pi * 7.0 ** 2)
+    assert abs(np.median(areas) - 1) < 0.15 and np.all(np.abs(areas - 1) < 0.3), np.round(areas, 2)
     # 5. the CLI on the same image, regions and channel: the same counts per region and per class
     tifffile.imwrite(tmp_path / "two.tif", image, imagej=True, metadata={"axes": "CYX"})
     capsys.readouterr()

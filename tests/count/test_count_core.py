@@ -474,3 +474,33 @@ def test_object_centroids_are_intensity_weighted_centres_of_mass():
     want = np.array(center_of_mass(np.clip(img, 0, None) + 1e-6, labels, np.arange(1, k + 1)))
     assert k >= 5 and len(pts) == k
     np.testing.assert_allclose(np.sort(pts, axis=0), np.sort(want, axis=0), atol=1e-6)
+
+
+def test_points_csv_carries_each_nucleus_area(tmp_path, capsys):
+    """``count --out`` gives each nucleus the area of its object (pixels, and µm² with a pixel size);
+    touching nuclei share their object, a point outside every object has none."""
+    import csv
+
+    import tifffile
+
+    from cellsynth.cli import main
+    from cellsynth.count.objects import nucleus_areas
+
+    img = np.full((120, 160), 20, np.uint16)
+    radii = {(30, 30): 6, (30, 90): 9, (90, 40): 12}
+    for c, r in radii.items():
+        img[disk(c, r, shape=img.shape)] = 1000
+    path = tmp_path / "sizes.tif"
+    tifffile.imwrite(path, img, imagej=True, resolution=(1 / 0.5, 1 / 0.5), metadata={"unit": "um"})
+    assert main(["count", str(path), "--model", "classic", "--diameter", "18", "--out", str(tmp_path / "p.csv"),
+                 "--quiet"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 3
+    for r in rows:
+        true = np.pi * radii[min(radii, key=lambda c: np.hypot(c[0] - float(r["row"]), c[1] - float(r["col"])))] ** 2
+        assert abs(float(r["area_px"]) / true - 1) < 0.15 and float(r["area_um2"]) == pytest.approx(
+            0.25 * float(r["area_px"]), rel=1e-3)
+    # stacks: each plane measured on its own; a point on the background has no area
+    stack = np.stack([img, np.full_like(img, 20)])
+    got = nucleus_areas(stack, np.array([[0, 90.0, 40.0], [1, 90.0, 40.0]]), diameter=18.0)
+    assert abs(got[0] / (np.pi * 144) - 1) < 0.15 and np.isnan(got[1])

@@ -154,6 +154,12 @@ def count_work(image: np.ndarray, *, model: str, diameter, channel: Optional[int
         counter = load_counter(model, device=device)
         result = count_cells(image, counter=counter, diameter=diameter, channel=channel, device=device,
                              batch_size=TILES_PER_STEP, progress=progress)
+        if counter.kind != "regression" and result.meta.get("diameter_used") and len(result.points):
+            from ..count.objects import nucleus_areas
+
+            report(progress, "measuring the nuclei", 0, 1)
+            result.areas = nucleus_areas(image, result.points, diameter=float(result.meta["diameter_used"]),
+                                         channel=channel)
         return counter, result
 
     return work
@@ -209,6 +215,8 @@ def _layer_rows(store: dict, manual_pts: np.ndarray, manual_scores: np.ndarray):
     features = {"score": np.concatenate([np.asarray(store["scores"])[vis], manual_scores]).astype(float),
                 "source": np.array(["model"] * len(vis) + ["manual"] * len(manual_pts), dtype=object),
                 "id": np.concatenate([vis, np.full(len(manual_pts), -1)]).astype(int)}
+    if "areas" in store:  # the nucleus object's area, model points only (a point added by hand has none measured)
+        features["area_px"] = np.concatenate([np.asarray(store["areas"])[vis], np.full(len(manual_pts), np.nan)])
     return pts, features
 
 
@@ -283,6 +291,8 @@ def show_points(viewer, image_layer: Image, counter, result, *, parameters: dict
     store = {"points": pts, "scores": scores, "threshold": threshold,
              "hidden": np.flatnonzero(on_deleted | on_manual).astype(int), "deleted": deleted,
              "border": cut_by_border(pts, plane, radius=radius), "exclude_border": exclude_border}
+    if getattr(result, "areas", None) is not None and len(result.areas) == len(pts):
+        store["areas"] = np.asarray(result.areas, dtype=float)
     data, features = _layer_rows(store, manual_pts, manual_scores)
 
     meta = provenance("count", input=image_layer.name, parameters=parameters,
@@ -292,7 +302,7 @@ def show_points(viewer, image_layer: Image, counter, result, *, parameters: dict
                  "density_sum": result.density_sum,
                  "last_run": {"kept_manual": int(len(manual_pts)), "left_out_deleted": int(on_deleted.sum()),
                               "left_out_on_manual": int(on_manual.sum())}})
-    defaults = {"score": 1.0, "source": "manual", "id": -1}
+    defaults = {"score": 1.0, "source": "manual", "id": -1, **({"area_px": np.nan} if "areas" in store else {})}
     layer = upsert_layer(viewer, name, "points", data, metadata=meta, features=features, like=image_layer,
                          feature_defaults=defaults, size=float(diameter), face_color="transparent", border_color="source",
                          border_color_cycle=COLORS, border_width=0.12, border_width_is_relative=True)

@@ -228,6 +228,8 @@ def _count(args) -> int:
     if markers is not None:
         extras["markers"], per_point = _classify(markers, res)
         features.update(per_point)
+    if args.out:
+        features.update(_sizes(image, channel_axis, args.channel, res, header["pixel_size"]))
     record = provenance.count_record(args, counter, res, left_out=extras["left_out_border"],
                                      pixel_size=header["pixel_size"])
     # 4. write and print
@@ -361,6 +363,20 @@ def _classify(plan: dict, res) -> tuple[dict, dict]:
     columns = {f"mean_{n}": np.round(means[:, k], 4) for k, n in enumerate(plan["names"])}
     columns["class"] = classes
     return summary, columns
+
+
+def _sizes(image, channel_axis, channel, res, pixel_size) -> dict:
+    """``area_px`` (and ``area_um2`` with a pixel size) of each counted nucleus's object; NaN where it has none."""
+    from .objects import nucleus_areas
+
+    d = res.meta.get("diameter_used")
+    if not d or not len(res.points):
+        return {}
+    area = nucleus_areas(image, res.points, diameter=float(d), channel=channel, channel_axis=channel_axis)
+    out = {"area_px": np.round(area, 1)}
+    if pixel_size:
+        out["area_um2"] = np.round(area * float(pixel_size) ** 2, 3)
+    return out
 
 
 def _exclude_border(res, plane: tuple) -> int:

@@ -65,6 +65,9 @@ class CountResult:
         fractional estimate of the count (None for the other kinds).
     meta : dict
         Provenance: operation, model name, kind, weights hash, parameters, version.
+    areas : ndarray of shape (K,) or None
+        Area in pixels of each point's nucleus object (NaN where a point has none),
+        when measured (:func:`~cellsynth.count.objects.nucleus_areas`); None otherwise.
     """
 
     count: Union[int, float]
@@ -75,6 +78,7 @@ class CountResult:
     per_plane: np.ndarray = field(default_factory=lambda: np.zeros(1))
     density_sum: Optional[float] = None
     meta: dict = field(default_factory=dict)
+    areas: Optional[np.ndarray] = None
 
     @property
     def n_points(self) -> int:
