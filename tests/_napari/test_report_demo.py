@@ -45,6 +45,11 @@ def test_regions_and_marker_classes_match_the_truth_and_the_cli(make_napari_view
     # each nucleus's area: its object (disks of 14 px, 154 px², blurred: brighter ones reach further)
     areas = np.array([float(c["area_px"]) for c in cells]) / (np.pi * 7.0 ** 2)
     assert abs(np.median(areas) - 1) < 0.15 and np.all(np.abs(areas - 1) < 0.3), np.round(areas, 2)
+    # every export carries its provenance: version, date, the model and its weights' hash, the parameters
+    for name in ("cells", "regions"):
+        rec = json.loads((tmp_path / "export" / f"{name}.provenance.json").read_text())
+        assert rec["format"] == "cellsynth-provenance" and rec["cellsynth_version"] and rec["created"]
+        assert len(rec["model"]["sha256"]) == 64 and rec["parameters"]["diameter_used"] == 14.0
     # 5. the CLI on the same image, regions and channel: the same counts per region and per class
     tifffile.imwrite(tmp_path / "two.tif", image, imagej=True, metadata={"axes": "CYX"})
     capsys.readouterr()

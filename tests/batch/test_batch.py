@@ -582,6 +582,10 @@ def test_count_batch_classes_marker_positive_nuclei_as_the_count_command(client,
     with open(res.table, newline="") as fh:
         header = next(csv.reader(fh))
     assert {"negative", "Ki67+", "Ki67+ %", "threshold Ki67"} <= set(header)
+    rec = json.loads((tmp_path / "out" / "counts.provenance.json").read_text())
+    assert sorted(f["name"] for f in rec["inputs"]) == ["a.tif", "b.tif"] and all(len(f["sha256"]) == 64
+                                                                                 for f in rec["inputs"])
+    assert rec["parameters"]["measure_channels"] == [1] and rec["model"]["model"] == "classic"
     # thresholds are applied to the records: a typed one counts nothing again and re-classes the points files
     again = count_batch([folder], tmp_path / "out", params=BatchParams(
         model="classic", diameter=12.0, channel=0, measure_channels=(1,), thresholds=(5000.0,)), scheduler=client)

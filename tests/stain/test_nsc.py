@@ -242,3 +242,23 @@ def test_auto_foreground_follows_otsu_over_clusters_with_pixel_edges():
     assert inter / union > crude_iou  # pixel edges beat patch edges
     cut, t = otsu_split(np.array([0.05, 0.5, 0.9]), np.array([9000, 2000, 1000]))
     assert cut == 1 and 0.05 < t < 0.5
+
+
+def test_nsc_command_writes_its_provenance_beside_the_masks(tmp_path, capsys):
+    import json
+
+    import tifffile
+
+    from cellsynth.cli import main
+
+    img = np.zeros((64, 64), np.uint8)
+    img[disk((20, 20), 8)] = img[disk((44, 40), 8)] = 200
+    tifffile.imwrite(tmp_path / "n.tif", img)
+    assert main(["nsc", str(tmp_path / "n.tif"), "--out", str(tmp_path / "m.ome.tif"), "--k", "3", "--r", "2",
+                 "--fov", "64"]) == 0
+    rec = json.loads((tmp_path / "m.provenance.json").read_text())
+    assert rec["operation"] == "nsc" and rec["inputs"][0]["name"] == "n.tif" and len(rec["inputs"][0]["sha256"]) == 64
+    assert rec["parameters"]["k"] == 3 and rec["model"]["backbone"] == "filters"
+    # nothing is replaced: a second run to the same output is refused before any work, the record kept
+    assert main(["nsc", str(tmp_path / "n.tif"), "--out", str(tmp_path / "m.ome.tif")]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -295,7 +295,9 @@ def show_points(viewer, image_layer: Image, counter, result, *, parameters: dict
         store["areas"] = np.asarray(result.areas, dtype=float)
     data, features = _layer_rows(store, manual_pts, manual_scores)
 
+    source = getattr(getattr(image_layer, "source", None), "path", None)
     meta = provenance("count", input=image_layer.name, parameters=parameters,
+                      **({"source_path": str(source)} if source else {}),
                       **{k: v for k, v in result.meta.items() if k != "operation"})
     meta.update({STORE: store, "diameter_used": float(diameter),
                  "diameter_source": result.meta.get("diameter_source", "given"),

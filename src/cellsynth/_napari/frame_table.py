@@ -178,11 +178,11 @@ class FrameTable(QWidget):
         rows = [[r[self.key], r["count"] if r["count"] % 1 else int(r["count"]),
                  "" if r["diameter"] is None else r["diameter"]] for r in self.rows]
         return export_csv(self, [self.key, "count", "diameter"], rows, path=path, what=f"counts per {self.key}",
-                          name=f"{getattr(self.layer, 'name', None) or 'counts'}_counts.csv")
+                          name=f"{getattr(self.layer, 'name', None) or 'counts'}_counts.csv", layer=self.layer)
 
 
 def export_csv(parent: QWidget, header: list, rows: list, *, path: Optional[str], what: str,
-               name: str) -> Optional[Path]:
+               name: str, layer=None) -> Optional[Path]:
     """Write a dock's table as CSV, atomically; without ``path`` a dialog asks where (and asks before replacing
     a file), with one an existing file is never replaced. Nothing to write, a cancelled dialog or a failed
     write (said in a notification) give None."""
@@ -204,6 +204,10 @@ def export_csv(parent: QWidget, header: list, rows: list, *, path: Optional[str]
     except (OSError, FileExistsError) as exc:
         show_error(f"Could not export the table: {exc}")
         return None
+    from .points_io import layer_record  # what made the table: the counted layer's record
+
+    layer_record(path, getattr(layer, "metadata", None) or {}, scale=getattr(layer, "scale", None),
+                 operation=f"export {what}")
     show_info(f"{what[0].upper()}{what[1:]} written to {path}")
     return Path(path)
 

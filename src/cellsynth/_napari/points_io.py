@@ -107,4 +107,18 @@ def write_points(path: str, data: Any, attributes: dict) -> list[str]:
         translate=attributes.get("translate"),
         overwrite=True,
     )
+    layer_record(out, attributes.get("metadata") or {}, scale=attributes.get("scale"))
     return [str(out)]
+
+
+def layer_record(out, metadata: dict, *, scale=None, operation: str = "export points") -> Path:
+    """Write ``out``'s provenance sidecar from a layer's ``metadata["cellsynth"]`` (what made the layer: model,
+    weights hash, parameters, diameter, input layer), with the layer's pixel size."""
+    from .._provenance import record, write_sidecar
+
+    made = dict(metadata.get("cellsynth") or {}) if isinstance(metadata, dict) else {}
+    source = made.pop("source_path", None)
+    model = {k: made.pop(k) for k in ("model", "kind", "sha256", "path") if k in made} or None
+    size = float(scale[-1]) if scale is not None and len(scale) and float(scale[-1]) != 1.0 else None
+    return write_sidecar(out, record(made.pop("operation", operation), inputs=[source] if source else [],
+                                     model=model, parameters=made, pixel_size=size, command=None), overwrite=True)

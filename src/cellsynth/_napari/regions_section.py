@@ -133,7 +133,7 @@ class RegionsSection(QWidget):
 
         columns = list(dict.fromkeys(k for r in self.rows for k in r))
         return export_csv(self, columns, [[r.get(c, "") for c in columns] for r in self.rows], path=path,
-                          what="cells per region", name="regions.csv")
+                          what="cells per region", name="regions.csv", layer=self.dock._points_layer())
 
 
 def _label_points(points, names: list[str]) -> None:

@@ -83,7 +83,7 @@ def open_report_viewer(viewer=None, *, show: bool = True, out: Optional[Path] = 
         dock.regions.export(str(out / "regions.csv"))
         pts = viewer.layers[result_name("DAPI")]
         write_points(str(out / "cells.csv"), pts.data, {"features": pts.features, "scale": pts.scale,
-                                                       "translate": pts.translate})
+                                                       "translate": pts.translate, "metadata": pts.metadata})
     viewer.layers.selection.active = viewer.layers[result_name("DAPI")]
     return viewer, dock
 

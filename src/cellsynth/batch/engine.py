@@ -534,6 +534,11 @@ def _count_batch(paths, out, params, settings, counter, folder, cluster, stack, 
             finish_image(r, again=True)
     rows = _rows(folder.all_records(), regions, params.markers())
     table = _write_table(folder.table, rows)
+    from .._provenance import record, write_sidecar
+
+    write_sidecar(table, record("count-batch", inputs=sorted({r["image"] for r in rows}) + (
+        [params.regions] if params.regions else []), model=counter.describe(), parameters=settings,
+        result={"planes": len(rows), "counted_now": n_new, "errors": errors}), overwrite=True)
     plot = _write_plot(folder.plot, rows) if rows else None
     return BatchResult(rows=rows, counted=n_new, skipped=skipped, errors=errors, table=table,
                        plot=plot, seconds=round(time.perf_counter() - t0, 3), workers=n_workers)

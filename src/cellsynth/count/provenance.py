@@ -21,45 +21,18 @@ from typing import Any
 import numpy as np
 
 from .. import io
+from .._provenance import FORMAT, _sha256, file_record as _file, sidecar
 
 __all__ = ["FORMAT", "sidecar", "count_record", "apply", "check_model", "points_sha256"]
 
-FORMAT = "cellsynth-provenance"
 #: The count settings a record keeps (the command-line names).
 SETTINGS = ("model", "diameter", "channel", "device", "tile", "overlap", "batch_size", "exclude_border", "regions",
             "measure_channels", "thresholds", "marker_names")
 
 
-def sidecar(out: os.PathLike | str) -> Path:
-    """The provenance file of an output: ``points.csv`` -> ``points.provenance.json``."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.provenance.json")
-
-
 def points_sha256(points: np.ndarray) -> str:
     """A hash of the points as written (rounded to 1e-3 px, as the JSON output is)."""
     return hashlib.sha256(np.round(np.asarray(points, float), 3).tobytes()).hexdigest()
-
-
-def _file(path: os.PathLike | str) -> dict:
-    """Name, size and SHA-256 of a file; for a folder (OME-Zarr), of the list of its files and their sizes."""
-    p = Path(path)
-    return {"path": str(p.resolve()), "name": p.name, "bytes": _size(p), "sha256": _sha256(p)}
-
-
-def _size(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-
-
-def _sha256(p: Path) -> str:
-    from ..weights import file_sha256
-
-    if not p.is_dir():
-        return file_sha256(p)
-    h = hashlib.sha256()  # a folder's chunks are many: their names and sizes stand for them
-    for f in sorted(q for q in p.rglob("*") if q.is_file()):
-        h.update(f"{f.relative_to(p).as_posix()}\0{f.stat().st_size}\n".encode())
-    return h.hexdigest()
 
 
 def count_record(args, counter, result, *, left_out=None, pixel_size=None) -> dict:
@@ -73,6 +46,7 @@ def count_record(args, counter, result, *, left_out=None, pixel_size=None) -> di
         "format": FORMAT, "version": 1, "operation": "count", "cellsynth_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "input": {**_file(args.image), "pixel_size_um": pixel_size},
+        "inputs": [_file(args.image)], "pixel_size_um": pixel_size, "parameters": settings,  # the common fields
         "model": counter.describe(),
         "settings": settings,
         "result": {"count": result.count, "per_plane": np.asarray(result.per_plane).ravel().tolist(),

@@ -155,8 +155,11 @@ def _nsc(args) -> int:
     from .nsc import nsc_masks
     from .params import NSCParams
 
+    from .._provenance import record, sidecar, vars_of, write_sidecar
+
     params = NSCParams(k=args.k, r=args.r, fov=args.fov, backbone=args.backbone, foreground=args.foreground)
     io.prepare_output(args.out, overwrite=args.overwrite)
+    io.prepare_output(sidecar(args.out), overwrite=args.overwrite)
     image, meta = io.read_tiff(args.image)
     image = _colour_planes(image, meta, args)
     if image.ndim == 3 and args.channel is not None:
@@ -177,6 +180,9 @@ def _nsc(args) -> int:
         close()
     out = np.stack(masks) if image.ndim == 3 else masks[0]
     io.write_tiff(args.out, out.astype(np.uint8), pixel_size=meta.get("pixel_size"), overwrite=args.overwrite)
+    write_sidecar(args.out, record("nsc", inputs=[args.image] + ([args.weights] if args.weights else []),
+                                   model={"backbone": backbone.name}, parameters=vars_of(args),
+                                   pixel_size=meta.get("pixel_size")), overwrite=args.overwrite)
     print(f"wrote {args.out} ({backbone.name} features, k={params.k}, foreground={params.foreground})")
     return 0
 
@@ -205,8 +211,11 @@ def _stain(args) -> int:
     from ..progress import tqdm_callback
     from .pipeline_stain import load_stain_model
 
+    from .._provenance import record, sidecar, vars_of, write_sidecar
+
     params, nsc = _params(args)
     io.prepare_output(args.out, overwrite=args.overwrite)
+    io.prepare_output(sidecar(args.out), overwrite=args.overwrite)
     image, meta = io.read_tiff(args.image)
     pipe = load_stain_model(args.model, device=args.device)
     backbone = _guidance_backbone(params, nsc, args)
@@ -217,6 +226,9 @@ def _stain(args) -> int:
         close()
     io.write_tiff(args.out, out.images, pixel_size=meta.get("pixel_size"), channel_names=out.channel_names,
                   overwrite=args.overwrite)
+    write_sidecar(args.out, record("stain", inputs=[args.image], model=getattr(pipe, "source", None),
+                                   parameters=vars_of(args), pixel_size=meta.get("pixel_size"),
+                                   result={"channels": list(out.channel_names)}), overwrite=args.overwrite)
     guided = f", mask guidance with {nsc.backbone} NSC masks" if params.guidance else ""
     print(f"wrote {args.out}: channels {', '.join(out.channel_names)} (preset {args.preset}, {params.scheduler}{guided})")
     return 0

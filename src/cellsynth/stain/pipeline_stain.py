@@ -358,6 +358,6 @@ def load_stain_model(path: os.PathLike | str = "default", *, device: str = "auto
     unet = (unet.to(dev) if dtype == torch.float32 else unet.to(dev, dtype)).eval()
     from ..weights import file_sha256
 
-    source = {"path": str(folder), "sha256": file_sha256(folder / "model.safetensors")[:16],
+    source = {"path": str(folder), "sha256": file_sha256(folder / "model.safetensors"),
               "name": "stain-demo" if folder.resolve() == default_model_dir().resolve() else folder.name}
     return StainPipeline(unet, config, source=source, training=doc.get("training"))

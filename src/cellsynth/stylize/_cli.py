@@ -146,8 +146,11 @@ def _stylize(args) -> int:
     from ..progress import tqdm_callback
     from .official import read_token
 
+    from .._provenance import record, sidecar, vars_of, write_sidecar
+
     params = _params(args)
     io.prepare_output(args.out, overwrite=args.overwrite)
+    io.prepare_output(sidecar(args.out), overwrite=args.overwrite)
     content, meta = read_image(args.content)
     style, _ = read_image(args.style)
     _check_images(content, style)
@@ -161,10 +164,13 @@ def _stylize(args) -> int:
     io.write_tiff(args.out, out.image, pixel_size=meta.get("pixel_size"), overwrite=args.overwrite)
     from .loading import model_record
 
-    record = {**out.metadata, **model_record(args.model), "content": str(args.content), "style": str(args.style),
-              "out": str(args.out)}
+    info = {**out.metadata, **model_record(args.model), "content": str(args.content), "style": str(args.style),
+            "out": str(args.out)}
+    write_sidecar(args.out, record("stylize", inputs=[args.content, args.style, args.token],
+                                   model=model_record(args.model), parameters=vars_of(args),
+                                   pixel_size=meta.get("pixel_size"), result=out.metadata), overwrite=args.overwrite)
     if args.json:
-        print(json.dumps(record, indent=1))
+        print(json.dumps(info, indent=1, default=str))
     else:
         print(f"wrote {args.out} ({out.metadata['denoising_steps']} DDIM steps from t={out.metadata['t_start']})")
     return 0
