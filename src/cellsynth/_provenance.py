@@ -17,9 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-__all__ = ["FORMAT", "sidecar", "file_record", "record", "write_sidecar", "vars_of"]
+__all__ = ["FORMAT", "FOLDER_FILE", "sidecar", "file_record", "record", "write_sidecar", "write_into", "vars_of",
+           "paths_of"]
 
 FORMAT = "cellsynth-provenance"
+#: The provenance file inside a result folder (a counter, a dataset, a token).
+FOLDER_FILE = "provenance.json"
 #: Inputs bigger than this together are listed with their size only (hashing them would read them again).
 HASH_LIMIT = 2 * 1024 ** 3
 
@@ -106,3 +109,21 @@ def write_sidecar(out: os.PathLike | str, rec: dict, *, overwrite: bool = False)
     from . import io
 
     return io.write_json(sidecar(out), rec, overwrite=overwrite)
+
+
+def write_into(folder: os.PathLike | str, rec: dict) -> Path:
+    """Write ``rec`` as ``FOLDER/provenance.json`` (a result folder of ours: replaced on every run)."""
+    from . import io
+
+    return io.write_json(Path(folder) / FOLDER_FILE, rec, overwrite=True)
+
+
+def paths_of(*values) -> list:
+    """The file and folder paths among ``values`` (in-memory inputs, such as arrays or lists of items, left out)."""
+    out = []
+    for v in values:
+        if isinstance(v, (str, os.PathLike)) and Path(v).exists():
+            out.append(Path(v))
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, (str, os.PathLike)) for x in v):
+            out += [Path(x) for x in v if Path(x).exists()]
+    return out

@@ -316,6 +316,9 @@ def test_retrain_cli_writes_a_counter_and_reports(tmp_path, tiny_model, images, 
     doc = json.loads(capsys.readouterr().out)
     assert doc["operation"] == "retrain-counter" and doc["regions"] == [[[0, 0, 64, 64]]]
     assert load_counter(out, device="cpu").kind == "density"
+    rec = json.loads((out / "provenance.json").read_text())  # the files it came from, the base and the decision
+    assert rec["operation"] == "retrain-counter" and [f["name"] for f in rec["inputs"]] == ["a.tif", "a.csv"]
+    assert len(rec["inputs"][0]["sha256"]) == 64 and rec["model"]["sha256"] and rec["result"]["decision"]
     assert main(args) == 2  # out exists now
     assert "error:" in capsys.readouterr().err
     assert main(args[:2] + args[3:]) == 2  # an image without its points file

@@ -214,7 +214,8 @@ def test_simulate_stain_pairs_smaller_n_and_overwrite_remove_only_their_own_file
     (root / "fov_0002" / "notes.txt").write_text("keep")
     (root / "fov_0001" / "brightfield" / ".0_z-1.tif.abcd1234.part").write_text("partial")
     simulate_stain_pairs(root, 2, seed=0, shape=(32, 32))
-    assert sorted(p.name for p in root.iterdir()) == ["fov_0000", "fov_0001", "fov_0002", "stain_pairs.json"]
+    assert sorted(p.name for p in root.iterdir()) == ["fov_0000", "fov_0001", "fov_0002", "provenance.json",
+                                                     "stain_pairs.json"]
     assert [p.name for p in (root / "fov_0002").iterdir()] == ["notes.txt"]
     assert not list(root.rglob("*.part"))
     simulate_stain_pairs(root, 1, seed=1, shape=(32, 32), overwrite=True)

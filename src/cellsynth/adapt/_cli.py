@@ -99,6 +99,7 @@ def _adapt(args) -> int:
                             overwrite=args.overwrite)
     finally:
         close()
+    _record_sources(args.out, res.report, list(args.images))
     print(json.dumps(res.report, default=io.json_default) if args.json else _summary(res, "adapt-counter"))
     return 0
 
@@ -145,5 +146,17 @@ def _retrain(args) -> int:
                               overwrite=args.overwrite)
     finally:
         close()
+    _record_sources(args.out, res.report, [str(p) for p in args.pairs])
     print(json.dumps(res.report, default=io.json_default) if args.json else _summary(res, "retrain-counter"))
     return 0
+
+
+def _record_sources(out, report: dict, sources: list) -> None:
+    """The saved counter's provenance names the files it came from (the library saw their pixels only)."""
+    from .._provenance import FOLDER_FILE, record, write_into
+
+    if out is None or not (Path(out) / FOLDER_FILE).is_file() or not sources:
+        return
+    write_into(out, record(str(report.get("operation")), inputs=sources, model=report.get("base"),
+                           parameters=report.get("params"),
+                           result={"accepted": report.get("accepted"), "decision": report.get("decision")}))

@@ -14,7 +14,7 @@ __all__ = ["check_out", "write_counter_folder", "REPORT_FILE"]
 
 REPORT_FILE = "adapt_report.json"
 #: What a counter folder holds; ``overwrite`` replaces a folder holding these and nothing else.
-COUNTER_FILES = frozenset({"model.safetensors", "config.json", REPORT_FILE})
+COUNTER_FILES = frozenset({"model.safetensors", "config.json", REPORT_FILE, "provenance.json"})
 
 
 def check_out(out, overwrite: bool) -> Optional[Path]:
@@ -54,6 +54,11 @@ def write_counter_folder(out: Path, net, config: dict, report: dict, *, overwrit
     try:
         save_counter(net, config, tmp)
         io.write_json(tmp / REPORT_FILE, report)
+        from .._provenance import record, write_into
+
+        write_into(tmp, record(str(report.get("operation", "adapt")), inputs=report.get("sources") or [],
+                               model=report.get("base"), parameters=report.get("params") or report.get("settings"),
+                               result={"accepted": report.get("accepted"), "decision": report.get("decision")}))
         os.chmod(tmp, 0o777 & ~_umask())
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -311,6 +311,12 @@ def train_counter(
     best = best_net if best_net is not None else net
     counter = Counter(kind=mcfg["kind"], name=str(out) if out else "trained", config=final_cfg, net=best.float().eval())
     counter = to_device(counter, device)
+    if out is not None:
+        from .._provenance import paths_of, record, write_into
+
+        write_into(out, record("train-counter", inputs=paths_of(train, synthetic, unlabelled, val),
+                               model={"init": str(init)} if init is not None else None,
+                               parameters=dataclasses.asdict(cfg), result=final_cfg["training"].get("best")))
     return TrainResult(counter=counter, history=state["history"], best=state["best"] or {}, path=out)
 
 

@@ -136,6 +136,10 @@ def export_dataset(
             doc["complete"] = len(items) == n
             io.write_json(manifest_path, doc, overwrite=True)
             report(progress, "layouts", i + 1, n)
+    from .._provenance import record, write_into
+
+    write_into(root, record("layouts", parameters={"params": params.to_dict(), "seed": seed, "n": n},
+                            result={"complete": doc["complete"], "n_items": len(items)}))
     return manifest_path
 
 

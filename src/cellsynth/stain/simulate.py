@@ -244,6 +244,9 @@ def simulate_stain_pairs(
         if i == n - 1:
             io.write_json(out / PAIRS_RECORD, {**doc, "complete": True}, overwrite=True)
         report(progress, "pairs", i + 1, n)
+    from .._provenance import record, write_into
+
+    write_into(out, record("simulate-stain-pairs", parameters=doc))
     return out
 
 

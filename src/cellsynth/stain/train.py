@@ -340,4 +340,8 @@ def train_stain(
         if config.minutes and time.time() - t_start > config.minutes * 60:
             stopped = "time"
             break
+    from .._provenance import record, write_into
+
+    write_into(out, record("train-stain", inputs=[data_dir], parameters=config.to_dict(),
+                           result={"steps": step, "stopped": stopped, "final_loss": losses[-1] if losses else None}))
     return TrainResult(out=out, losses=losses, steps=step, seconds=time.time() - t_start, stopped=stopped)

@@ -226,6 +226,11 @@ def _stylize_dataset(in_dir, out_dir, *, pipe, token, style, params, tolerance, 
             _summarise(doc)
             io.write_json(manifest_path, doc, overwrite=True)
             report(progress, "images", i + 1, n, f"image {i + 1}/{n}: drift {drift:+.0%}")
+    from .._provenance import record, write_into
+
+    write_into(root, record("stylize-dataset", inputs=[source.root / "manifest.json"],
+                            model={"stylize": settings.get("model"), "qc": counter.describe()},
+                            parameters=settings, result={"complete": doc["complete"], "n_items": len(items)}))
     return manifest_path
 
 

@@ -98,7 +98,7 @@ def save_token(token: StyleToken, path: os.PathLike | str, *, overwrite: bool = 
     >>> token = StyleToken(StyleMapper(8, heads=2, dim_head=4))
     >>> folder = save_token(token, Path(tempfile.mkdtemp()) / "tok")
     >>> sorted(p.name for p in folder.iterdir())
-    ['mapper.safetensors', 'token.json']
+    ['mapper.safetensors', 'provenance.json', 'token.json']
     >>> load_token(folder).describe()["mapper"]["dim"]
     8
     """
@@ -116,6 +116,9 @@ def save_token(token: StyleToken, path: os.PathLike | str, *, overwrite: bool = 
     with io.atomic_path(folder / _WEIGHTS, overwrite=True) as tmp:
         save_file(state, str(tmp), metadata={"format": TOKEN_FORMAT})
     io.write_json(folder / _CONFIG, token.describe(), overwrite=True)
+    from .._provenance import record, write_into
+
+    write_into(folder, record("save-token", parameters=token.describe()))
     return folder
 
 
