@@ -319,6 +319,26 @@ def _refine_foreground(foreground: np.ndarray, norm: np.ndarray, threshold: floa
     return out
 
 
+def otsu_foreground(image: np.ndarray) -> np.ndarray:
+    """The plain answer for a nuclear stain: pixels above Otsu's threshold of the image.
+
+    The 'auto' foreground is the clusters' foreground together with these pixels:
+    the clusters add what one global threshold misses (dim nuclei that form a
+    cluster of their own, pixel-refined edges) and never lose what it finds. On the
+    development images (disks of the annotated diameter at the annotated centres as
+    truth, ``benchmarks/bench_nsc_real.py``) the foreground's IoU is at least Otsu's
+    on all 11: neurons 0.533 against 0.528, stem cells 0.401 against 0.329 (the
+    clusters alone: worse than Otsu on 4 of the 6 stem-cell frames, whose dim nuclei
+    share the background's cluster).
+    """
+    from skimage.filters import threshold_otsu
+
+    img = np.asarray(image, np.float64)
+    if float(img.max()) <= float(img.min()):
+        return np.zeros(img.shape, bool)
+    return img > threshold_otsu(img)
+
+
 #: Bytes per pixel of nsc_masks' peak: votes, refinement costs and label maps (``a * k + b``); measured
 #: at 180 bytes per pixel for k = 5 on an 8000 x 8000 image.
 _BYTES_PER_PIXEL = (24, 64)
@@ -466,6 +486,8 @@ def nsc_masks(
     foreground = np.isin(labels, fg_labels)
     if params.foreground == "auto" and params.refine_boundaries and len(present) > 1:
         foreground = _refine_foreground(foreground, norm, threshold, band=-(-params.fov // params.grid))
+    if params.foreground == "auto":
+        foreground |= otsu_foreground(img)
     return NSCResult(labels=labels, foreground=foreground, cluster_means=sorted_means,
                      backbone=getattr(backbone, "name", type(backbone).__name__), params=params)
 

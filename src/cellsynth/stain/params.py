@@ -102,7 +102,8 @@ class NSCParams(_ParamsMixin):
     backbone: str = _f("filters", "feature backbone: multi-scale filter bank (no weights) or a DINO model",
                        choices=BACKBONES)
     foreground: str = _f("auto", "foreground clusters: 'auto' (the brighter group of clusters by Otsu's criterion, "
-                         "edges refined per pixel), 'brightest' (one cluster) or 'all' (keep every cluster label)",
+                         "edges refined per pixel, with every pixel above the image's Otsu threshold), 'brightest' "
+                         "(one cluster) or 'all' (keep every cluster label)",
                          choices=FOREGROUND_MODES)
     refine_boundaries: bool = _f(True, "move pixels where patch clusters meet to the neighbouring cluster of "
                                  "closest mean intensity (pixel-accurate edges)")
