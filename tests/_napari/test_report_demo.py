@@ -61,3 +61,13 @@ def test_regions_and_marker_classes_match_the_truth_and_the_cli(make_napari_view
     assert doc["count"] == len(centres) and [r["count"] for r in doc["regions"]] == truth
     assert {r["class"]: r["count"] for r in doc["markers"]["classes"]} == \
         {r["class"]: r["count"] for r in summary["classes"]}
+
+
+@pytest.mark.parametrize("module", ["report_demo", "loop_demo"])
+def test_a_demo_never_replaces_an_existing_screenshot(tmp_path, capsys, module):
+    import importlib
+
+    shot = tmp_path / "shot.png"
+    shot.write_bytes(b"mine")
+    assert importlib.import_module(f"cellsynth._napari.{module}").main(["--screenshot", str(shot)]) == 2
+    assert capsys.readouterr().err.startswith("error:") and shot.read_bytes() == b"mine"

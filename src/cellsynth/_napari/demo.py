@@ -126,3 +126,21 @@ def show_or_screenshot(viewer, out: Optional[Path], *, size: tuple[int, int]) ->
         raise RuntimeError(f"no screenshot was written to {out}")
     print(f"screenshot saved to {out}")
     return 0
+
+
+def screenshot_main(argv: Optional[list], *, module: str, doc: str, open_window, size: tuple[int, int],
+                    extra=None) -> int:
+    """The command line of a demo window: ``python -m MODULE [--screenshot OUT.png]`` (plus ``extra(parser)``'s
+    options); ``open_window(args) -> viewer``. An existing screenshot path is refused, nothing replaced."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    parser.add_argument("--screenshot", type=Path, help="save the window to this PNG and exit")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if args.screenshot is not None and args.screenshot.exists():
+        print(f"error: {args.screenshot} already exists; choose another screenshot path", file=sys.stderr)
+        return 2
+    return show_or_screenshot(open_window(args), args.screenshot, size=size)

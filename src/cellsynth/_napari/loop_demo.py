@@ -8,9 +8,7 @@ would after steps 1 to 4.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from typing import Optional
 
 __all__ = ["open_loop_viewer", "main"]
@@ -40,17 +38,10 @@ def open_loop_viewer(*, show: bool = True):
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cellsynth._napari.loop_demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--screenshot", type=Path, help="save the window to this PNG and exit")
-    args = parser.parse_args(argv)
-    from .demo import show_or_screenshot
+    from .demo import screenshot_main
 
-    out = args.screenshot
-    if out is not None and out.exists():
-        print(f"{out} already exists; choose another screenshot path", file=sys.stderr)
-        return 2
-    viewer, _ = open_loop_viewer(show=True)
-    return show_or_screenshot(viewer, out, size=(1400, 1000))
+    return screenshot_main(argv, module="cellsynth._napari.loop_demo", doc=__doc__, size=(1400, 1000),
+                           open_window=lambda a: open_loop_viewer(show=True)[0])
 
 
 if __name__ == "__main__":

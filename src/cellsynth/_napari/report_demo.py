@@ -11,7 +11,6 @@ person would with the dock's buttons.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
@@ -98,19 +97,13 @@ def write_regions_csv(path: Path) -> Path:
 
 
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cellsynth._napari.report_demo",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--screenshot", type=Path, help="save the window to this PNG and exit")
-    parser.add_argument("--out", type=Path, help="export the region table and the points to this folder")
-    args = parser.parse_args(argv)
-    from .demo import show_or_screenshot
+    from .demo import screenshot_main
 
-    shot = args.screenshot
-    if shot is not None and shot.exists():
-        print(f"error: {shot} already exists; choose another screenshot path", file=sys.stderr)
-        return 2
-    viewer, _ = open_report_viewer(show=True, out=args.out)
-    return show_or_screenshot(viewer, shot, size=(1500, 1350))
+    def extra(parser) -> None:
+        parser.add_argument("--out", type=Path, help="export the region table and the points to this folder")
+
+    return screenshot_main(argv, module="cellsynth._napari.report_demo", doc=__doc__, size=(1500, 1350),
+                           open_window=lambda a: open_report_viewer(show=True, out=a.out)[0], extra=extra)
 
 
 if __name__ == "__main__":
