@@ -72,6 +72,7 @@ def record(operation: str, *, inputs: Iterable = (), model: Optional[dict] = Non
     :data:`HASH_LIMIT` bytes together are listed without their SHA-256."""
     from . import __version__
 
+    inputs = list(inputs)
     paths = [Path(i) for i in inputs if not isinstance(i, dict)]
     total = sum(_size(p) for p in paths if p.exists())
     files = [i if isinstance(i, dict) else file_record(i, digest=total <= HASH_LIMIT) if Path(i).exists()
