@@ -19,6 +19,7 @@ def _inside(centres: np.ndarray, kind: str, v: np.ndarray) -> np.ndarray:
     return ((p[:, 0] - cr) / ar) ** 2 + ((p[:, 1] - cc) / ac) ** 2 <= 1
 
 
+@pytest.mark.slow  # the shipped counter's real weights on a 256x384 image, the dock and the CLI
 def test_regions_and_marker_classes_match_the_truth_and_the_cli(make_napari_viewer, tmp_path, capsys):
     import tifffile
 

@@ -60,6 +60,7 @@ def test_samples_hold_what_their_widgets_need():
     assert (style > np.percentile(style, 50) + 20).mean() > 0.05  # it shows nuclei, not background
 
 
+@pytest.mark.slow  # the shipped counter and staining model, real weights, on every sample
 @pytest.mark.usefixtures("one_torch_thread")
 def test_each_widget_runs_on_its_sample(open_dock, make_napari_viewer, qtbot):
     """Count cells, Virtual staining and NSC masks run on their samples; the loop and Stylize pick theirs up."""
