@@ -82,8 +82,8 @@ def record(operation: str, *, inputs: Iterable = (), model: Optional[dict] = Non
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "inputs": files, "model": model, "parameters": _plain(parameters or {}),
         "pixel_size_um": pixel_size, "result": _plain(result or {}),
-        "command": command if command is not None else " ".join(["cellsynth", *sys.argv[1:]])
-        if Path(sys.argv[0]).name in ("cellsynth", "__main__.py") else None,
+        "command": command if command is not None else
+        " ".join(["cellsynth", *sys.argv[1:]]) if Path(sys.argv[0]).name == "cellsynth" else None,
     }
 
 

@@ -374,14 +374,20 @@ def test_a_count_writes_its_provenance_and_redoes_itself_from_it(tmp_path, capsy
     assert main(["count", str(img), "--model", "classic", "--out", str(out), "--exclude-border", "--quiet"]) == 0
     capsys.readouterr()
     rec = json.loads((tmp_path / "points.provenance.json").read_text())
-    assert rec["input"]["sha256"] == file_sha256(img) and rec["input"]["name"] == "img.tif"
-    assert rec["model"]["kind"] == "classic" and rec["settings"]["exclude_border"] is True
-    assert rec["settings"]["diameter"] == "auto" and rec["result"]["diameter_source"] == "estimated"
+    assert rec["inputs"][0]["sha256"] == file_sha256(img) and rec["inputs"][0]["name"] == "img.tif"
+    assert rec["model"]["kind"] == "classic" and rec["parameters"]["exclude_border"] is True
+    assert rec["parameters"]["diameter"] == "auto" and rec["result"]["diameter_source"] == "estimated"
     assert rec["cellsynth_version"] and rec["created"] and rec["command"].startswith("cellsynth count ")
     again = tmp_path / "again.csv"
     assert main(["count", "--from-provenance", str(tmp_path / "points.provenance.json"), "--out", str(again),
                  "--quiet"]) == 0
     assert again.read_text() == out.read_text()  # the same points
+    old = {k: v for k, v in rec.items() if k not in ("inputs", "parameters")}  # a record of an earlier version
+    old.update(input=rec["inputs"][0], settings=rec["parameters"])
+    (tmp_path / "earlier.provenance.json").write_text(json.dumps(old))
+    assert main(["count", "--from-provenance", str(tmp_path / "earlier.provenance.json"), "--out",
+                 str(tmp_path / "old.csv"), "--quiet"]) == 0
+    assert (tmp_path / "old.csv").read_text() == out.read_text()
     # nothing is overwritten without --overwrite, the provenance file included
     (tmp_path / "p2.provenance.json").write_text("mine")
     assert main(["count", str(img), "--model", "classic", "--out", str(tmp_path / "p2.csv"), "--quiet"]) == 2

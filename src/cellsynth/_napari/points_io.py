@@ -120,5 +120,5 @@ def layer_record(out, metadata: dict, *, scale=None, operation: str = "export po
     source = made.pop("source_path", None)
     model = {k: made.pop(k) for k in ("model", "kind", "sha256", "path") if k in made} or None
     size = float(scale[-1]) if scale is not None and len(scale) and float(scale[-1]) != 1.0 else None
-    return write_sidecar(out, record(made.pop("operation", operation), inputs=[source] if source else [],
+    return write_sidecar(out, record(operation, inputs=[source] if source else [],
                                      model=model, parameters=made, pixel_size=size, command=None), overwrite=True)

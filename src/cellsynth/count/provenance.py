@@ -11,7 +11,6 @@ same files, and gives the same points.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import os
 import shlex
@@ -36,25 +35,18 @@ def points_sha256(points: np.ndarray) -> str:
 
 
 def count_record(args, counter, result, *, left_out=None, pixel_size=None) -> dict:
-    """The provenance record of one ``cellsynth count`` run."""
-    from .. import __version__
+    """The provenance record of one ``cellsynth count`` run (the common record of :mod:`cellsynth._provenance`)."""
+    from .._provenance import record
 
     settings = {k: getattr(args, k, None) for k in SETTINGS}
     if settings["regions"]:
         settings["regions"] = _file(settings["regions"])
-    return {
-        "format": FORMAT, "version": 1, "operation": "count", "cellsynth_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "input": {**_file(args.image), "pixel_size_um": pixel_size},
-        "inputs": [_file(args.image)], "pixel_size_um": pixel_size, "parameters": settings,  # the common fields
-        "model": counter.describe(),
-        "settings": settings,
-        "result": {"count": result.count, "per_plane": np.asarray(result.per_plane).ravel().tolist(),
-                   "diameter_used": result.meta.get("diameter_used"),
-                   "diameter_source": result.meta.get("diameter_source"), "left_out_border": left_out,
-                   "points_sha256": points_sha256(result.points)},
-        "command": "cellsynth count " + shlex.join([str(args.image)] + _flags(settings)),
-    }
+    found = {"count": result.count, "per_plane": np.asarray(result.per_plane).ravel().tolist(),
+             "diameter_used": result.meta.get("diameter_used"), "diameter_source": result.meta.get("diameter_source"),
+             "left_out_border": left_out, "points_sha256": points_sha256(result.points)}
+    return record("count", inputs=[_file(args.image)], model=counter.describe(), parameters=settings,
+                  pixel_size=pixel_size, result=found,
+                  command="cellsynth count " + shlex.join([str(args.image)] + _flags(settings)))
 
 
 def _flags(settings: dict) -> list:
@@ -89,14 +81,14 @@ def apply(args, path: os.PathLike | str) -> dict:
         No such file, not a count's provenance, or an input that is gone or changed.
     """
     doc = _read(path)
-    src = doc.get("input") or {}
+    src = (doc.get("inputs") or [{}])[0] if "inputs" in doc else doc.get("input") or {}  # "input": older records
     image = Path(str(src.get("path", "")))
     if not image.exists():
         raise FileNotFoundError(f"the image this count was made from is not at {image} any more")
     if _sha256(image) != src.get("sha256"):
         raise ValueError(f"{image} has changed since the count (its SHA-256 differs from the record's); the count "
                          "cannot be redone on it")
-    settings: dict[str, Any] = dict(doc.get("settings") or {})
+    settings: dict[str, Any] = dict(doc.get("parameters", doc.get("settings")) or {})
     regions = settings.get("regions")
     if isinstance(regions, dict):
         if not Path(regions.get("path", "")).is_file() or _sha256(Path(regions["path"])) != regions.get("sha256"):
